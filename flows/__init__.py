@@ -1,0 +1,1 @@
+"""Prefect flows and the `grpo` command: the top floor of the project."""

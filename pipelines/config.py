@@ -1,0 +1,265 @@
+"""Typed configuration: params.yaml, a preset, and `-S section.key=value` overrides.
+
+params.yaml is the single source of truth (DVC reads the same file to decide what is stale).
+A preset is a named set of overrides applied on top of it; `-S` overrides come last and use the
+syntax of `dvc exp run -S`.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A params file, preset or override that cannot be used; the message says how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GeneratorConfig(_Section):
+    """Built-in arithmetic task: `a op b`, every distinct problem at most once."""
+
+    operators: list[Literal["+", "-", "*"]] = ["+", "*"]
+    a_min: int = 0
+    a_max: int = 9
+    b_min: int = 2
+    b_max: int = 19
+    num_rows: int = 400
+    seed: int = 0
+
+
+class PromptConfig(_Section):
+    """How a question becomes chat messages: optional system prompt, worked examples, instruction."""
+
+    system: str | None = None
+    instruction: str = "{question} Give the final answer after ####."
+    # One worked example as an earlier chat turn: the embedded model then answers in the
+    # required format (measured in ENVIRONMENT.md: without it, it rambles to the length limit).
+    examples: list[dict[str, str]] = [
+        {"question": "What is 3 + 4?", "answer": "3 + 4 = 7\n#### 7"},
+    ]
+
+
+class DataConfig(_Section):
+    path: str | None = None
+    prompt: PromptConfig = PromptConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    eval_fraction: float = Field(0.2, gt=0, lt=1)
+    max_eval_rows: int = 64
+    split_seed: int = 0
+    min_prompt_chars: int = 1
+    max_prompt_chars: int = 4000
+    min_train_rows: int = 4
+    min_eval_rows: int = 2
+
+
+class TinyModelConfig(_Section):
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    seed: int = 0
+
+
+class SnapshotConfig(_Section):
+    # `embedded` | `tiny` | a local folder | a Hugging Face hub id
+    source: str = "embedded"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    tiny: TinyModelConfig = TinyModelConfig()
+
+
+class LoraConfig(_Section):
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+
+class RewardSpec(_Section):
+    name: str
+    weight: float = 1.0
+
+
+class TrainConfig(_Section):
+    steps: int = 30
+    prompts_per_step: int = 2
+    num_generations: int = Field(8, ge=2)
+    max_completion_length: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    learning_rate: float = 2e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    beta: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    num_iterations: int = Field(1, ge=1)
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    mask_truncated_completions: bool = False
+    rewards: list[RewardSpec] = [RewardSpec(name="accuracy", weight=1.0), RewardSpec(name="format", weight=0.2)]
+    lora: LoraConfig = LoraConfig()
+    bf16: bool = True
+    seed: int = 0
+    log_samples: int = 4
+
+
+class EvaluateConfig(_Section):
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    bf16: bool = True
+
+
+class RegisterConfig(_Section):
+    model_name: str = "grpo-policy"
+    experiment: str = "grpo"
+    # A candidate takes `champion` when its eval accuracy beats the champion's by at least this much.
+    min_gain: float = 0.0
+
+
+class RuntimeConfig(_Section):
+    # torch threads: 0 keeps torch's default. Tiny models run far faster on 1 (ENVIRONMENT.md).
+    num_threads: int = 0
+    dvc_remote: str = "local"
+
+
+class Config(_Section):
+    preset: str | None = None
+    data: DataConfig = DataConfig()
+    snapshot: SnapshotConfig = SnapshotConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegisterConfig = RegisterConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+
+# Presets are overrides on top of params.yaml. `smoke` runs the whole pipeline in about a minute
+# on a tiny randomly initialised model; it proves plumbing, not learning.
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "snapshot.source": "tiny",
+        "data.generator.num_rows": 48,
+        "data.max_eval_rows": 8,
+        "train.steps": 2,
+        "train.prompts_per_step": 2,
+        "train.num_generations": 4,
+        "train.max_completion_length": 8,
+        "train.bf16": False,
+        "train.lora.r": 4,
+        "train.lora.alpha": 8,
+        "evaluate.max_new_tokens": 8,
+        "evaluate.bf16": False,
+        "runtime.num_threads": 1,
+    },
+}
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.steps=5` -> ("train.steps", 5); the value is read as YAML, like `dvc exp run -S`."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not KEY=VALUE; write it like -S train.steps=5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from exc
+    return key.strip(), value
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def resolve(raw: dict[str, Any], overrides: list[str] | None = None, preset: str | None = None) -> Config:
+    """Build the typed config from a params dict, the preset it names (or `preset`), and overrides."""
+    tree = copy.deepcopy(raw or {})
+    pairs = [parse_override(o) for o in overrides or []]
+    for key, value in pairs:
+        set_dotted(tree, key, value)
+    chosen = preset if preset is not None else tree.get("preset")
+    if chosen:
+        if chosen not in PRESETS:
+            raise ConfigError(f"unknown preset {chosen!r}; choose one of {sorted(PRESETS)}")
+        tree["preset"] = chosen
+        for key, value in PRESETS[chosen].items():
+            set_dotted(tree, key, value)
+        for key, value in pairs:  # explicit overrides win over the preset
+            set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {where}: {err['msg']}")
+        raise ConfigError("invalid configuration (params.yaml, preset or -S overrides):\n" + "\n".join(lines)) from exc
+
+
+def read_params(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"{path} not found: run grpo from the project folder (the one with dvc.yaml and params.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (data:, train:, ...)")
+    return data
+
+
+def load(params_path: Path, overrides: list[str] | None = None, preset: str | None = None) -> Config:
+    return resolve(read_params(params_path), overrides, preset)
+
+
+def write_params(path: Path, overrides: list[str], preset: str | None) -> None:
+    """Persist a preset and overrides into params.yaml, keeping comments, as `dvc exp run -S` does.
+
+    The Prefect driver does this so that dvc.lock records the params a run really used and
+    `dvc status` stays clean afterwards.
+    """
+    from ruamel.yaml import YAML  # DVC's own YAML library: round-trips comments and order
+
+    yaml_rt = YAML()
+    doc = yaml_rt.load(path.read_text(encoding="utf-8")) if path.exists() else {}
+    if preset is not None:
+        doc["preset"] = preset or None
+    for key, value in (parse_override(o) for o in overrides):
+        node = doc
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if part not in node or node[part] is None:
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    resolve(_plain(doc))  # refuse to write something that would not load
+    with path.open("w", encoding="utf-8") as fh:
+        yaml_rt.dump(doc, fh)
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node

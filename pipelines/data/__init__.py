@@ -1,0 +1,1 @@
+"""Datasets: sources, built-in task generators, prompt building, split, and the GX suite."""

@@ -1,0 +1,1 @@
+"""The GRPO training engine: rollout, rewards, advantages, loss, trainer."""

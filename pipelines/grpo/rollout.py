@@ -1,0 +1,108 @@
+"""Sampling completions: chat-templated prompts, batched KV-cached generation, completion masks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # (N, P) left-padded
+    prompt_mask: torch.Tensor  # (N, P)
+    completion_ids: torch.Tensor  # (N, C) right-padded
+    completion_mask: torch.Tensor  # (N, C) 1 up to and including EOS
+    truncated: torch.Tensor  # (N,) bool: no EOS within the length limit
+    texts: list[str]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1)
+
+
+def render_prompts(tokenizer: Any, prompts: list[Any]) -> list[str]:
+    """Chat-templated prompt strings (plain strings pass through unchanged)."""
+    return [
+        tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) if isinstance(p, list) else p
+        for p in prompts
+    ]
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, truncated): the mask keeps tokens up to and including the first EOS.
+
+    >>> m, t = completion_mask(torch.tensor([[5, 2, 2], [5, 6, 7]]), eos_id=2)
+    >>> m.tolist(), t.tolist()
+    ([[1, 1, 0], [1, 1, 1]], [False, True])
+    """
+    is_eos = completion_ids == eos_id
+    seen = is_eos.int().cumsum(-1)
+    # Keep a token when no EOS came strictly before it.
+    mask = ((seen - is_eos.int()) == 0).int()
+    return mask, ~is_eos.any(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[Any],
+    *,
+    num_generations: int,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    bf16: bool = False,
+) -> Rollout:
+    """`num_generations` completions of each prompt, laid out group after group."""
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(render_prompts(tokenizer, prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {"do_sample": False}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model.generate(
+            input_ids=encoded["input_ids"],
+            attention_mask=encoded["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=num_generations,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **sampling,
+        )
+    width = encoded["input_ids"].size(1)
+    completion_ids = out[:, width:]
+    mask, truncated = completion_mask(completion_ids, tokenizer.eos_token_id)
+    texts = tokenizer.batch_decode(completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
+    return Rollout(
+        prompt_ids=encoded["input_ids"].repeat_interleave(num_generations, dim=0),
+        prompt_mask=encoded["attention_mask"].repeat_interleave(num_generations, dim=0),
+        completion_ids=completion_ids,
+        completion_mask=mask,
+        truncated=truncated,
+        texts=texts,
+    )
+
+
+def token_logps(model: Any, rollout: Rollout, bf16: bool = False, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probabilities of the completion tokens under `model` (and their entropies).
+
+    Only the completion positions go through the LM head (`logits_to_keep`), and position ids
+    follow the left padding, as they did during generation.
+    """
+    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
+    attention = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    width = rollout.completion_ids.size(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=width + 1).logits
+    logits = logits[:, :-1].float()
+    logps = torch.log_softmax(logits, dim=-1)
+    chosen = logps.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logps.exp() * logps).sum(-1)
+    return chosen, entropy

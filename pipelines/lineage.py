@@ -1,0 +1,68 @@
+"""Where a model came from: git commit, DVC hashes from dvc.lock, dataset and reference digests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.config import Config
+from pipelines.paths import Paths
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def git_state(root: Path) -> dict[str, str]:
+    commit = _git(root, "rev-parse", "HEAD") or "unknown"
+    # dvc.lock is rewritten by every pipeline run, so it does not make the code dirty.
+    status = _git(root, "status", "--porcelain", "--", ".", ":(exclude)dvc.lock")
+    dirty = "unknown" if status is None else str(bool(status)).lower()
+    return {"git_commit": commit, "git_dirty": dirty}
+
+
+def dvc_hashes(root: Path) -> dict[str, str]:
+    """{out path: md5} for every out recorded in dvc.lock (empty when there is no lock yet)."""
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return {}
+    data = yaml.safe_load(lock.read_text()) or {}
+    hashes = {}
+    for stage in (data.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            if out.get("md5"):
+                hashes[out["path"]] = out["md5"]
+    return hashes
+
+
+def params_hash(cfg: Config) -> str:
+    return hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()
+
+
+def collect(cfg: Config, paths: Paths) -> dict[str, Any]:
+    """The tags every registered version carries."""
+    validation = json.loads(paths.validation_report.read_text())
+    manifest = json.loads((paths.reference_dir / "manifest.json").read_text())
+    hashes = dvc_hashes(paths.root)
+    tags = {
+        **git_state(paths.root),
+        "dataset_digest": validation.get("digest", "unknown"),
+        "dataset_source": str(validation.get("source", "unknown")),
+        "reference_sha256": manifest["sha256"],
+        "reference_source": str(manifest.get("source")),
+        "params_hash": params_hash(cfg),
+        "preset": str(cfg.preset),
+    }
+    for out, key in (("data/validated", "dvc_data_md5"), ("models/policy", "dvc_policy_md5"), ("models/reference", "dvc_reference_md5")):
+        if out in hashes:
+            tags[key] = hashes[out]
+    return tags

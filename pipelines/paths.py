@@ -1,0 +1,91 @@
+"""Where every stage reads and writes, relative to the project root (the folder with dvc.yaml).
+
+These paths are the contract between stages and the outs DVC versions (see dvc.yaml).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+
+    @classmethod
+    def find(cls, start: Path | None = None) -> Paths:
+        """The project root: the nearest folder upwards that holds params.yaml, else `start`."""
+        here = (start or Path.cwd()).resolve()
+        for folder in (here, *here.parents):
+            if (folder / "params.yaml").exists():
+                return cls(folder)
+        return cls(here)
+
+    @property
+    def params(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def validated_dir(self) -> Path:
+        return self.root / "data" / "validated"
+
+    @property
+    def train_split(self) -> Path:
+        return self.validated_dir / "train.jsonl"
+
+    @property
+    def eval_split(self) -> Path:
+        return self.validated_dir / "eval.jsonl"
+
+    @property
+    def rejected(self) -> Path:
+        return self.validated_dir / "rejected.jsonl"
+
+    @property
+    def validation_report(self) -> Path:
+        return self.root / "reports" / "validation.json"
+
+    @property
+    def data_docs(self) -> Path:
+        return self.root / "reports" / "data-docs"
+
+    @property
+    def gx_root(self) -> Path:
+        return self.root / "reports" / "gx"
+
+    @property
+    def reference_dir(self) -> Path:
+        return self.root / "models" / "reference"
+
+    @property
+    def policy_dir(self) -> Path:
+        return self.root / "models" / "policy"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def train_metrics(self) -> Path:
+        return self.root / "metrics" / "train.json"
+
+    @property
+    def train_plot(self) -> Path:
+        return self.root / "plots" / "train.csv"
+
+    @property
+    def eval_metrics(self) -> Path:
+        return self.root / "metrics" / "eval.json"
+
+    @property
+    def eval_report(self) -> Path:
+        return self.root / "reports" / "eval.md"
+
+    @property
+    def eval_samples(self) -> Path:
+        return self.root / "reports" / "eval-samples.jsonl"
+
+    @property
+    def registry_metrics(self) -> Path:
+        return self.root / "metrics" / "registry.json"

@@ -1,0 +1,1 @@
+"""Rule-based verifiers: answer extraction and reward functions (TRL's contract)."""

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over pipelines/, one per stage, plus DVC versioning."""
