@@ -166,6 +166,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def preset_overrides(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`train.steps=5` -> ("train.steps", 5); the value is read as YAML, like `dvc exp run -S`."""
     key, sep, raw = text.partition("=")
@@ -192,20 +198,18 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 
 
 def resolve(raw: dict[str, Any], overrides: list[str] | None = None, preset: str | None = None) -> Config:
-    """Build the typed config from a params dict, the preset it names (or `preset`), and overrides."""
+    """Build the typed config: params dict, then the preset's keys, then `-S` overrides.
+
+    The `preset` key in params.yaml is only a label of what was written there (see
+    `write_params`); a preset is applied only when asked for.
+    """
     tree = copy.deepcopy(raw or {})
-    pairs = [parse_override(o) for o in overrides or []]
-    for key, value in pairs:
+    if preset:
+        for key, value in preset_overrides(preset).items():
+            set_dotted(tree, key, value)
+        tree["preset"] = preset
+    for key, value in (parse_override(o) for o in overrides or []):
         set_dotted(tree, key, value)
-    chosen = preset if preset is not None else tree.get("preset")
-    if chosen:
-        if chosen not in PRESETS:
-            raise ConfigError(f"unknown preset {chosen!r}; choose one of {sorted(PRESETS)}")
-        tree["preset"] = chosen
-        for key, value in PRESETS[chosen].items():
-            set_dotted(tree, key, value)
-        for key, value in pairs:  # explicit overrides win over the preset
-            set_dotted(tree, key, value)
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
@@ -233,18 +237,21 @@ def load(params_path: Path, overrides: list[str] | None = None, preset: str | No
 
 
 def write_params(path: Path, overrides: list[str], preset: str | None) -> None:
-    """Persist a preset and overrides into params.yaml, keeping comments, as `dvc exp run -S` does.
+    """Write a preset's keys and the overrides into params.yaml, keeping comments, as
+    `dvc exp run -S` does; `preset:` records the preset's name.
 
-    The Prefect driver does this so that dvc.lock records the params a run really used and
-    `dvc status` stays clean afterwards.
+    The Prefect driver does this so that params.yaml holds exactly what the run used, dvc.lock
+    records it, and `dvc status` stays clean afterwards.
     """
     from ruamel.yaml import YAML  # DVC's own YAML library: round-trips comments and order
 
     yaml_rt = YAML()
     doc = yaml_rt.load(path.read_text(encoding="utf-8")) if path.exists() else {}
-    if preset is not None:
-        doc["preset"] = preset or None
-    for key, value in (parse_override(o) for o in overrides):
+    pairs = list(preset_overrides(preset).items()) if preset else []
+    pairs += [parse_override(o) for o in overrides]
+    if preset:
+        doc["preset"] = preset
+    for key, value in pairs:
         node = doc
         parts = key.split(".")
         for part in parts[:-1]:

