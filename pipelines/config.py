@@ -66,6 +66,7 @@ class TinyModelConfig(_Section):
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
+    initializer_range: float = 0.02
     seed: int = 0
 
 

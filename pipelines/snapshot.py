@@ -77,6 +77,7 @@ def load_source(cfg: SnapshotConfig) -> tuple[Any, Any]:
             num_attention_heads=t.num_attention_heads,
             num_key_value_heads=t.num_key_value_heads,
             max_position_embeddings=2048,
+            initializer_range=t.initializer_range,
             tie_word_embeddings=True,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
