@@ -75,6 +75,10 @@ class Paths:
         return self.root / "plots" / "train.csv"
 
     @property
+    def train_curves(self) -> Path:
+        return self.root / "plots" / "train.png"
+
+    @property
     def eval_metrics(self) -> Path:
         return self.root / "metrics" / "eval.json"
 

@@ -10,6 +10,7 @@ import csv
 import io
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from pipelines.grpo.rollout import generate, token_logps
 from pipelines.io import read_jsonl, staged_dir, write_json, write_text
 from pipelines.models import add_lora, load_reference, set_threads
 from pipelines.paths import Paths
+from pipelines.plots import training_curves
 from pipelines.snapshot import verify
 from pipelines.verifiers.rewards import get_reward
 
@@ -184,6 +186,12 @@ def run(cfg: Config, paths: Paths, log_to_mlflow: bool = True) -> TrainResult:
                         },
                         artifact_file="completions.json",
                     )
+    except BaseException:
+        if log_to_mlflow:
+            import mlflow
+
+            mlflow.end_run(status="KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FAILED")
+        raise
     finally:
         bar.close()
 
@@ -193,9 +201,12 @@ def run(cfg: Config, paths: Paths, log_to_mlflow: bool = True) -> TrainResult:
     final = {k: v for k, v in history[-1].items() if k != "step"} if history else {}
     write_json(paths.train_metrics, {**final, "steps": t.steps, "mlflow_run_id": run_id})
     write_text(paths.train_plot, _csv(history))
+    png = training_curves(history, paths.train_curves)
     if log_to_mlflow:
         import mlflow
 
+        if png:
+            mlflow.log_artifact(str(png), "plots")
         mlflow.end_run()
     return TrainResult(steps=t.steps, final_reward=final.get("reward", math.nan), run_id=run_id)
 
