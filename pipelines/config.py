@@ -79,6 +79,8 @@ class SnapshotConfig(_Section):
 
 
 class LoraConfig(_Section):
+    # false = full fine-tuning (then a frozen copy of the reference serves the KL term when beta > 0)
+    enabled: bool = True
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
@@ -88,6 +90,8 @@ class LoraConfig(_Section):
 class RewardSpec(_Section):
     name: str
     weight: float = 1.0
+    # Keyword arguments bound to the function, e.g. {soft_punish_cache: 16} for `overlong`.
+    params: dict[str, Any] = {}
 
 
 class TrainConfig(_Section):
@@ -111,10 +115,21 @@ class TrainConfig(_Section):
     scale_rewards: Literal["group", "batch", "none"] = "group"
     mask_truncated_completions: bool = False
     rewards: list[RewardSpec] = [RewardSpec(name="accuracy", weight=1.0), RewardSpec(name="format", weight=0.2)]
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
+    reward_timeout: float = Field(30.0, gt=0)
+    # DAPO dynamic sampling: groups whose rewards are all equal carry no gradient; drop them and
+    # sample more prompts until the batch is full, at most `max_resample_rounds` extra rounds.
+    dynamic_sampling: bool = False
+    max_resample_rounds: int = Field(4, ge=0)
     lora: LoraConfig = LoraConfig()
     bf16: bool = True
     seed: int = 0
     log_samples: int = 4
+    # Exact resume: a checkpoint every N steps in checkpoints/ (0 = only at the end); the next
+    # `grpo train` with the same config continues from the newest one.
+    checkpoint_every: int = Field(10, ge=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    resume: bool = True
 
 
 class EvaluateConfig(_Section):

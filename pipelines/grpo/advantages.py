@@ -1,4 +1,4 @@
-"""Group-relative advantages: each completion's reward minus its group's mean, optionally scaled."""
+"""Group-relative advantages from per-function rewards (TRL's semantics, DeepSeekMath's formula)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,22 @@ from typing import Literal
 
 import torch
 
+Scale = Literal["group", "batch", "none"]
+Aggregation = Literal["sum_then_normalize", "normalize_then_sum"]
+
+
+def nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """Unbiased standard deviation ignoring NaN (torch.std with NaN-awareness)."""
+    if dim is None:
+        x, dim = x.reshape(-1), 0
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    count = (~x.isnan()).sum(dim=dim, keepdim=keepdim).float()
+    var = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=keepdim)
+    return torch.sqrt(var * count / (count - 1).clamp(min=1.0))
+
 
 def group_advantages(
-    rewards: torch.Tensor, group_size: int, scale: Literal["group", "batch", "none"] = "group", eps: float = 1e-4
+    rewards: torch.Tensor, group_size: int, scale: Scale = "group", eps: float = 1e-4
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, per-group std) for `rewards` laid out group after group.
 
@@ -22,12 +35,12 @@ def group_advantages(
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     grouped = rewards.view(-1, group_size)
-    centred = grouped - grouped.mean(dim=1, keepdim=True)
-    group_std = grouped.std(dim=1)
+    centred = grouped - torch.nanmean(grouped, dim=1, keepdim=True)
+    group_std = nanstd(grouped, dim=1)
     if scale == "group":
         centred = centred / (group_std.unsqueeze(1) + eps)
     elif scale == "batch":
-        centred = centred / (rewards.std() + eps)
+        centred = centred / (nanstd(rewards) + eps)
     return centred.reshape(-1), group_std
 
 
@@ -38,3 +51,31 @@ def combine_rewards(per_function: torch.Tensor, weights: torch.Tensor) -> torch.
     [1.0, 0.5]
     """
     return (per_function * weights.unsqueeze(0)).nansum(dim=1)
+
+
+def advantages_from_rewards(
+    per_function: torch.Tensor,
+    weights: torch.Tensor,
+    group_size: int,
+    scale: Scale = "group",
+    aggregation: Aggregation = "sum_then_normalize",
+    eps: float = 1e-4,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(advantages, combined rewards, per-group std of the combined rewards).
+
+    `sum_then_normalize`: weighted sum of the functions, then group-relative advantages.
+    `normalize_then_sum`: each function normalised within its group first, then the weighted sum,
+    then normalised over the batch (so one function with a large scale cannot drown the others).
+    """
+    rewards = combine_rewards(per_function, weights)
+    if aggregation == "sum_then_normalize":
+        advantages, group_std = group_advantages(rewards, group_size, scale, eps)
+        return advantages, rewards, group_std
+    if aggregation != "normalize_then_sum":
+        raise ValueError(f"unknown multi_objective_aggregation {aggregation!r}")
+    n_fn = per_function.size(1)
+    grouped = per_function.view(-1, group_size, n_fn)
+    normalised = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)) / (nanstd(grouped, dim=1, keepdim=True) + eps)
+    summed = combine_rewards(normalised.view(-1, n_fn), weights)
+    advantages = (summed - torch.nanmean(summed)) / (nanstd(summed) + eps)
+    return advantages, rewards, nanstd(rewards.view(-1, group_size), dim=1)

@@ -21,6 +21,41 @@ class Rollout:
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(-1)
 
+    def completion_token_lists(self) -> list[list[int]]:
+        return [ids[mask.bool()].tolist() for ids, mask in zip(self.completion_ids, self.completion_mask, strict=True)]
+
+    def select(self, keep: torch.Tensor) -> Rollout:
+        """The rows where `keep` (bool, one per row) is true."""
+        idx = keep.nonzero().squeeze(-1)
+        return Rollout(
+            prompt_ids=self.prompt_ids[idx], prompt_mask=self.prompt_mask[idx],
+            completion_ids=self.completion_ids[idx], completion_mask=self.completion_mask[idx],
+            truncated=self.truncated[idx], texts=[self.texts[i] for i in idx.tolist()],
+        )
+
+
+def concat(parts: list[Rollout], pad_id: int) -> Rollout:
+    """One rollout from several: prompts re-padded on the left, completions on the right."""
+    if len(parts) == 1:
+        return parts[0]
+    width_p = max(p.prompt_ids.size(1) for p in parts)
+    width_c = max(p.completion_ids.size(1) for p in parts)
+
+    def left(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (width - t.size(1), 0), value=value)
+
+    def right(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.size(1)), value=value)
+
+    return Rollout(
+        prompt_ids=torch.cat([left(p.prompt_ids, width_p, pad_id) for p in parts]),
+        prompt_mask=torch.cat([left(p.prompt_mask, width_p, 0) for p in parts]),
+        completion_ids=torch.cat([right(p.completion_ids, width_c, pad_id) for p in parts]),
+        completion_mask=torch.cat([right(p.completion_mask, width_c, 0) for p in parts]),
+        truncated=torch.cat([p.truncated for p in parts]),
+        texts=[t for p in parts for t in p.texts],
+    )
+
 
 def render_prompts(tokenizer: Any, prompts: list[Any]) -> list[str]:
     """Chat-templated prompt strings (plain strings pass through unchanged)."""

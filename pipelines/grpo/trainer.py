@@ -1,15 +1,17 @@
-"""Stage 3, train: GRPO with a LoRA adapter on the pinned reference.
+"""Stage 3, train: GRPO on the pinned reference (LoRA adapter or full fine-tuning).
 
 One flat loop: sample a group of completions per prompt -> score them with the verifiers ->
-group-relative advantages -> `num_iterations` clipped policy-gradient updates -> log.
+group-relative advantages -> `num_iterations` clipped policy-gradient updates -> log -> checkpoint.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import math
-import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -18,15 +20,18 @@ from typing import Any
 import torch
 
 from pipelines.config import Config
-from pipelines.grpo.advantages import combine_rewards, group_advantages
+from pipelines.grpo import checkpoint, policy
+from pipelines.grpo.advantages import advantages_from_rewards, combine_rewards, group_advantages
 from pipelines.grpo.loss import grpo_loss
-from pipelines.grpo.rollout import generate, token_logps
+from pipelines.grpo.rollout import Rollout, concat, generate, token_logps
+from pipelines.grpo.sampler import PromptSampler
+from pipelines.grpo.scoring import score
+from pipelines.grpo.tracking import RunLogger
 from pipelines.io import read_jsonl, staged_dir, write_json, write_text
-from pipelines.models import add_lora, load_reference, set_threads
+from pipelines.models import set_threads
 from pipelines.paths import Paths
 from pipelines.plots import training_curves
 from pipelines.snapshot import verify
-from pipelines.verifiers.rewards import get_reward
 
 
 @dataclass
@@ -34,84 +39,110 @@ class TrainResult:
     steps: int
     final_reward: float
     run_id: str | None
+    resumed_from: int = 0
 
 
-def prompt_stream(rows: list[dict[str, Any]], batch: int, seed: int):
-    """Endless batches of rows: a fresh seeded shuffle every epoch."""
-    rng = random.Random(seed)
-    epoch_rows: list[dict[str, Any]] = []
+@dataclass
+class Batch:
+    rows: list[dict[str, Any]]
+    rollout: Rollout
+    per_function: torch.Tensor  # (completions, reward functions), NaN where a function said None
+    frac_zero_std: float  # share of all sampled groups whose rewards were all equal
+    rounds: int
+
+
+def sample_batch(model: Any, tokenizer: Any, sampler: PromptSampler, cfg: Config) -> Batch:
+    """Groups of completions for `prompts_per_step` prompts, scored.
+
+    With dynamic sampling (DAPO), groups whose rewards are all equal are dropped (they carry no
+    gradient) and more prompts are sampled, for at most `max_resample_rounds` extra rounds.
+    """
+    t, G = cfg.train, cfg.train.num_generations
+    weights = torch.tensor([s.weight for s in t.rewards])
+    rows_kept: list[dict[str, Any]] = []
+    rollouts: list[Rollout] = []
+    scores: list[torch.Tensor] = []
+    seen = zero = rounds = 0
     while True:
-        out = []
-        while len(out) < batch:
-            if not epoch_rows:
-                epoch_rows = rows[:]
-                rng.shuffle(epoch_rows)
-            out.append(epoch_rows.pop())
-        yield out
+        rows = sampler.take(t.prompts_per_step - len(rows_kept))
+        rollout = generate(
+            model, tokenizer, [r["prompt"] for r in rows], num_generations=G, max_new_tokens=t.max_completion_length,
+            do_sample=True, temperature=t.temperature, top_p=t.top_p, top_k=t.top_k, bf16=t.bf16,
+        )
+        per_fn, _ = score(
+            t.rewards, rows, rollout.texts, G, timeout=t.reward_timeout,
+            extra={"completion_ids": rollout.completion_token_lists(), "max_completion_length": t.max_completion_length},
+        )
+        _, group_std = group_advantages(combine_rewards(per_fn, weights), G, "none")
+        signal = group_std > 1e-6
+        seen += len(rows)
+        zero += int((~signal).sum())
+        if not t.dynamic_sampling:
+            rows_kept, rollouts, scores = rows, [rollout], [per_fn]
+            break
+        keep = signal.repeat_interleave(G)
+        rows_kept += [r for r, s in zip(rows, signal.tolist(), strict=True) if s]
+        rollouts.append(rollout.select(keep))
+        scores.append(per_fn[keep])
+        if len(rows_kept) >= t.prompts_per_step or rounds >= t.max_resample_rounds:
+            break
+        rounds += 1
+    if not rows_kept:  # every group was flat: train on the last one (zero advantage, zero gradient)
+        rows_kept, rollouts, scores = rows, [rollout], [per_fn]
+    return Batch(rows_kept, concat(rollouts, tokenizer.pad_token_id), torch.cat(scores), zero / max(seen, 1), rounds)
 
 
-def score(cfg: Config, rows: list[dict[str, Any]], texts: list[str], group: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted rewards for every completion, and each reward function's mean."""
-    prompts = [r["prompt"] for r in rows for _ in range(group)]
-    columns = {k: [r[k] for r in rows for _ in range(group)] for k in rows[0] if k not in {"prompt"}}
-    per_fn, means = [], {}
-    for spec in cfg.train.rewards:
-        values = get_reward(spec.name)(prompts, texts, **columns)
-        if len(values) != len(texts):
-            raise ValueError(f"reward function {spec.name!r} returned {len(values)} values for {len(texts)} completions")
-        column = torch.tensor([math.nan if v is None else float(v) for v in values])
-        per_fn.append(column)
-        means[f"rewards/{spec.name}/mean"] = float(column.nanmean()) if not column.isnan().all() else math.nan
-    weights = torch.tensor([s.weight for s in cfg.train.rewards])
-    return combine_rewards(torch.stack(per_fn, dim=1), weights), means
+def fingerprint(cfg: Config, reference_sha: str, train_bytes: bytes) -> str:
+    """What must be equal for a checkpoint to be resumed: training config, reference and data."""
+    payload = json.dumps({"train": cfg.train.model_dump(), "ref": reference_sha}, sort_keys=True).encode()
+    return hashlib.sha256(payload + hashlib.sha256(train_bytes).digest()).hexdigest()
 
 
 def run(cfg: Config, paths: Paths, log_to_mlflow: bool = True) -> TrainResult:
     from tqdm.auto import tqdm
 
-    t = cfg.train
+    t, G = cfg.train, cfg.train.num_generations
     set_threads(cfg.runtime.num_threads)
     torch.manual_seed(t.seed)
-    verify(paths.reference_dir)  # the reference must be exactly the pinned one
-    model, tokenizer = load_reference(paths.reference_dir, cfg.snapshot.trust_remote_code)
-    model = add_lora(model, t.lora)
-    params = [p for p in model.parameters() if p.requires_grad]
+    manifest = verify(paths.reference_dir)  # the reference must be exactly the pinned one
+    model, tokenizer, reference = policy.build(cfg, paths)
+    params = policy.trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (t.warmup_steps + 1)))
-    rows = read_jsonl(paths.train_split)
-    batches = prompt_stream(rows, t.prompts_per_step, t.seed)
+    sampler = PromptSampler(read_jsonl(paths.train_split), t.seed)
+    weights = torch.tensor([s.weight for s in t.rewards])
     eps_high = t.epsilon if t.epsilon_high is None else t.epsilon_high
+    key = fingerprint(cfg, manifest["sha256"], paths.train_split.read_bytes())
 
-    run_id = None
-    if log_to_mlflow:
-        import mlflow
+    # Resume from the newest checkpoint of this exact config, or start afresh.
+    state: dict[str, Any] = {"history": [], "run_id": None}
+    start = 0
+    saved = checkpoint.latest(paths.checkpoints_dir) if t.resume else None
+    if saved is not None and json.loads((saved / "state.json").read_text()).get("fingerprint") == key:
+        state = checkpoint.load(saved, model, optimizer, scheduler)
+        sampler.load_state_dict(state["sampler"])
+        start = int(state["step"])
+        print(f"resuming from {saved} (step {start} of {t.steps})", file=sys.stderr)
+    elif paths.checkpoints_dir.exists():
+        shutil.rmtree(paths.checkpoints_dir)  # checkpoints of another config or data: not resumable
+    history: list[dict[str, float]] = state["history"]
 
-        from pipelines.tracking import flatten, setup
-
-        setup(paths.root, cfg.registry.experiment)
-        active = mlflow.start_run(run_name=f"grpo-{cfg.snapshot.source}-{t.steps}steps")
-        run_id = active.info.run_id
-        mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.model_dump()).items()})
-
-    history: list[dict[str, float]] = []
-    bar = tqdm(range(t.steps), desc="GRPO", unit="step")
+    logger = RunLogger(paths, cfg, enabled=log_to_mlflow, run_id=state.get("run_id"))
+    bar = tqdm(range(start, t.steps), desc="GRPO", unit="step", initial=start, total=t.steps)
     try:
         for step in bar:
             started = time.perf_counter()
-            batch = next(batches)
-            G = t.num_generations
 
-            # 1. Sample a group of completions per prompt from the current policy.
+            # 1. Sample a group of completions per prompt from the current policy, and score them.
             model.eval()
-            rollout = generate(
-                model, tokenizer, [r["prompt"] for r in batch], num_generations=G, max_new_tokens=t.max_completion_length,
-                do_sample=True, temperature=t.temperature, top_p=t.top_p, top_k=t.top_k, bf16=t.bf16,
-            )
+            batch = sample_batch(model, tokenizer, sampler, cfg)
+            rollout = batch.rollout
             generated = time.perf_counter()
 
-            # 2. Score with the verifiers; 3. advantages relative to the group.
-            rewards, reward_means = score(cfg, batch, rollout.texts, G)
-            advantages, group_std = group_advantages(rewards, G, t.scale_rewards)
+            # 2. Advantages relative to the group.
+            advantages, rewards, group_std = advantages_from_rewards(
+                batch.per_function, weights, G, t.scale_rewards, t.multi_objective_aggregation
+            )
             mask = rollout.completion_mask.float()
             if t.mask_truncated_completions:
                 mask = mask * (~rollout.truncated).float().unsqueeze(-1)
@@ -124,10 +155,11 @@ def run(cfg: Config, paths: Paths, log_to_mlflow: bool = True) -> TrainResult:
                     old_logp, _ = token_logps(model, rollout, t.bf16)
             ref_logp = None
             if t.beta != 0.0:
-                with torch.no_grad(), model.disable_adapter():  # LoRA off = the reference, no second copy
-                    ref_logp, _ = token_logps(model, rollout, t.bf16)
+                scorer, disabled = policy.reference_view(model, reference)
+                with torch.no_grad(), disabled:
+                    ref_logp, _ = token_logps(scorer, rollout, t.bf16)
 
-            # 4. mu clipped policy-gradient updates on this batch.
+            # 3. mu clipped policy-gradient updates on this batch.
             model.train()
             for _ in range(t.num_iterations):
                 logp, entropy = token_logps(model, rollout, t.bf16, with_entropy=True)
@@ -143,15 +175,17 @@ def run(cfg: Config, paths: Paths, log_to_mlflow: bool = True) -> TrainResult:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
-            # 5. Log what the field looks at.
+            # 4. Log what the field looks at.
             elapsed = time.perf_counter() - started
             lengths = rollout.lengths.float()
+            fn_means = batch.per_function.nanmean(dim=0).tolist()
             metrics = {
                 "loss": float(loss.detach()),
                 "reward": float(rewards.mean()),
                 "reward_std": float(group_std.mean()),
-                **reward_means,
-                "frac_reward_zero_std": float((group_std < 1e-6).float().mean()),
+                **{f"rewards/{s.name}/mean": m for s, m in zip(t.rewards, fn_means, strict=True)},
+                "frac_reward_zero_std": batch.frac_zero_std,
+                "resample_rounds": float(batch.rounds),
                 "kl": stats.kl,
                 "clip_ratio/low_mean": stats.clip_low,
                 "clip_ratio/high_mean": stats.clip_high,
@@ -166,56 +200,46 @@ def run(cfg: Config, paths: Paths, log_to_mlflow: bool = True) -> TrainResult:
             }
             history.append({"step": step + 1, **metrics})
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", step_s=f"{elapsed:.1f}")
-            if metrics["frac_reward_zero_std"] >= 0.75 and step > 0:
+            if batch.frac_zero_std >= 0.75 and step > start:
                 bar.write(
-                    f"step {step + 1}: {metrics['frac_reward_zero_std']:.0%} of groups have equal rewards, so the loss is "
-                    "near zero; raise train.num_generations or train.temperature, or use harder prompts"
+                    f"step {step + 1}: {batch.frac_zero_std:.0%} of groups had equal rewards, so the loss is near zero; "
+                    "raise train.num_generations or train.temperature, use harder prompts, or set train.dynamic_sampling"
                 )
-            if log_to_mlflow:
-                import mlflow
+            logger.step(step + 1, metrics, batch.rows, rollout.texts, rewards)
 
-                mlflow.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)}, step=step + 1)
-                if t.log_samples:
-                    n = min(t.log_samples, len(rollout.texts))
-                    mlflow.log_table(
-                        {
-                            "step": [step + 1] * n,
-                            "prompt": [str(batch[i // G]["prompt"][-1]["content"]) if isinstance(batch[i // G]["prompt"], list) else batch[i // G]["prompt"] for i in range(n)],
-                            "completion": rollout.texts[:n],
-                            "reward": [float(r) for r in rewards[:n]],
-                        },
-                        artifact_file="completions.json",
-                    )
-    except BaseException:
-        if log_to_mlflow:
-            import mlflow
-
-            mlflow.end_run(status="KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FAILED")
+            # 5. Checkpoint for exact resume.
+            if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.steps:
+                checkpoint.save(
+                    paths.checkpoints_dir, step + 1, model, optimizer, scheduler,
+                    {"fingerprint": key, "sampler": sampler.state_dict(), "history": history, "run_id": logger.run_id},
+                    keep=t.keep_checkpoints,
+                )
+    except BaseException as exc:
+        logger.fail(isinstance(exc, KeyboardInterrupt))
         raise
     finally:
         bar.close()
 
+    checkpoint.save(
+        paths.checkpoints_dir, t.steps, model, optimizer, scheduler,
+        {"fingerprint": key, "sampler": sampler.state_dict(), "history": history, "run_id": logger.run_id},
+        keep=t.keep_checkpoints,
+    )
     with staged_dir(paths.policy_dir) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        policy.save(model, tokenizer, staging)
     final = {k: v for k, v in history[-1].items() if k != "step"} if history else {}
-    write_json(paths.train_metrics, {**final, "steps": t.steps, "mlflow_run_id": run_id})
+    write_json(paths.train_metrics, {**final, "steps": t.steps, "mlflow_run_id": logger.run_id})
     write_text(paths.train_plot, _csv(history))
-    png = training_curves(history, paths.train_curves)
-    if log_to_mlflow:
-        import mlflow
-
-        if png:
-            mlflow.log_artifact(str(png), "plots")
-        mlflow.end_run()
-    return TrainResult(steps=t.steps, final_reward=final.get("reward", math.nan), run_id=run_id)
+    logger.finish(training_curves(history, paths.train_curves))
+    return TrainResult(steps=t.steps, final_reward=final.get("reward", math.nan), run_id=logger.run_id, resumed_from=start)
 
 
 def _csv(history: list[dict[str, float]]) -> str:
     if not history:
         return ""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(history[0]), extrasaction="ignore")
+    fields = ["step", *(k for k in history[-1] if k != "step")]
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
     return buf.getvalue()

@@ -44,7 +44,48 @@ def format_reward(prompts: list[Any], completions: list[Any], **_: Any) -> list[
     return [1.0 if strict_answer(_text(c)) is not None else 0.0 for c in completions]
 
 
+def length_reward(
+    prompts: list[Any], completions: list[Any], target_chars: int = 200, **_: Any
+) -> list[float | None]:
+    """1.0 at exactly `target_chars` characters, falling linearly to 0.0 at twice (or zero) that.
+
+    >>> length_reward(["q", "q"], ["x" * 10, "x" * 15], target_chars=10)
+    [1.0, 0.5]
+    """
+    return [max(0.0, 1.0 - abs(len(_text(c)) - target_chars) / target_chars) for c in completions]
+
+
+def overlong_reward(
+    prompts: list[Any],
+    completions: list[Any],
+    completion_ids: list[list[int]],
+    max_completion_length: int,
+    soft_punish_cache: int = 16,
+    **_: Any,
+) -> list[float | None]:
+    """DAPO's soft overlong punishment (eq. 13): 0 up to L_max - L_cache tokens, then falling
+    linearly to -1 at L_max, and -1 beyond.
+
+    >>> overlong_reward(["q"] * 3, ["", "", ""], completion_ids=[[1] * 70, [1] * 90, [1] * 101],
+    ...                 max_completion_length=100, soft_punish_cache=20)
+    [0.0, -0.5, -1.0]
+    """
+    start = max_completion_length - soft_punish_cache
+    out: list[float | None] = []
+    for ids in completion_ids:
+        n = len(ids)
+        if n <= start:
+            out.append(0.0)
+        elif n <= max_completion_length:
+            out.append((start - n) / soft_punish_cache)
+        else:
+            out.append(-1.0)
+    return out
+
+
 REWARDS: dict[str, RewardFn] = {
+    "length": length_reward,
+    "overlong": overlong_reward,
     "accuracy": accuracy_reward,
     "format": format_reward,
 }

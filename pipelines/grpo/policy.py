@@ -1,0 +1,47 @@
+"""The model being trained: the pinned reference plus a LoRA adapter, or all of it (full fine-tuning)."""
+
+from __future__ import annotations
+
+import copy
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+
+from pipelines.config import Config
+from pipelines.models import add_lora, load_reference
+from pipelines.paths import Paths
+
+
+def build(cfg: Config, paths: Paths) -> tuple[Any, Any, Any | None]:
+    """(policy, tokenizer, frozen reference or None).
+
+    With LoRA the reference is the same model with the adapter disabled, so no second copy is
+    kept; with full fine-tuning a frozen copy is kept only when the KL term needs it (beta > 0).
+    """
+    model, tokenizer = load_reference(paths.reference_dir, cfg.snapshot.trust_remote_code)
+    if cfg.train.lora.enabled:
+        return add_lora(model, cfg.train.lora), tokenizer, None
+    reference = None
+    if cfg.train.beta != 0.0:
+        reference = copy.deepcopy(model).eval()
+        reference.requires_grad_(False)
+    model.requires_grad_(True)
+    return model, tokenizer, reference
+
+
+def reference_view(model: Any, reference: Any | None) -> tuple[Any, AbstractContextManager[Any]]:
+    """(module to score with, context) giving the reference's log-probs."""
+    if reference is not None:
+        return reference, nullcontext()
+    return model, model.disable_adapter()
+
+
+def save(model: Any, tokenizer: Any, folder: Any) -> None:
+    """The adapter in peft's format, or the full weights as safetensors, plus the tokenizer."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
