@@ -77,13 +77,14 @@ def grpo_loss(
         raise ValueError(f"unknown loss_type {loss_type!r}; choose grpo, bnpo, dr_grpo or dapo")
 
     with torch.no_grad():
-        ratio_b = ratio.expand_as(logp)
-        low = ((ratio_b < 1 - epsilon_low) & (adv < 0)).to(logp.dtype)
-        high = ((ratio_b > 1 + epsilon_high) & (adv > 0)).to(logp.dtype)
+        # Clip shares are per token, or per sequence when the ratio is one per sequence (as TRL counts).
+        weight = mask if ratio.size(-1) == mask.size(-1) else torch.ones_like(ratio)
+        low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(logp.dtype)
+        high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(logp.dtype)
         stats = LossStats(
             kl=_masked_mean(kl, mask),
-            clip_low=_masked_mean(low, mask),
-            clip_high=_masked_mean(high, mask),
-            clip_region=_masked_mean(torch.clamp(low + high, max=1.0), mask),
+            clip_low=_masked_mean(low, weight),
+            clip_high=_masked_mean(high, weight),
+            clip_region=_masked_mean(torch.clamp(low + high, max=1.0), weight),
         )
     return loss, stats

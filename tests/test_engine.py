@@ -1,0 +1,106 @@
+"""Engine pieces that can fail quietly elsewhere: reward time limits, dynamic sampling, aggregation."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+import torch
+
+from pipelines import config
+from pipelines.config import RewardSpec
+from pipelines.data import validate
+from pipelines.grpo import policy
+from pipelines.grpo.advantages import advantages_from_rewards
+from pipelines.grpo.sampler import PromptSampler
+from pipelines.grpo.scoring import RewardError, score
+from pipelines.grpo.trainer import sample_batch
+from pipelines.io import read_jsonl
+from pipelines.paths import Paths
+from pipelines.verifiers import rewards
+
+ROWS = [{"id": "a", "prompt": "p", "answer": "1"}, {"id": "b", "prompt": "q", "answer": "2"}]
+
+
+def test_scores_are_per_function_with_nan_for_none(monkeypatch):
+    monkeypatch.setitem(rewards.REWARDS, "half", lambda prompts, completions, **_: [None if i % 2 else 0.5 for i in range(len(completions))])
+    per_fn, means = score([RewardSpec(name="accuracy"), RewardSpec(name="half")], ROWS, ["#### 1", "#### 3", "#### 2", "x"], 2, timeout=5)
+    assert per_fn[:, 0].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert per_fn[:, 1].isnan().tolist() == [False, True, False, True]
+    assert means == {"rewards/accuracy/mean": 0.5, "rewards/half/mean": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("fn", "message"),
+    [
+        (lambda prompts, completions, **_: time.sleep(5), "did not finish within 0.2 s"),
+        (lambda prompts, completions, **_: 1 / 0, "raised ZeroDivisionError"),
+        (lambda prompts, completions, **_: [1.0], "returned 1 values for 4"),
+        (lambda prompts, completions, **_: ["high"] * len(completions), "non-number"),
+    ],
+)
+def test_broken_verifiers_are_named_errors_not_zeros(monkeypatch, fn, message):
+    monkeypatch.setitem(rewards.REWARDS, "broken", fn)
+    with pytest.raises(RewardError, match="'broken'") as err:
+        score([RewardSpec(name="broken")], ROWS, ["a", "b", "c", "d"], 2, timeout=0.2)
+    assert message in str(err.value)
+
+
+def test_timeout_works_off_the_main_thread(monkeypatch):
+    import threading
+
+    monkeypatch.setitem(rewards.REWARDS, "slow", lambda prompts, completions, **_: time.sleep(5))
+    caught = []
+    worker = threading.Thread(target=lambda: caught.append(pytest.raises(RewardError, score, [RewardSpec(name="slow")], ROWS, ["a"] * 4, 2, timeout=0.2)))
+    worker.start()
+    worker.join(3)
+    assert caught and not worker.is_alive()
+
+
+def test_normalize_then_sum_by_hand():
+    # Two functions, one group of 2: f1 = [1, 0] -> normalised [+.7071/(.7071+eps), -...]; f2 = [0, 0] -> [0, 0]
+    per_fn = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    adv, rewards_, _ = advantages_from_rewards(per_fn, torch.tensor([1.0, 3.0]), 2, aggregation="normalize_then_sum")
+    z = 0.5 / (0.70710678 + 1e-4)
+    summed = torch.tensor([z, -z])
+    assert rewards_.tolist() == [1.0, 0.0]
+    assert adv.tolist() == pytest.approx(((summed - summed.mean()) / (summed.std() + 1e-4)).tolist(), abs=1e-5)
+    # A large-scale function does not drown a small one: scaling f1 by 100 changes nothing.
+    adv_big, _, _ = advantages_from_rewards(per_fn * torch.tensor([100.0, 1.0]), torch.tensor([1.0, 3.0]), 2, aggregation="normalize_then_sum")
+    assert torch.allclose(adv, adv_big, atol=1e-4)
+    adv_sum, _, _ = advantages_from_rewards(per_fn * torch.tensor([100.0, 1.0]), torch.tensor([1.0, 3.0]), 2)
+    # Summing first, f1 at scale 100 decides everything: rewards [100, 0] -> +-50 / 70.71.
+    assert adv_sum.tolist() == pytest.approx([50 / 70.7107, -50 / 70.7107], abs=1e-3)
+
+
+def _signal_only_for_addition(prompts, completions, id, **_):
+    """Varies between completions for `add-*` rows only; multiplication rows are flat (no signal)."""
+    return [float(len(c) % 7) if i.startswith("add") else 0.0 for c, i in zip(completions, id, strict=True)]
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_dynamic_sampling_keeps_only_groups_with_signal(project, tiny_reference, monkeypatch, dynamic):
+    monkeypatch.setitem(rewards.REWARDS, "addonly", _signal_only_for_addition)
+    cfg = config.load(
+        project / "params.yaml",
+        ["train.rewards=[{name: addonly}]", "train.prompts_per_step=4", f"train.dynamic_sampling={str(dynamic).lower()}", "train.max_resample_rounds=8"],
+        preset="smoke",
+    )
+    paths = Paths(project)
+    validate.run(cfg, paths)
+    shutil.copytree(tiny_reference, paths.reference_dir)
+    model, tokenizer, _ = policy.build(cfg, paths)
+    rows = read_jsonl(paths.train_split)
+    torch.manual_seed(0)
+    batch = sample_batch(model, tokenizer, PromptSampler(rows, seed=3), cfg)
+    G = cfg.train.num_generations
+    assert batch.rollout.completion_ids.size(0) == len(batch.rows) * G == batch.per_function.size(0)
+    stds = batch.per_function[:, 0].view(-1, G).std(dim=1)
+    if dynamic:
+        assert len(batch.rows) == 4 and all(r["id"].startswith("add") for r in batch.rows)
+        assert (stds > 0).all()
+        assert batch.frac_zero_std > 0 and batch.rounds >= 1
+    else:
+        assert any(r["id"].startswith("mul") for r in batch.rows)  # flat groups stay in the batch
+        assert (stds == 0).any()
