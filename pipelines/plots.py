@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def training_curves(history: list[dict[str, float]], out: Path) -> Path | None:
-    """Reward (and each reward function's mean) against step, with step time on a second panel."""
+    """Reward (and each reward function's mean) against training wall time, step time below."""
     if not history:
         return None
     import matplotlib
@@ -14,7 +14,8 @@ def training_curves(history: list[dict[str, float]], out: Path) -> Path | None:
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
-    steps = [h["step"] for h in history]
+    # Wall time, not steps, on the x axis: what a user pays for is minutes of machine time.
+    steps = [h.get("wall_time", h["step"]) / 60 for h in history]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[3, 1])
     top.plot(steps, [h["reward"] for h in history], label="reward (weighted sum)", linewidth=2)
     for key in sorted(k for k in history[0] if k.startswith("rewards/")):
@@ -24,7 +25,7 @@ def training_curves(history: list[dict[str, float]], out: Path) -> Path | None:
     top.grid(alpha=0.3)
     bottom.plot(steps, [h["step_time"] for h in history], color="grey")
     bottom.set_ylabel("step time (s)")
-    bottom.set_xlabel("step")
+    bottom.set_xlabel("training wall time (min)")
     bottom.grid(alpha=0.3)
     fig.suptitle("GRPO training")
     fig.tight_layout()

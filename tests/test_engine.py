@@ -104,3 +104,24 @@ def test_dynamic_sampling_keeps_only_groups_with_signal(project, tiny_reference,
     else:
         assert any(r["id"].startswith("mul") for r in batch.rows)  # flat groups stay in the batch
         assert (stds == 0).any()
+
+
+def test_rollout_model_matches_the_policy(tiny_reference, smoke_cfg, project):
+    """The merged sampling copy computes what the peft policy computes, and follows its updates."""
+    from pipelines.grpo.rollout_model import RolloutModel
+
+    shutil.copytree(tiny_reference, Paths(project).reference_dir)
+    model, _, _ = policy.build(smoke_cfg, Paths(project))
+    ids = torch.randint(0, 1000, (2, 5))
+    with torch.no_grad():
+        for p in policy.trainable_parameters(model):  # move the adapter away from its zero init
+            p.add_(torch.randn_like(p) * 0.05)
+    copy = RolloutModel(model, torch.float32)
+    with torch.no_grad():
+        assert torch.allclose(copy.model(ids).logits, model(ids).logits, atol=1e-5)
+        for p in policy.trainable_parameters(model):
+            p.add_(torch.randn_like(p) * 0.05)
+        assert not torch.allclose(copy.model(ids).logits, model(ids).logits, atol=1e-5)
+        copy.sync()
+        assert torch.allclose(copy.model(ids).logits, model(ids).logits, atol=1e-5)
+    assert not any(n for n, _ in copy.model.named_modules() if "lora" in n)

@@ -24,6 +24,7 @@ from pipelines.grpo import checkpoint, policy
 from pipelines.grpo.advantages import advantages_from_rewards, combine_rewards, group_advantages
 from pipelines.grpo.loss import grpo_loss
 from pipelines.grpo.rollout import Rollout, concat, generate, token_logps
+from pipelines.grpo.rollout_model import RolloutModel
 from pipelines.grpo.sampler import PromptSampler
 from pipelines.grpo.scoring import score
 from pipelines.grpo.tracking import RunLogger
@@ -51,7 +52,7 @@ class Batch:
     rounds: int
 
 
-def sample_batch(model: Any, tokenizer: Any, sampler: PromptSampler, cfg: Config) -> Batch:
+def sample_batch(model: Any, tokenizer: Any, sampler: PromptSampler, cfg: Config, autocast: bool | None = None) -> Batch:
     """Groups of completions for `prompts_per_step` prompts, scored.
 
     With dynamic sampling (DAPO), groups whose rewards are all equal are dropped (they carry no
@@ -67,7 +68,8 @@ def sample_batch(model: Any, tokenizer: Any, sampler: PromptSampler, cfg: Config
         rows = sampler.take(t.prompts_per_step - len(rows_kept))
         rollout = generate(
             model, tokenizer, [r["prompt"] for r in rows], num_generations=G, max_new_tokens=t.max_completion_length,
-            do_sample=True, temperature=t.temperature, top_p=t.top_p, top_k=t.top_k, bf16=t.bf16,
+            do_sample=True, temperature=t.temperature, top_p=t.top_p, top_k=t.top_k,
+            bf16=t.bf16 if autocast is None else autocast,
         )
         per_fn, _ = score(
             t.rewards, rows, rollout.texts, G, timeout=t.reward_timeout,
@@ -107,6 +109,8 @@ def run(cfg: Config, paths: Paths, log_to_mlflow: bool = True) -> TrainResult:
     manifest = verify(paths.reference_dir)  # the reference must be exactly the pinned one
     model, tokenizer, reference = policy.build(cfg, paths)
     params = policy.trainable_parameters(model)
+    # Sampling runs on a merged copy (bf16 when train.bf16): see rollout_model.py for why.
+    sampler_model = RolloutModel(model, torch.bfloat16 if t.bf16 else torch.float32)
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (t.warmup_steps + 1)))
     sampler = PromptSampler(read_jsonl(paths.train_split), t.seed)
@@ -121,6 +125,7 @@ def run(cfg: Config, paths: Paths, log_to_mlflow: bool = True) -> TrainResult:
     if saved is not None and json.loads((saved / "state.json").read_text()).get("fingerprint") == key:
         state = checkpoint.load(saved, model, optimizer, scheduler)
         sampler.load_state_dict(state["sampler"])
+        sampler_model.sync()
         start = int(state["step"])
         print(f"resuming from {saved} (step {start} of {t.steps})", file=sys.stderr)
     elif paths.checkpoints_dir.exists():
@@ -134,8 +139,7 @@ def run(cfg: Config, paths: Paths, log_to_mlflow: bool = True) -> TrainResult:
             started = time.perf_counter()
 
             # 1. Sample a group of completions per prompt from the current policy, and score them.
-            model.eval()
-            batch = sample_batch(model, tokenizer, sampler, cfg)
+            batch = sample_batch(sampler_model.model, tokenizer, sampler, cfg, autocast=False)
             rollout = batch.rollout
             generated = time.perf_counter()
 
@@ -174,6 +178,7 @@ def run(cfg: Config, paths: Paths, log_to_mlflow: bool = True) -> TrainResult:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+            sampler_model.sync()  # the next rollout samples from the updated policy
 
             # 4. Log what the field looks at.
             elapsed = time.perf_counter() - started
@@ -198,6 +203,8 @@ def run(cfg: Config, paths: Paths, log_to_mlflow: bool = True) -> TrainResult:
                 "generation_time": generated - started,
                 "tokens_per_second": float(lengths.sum()) / elapsed,
             }
+            # Cumulative training time, carried across resumes: curves are drawn against it.
+            metrics["wall_time"] = (history[-1]["wall_time"] if history else 0.0) + elapsed
             history.append({"step": step + 1, **metrics})
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", step_s=f"{elapsed:.1f}")
             if batch.frac_zero_std >= 0.75 and step > start:

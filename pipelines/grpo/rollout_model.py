@@ -1,0 +1,71 @@
+"""A sampling copy of the policy: LoRA merged into plain weights, optionally held in bf16.
+
+Sampling is most of a GRPO step on CPU, and its cost is per-token overhead, not arithmetic: a peft
+model runs two extra small matmuls beside each of ~200 linear layers at every generated token, and
+bf16 autocast re-casts every weight at every token. A plain copy with the adapter merged in, stored
+in bf16, samples 2-3x faster here (measured in bench/RESULTS.md). It is refreshed from the policy
+after every optimiser step, so sampling stays on-policy; the loss still uses the trained model's own
+log-probs (the ratio to the sampler is 1 by construction when num_iterations = 1, as in TRL).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+
+class RolloutModel:
+    def __init__(self, policy: Any, dtype: torch.dtype = torch.bfloat16) -> None:
+        self.policy = policy
+        self.dtype = dtype
+        self.is_peft = hasattr(policy, "peft_config")
+        base = policy.get_base_model() if self.is_peft else policy
+        self.model = _plain_copy(base, dtype)
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self._targets = self._pair_parameters(base)
+        self.sync()
+
+    def _pair_parameters(self, base: Any) -> list[tuple[torch.Tensor, Any, str]]:
+        """(destination weight, source module, kind) for every weight that training can change."""
+        own = dict(self.model.named_modules())
+        pairs = []
+        if self.is_peft:
+            from peft.tuners.lora import LoraLayer
+
+            for name, module in base.named_modules():
+                if isinstance(module, LoraLayer):
+                    pairs.append((own[name].weight, module, "lora"))
+        else:
+            params = dict(self.model.named_parameters())
+            for name, p in base.named_parameters():
+                if p.requires_grad:
+                    pairs.append((params[name], p, "param"))
+        return pairs
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Copy the policy's current weights (base + scaled B @ A for LoRA layers) into the sampler."""
+        for dest, source, kind in self._targets:
+            if kind == "lora":
+                merged = source.get_base_layer().weight
+                for adapter in source.active_adapters:
+                    merged = merged + source.get_delta_weight(adapter)
+                dest.copy_(merged.to(self.dtype))
+            else:
+                dest.copy_(source.to(self.dtype))
+
+
+def _plain_copy(base: Any, dtype: torch.dtype) -> Any:
+    """A copy of `base` without peft's wrappers: LoRA layers become the plain layers they wrap."""
+    from peft.tuners.lora import LoraLayer
+
+    clone = copy.deepcopy(base)
+    for name, module in list(clone.named_modules()):
+        if isinstance(module, LoraLayer):
+            parent_name, _, child = name.rpartition(".")
+            parent = clone.get_submodule(parent_name) if parent_name else clone
+            setattr(parent, child, module.get_base_layer())
+    return clone.to(dtype)
