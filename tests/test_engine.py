@@ -125,3 +125,25 @@ def test_rollout_model_matches_the_policy(tiny_reference, smoke_cfg, project):
         copy.sync()
         assert torch.allclose(copy.model(ids).logits, model(ids).logits, atol=1e-5)
     assert not any(n for n, _ in copy.model.named_modules() if "lora" in n)
+
+
+def test_lean_sampler_greedy_equals_transformers_generate(tiny_reference):
+    """The lean loop (prefill once per prompt, shared KV cache) decodes what model.generate decodes."""
+    from pipelines.grpo.rollout import generate
+    from pipelines.models import load_reference
+
+    model, tokenizer = load_reference(tiny_reference)
+    prompts = ["What is 2 + 2?", [{"role": "user", "content": "What is 12 * 3? Answer after ####."}]]
+    ours = generate(model, tokenizer, prompts, num_generations=1, max_new_tokens=6, do_sample=False, backend="lean")
+    theirs = generate(model, tokenizer, prompts, num_generations=1, max_new_tokens=6, do_sample=False, backend="hf")
+    assert torch.equal(ours.completion_ids, theirs.completion_ids)
+    assert ours.texts == theirs.texts
+
+
+def test_filter_logits_top_p_keeps_the_smallest_nucleus():
+    from pipelines.grpo.sampling import filter_logits
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = ~filter_logits(logits, 1.0, 0, 0.8).isinf()
+    assert kept.tolist() == [[True, True, False, False]]
+    assert (~filter_logits(logits, 1.0, 3, 1.0).isinf()).sum() == 3

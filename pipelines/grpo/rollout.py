@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from pipelines.grpo.sampling import sample
+
 
 @dataclass
 class Rollout:
@@ -92,23 +94,36 @@ def generate(
     top_p: float = 1.0,
     top_k: int = 0,
     bf16: bool = False,
+    backend: str = "lean",
 ) -> Rollout:
-    """`num_generations` completions of each prompt, laid out group after group."""
+    """`num_generations` completions of each prompt, laid out group after group.
+
+    Backends: `lean` (pipelines/grpo/sampling.py: one prefill per prompt, shared KV cache) or
+    `hf` (`model.generate`). A GPU backend such as vLLM plugs in here.
+    """
     tokenizer.padding_side = "left"
     encoded = tokenizer(render_prompts(tokenizer, prompts), return_tensors="pt", padding=True, add_special_tokens=False)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {"do_sample": False}
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        out = model.generate(
-            input_ids=encoded["input_ids"],
-            attention_mask=encoded["attention_mask"],
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=num_generations,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **sampling,
-        )
-    width = encoded["input_ids"].size(1)
-    completion_ids = out[:, width:]
+        if backend == "hf":
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {"do_sample": False}
+            out = model.generate(
+                input_ids=encoded["input_ids"],
+                attention_mask=encoded["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=num_generations,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **sampling,
+            )
+            completion_ids = out[:, encoded["input_ids"].size(1) :]
+        elif backend == "lean":
+            completion_ids = sample(
+                model, encoded["input_ids"], encoded["attention_mask"], num_generations=num_generations,
+                max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            )
+        else:
+            raise ValueError(f"unknown rollout backend {backend!r}; use `lean` or `hf`")
     mask, truncated = completion_mask(completion_ids, tokenizer.eos_token_id)
     texts = tokenizer.batch_decode(completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
     return Rollout(

@@ -69,7 +69,7 @@ def sample_batch(model: Any, tokenizer: Any, sampler: PromptSampler, cfg: Config
         rollout = generate(
             model, tokenizer, [r["prompt"] for r in rows], num_generations=G, max_new_tokens=t.max_completion_length,
             do_sample=True, temperature=t.temperature, top_p=t.top_p, top_k=t.top_k,
-            bf16=t.bf16 if autocast is None else autocast,
+            bf16=t.bf16 if autocast is None else autocast, backend=cfg.runtime.rollout_backend,
         )
         per_fn, _ = score(
             t.rewards, rows, rollout.texts, G, timeout=t.reward_timeout,
