@@ -23,14 +23,26 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class GeneratorConfig(_Section):
-    """Built-in arithmetic task: `a op b`, every distinct problem at most once."""
+class CountdownConfig(_Section):
+    """Countdown: reach a target with the given numbers, + - * / and parentheses, each number once."""
 
+    count: int = Field(4, ge=2, le=6)  # numbers per problem
+    min_number: int = Field(1, ge=1)
+    max_number: int = Field(25, ge=1)
+    max_target: int = Field(100, ge=1)
+
+
+class GeneratorConfig(_Section):
+    """Built-in tasks, seeded and offline: `arithmetic` (`a op b`, every distinct problem at most
+    once) or `countdown` (multi-step: reach a target with given numbers)."""
+
+    task: Literal["arithmetic", "countdown"] = "arithmetic"
     operators: list[Literal["+", "-", "*"]] = ["+", "*"]
     a_min: int = 0
     a_max: int = 9
     b_min: int = 2
     b_max: int = 19
+    countdown: CountdownConfig = CountdownConfig()
     num_rows: int = 400
     seed: int = 0
 
@@ -47,17 +59,50 @@ class PromptConfig(_Section):
     ]
 
 
+class ColumnsConfig(_Section):
+    """Which source column holds each field. null: `prompt` (else `question`) for the prompt, and
+    `id` when the row has one (else `<file>-<line>`)."""
+
+    prompt: str | None = None
+    answer: str = "answer"
+    id: str | None = None
+
+
+class HubConfig(_Section):
+    """Which part of a Hugging Face dataset to read (a `save_to_disk` folder or `hf:owner/name`)."""
+
+    split: str | None = None  # required when the dataset has several splits
+    subset: str | None = None  # the hub's configuration name, e.g. `main` for openai/gsm8k
+    revision: str | None = None
+
+
 class DataConfig(_Section):
+    # A JSONL/JSON, CSV or Parquet file, a folder of them, a `save_to_disk` folder, or
+    # `hf:owner/name` (needs the network); null = the built-in generator.
     path: str | None = None
+    format: Literal["auto", "jsonl", "csv", "parquet", "hf"] = "auto"
+    columns: ColumnsConfig = ColumnsConfig()
+    hf: HubConfig = HubConfig()
     prompt: PromptConfig = PromptConfig()
     generator: GeneratorConfig = GeneratorConfig()
+    # How answers are checked: `math` (a number, GSM8K's `#### N` allowed) or `countdown`
+    # (a `numbers` column and an integer target); null = `countdown` for that generator, else `math`.
+    verifier: Literal["math", "countdown"] | None = None
     eval_fraction: float = Field(0.2, gt=0, lt=1)
     max_eval_rows: int = 64
     split_seed: int = 0
     min_prompt_chars: int = 1
     max_prompt_chars: int = 4000
+    # A local tokenizer folder (e.g. models/reference): prompt length is then checked in tokens of
+    # the rendered chat prompt; while the folder is missing, in characters (the report says which).
+    tokenizer: str | None = None
+    min_prompt_tokens: int = 1
+    max_prompt_tokens: int = 1024
     min_train_rows: int = 4
     min_eval_rows: int = 2
+    # 0: any bad row refuses the dataset. Above 0: bad rows go to data/validated/rejected.jsonl with
+    # their reason, and the stage passes while rejected / all rows stays at most this fraction.
+    max_rejected_fraction: float = Field(0.0, ge=0, lt=1)
 
 
 class TinyModelConfig(_Section):
@@ -136,19 +181,40 @@ class EvaluateConfig(_Section):
     max_new_tokens: int = 48
     batch_size: int = 16
     bf16: bool = True
+    # Sampled answers per problem for pass@k, mean@k and maj@k; every model gets the same decoding
+    # and the same seed, so the models are compared on equal terms.
+    k: int = Field(4, ge=1)
+    temperature: float = Field(0.8, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+    # Re-score the registry's `champion` on the same problems (the promotion gate needs it).
+    champion: bool = True
+    # Paired bootstrap over problems for the confidence interval of each accuracy difference.
+    bootstrap_samples: int = Field(2000, ge=100)
+    confidence: float = Field(0.95, gt=0, lt=1)
 
 
 class RegisterConfig(_Section):
     model_name: str = "grpo-policy"
     experiment: str = "grpo"
-    # A candidate takes `champion` when its eval accuracy beats the champion's by at least this much.
+    # The promotion gate: `champion` moves to a new version only when every rule holds, judged on
+    # the per-problem outcomes of the candidate and of the champion re-scored on the same problems.
+    # The accuracy gain over the champion must be positive and at least this much.
     min_gain: float = 0.0
+    # The lower end of the bootstrap interval of that gain must be above zero.
+    require_ci_above_zero: bool = True
+    # The candidate's greedy answers must end in the `#### N` format at least this often.
+    min_format_rate: float = Field(0.0, ge=0, le=1)
+    # The candidate's accuracy must not be below the reference's on the same problems.
+    no_regression_vs_reference: bool = True
 
 
 class RuntimeConfig(_Section):
     # torch threads: 0 keeps torch's default. Tiny models run far faster on 1 (ENVIRONMENT.md).
     num_threads: int = 0
     dvc_remote: str = "local"
+    # How completions are sampled: `lean` (own KV-cached loop, fastest on CPU) or `hf` (model.generate).
+    rollout_backend: Literal["lean", "hf"] = "lean"
 
 
 class Config(_Section):
@@ -177,6 +243,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.lora.alpha": 8,
         "evaluate.max_new_tokens": 8,
         "evaluate.bf16": False,
+        "evaluate.k": 2,
+        "evaluate.bootstrap_samples": 200,
         "runtime.num_threads": 1,
     },
 }
