@@ -141,6 +141,8 @@ class RewardSpec(_Section):
 
 class TrainConfig(_Section):
     steps: int = 30
+    # Stop early once training has used this many seconds (resumes count what came before); null = no limit.
+    time_budget_s: float | None = None
     prompts_per_step: int = 2
     num_generations: int = Field(8, ge=2)
     max_completion_length: int = 48

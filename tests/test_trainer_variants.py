@@ -45,3 +45,14 @@ def test_variant_trains_and_logs(project, tiny_reference, overrides):
         before = load_file(str(paths.reference_dir / "model.safetensors"))
         changed = [k for k in before if k in saved and not torch.equal(before[k], saved[k])]
         assert changed, "full fine-tuning left every weight unchanged"
+
+
+def test_time_budget_stops_early_and_records_the_steps_done(project, tiny_reference):
+    cfg = config.load(project / "params.yaml", ["train.steps=500", "train.time_budget_s=1.0"], preset="smoke")
+    paths = Paths(project)
+    validate.run(cfg, paths)
+    shutil.copytree(tiny_reference, paths.reference_dir)
+    result = trainer.run(cfg, paths, log_to_mlflow=False)
+    assert 1 <= result.steps < 500
+    assert json.loads(paths.train_metrics.read_text())["steps"] == result.steps
+    assert (paths.policy_dir / "adapter_model.safetensors").exists()

@@ -136,6 +136,9 @@ def run(cfg: Config, paths: Paths, log_to_mlflow: bool = True) -> TrainResult:
     bar = tqdm(range(start, t.steps), desc="GRPO", unit="step", initial=start, total=t.steps)
     try:
         for step in bar:
+            if t.time_budget_s is not None and history and history[-1]["wall_time"] >= t.time_budget_s:
+                bar.write(f"stopping after step {step}: train.time_budget_s={t.time_budget_s:g} s used")
+                break
             started = time.perf_counter()
 
             # 1. Sample a group of completions per prompt from the current policy, and score them.
@@ -227,18 +230,19 @@ def run(cfg: Config, paths: Paths, log_to_mlflow: bool = True) -> TrainResult:
     finally:
         bar.close()
 
+    done = int(history[-1]["step"]) if history else start
     checkpoint.save(
-        paths.checkpoints_dir, t.steps, model, optimizer, scheduler,
+        paths.checkpoints_dir, done, model, optimizer, scheduler,
         {"fingerprint": key, "sampler": sampler.state_dict(), "history": history, "run_id": logger.run_id},
         keep=t.keep_checkpoints,
     )
     with staged_dir(paths.policy_dir) as staging:
         policy.save(model, tokenizer, staging)
     final = {k: v for k, v in history[-1].items() if k != "step"} if history else {}
-    write_json(paths.train_metrics, {**final, "steps": t.steps, "mlflow_run_id": logger.run_id})
+    write_json(paths.train_metrics, {**final, "steps": done, "mlflow_run_id": logger.run_id})
     write_text(paths.train_plot, _csv(history))
     logger.finish(training_curves(history, paths.train_curves))
-    return TrainResult(steps=t.steps, final_reward=final.get("reward", math.nan), run_id=logger.run_id, resumed_from=start)
+    return TrainResult(steps=done, final_reward=final.get("reward", math.nan), run_id=logger.run_id, resumed_from=start)
 
 
 def _csv(history: list[dict[str, float]]) -> str:
