@@ -10,8 +10,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipelines.stages import STAGES
+
+if TYPE_CHECKING:
+    from pipelines.paths import Paths
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,7 +39,74 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser(name, parents=[common], help=helps[name], description=helps[name])
     run = sub.add_parser("run", parents=[common], help="run all five stages as a Prefect flow, versioned with DVC")
     run.add_argument("--force", action="store_true", help="rerun stages even when dvc.lock says they are up to date")
+    _registry_parsers(sub, common)
+    _data_parsers(sub)
     return parser
+
+
+REGISTRY_COMMANDS = ("models", "promote", "rollback", "ask")
+
+
+def _registry_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`grpo models|promote|rollback|ask`: the registry as users see it (pipelines/promotion.py, ask.py)."""
+    sub.add_parser("models", parents=[common], help="list registered versions, their aliases and key metrics")
+    promote = sub.add_parser("promote", parents=[common], help="make VERSION champion by hand (records who and why)")
+    promote.add_argument("version", help="the version number to promote")
+    promote.add_argument("--reason", required=True, help="why, recorded on the version")
+    rollback = sub.add_parser("rollback", parents=[common], help="move champion back to the previous champion")
+    rollback.add_argument("--reason", default="", help="why, recorded on the version rolled back")
+    ask = sub.add_parser("ask", parents=[common], help="load a registered version from MLflow and answer a question")
+    ask.add_argument("question", help='e.g. "What is 17 + 25?"')
+    ask.add_argument("--alias", default="champion", help="which alias to load (default: champion)")
+    ask.add_argument("--version", default=None, help="a version number instead of an alias")
+    ask.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: the version's own)")
+
+
+def _registry_command(args: argparse.Namespace, name: str, root: Path) -> int:
+    from pipelines import promotion
+
+    try:
+        if args.command == "ask":
+            from pipelines.ask import ask
+
+            answer = ask(args.question, root=root, name=name, alias=args.alias, version=args.version, max_new_tokens=args.max_new_tokens)
+            where = f"@{answer.alias} = v{answer.version}" if answer.alias else f"v{answer.version}"
+            print(f"{answer.name} {where}: {answer.answer or '(empty answer: only whitespace or special tokens)'}")
+            return 0
+        client = promotion.registry_client(root)
+        if args.command == "models":
+            print(promotion.table(promotion.list_versions(client, name)))
+        elif args.command == "promote":
+            done = promotion.promote(client, name, args.version, args.reason)
+            print(f"{name} v{done['champion']} is champion (was v{done['previous_champion'] or '-'}); promoted by {done['by']}: {done['reason']}")
+        else:
+            done = promotion.rollback(client, name, args.reason)
+            print(f"{name} v{done['champion']} is champion again (v{done['rolled_back']} rolled back by {done['by']})")
+        return 0
+    except promotion.PromotionError as exc:
+        print(f"grpo {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _data_parsers(sub: argparse._SubParsersAction) -> None:
+    """`grpo data add PATH`: version raw data with DVC (pipelines/data/versioning.py)."""
+    data = sub.add_parser("data", help="version raw data with DVC (`grpo data add PATH`)")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    add = data_sub.add_parser("add", help="copy a file or folder into data/raw, `dvc add` and `dvc push` it, print its sha256")
+    add.add_argument("path", type=Path, help="a data file or folder (JSONL, CSV, Parquet, a save_to_disk folder)")
+    add.add_argument("--project", type=Path, default=None, help="project folder (default: nearest with params.yaml)")
+    add.add_argument("--no-push", action="store_true", help="version it locally only (no DVC remote needed)")
+
+
+def _data_command(args: argparse.Namespace, paths: Paths) -> int:
+    from dataclasses import asdict
+
+    from pipelines.data.versioning import add_raw
+
+    added = add_raw(paths, args.path, push=not args.no_push)
+    print(json.dumps(asdict(added), indent=2))
+    print(f"commit {added.dvc_file} (and its folder's .gitignore) with git; validate it with -S data.path={added.path}", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = Paths.find(args.project)
     try:
+        if args.command == "data":
+            return _data_command(args, paths)
         if args.command == "run":
             from flows.pipeline import training_pipeline
 
@@ -58,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(results, indent=2, default=str))
             return 0
         cfg = config.load(paths.params, args.overrides, args.preset)
+        if args.command in REGISTRY_COMMANDS:
+            return _registry_command(args, cfg.registry.model_name, paths.root)
         from pipelines.stages import run_stage
 
         result = run_stage(args.command, cfg, paths)

@@ -1,108 +1,137 @@
-"""Stage 4, evaluate: verifier-scored greedy answers of the reference and the policy on held-out data.
+"""Stage 4, evaluate: the candidate, the reference and the current champion on the held-out problems.
 
-Both models answer the same problems with the same decoding, so the comparison is paired.
+All three answer the same problems with the same decoding (greedy for pass@1; k samples, same
+seed, for pass@k, mean@k and maj@k), judged by the training verifiers. The champion is fetched
+from the registry by alias and re-scored here rather than trusted from its old tags, so the
+comparisons are paired: a bootstrap interval of each accuracy difference and McNemar's exact test.
+The register stage's promotion gate reads the per-problem outcomes this stage writes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from pipelines.config import Config
-from pipelines.grpo.rollout import generate
+from pipelines.config import Config, EvaluateConfig
+from pipelines.evaluation import report
+from pipelines.evaluation.scoring import answer_problems, summarize
+from pipelines.evaluation.stats import paired_comparison
 from pipelines.io import read_jsonl, write_json, write_jsonl, write_text
-from pipelines.models import load_reference, set_threads
 from pipelines.paths import Paths
-from pipelines.snapshot import verify
-from pipelines.verifiers.math_answer import answers_match, last_number, strict_answer
 
 
 @dataclass
 class EvalResult:
     reference: dict[str, float]
     policy: dict[str, float]
+    champion: dict[str, float] | None = None
+    champion_version: str | None = None
+    comparison: dict[str, Any] = field(default_factory=dict)
 
 
-def answer_problems(model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: Config, label: str) -> list[dict[str, Any]]:
-    """Greedy answers to every row, each judged by the verifiers."""
-    from tqdm.auto import tqdm
+def chart_path(paths: Paths) -> Path:
+    return paths.eval_report.with_name("eval.png")
 
-    e = cfg.evaluate
-    outcomes = []
-    for start in tqdm(range(0, len(rows), e.batch_size), desc=f"eval {label}", unit="batch"):
-        chunk = rows[start : start + e.batch_size]
-        rollout = generate(
-            model, tokenizer, [r["prompt"] for r in chunk], num_generations=1,
-            max_new_tokens=e.max_new_tokens, do_sample=False, bf16=e.bf16,
+
+def candidate_digest(policy_dir: Path) -> str:
+    """One sha256 over the adapter folder, so `register` can check it registers what was evaluated."""
+    from pipelines.snapshot import folder_digest, sha256_file
+
+    return folder_digest({p.name: sha256_file(p) for p in sorted(policy_dir.iterdir()) if p.is_file()})
+
+
+def compare(outcomes: dict[str, list[dict[str, Any]]], cfg: EvaluateConfig) -> dict[str, Any]:
+    """Paired comparisons of the candidate (`policy`) with the reference and, if scored, the champion."""
+    policy = outcomes["policy"]
+    result: dict[str, Any] = {}
+    for other in ("reference", "champion"):
+        rows = outcomes.get(other)
+        if not rows:
+            result[f"policy_vs_{other}"] = None
+            continue
+        if [o["id"] for o in rows] != [o["id"] for o in policy]:
+            raise ValueError(f"{other} and policy were not scored on the same problems in the same order")
+        with_k = all("mean_at_k" in o for o in policy + rows)
+        result[f"policy_vs_{other}"] = paired_comparison(
+            [o["correct"] for o in policy], [o["correct"] for o in rows],
+            resamples=cfg.bootstrap_samples, confidence=cfg.confidence, seed=cfg.seed,
+            candidate_mean_at_k=[o["mean_at_k"] for o in policy] if with_k else None,
+            other_mean_at_k=[o["mean_at_k"] for o in rows] if with_k else None,
         )
-        for row, text, length, truncated in zip(chunk, rollout.texts, rollout.lengths.tolist(), rollout.truncated.tolist(), strict=True):
-            strict = strict_answer(text)
-            outcomes.append(
-                {
-                    "model": label,
-                    "id": row["id"],
-                    "answer": row["answer"],
-                    "completion": text,
-                    "correct": answers_match(strict, row["answer"]),
-                    "format": strict is not None,
-                    "last_number_correct": answers_match(last_number(text), row["answer"]),
-                    "length": int(length),
-                    "truncated": bool(truncated),
-                }
-            )
-    return outcomes
+    return result
 
 
-def summarize(outcomes: list[dict[str, Any]]) -> dict[str, float]:
-    n = max(len(outcomes), 1)
-    return {
-        "accuracy": sum(o["correct"] for o in outcomes) / n,
-        "format_rate": sum(o["format"] for o in outcomes) / n,
-        "last_number_accuracy": sum(o["last_number_correct"] for o in outcomes) / n,
-        "mean_length": sum(o["length"] for o in outcomes) / n,
-        "truncation_rate": sum(o["truncated"] for o in outcomes) / n,
-        "problems": float(len(outcomes)),
+def write_outputs(
+    paths: Paths,
+    cfg: EvaluateConfig,
+    outcomes: dict[str, list[dict[str, Any]]],
+    *,
+    champion_version: str | None,
+    champion_own_base: bool = False,
+    candidate_sha256: str,
+    reference_sha256: str,
+) -> EvalResult:
+    """metrics/eval.json, reports/eval-samples.jsonl, reports/eval.md and its chart, from per-problem outcomes."""
+    summaries = {label: summarize(rows) for label, rows in outcomes.items() if rows}
+    comparison = compare(outcomes, cfg)
+    evaluation = {
+        "reference": summaries["reference"],
+        "policy": summaries["policy"],
+        "champion": summaries.get("champion"),
+        "champion_version": champion_version,
+        "champion_own_base": champion_own_base,
+        "gain": summaries["policy"]["accuracy"] - summaries["reference"]["accuracy"],
+        "comparison": comparison,
+        "settings": cfg.model_dump(),
+        "candidate_sha256": candidate_sha256,
+        "reference_sha256": reference_sha256,
     }
-
-
-def report(result: EvalResult) -> str:
-    rows = [
-        ("accuracy (strict `#### N`)", "accuracy"),
-        ("last number correct", "last_number_accuracy"),
-        ("format rate", "format_rate"),
-        ("mean completion tokens", "mean_length"),
-        ("truncation rate", "truncation_rate"),
-    ]
-    lines = [
-        "# Evaluation on the held-out split",
-        "",
-        f"Greedy decoding, {int(result.policy['problems'])} problems, both models on the same problems.",
-        "",
-        "| metric | reference | policy | change |",
-        "|---|---:|---:|---:|",
-    ]
-    for title, key in rows:
-        ref, pol = result.reference[key], result.policy[key]
-        lines.append(f"| {title} | {ref:.3f} | {pol:.3f} | {pol - ref:+.3f} |")
-    return "\n".join(lines) + "\n"
+    samples = [row for label in ("reference", "champion", "policy") for row in outcomes.get(label) or []]
+    write_jsonl(paths.eval_samples, samples)
+    write_json(paths.eval_metrics, evaluation)
+    png = report.chart(evaluation, chart_path(paths))
+    write_text(paths.eval_report, report.markdown(evaluation, cfg, png.name))
+    return EvalResult(
+        reference=summaries["reference"], policy=summaries["policy"], champion=summaries.get("champion"),
+        champion_version=champion_version, comparison=comparison,
+    )
 
 
 def run(cfg: Config, paths: Paths) -> EvalResult:
     from peft import PeftModel
 
+    from pipelines.evaluation import champion as registry_champion
+    from pipelines.models import load_reference, set_threads
+    from pipelines.snapshot import verify
+
+    e = cfg.evaluate
     set_threads(cfg.runtime.num_threads)
-    verify(paths.reference_dir)
+    manifest = verify(paths.reference_dir)
     rows = read_jsonl(paths.eval_split)
+    outcomes: dict[str, list[dict[str, Any]]] = {}
+
     base, tokenizer = load_reference(paths.reference_dir, cfg.snapshot.trust_remote_code)
-    reference = answer_problems(base, tokenizer, rows, cfg, "reference")
-    policy_model = PeftModel.from_pretrained(base, paths.policy_dir)
-    policy_model.eval()
-    policy = answer_problems(policy_model, tokenizer, rows, cfg, "policy")
-    result = EvalResult(reference=summarize(reference), policy=summarize(policy))
-    write_jsonl(paths.eval_samples, reference + policy)
-    write_json(
-        paths.eval_metrics,
-        {"reference": result.reference, "policy": result.policy, "gain": result.policy["accuracy"] - result.reference["accuracy"]},
+    outcomes["reference"] = answer_problems(base, tokenizer, rows, e, "reference")
+    policy = PeftModel.from_pretrained(base, paths.policy_dir).eval()  # wraps `base` in place
+    outcomes["policy"] = answer_problems(policy, tokenizer, rows, e, "policy")
+    del policy, base
+
+    champion = None
+    with tempfile.TemporaryDirectory(prefix="grpo-champion-") as tmp:
+        if e.champion:
+            champion = registry_champion.fetch(cfg.registry.model_name, paths.root, manifest["sha256"], Path(tmp))
+        if champion is not None:
+            champ_base, champ_tokenizer = load_reference(champion.base_dir or paths.reference_dir, cfg.snapshot.trust_remote_code)
+            champ = PeftModel.from_pretrained(champ_base, champion.adapter_dir).eval()
+            scored = answer_problems(champ, champ_tokenizer, rows, e, "champion")
+            outcomes["champion"] = [dict(o, version=champion.version) for o in scored]
+
+    return write_outputs(
+        paths, e, outcomes,
+        champion_version=champion.version if champion else None,
+        champion_own_base=bool(champion and champion.base_dir),
+        candidate_sha256=candidate_digest(paths.policy_dir),
+        reference_sha256=manifest["sha256"],
     )
-    write_text(paths.eval_report, report(result))
-    return result

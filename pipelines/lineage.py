@@ -44,6 +44,15 @@ def dvc_hashes(root: Path) -> dict[str, str]:
     return hashes
 
 
+# dvc.lock outs -> version tags: the data the policy was trained and judged on, the checkpoint, the base.
+DVC_TAGS = (
+    ("data/validated/train.jsonl", "dvc_train_data_md5"),
+    ("data/validated/eval.jsonl", "dvc_eval_data_md5"),
+    ("models/policy", "dvc_policy_md5"),
+    ("models/reference", "dvc_reference_md5"),
+)
+
+
 def params_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()
 
@@ -62,7 +71,24 @@ def collect(cfg: Config, paths: Paths) -> dict[str, Any]:
         "params_hash": params_hash(cfg),
         "preset": str(cfg.preset),
     }
-    for out, key in (("data/validated", "dvc_data_md5"), ("models/policy", "dvc_policy_md5"), ("models/reference", "dvc_reference_md5")):
-        if out in hashes:
-            tags[key] = hashes[out]
+    # An out missing from dvc.lock (a stage run by hand, outside DVC and the flow) is said so,
+    # not left out: a reader must see that this version's data or checkpoint is not pinned.
+    for out, key in DVC_TAGS:
+        recorded = hashes.get(out)
+        if recorded is None:
+            tags[key] = "unrecorded (not in dvc.lock)"
+        elif (paths.root / out).is_file() and md5_file(paths.root / out) != recorded:
+            tags[key] = f"{recorded} (stale: {out} changed after dvc.lock was written)"
+        else:
+            tags[key] = recorded
     return tags
+
+
+def md5_file(path: Path) -> str:
+    """DVC 3's hash of a file out: the md5 of its bytes."""
+    h = hashlib.md5()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+

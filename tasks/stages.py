@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +26,48 @@ def stage(root: Path, name: str) -> dict[str, Any]:
     """Run one pipeline stage on the project at `root`."""
     paths = Paths(root)
     cfg = config.load(paths.params)
-    result = run_stage(name, cfg, paths)
+    try:
+        result = run_stage(name, cfg, paths)
+    except Exception:
+        if name == "validate":
+            _validation_artifact(paths)  # a refused dataset's report is the one people need to see
+        raise
     _artifact(name, paths, result)
     return result
+
+
+def _validation_artifact(paths: Paths) -> None:
+    """reports/validation.json as a markdown table of expectations (passed or refused)."""
+    from pipelines.data.report import markdown_summary
+
+    if paths.validation_report.exists():
+        report = json.loads(paths.validation_report.read_text(encoding="utf-8"))
+        create_markdown_artifact(markdown_summary(report), key="grpo-validate")
 
 
 def _artifact(name: str, paths: Paths, result: dict[str, Any]) -> None:
     key = f"grpo-{name}"
     if name == "validate":
-        table = "\n".join(f"| {k} | {v} |" for k, v in result.items())
-        create_markdown_artifact(f"## Validation\n\n| field | value |\n|---|---|\n{table}\n", key=key)
+        _validation_artifact(paths)
     elif name == "evaluate" and paths.eval_report.exists():
-        create_markdown_artifact(paths.eval_report.read_text(), key=key)
+        create_markdown_artifact(_inline_chart(paths.eval_report), key=key)
     elif name == "register":
+        checks = "".join(f"| {rule} | {'holds' if ok else 'fails'} |\n" for rule, ok in (result.get("checks") or {}).items())
         create_markdown_artifact(
             f"## Registry\n\nVersion **{result['version']}** of `{result['name']}`: "
-            f"{'promoted to champion' if result['promoted'] else 'kept as challenger'} ({result['reason']}).\n",
+            f"{'promoted to champion' if result['promoted'] else 'kept as challenger'} ({result['reason']}).\n"
+            + (f"\n| gate rule | |\n|---|---|\n{checks}" if checks else ""),
             key=key,
         )
+
+
+def _inline_chart(report: Path) -> str:
+    """eval.md with its chart embedded: the Prefect UI cannot follow a link to a file beside the report."""
+    import base64
+
+    text = report.read_text()
+    chart = report.with_name("eval.png")
+    if chart.exists():
+        data = base64.b64encode(chart.read_bytes()).decode()
+        text = text.replace("](eval.png)", f"](data:image/png;base64,{data})")
+    return text

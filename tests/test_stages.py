@@ -59,8 +59,11 @@ def test_train_evaluate_register_in_order(staged, smoke_cfg, tmp_path):
 
     ev = evaluate.run(smoke_cfg, paths)
     assert ev.reference["problems"] == ev.policy["problems"] == 8
-    assert set(json.loads(paths.eval_metrics.read_text())) == {"reference", "policy", "gain"}
-    assert "| metric | reference | policy |" in paths.eval_report.read_text()
+    evaluation = json.loads(paths.eval_metrics.read_text())
+    assert {"reference", "policy", "champion", "gain", "comparison"} <= set(evaluation)
+    assert evaluation["champion"] is None  # nothing registered yet
+    assert {"accuracy", "format_rate", "pass_at_k", "mean_at_k", "maj_at_k"} <= set(evaluation["policy"])
+    assert "| metric | reference | champion | candidate |" in paths.eval_report.read_text()
     assert len(paths.eval_samples.read_text().splitlines()) == 16
 
     first = registry.run(smoke_cfg, paths)
@@ -75,12 +78,17 @@ def test_train_evaluate_register_in_order(staged, smoke_cfg, tmp_path):
     assert tags["dataset_digest"] == json.loads(paths.validation_report.read_text())["digest"]
     assert tags["git_commit"]
 
-    # A second candidate with the same accuracy does not take champion (it must beat it).
+    # A second candidate with the same accuracy on the same problems (the champion is re-scored
+    # by `evaluate`) does not take champion: it must beat it.
+    assert evaluate.run(smoke_cfg, paths).champion_version == "1"
     second = registry.run(smoke_cfg, paths)
-    assert second.version == "2" and not second.promoted
+    assert second.version == "2" and not second.promoted and "failed min_gain" in second.reason
     assert str(client.get_model_version_by_alias("grpo-policy", "challenger").version) == "2"
     assert str(client.get_model_version_by_alias("grpo-policy", "champion").version) == "1"
     assert json.loads(paths.registry_metrics.read_text())["promoted"] is False
+    # Registered again from the same training run: a new artifact folder, v1's files stay as they were.
+    assert client.get_model_version("grpo-policy", "2").source.endswith("/policy-2")
+    assert client.get_model_version("grpo-policy", "1").source.endswith("/policy")
     # The reference is logged once per sha256, not once per version.
     assert len(client.search_model_versions("name='grpo-policy-reference'")) == 1
 
@@ -95,13 +103,3 @@ def test_train_evaluate_register_in_order(staged, smoke_cfg, tmp_path):
     out = model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out.shape[1] == ids["input_ids"].shape[1] + 3
     mlflow.set_tracking_uri(None)
-
-
-def test_decide_gate():
-    from types import SimpleNamespace
-
-    champ = SimpleNamespace(version="3", tags={"eval_accuracy": "0.5"})
-    assert registry.decide(0.6, champ, 0.0)[0]
-    assert not registry.decide(0.5, champ, 0.0)[0]
-    assert not registry.decide(0.55, champ, 0.1)[0]
-    assert registry.decide(0.1, None, 0.0) == (True, "no champion yet")

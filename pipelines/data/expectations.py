@@ -1,7 +1,11 @@
 """The Great Expectations suite for a GRPO dataset, run on a file-backed GX context.
 
-The suite, its validation results and the data docs all land under reports/, so users can open
-reports/data-docs/index.html and see exactly which expectation a file broke.
+Four tables are validated: `rows` (one per dataset row: schema, types, nulls, unique ids, prompt
+length, the verifier's reading of the answer), `leakage` (eval rows whose prompt is also in train),
+and `train` / `eval` (minimum row counts after the split). The suites, their results and the data
+docs all land under reports/, so users can open reports/data-docs/index.html and see exactly
+which expectation a file broke. Each expectation carries a plain-words description, which is also
+the reason written on a rejected row.
 """
 
 from __future__ import annotations
@@ -16,9 +20,13 @@ from typing import Any
 import pandas as pd
 
 from pipelines.config import DataConfig
+from pipelines.data.checks import ANSWER_TYPES, ID_TYPES
 
-NUMERIC = r"^\s*-?\$?\d[\d,]*(?:\.\d+)?\s*$"
+# A number the math verifier reads (verifiers/math_answer.parse_number): `1,234`, `-3.5`, `$5`,
+# `3/4`; bounded so that every match stays within parse_number's 64 characters.
+NUMERIC = r"^\s*-?\$?\d[\d,]{0,23}(?:\.\d{1,16})?(?:\s*/\s*[1-9]\d{0,15})?\s*$"
 SUITE = "grpo_dataset"
+ROW_TABLES = ("rows", "leakage")  # tables whose failures are rows (and can be rejected one by one)
 
 
 @dataclass
@@ -28,64 +36,125 @@ class Outcome:
     column: str | None
     success: bool
     unexpected_count: int = 0
-    lines: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)  # Table indices of the offending rows, all of them
     detail: str = ""
+    description: str = ""
 
     def describe(self) -> str:
         where = f"({self.column})" if self.column else f" on the {self.table} split"
         return f"{self.expectation}{where}"
 
+    @property
+    def row_level(self) -> bool:
+        return self.table in ROW_TABLES
 
-def rows_suite(cfg: DataConfig) -> list[Any]:
+
+def rows_suite(cfg: DataConfig, verifier: str = "math", length_unit: str = "chars") -> list[Any]:
     import great_expectations as gx
 
     e = gx.expectations
-    return [
-        e.ExpectColumnValuesToNotBeNull(column="id"),
-        e.ExpectColumnValuesToBeUnique(column="id"),
-        e.ExpectColumnValuesToNotBeNull(column="prompt_text"),
-        e.ExpectColumnValuesToBeInSet(column="prompt_kind", value_set=["text", "messages"]),
-        e.ExpectColumnValueLengthsToBeBetween(
-            column="prompt_text", min_value=cfg.min_prompt_chars, max_value=cfg.max_prompt_chars
+    if length_unit == "tokens":
+        lo, hi = cfg.min_prompt_tokens, cfg.max_prompt_tokens
+        length = e.ExpectColumnValuesToBeBetween(
+            column="prompt_tokens", min_value=lo, max_value=hi,
+            description=f"prompt outside {lo}..{hi} tokens (chat template applied; data.min/max_prompt_tokens)",
+        )
+    else:
+        lo, hi = cfg.min_prompt_chars, cfg.max_prompt_chars
+        length = e.ExpectColumnValuesToBeBetween(
+            column="prompt_chars", min_value=lo, max_value=hi,
+            description=f"prompt outside {lo}..{hi} characters (data.min/max_prompt_chars)",
+        )
+    suite = [
+        e.ExpectColumnValuesToNotBeNull(column="id", description="missing or empty id"),
+        e.ExpectColumnValuesToBeInSet(column="id_type", value_set=ID_TYPES, description="id is not a string or an integer"),
+        e.ExpectColumnValuesToBeUnique(column="id", description="id used by more than one row"),
+        e.ExpectColumnValuesToNotBeNull(column="prompt_text", description="missing or empty prompt"),
+        e.ExpectColumnValuesToBeInSet(
+            column="prompt_kind", value_set=["text", "messages"],
+            description="prompt is neither text nor a list of chat messages {role, content} with a user turn",
         ),
-        e.ExpectColumnValuesToNotBeNull(column="answer"),
-        e.ExpectColumnValuesToMatchRegex(column="answer_final", regex=NUMERIC),
+        length,
+        e.ExpectColumnValuesToNotBeNull(column="answer", description="missing or empty answer"),
+        e.ExpectColumnValuesToBeInSet(column="answer_type", value_set=ANSWER_TYPES, description="answer is not text or a number"),
+    ]
+    if verifier == "countdown":
+        suite.append(
+            e.ExpectColumnValuesToBeNull(
+                column="countdown_issue",
+                description="not a countdown problem the verifier can check (a `numbers` list of integers, an integer target as answer, a valid `solution` if given)",
+            )
+        )
+    else:
+        suite.append(
+            e.ExpectColumnValuesToMatchRegex(
+                column="answer_final", regex=NUMERIC,
+                description="answer is not a number the math verifier can read (GSM8K's `#### N` is fine)",
+            )
+        )
+    return suite
+
+
+def leakage_suite() -> list[Any]:
+    import great_expectations as gx
+
+    return [
+        gx.expectations.ExpectColumnValuesToBeInSet(
+            column="prompt_in_train", value_set=[False],
+            description="eval prompt also in the train split (same text once case, spacing and final punctuation are ignored)",
+        )
     ]
 
 
 def split_suite(name: str, minimum: int) -> list[Any]:
     import great_expectations as gx
 
-    return [gx.expectations.ExpectTableRowCountToBeBetween(min_value=minimum)]
+    return [
+        gx.expectations.ExpectTableRowCountToBeBetween(
+            min_value=minimum, description=f"too few rows in the {name} split (data.min_{name}_rows)"
+        )
+    ]
 
 
-def validate_frames(frames: dict[str, tuple[pd.DataFrame, list[Any]]], gx_root: Path, docs_dir: Path) -> list[Outcome]:
-    """Run each frame's expectations in a file GX context under `gx_root`, build data docs into
-    `docs_dir`, and return one outcome per expectation with the offending file lines."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations as gx
+class GxRun:
+    """A file GX context under `gx_root`: validate tables one by one, then publish the data docs."""
 
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
-    gx_root.mkdir(parents=True, exist_ok=True)
-    context = gx.get_context(mode="file", project_root_dir=str(gx_root))
-    source = context.data_sources.add_or_update_pandas("grpo")
-    outcomes: list[Outcome] = []
-    for name, (frame, expectations) in frames.items():
-        asset = next((a for a in source.assets if a.name == name), None) or source.add_dataframe_asset(name)
+    def __init__(self, gx_root: Path) -> None:
+        os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        logging.getLogger("great_expectations").setLevel(logging.WARNING)
+        gx_root.mkdir(parents=True, exist_ok=True)
+        self.gx = gx
+        self.root = gx_root
+        self.context = gx.get_context(mode="file", project_root_dir=str(gx_root))
+        # Progress bars on stderr would bury the one-paragraph refusal the CLI prints.
+        self.context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        self.source = self.context.data_sources.add_or_update_pandas("grpo")
+
+    def validate(self, name: str, frame: pd.DataFrame, expectations: list[Any]) -> list[Outcome]:
+        """Run `expectations` on `frame` (which has a `_row` column: Table indices)."""
+        gx = self.gx
+        asset = next((a for a in self.source.assets if a.name == name), None) or self.source.add_dataframe_asset(name)
         batch = next((b for b in asset.batch_definitions if b.name == "whole"), None)
         batch = batch or asset.add_batch_definition_whole_dataframe("whole")
-        suite = context.suites.add_or_update(gx.ExpectationSuite(name=f"{SUITE}.{name}", expectations=expectations))
-        definition = context.validation_definitions.add_or_update(
+        suite = self.context.suites.add_or_update(gx.ExpectationSuite(name=f"{SUITE}.{name}", expectations=expectations))
+        definition = self.context.validation_definitions.add_or_update(
             gx.ValidationDefinition(name=f"{SUITE}.{name}", data=batch, suite=suite)
         )
+        frame = frame.reset_index(drop=True)
         result = definition.run(
-            batch_parameters={"dataframe": frame.reset_index(drop=True)},
+            batch_parameters={"dataframe": frame},
+            # COMPLETE: every offending row's index, so each one can be named or rejected.
             result_format={"result_format": "COMPLETE"},
         )
+        row_ids = frame["_row"].to_numpy() if "_row" in frame else None
+        outcomes = []
         for r in result.results:
             config = r.expectation_config
-            indices = r.result.get("unexpected_index_list") or []
-            lines = [int(frame["_line"].iloc[i]) for i in indices if isinstance(i, int)] if "_line" in frame else []
+            indices = [i for i in (r.result.get("unexpected_index_list") or []) if isinstance(i, int)]
+            rows = sorted({int(row_ids[i]) for i in indices}) if row_ids is not None else []
             outcomes.append(
                 Outcome(
                     table=name,
@@ -93,17 +162,21 @@ def validate_frames(frames: dict[str, tuple[pd.DataFrame, list[Any]]], gx_root: 
                     column=config.kwargs.get("column"),
                     success=bool(r.success),
                     unexpected_count=int(r.result.get("unexpected_count") or (0 if r.success else 1)),
-                    lines=sorted(set(lines)),
+                    rows=rows,
                     detail=_detail(config.kwargs, r.result),
+                    description=config.description or "",
                 )
             )
-    context.build_data_docs()
-    site = gx_root / "gx" / "uncommitted" / "data_docs" / "local_site"
-    if site.exists():
-        if docs_dir.exists():
-            shutil.rmtree(docs_dir)
-        shutil.copytree(site, docs_dir)
-    return outcomes
+        return outcomes
+
+    def publish(self, docs_dir: Path) -> None:
+        """Build the data docs and copy them to `docs_dir` (reports/data-docs)."""
+        self.context.build_data_docs()
+        site = self.root / "gx" / "uncommitted" / "data_docs" / "local_site"
+        if site.exists():
+            if docs_dir.exists():
+                shutil.rmtree(docs_dir)
+            shutil.copytree(site, docs_dir)
 
 
 def _detail(kwargs: dict[str, Any], result: dict[str, Any]) -> str:

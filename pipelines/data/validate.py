@@ -1,29 +1,35 @@
 """Stage 1, validate: read the dataset (or generate one), run the GX suite, split, write the splits.
 
-Outputs are written atomically: a dataset that fails leaves the previous data/validated intact.
+The order: read every row once into columns (sources.py) -> row expectations -> set bad rows
+aside (only when data.max_rejected_fraction allows) -> split the rest by id -> leakage and
+row-count expectations -> write train/eval/rejected. Outputs are written atomically: a dataset
+that fails leaves the previous data/validated intact.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from pipelines.config import Config
-from pipelines.data.expectations import Outcome, rows_suite, split_suite, validate_frames
-from pipelines.data.generate import arithmetic
-from pipelines.data.prompts import build_messages, prompt_text
-from pipelines.data.sources import MAX_REPORTED, DataError, read_jsonl
-from pipelines.data.split import split_rows
-from pipelines.io import staging_dir, write_json, write_jsonl
+from pipelines.config import Config, DataConfig
+from pipelines.data.checks import prompt_key, row_frame, token_counts
+from pipelines.data.digest import digest_files
+from pipelines.data.errors import DataError
+from pipelines.data.expectations import GxRun, leakage_suite, rows_suite, split_suite
+from pipelines.data.prompts import build_messages
+from pipelines.data.report import failure_message, outcome_entry, rejected_rows, row_reasons, unreadable_message
+from pipelines.data.sources import read_source, source_label
+from pipelines.data.split import split_ids
+from pipelines.data.table import Table
+from pipelines.io import staging_dir, write_json
 from pipelines.paths import Paths
-from pipelines.verifiers.math_answer import reference_answer
 
 
 @dataclass
@@ -32,104 +38,126 @@ class ValidationResult:
     train_rows: int
     eval_rows: int
     digest: str
+    rejected_rows: int = 0
 
 
-def load_rows(cfg: Config, paths: Paths) -> tuple[str, list[dict[str, Any]]]:
-    if cfg.data.path:
-        path = Path(cfg.data.path)
-        path = path if path.is_absolute() else paths.root / path
-        return str(path), read_jsonl(path)
-    rows = [dict(r, _line=i) for i, r in enumerate(arithmetic(cfg.data.generator), start=1)]
-    return "generator:arithmetic", rows
+def verifier_for(cfg: DataConfig) -> str:
+    """`data.verifier`, else what the built-in task needs (countdown), else `math`."""
+    if cfg.verifier:
+        return cfg.verifier
+    return "countdown" if not cfg.path and cfg.generator.task == "countdown" else "math"
 
 
-def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    def kind(p: Any) -> str:
-        if isinstance(p, str):
-            return "text"
-        if isinstance(p, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in p):
-            return "messages"
-        return type(p).__name__
-
-    def text_or_none(v: Any) -> str | None:
-        if v is None or (isinstance(v, float) and v != v):
-            return None
-        text = str(v).strip()
-        return text or None
-
-    return pd.DataFrame(
-        {
-            "_line": [r["_line"] for r in rows],
-            "id": [text_or_none(r.get("id")) for r in rows],
-            "prompt_kind": [kind(r.get("prompt")) for r in rows],
-            "prompt_text": [text_or_none(prompt_text(r.get("prompt"))) for r in rows],
-            "answer": [text_or_none(r.get("answer")) for r in rows],
-            "answer_final": [reference_answer(str(r["answer"])) if text_or_none(r.get("answer")) else "" for r in rows],
-        }
-    )
-
-
-def failure_message(source: str, failures: list[Outcome]) -> str:
-    parts = [f"{source}: dataset refused, {len(failures)} expectation(s) failed:"]
-    for f in failures:
-        lines = ", ".join(str(n) for n in f.lines[:MAX_REPORTED])
-        more = f" and {len(f.lines) - MAX_REPORTED} more" if len(f.lines) > MAX_REPORTED else ""
-        at = f" at line(s) {lines}{more}" if lines else ""
-        count = f.detail if f.detail and not f.lines else f"{f.unexpected_count} row(s){at}"
-        parts.append(f"  - {f.describe()}: {count}")
-    parts.append(
-        "Fix the rows named above (every row needs a unique id, a non-empty prompt and a numeric answer), "
-        "then run `grpo validate` again; see reports/data-docs/index.html for the full report."
-    )
-    return "\n".join(parts)
-
-
-def digest_files(*files: Path) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
+def tokenizer_dir(cfg: DataConfig, paths: Paths) -> Path | None:
+    """The tokenizer folder for token length bounds, when configured and present."""
+    if not cfg.tokenizer:
+        return None
+    folder = Path(cfg.tokenizer)
+    folder = folder if folder.is_absolute() else paths.root / folder
+    return folder if (folder / "tokenizer_config.json").exists() or (folder / "tokenizer.json").exists() else None
 
 
 def run(cfg: Config, paths: Paths) -> ValidationResult:
-    source, rows = load_rows(cfg, paths)
-    frame = to_frame(rows)
-    prompt_cfg = cfg.data.prompt
-    validated = [
-        {
-            **{k: v for k, v in r.items() if k not in {"prompt", "question", "answer", "_line", "id"}},
-            "id": str(r["id"]),
-            "prompt": build_messages(r["prompt"], prompt_cfg),
-            "answer": reference_answer(str(r["answer"])),
-            "_line": r["_line"],
-        }
-        for r in rows
-        if isinstance(r.get("prompt"), (str, list)) and r.get("answer") is not None
-    ]
-    train, evaluation = split_rows(validated, cfg.data.eval_fraction, cfg.data.max_eval_rows, cfg.data.split_seed)
-    frames = {
-        "rows": (frame, rows_suite(cfg.data)),
-        "train": (pd.DataFrame({"_line": [r["_line"] for r in train]}), split_suite("train", cfg.data.min_train_rows)),
-        "eval": (pd.DataFrame({"_line": [r["_line"] for r in evaluation]}), split_suite("eval", cfg.data.min_eval_rows)),
-    }
-    outcomes = validate_frames(frames, paths.gx_root, paths.data_docs)
+    data = cfg.data
+    source = source_label(data, paths.root)
+    tolerant = data.max_rejected_fraction > 0
+    try:
+        table = read_source(data, paths.root, keep_raw=tolerant)
+        if table.unreadable and not tolerant:
+            raise DataError(unreadable_message(table, source))
+    except DataError as exc:
+        # The report must not keep saying `success` for data that was just refused.
+        write_json(paths.validation_report, {"source": source, "success": False, "error": str(exc), "expectations": []})
+        raise
+
+    verifier = verifier_for(data)
+    tokens_from = tokenizer_dir(data, paths)
+    tokens = token_counts(table, data, tokens_from) if tokens_from else None
+    frame = row_frame(table, data, verifier, tokens)
+    gx = GxRun(paths.gx_root)
+    outcomes = gx.validate("rows", frame, rows_suite(data, verifier, "chars" if tokens is None else "tokens"))
+    issues = _countdown_issues(frame)
+    reasons = row_reasons(outcomes, issues)
+
+    # Split only the rows that passed: a rejected row must not decide where its neighbours go.
+    kept = [i for i in range(len(table)) if i not in reasons]
+    ids = frame["id"].tolist()
+    train_pos, eval_pos = split_ids([ids[i] for i in kept], data.eval_fraction, data.max_eval_rows, data.split_seed)
+    train, held_out = [kept[p] for p in train_pos], [kept[p] for p in eval_pos]
+    leak_outcomes = gx.validate("leakage", _leakage_frame(table, train, held_out), leakage_suite())
+    outcomes += leak_outcomes
+    leaked = row_reasons(leak_outcomes)
+    reasons.update(leaked)
+    held_out = [i for i in held_out if i not in leaked]
+    outcomes += gx.validate("train", pd.DataFrame({"_row": train}), split_suite("train", data.min_train_rows))
+    outcomes += gx.validate("eval", pd.DataFrame({"_row": held_out}), split_suite("eval", data.min_eval_rows))
+    gx.publish(paths.data_docs)
+
+    total = len(table) + len(table.unreadable)
+    rejected = len(reasons) + len(table.unreadable)
     failures = [o for o in outcomes if not o.success]
+    whole_table = [o for o in failures if not o.row_level]
+    over = rejected > data.max_rejected_fraction * total
     report: dict[str, Any] = {
         "source": source,
-        "success": not failures,
-        "rows": len(rows),
-        "expectations": [o.__dict__ | {"lines": o.lines[:MAX_REPORTED]} for o in outcomes],
+        "success": not whole_table and not over,
+        "rows": total,
+        "rejected": rejected,
+        "rejected_fraction": round(rejected / total, 6) if total else 0.0,
+        "max_rejected_fraction": data.max_rejected_fraction,
+        "verifier": verifier,
+        "length_unit": "characters" if tokens is None else "tokens",
+        "tokenizer": str(tokens_from) if tokens_from else None,
+        "unreadable": len(table.unreadable),
+        "expectations": [outcome_entry(o, table) for o in outcomes],
     }
-    if failures:
+    if data.tokenizer and not tokens_from:
+        report["note"] = f"tokenizer {data.tokenizer} not found: prompt length checked in characters"
+    if whole_table or over:
         write_json(paths.validation_report, report)
-        raise DataError(failure_message(source, failures))
+        raise DataError(failure_message(source, failures, table, rejected, total, data.max_rejected_fraction))
+
+    digest = _write_outputs(table, frame, data, paths, train, held_out, rejected_rows(table, reasons))
+    report |= {"train_rows": len(train), "eval_rows": len(held_out), "digest": digest}
+    write_json(paths.validation_report, report)
+    return ValidationResult(source=source, train_rows=len(train), eval_rows=len(held_out), digest=digest, rejected_rows=rejected)
+
+
+def _countdown_issues(frame: pd.DataFrame) -> dict[int, str]:
+    if "countdown_issue" not in frame:
+        return {}
+    bad = frame[frame["countdown_issue"].notna()]
+    return dict(zip(bad["_row"].tolist(), bad["countdown_issue"].tolist(), strict=True))
+
+
+def _leakage_frame(table: Table, train: list[int], held_out: list[int]) -> pd.DataFrame:
+    # Index the (small) eval split and scan train against it: no set of a million train prompts.
+    eval_keys = {prompt_key(table.prompt[i]) for i in held_out}
+    leaked = {key for key in (prompt_key(table.prompt[i]) for i in train) if key in eval_keys}
+    return pd.DataFrame({"_row": held_out, "prompt_in_train": [prompt_key(table.prompt[i]) in leaked for i in held_out]})
+
+
+def _write_outputs(
+    table: Table, frame: pd.DataFrame, data: DataConfig, paths: Paths, train: list[int], held_out: list[int], rejected: list[dict[str, Any]]
+) -> str:
+    """Write the three files into a staging folder, then move each into data/validated."""
+    ids, finals = frame["id"].tolist(), frame["answer_final"].tolist()
+
+    def rows(indices: list[int]) -> Iterable[dict[str, Any]]:
+        # Built one at a time while writing: a million rows never exist twice as dicts.
+        for i in indices:
+            yield {
+                **(table.extras[i] or {}),
+                "id": ids[i],
+                "prompt": build_messages(table.prompt[i], data.prompt),
+                "answer": finals[i],
+            }
 
     staging = staging_dir(paths.validated_dir)
     try:
-        write_jsonl(staging / "train.jsonl", [_public(r) for r in train])
-        write_jsonl(staging / "eval.jsonl", [_public(r) for r in evaluation])
-        write_jsonl(staging / "rejected.jsonl", [])
+        _stream_jsonl(staging / "train.jsonl", rows(train))
+        _stream_jsonl(staging / "eval.jsonl", rows(held_out))
+        _stream_jsonl(staging / "rejected.jsonl", rejected)
         digest = digest_files(staging / "train.jsonl", staging / "eval.jsonl")
         # File by file, not a folder swap: data/validated also holds DVC's .gitignore.
         paths.validated_dir.mkdir(parents=True, exist_ok=True)
@@ -137,10 +165,11 @@ def run(cfg: Config, paths: Paths) -> ValidationResult:
             os.replace(staging / name, paths.validated_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    report |= {"train_rows": len(train), "eval_rows": len(evaluation), "digest": digest}
-    write_json(paths.validation_report, report)
-    return ValidationResult(source=source, train_rows=len(train), eval_rows=len(evaluation), digest=digest)
+    return digest
 
 
-def _public(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if k != "_line"}
+def _stream_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    encode = json.JSONEncoder(ensure_ascii=False).encode  # one encoder, not one per row
+    with path.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(encode(row) + "\n")

@@ -36,6 +36,9 @@ class RunLogger:
         run = mlflow.start_run(run_name=f"grpo-{cfg.snapshot.source}-{cfg.train.steps}steps")
         self.run_id = run.info.run_id
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.model_dump()).items()})
+        from pipelines.data.lineage import log_dataset_input
+
+        log_dataset_input(paths)  # the run's Dataset inputs show exactly which rows it saw
 
     def step(self, step: int, metrics: dict[str, float], rows: list[dict[str, Any]], texts: list[str], rewards: torch.Tensor) -> None:
         if not self.enabled:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from pipelines.verifiers.countdown import countdown_target, solves
 from pipelines.verifiers.math_answer import answers_match, extract_final_answer, reference_answer, strict_answer
 
 RewardFn = Callable[..., list[float | None]]
@@ -83,11 +84,44 @@ def overlong_reward(
     return out
 
 
+def countdown_reward(
+    prompts: list[Any],
+    completions: list[Any],
+    numbers: list[list[int] | None] | None = None,
+    answer: list[str] | None = None,
+    **_: Any,
+) -> list[float | None]:
+    """1.0 when the final answer (after `####`, in `\\boxed{}` or `<answer>`) is an expression of
+    + - * / and parentheses that equals the target (`answer`), using each of `numbers` at most once.
+
+    The expression is parsed, never evaluated by Python (pipelines/verifiers/countdown.py). Rows
+    without numbers or an integer target are not countdown rows: None.
+
+    >>> countdown_reward(["q"] * 3, ["50 + 25 = 75, 75 - 7 - 3 = 65\\n#### 50 + 25 - 7 - 3", "#### 50 + 15",
+    ...                  "#### __import__('os')"], numbers=[[3, 7, 25, 50]] * 3, answer=["65"] * 3)
+    [1.0, 0.0, 0.0]
+    >>> countdown_reward(["q"], ["#### 1 + 2"], answer=["3"])  # no numbers column: not a countdown row
+    [None]
+    """
+    out: list[float | None] = []
+    # A dataset without these columns (a math dataset) has no countdown rows at all.
+    numbers = numbers if numbers is not None else [None] * len(completions)
+    answer = answer if answer is not None else [""] * len(completions)
+    for c, nums, a in zip(completions, numbers, answer, strict=True):
+        target = countdown_target(a)
+        if target is None or not isinstance(nums, list):
+            out.append(None)
+            continue
+        out.append(1.0 if solves(extract_final_answer(_text(c)), nums, target) else 0.0)
+    return out
+
+
 REWARDS: dict[str, RewardFn] = {
     "length": length_reward,
     "overlong": overlong_reward,
     "accuracy": accuracy_reward,
     "format": format_reward,
+    "countdown": countdown_reward,
 }
 
 

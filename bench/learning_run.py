@@ -1,0 +1,220 @@
+"""Learning per minute of CPU: held-out strict accuracy against training wall time, ours vs TRL.
+
+Both engines train a LoRA (r=16, all linear layers, G = 8) on the embedded SmolLM2-135M for the same
+training-time budget on the same task and prompts; adapters are snapshotted along the way and every
+snapshot is scored afterwards on the same held-out problems (greedy, strict `#### N`), so evaluation
+time is not counted as training time.
+
+    .venv/bin/python bench/learning_run.py --minutes 4 --engines ours trl --out bench/learning.json \
+        -S data.generator.operators="['*']"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.bench_vs_trl import QUIET  # noqa: E402
+
+TASK = [  # multiplication, 1-digit x 2..19, one worked example, answer after ####
+    "data.generator.operators=['*']", "data.generator.a_min=1", "data.generator.a_max=9", "data.generator.b_min=2",
+    "data.generator.b_max=19", "data.generator.num_rows=1000", "data.eval_fraction=0.3", "data.max_eval_rows=64",
+]
+ENGINE = [
+    "train.num_generations=8", "train.lora.r=16", "train.lora.alpha=32", "train.max_completion_length=48",
+    "train.log_samples=0", "train.steps=10000", "train.keep_checkpoints=1000",
+]
+
+
+def prepare(workdir: Path, overrides: list[str]) -> Path:
+    from pipelines import config, snapshot
+    from pipelines.data import validate
+    from pipelines.paths import Paths
+
+    root = workdir / "project"
+    root.mkdir(parents=True)
+    (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    cfg = config.load(root / "params.yaml", [*TASK, *ENGINE, *overrides])
+    validate.run(cfg, Paths(root))
+    snapshot.run(cfg.snapshot, Paths(root))
+    return root
+
+
+def train_ours(root: Path, seconds: float, every: int, overrides: list[str]) -> list[dict]:
+    from pipelines import config
+    from pipelines.grpo import trainer
+    from pipelines.paths import Paths
+
+    cfg = config.load(root / "params.yaml", [*TASK, *ENGINE, f"train.time_budget_s={seconds}", f"train.checkpoint_every={every}", *overrides])
+    paths = Paths(root / "ours")
+    paths.root.mkdir()
+    for name in ("data", "models"):
+        os.symlink(root / name, paths.root / name)
+    trainer.run(cfg, paths, log_to_mlflow=False)
+    snaps = []
+    for folder in sorted(paths.checkpoints_dir.glob("step-*")):
+        state = json.loads((folder / "state.json").read_text())
+        snaps.append({"step": state["step"], "wall_time": state["history"][-1]["wall_time"], "weights": str(folder / "trainable.safetensors")})
+    return snaps
+
+
+def train_trl(root: Path, seconds: float, every: int, overrides: list[str]) -> list[dict]:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from pipelines import config
+    from pipelines.grpo.sampler import PromptSampler
+    from pipelines.io import read_jsonl
+    from pipelines.verifiers.rewards import accuracy_reward, format_reward
+
+    cfg = config.load(root / "params.yaml", [*TASK, *ENGINE, *overrides])
+    t = cfg.train
+    if cfg.runtime.num_threads:
+        torch.set_num_threads(cfg.runtime.num_threads)
+    rows = PromptSampler(read_jsonl(root / "data/validated/train.jsonl"), t.seed).take(2000)
+    data = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
+    ref = root / "models" / "reference"
+    out = root / "trl"
+    args = GRPOConfig(
+        output_dir=str(out), per_device_train_batch_size=t.num_generations * t.prompts_per_step, num_generations=t.num_generations,
+        max_completion_length=t.max_completion_length, max_steps=100000, learning_rate=t.learning_rate, beta=t.beta,
+        loss_type=t.loss_type, bf16=True, use_cpu=True, logging_steps=1, report_to=[], save_strategy="no", seed=t.seed,
+        temperature=t.temperature, shuffle_dataset=False, reward_weights=[s.weight for s in t.rewards],
+    )
+    snaps: list[dict] = []
+    clock = {"train": 0.0}
+
+    class Budget(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, _args, state, control, model=None, **k):
+            clock["train"] += time.perf_counter() - self.t
+            if state.global_step % every == 0 or clock["train"] >= seconds:
+                folder = out / f"snap-{state.global_step:06d}"
+                model.save_pretrained(folder)
+                snaps.append({"step": state.global_step, "wall_time": clock["train"], "adapter": str(folder)})
+            if clock["train"] >= seconds:
+                control.should_training_stop = True
+
+    def accuracy(prompts, completions, answer, **kw):
+        return accuracy_reward(prompts, completions, answer=answer)
+
+    def fmt(prompts, completions, **kw):
+        return format_reward(prompts, completions)
+
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32), reward_funcs=[accuracy, fmt], args=args,
+        train_dataset=data, processing_class=AutoTokenizer.from_pretrained(ref),
+        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"), callbacks=[Budget()],
+    )
+    trainer.train()
+    return snaps
+
+
+def score_snapshots(root: Path, snaps: list[dict]) -> list[dict]:
+    """Greedy strict accuracy of the reference (wall time 0) and of every snapshot on the eval split."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from pipelines.config import LoraConfig
+    from pipelines.grpo.rollout import generate
+    from pipelines.grpo.rollout_model import RolloutModel
+    from pipelines.io import read_jsonl
+    from pipelines.models import add_lora, load_reference
+    from pipelines.verifiers.math_answer import answers_match, strict_answer
+
+    rows = read_jsonl(root / "data/validated/eval.jsonl")
+
+    def accuracy(model, tokenizer) -> float:
+        right = 0
+        for i in range(0, len(rows), 32):
+            chunk = rows[i : i + 32]
+            out = generate(model, tokenizer, [r["prompt"] for r in chunk], num_generations=1, max_new_tokens=48, do_sample=False)
+            right += sum(answers_match(strict_answer(t), r["answer"]) for t, r in zip(out.texts, chunk, strict=True))
+        return right / len(rows)
+
+    base, tokenizer = load_reference(root / "models/reference")
+    points = [{"step": 0, "wall_time": 0.0, "accuracy": accuracy(base, tokenizer)}]
+    for snap in snaps:
+        fresh, _ = load_reference(root / "models/reference")
+        if "adapter" in snap:
+            model = PeftModel.from_pretrained(fresh, snap["adapter"])
+        else:
+            model = add_lora(fresh, LoraConfig(r=16, alpha=32))
+            missing = model.load_state_dict(load_file(snap["weights"]), strict=False)
+            assert not missing.unexpected_keys
+        merged = RolloutModel(model, torch.float32).model
+        points.append({"step": snap["step"], "wall_time": snap["wall_time"], "accuracy": accuracy(merged, tokenizer)})
+        print(json.dumps(points[-1]), file=sys.stderr, flush=True)
+    return points
+
+
+def child(args: argparse.Namespace) -> None:
+    train = train_ours if args.child == "ours" else train_trl
+    snaps = train(args.root, args.minutes * 60, args.every, args.set)
+    print(json.dumps(score_snapshots(args.root, snaps)))
+
+
+def plot(results: dict[str, list[dict]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in results.items():
+        ax.plot([p["wall_time"] / 60 for p in points], [p["accuracy"] for p in points], marker="o", label=name)
+    ax.axhline(0.85, color="grey", linestyle="--", linewidth=1, label="target 0.85")
+    ax.set_xlabel("training wall time (min, 2 CPU cores)")
+    ax.set_ylabel("held-out strict accuracy (greedy)")
+    ax.set_title("SmolLM2-135M, LoRA r=16, G=8: multiplication 1-digit x 2..19")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child")
+    ap.add_argument("--root", type=Path)
+    ap.add_argument("--minutes", type=float, default=4.0)
+    ap.add_argument("--every", type=int, default=5, help="snapshot every N steps")
+    ap.add_argument("--engines", nargs="+", default=["ours", "trl"])
+    ap.add_argument("-S", "--set", action="append", default=[])
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "learning.json")
+    args = ap.parse_args()
+    os.environ.update(QUIET)
+    if args.child:
+        child(args)
+        return
+    root = prepare(Path(tempfile.mkdtemp(prefix="grpo-learn-")), args.set)
+    results = {}
+    for engine in args.engines:
+        cmd = [sys.executable, __file__, "--child", engine, "--root", str(root), "--minutes", str(args.minutes), "--every", str(args.every)]
+        cmd += [a for s in args.set for a in ("-S", s)]
+        proc = subprocess.run(cmd, env={**os.environ, **QUIET}, stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{engine} failed")
+        results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(engine, results[engine], flush=True)
+    args.out.write_text(json.dumps({"minutes": args.minutes, "overrides": args.set, "results": results}, indent=2))
+    plot(results, args.out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()

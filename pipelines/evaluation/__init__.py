@@ -1,0 +1,1 @@
+"""Evaluation pieces: per-problem scoring, paired statistics, the champion fetch, the report."""

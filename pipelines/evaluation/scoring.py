@@ -1,0 +1,154 @@
+"""Score one model on the held-out problems: a greedy answer and k sampled answers per problem.
+
+Each answer is judged by the verifiers the policy was trained against (strict `#### N`). The
+per-problem outcomes are kept, not only the averages, because the comparison between models is
+paired problem by problem.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from pipelines.config import EvaluateConfig
+from pipelines.verifiers.math_answer import answers_match, last_number, parse_number, strict_answer
+
+
+def judge(text: str, expected: str) -> dict[str, Any]:
+    """The verdict on one completion.
+
+    >>> judge("2 + 2 = 4\\n#### 4", "4")["correct"], judge("4", "4")["format"]
+    (True, False)
+    """
+    strict = strict_answer(text)
+    return {
+        "extracted": strict,
+        "correct": answers_match(strict, expected),
+        "format": strict is not None,
+        "last_number_correct": answers_match(last_number(text), expected),
+    }
+
+
+def majority_answer(answers: list[str | None]) -> str | None:
+    """The most frequent extracted answer (numbers compared by value); ties go to the earliest.
+
+    >>> majority_answer(["7", None, "8", "7.0", "8"])
+    '7'
+    >>> majority_answer([None, None]) is None
+    True
+    """
+    keys = [_vote_key(a) for a in answers]
+    counts = Counter(k for k in keys if k is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    for answer, key in zip(answers, keys, strict=True):
+        if key is not None and counts[key] == best:
+            return answer
+    return None
+
+
+def _vote_key(answer: str | None) -> str | None:
+    if answer is None:
+        return None
+    value = parse_number(answer)
+    return repr(value) if value is not None else " ".join(answer.lower().split())
+
+
+def answer_problems(model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: EvaluateConfig, label: str) -> list[dict[str, Any]]:
+    """One outcome per row: the greedy answer's verdict, and k sampled answers with pass/mean/maj@k."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from pipelines.grpo.rollout import generate
+
+    outcomes: list[dict[str, Any]] = []
+    for start in tqdm(range(0, len(rows), cfg.batch_size), desc=f"eval {label} greedy", unit="batch"):
+        chunk = rows[start : start + cfg.batch_size]
+        rollout = generate(
+            model, tokenizer, [r["prompt"] for r in chunk], num_generations=1,
+            max_new_tokens=cfg.max_new_tokens, do_sample=False, bf16=cfg.bf16,
+        )
+        for row, text, length, truncated in zip(chunk, rollout.texts, rollout.lengths.tolist(), rollout.truncated.tolist(), strict=True):
+            verdict = judge(text, row["answer"])
+            outcomes.append(
+                {
+                    "model": label,
+                    "id": row["id"],
+                    "answer": row["answer"],
+                    "completion": text,
+                    "correct": verdict["correct"],
+                    "format": verdict["format"],
+                    "last_number_correct": verdict["last_number_correct"],
+                    "length": int(length),
+                    "truncated": bool(truncated),
+                }
+            )
+
+    # The same seed for every model: each starts sampling from the same random state.
+    torch.manual_seed(cfg.seed)
+    per_call = max(1, cfg.batch_size // cfg.k)  # about batch_size sequences per generate call
+    for start in tqdm(range(0, len(rows), per_call), desc=f"eval {label} sampled k={cfg.k}", unit="batch"):
+        chunk = rows[start : start + per_call]
+        rollout = generate(
+            model, tokenizer, [r["prompt"] for r in chunk], num_generations=cfg.k,
+            max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, bf16=cfg.bf16,
+        )
+        lengths, truncated = rollout.lengths.tolist(), rollout.truncated.tolist()
+        for i, row in enumerate(chunk):
+            group = range(i * cfg.k, (i + 1) * cfg.k)  # generate lays completions out group after group
+            samples = []
+            for j in group:
+                verdict = judge(rollout.texts[j], row["answer"])
+                samples.append(
+                    {
+                        "completion": rollout.texts[j],
+                        "extracted": verdict["extracted"],
+                        "correct": verdict["correct"],
+                        "format": verdict["format"],
+                        "length": int(lengths[j]),
+                        "truncated": bool(truncated[j]),
+                    }
+                )
+            majority = majority_answer([s["extracted"] for s in samples])
+            outcome = outcomes[start + i]
+            outcome["samples"] = samples
+            outcome["pass_at_k"] = any(s["correct"] for s in samples)
+            outcome["mean_at_k"] = sum(s["correct"] for s in samples) / len(samples)
+            outcome["majority_answer"] = majority
+            outcome["maj_at_k"] = answers_match(majority, row["answer"])
+    return outcomes
+
+
+def summarize(outcomes: list[dict[str, Any]]) -> dict[str, float]:
+    """Averages over problems. `accuracy` is greedy pass@1 in the strict `#### N` format.
+
+    >>> s = summarize([{"correct": True, "format": True, "last_number_correct": True, "length": 4, "truncated": False,
+    ...   "pass_at_k": True, "mean_at_k": 0.5, "maj_at_k": False, "samples": [{"format": True, "length": 2, "truncated": False}] * 2}])
+    >>> s["accuracy"], s["mean_at_k"], s["k"]
+    (1.0, 0.5, 2.0)
+    """
+    n = max(len(outcomes), 1)
+    summary = {
+        "accuracy": sum(o["correct"] for o in outcomes) / n,
+        "format_rate": sum(o["format"] for o in outcomes) / n,
+        "last_number_accuracy": sum(o["last_number_correct"] for o in outcomes) / n,
+        "mean_length": sum(o["length"] for o in outcomes) / n,
+        "truncation_rate": sum(o["truncated"] for o in outcomes) / n,
+        "problems": float(len(outcomes)),
+    }
+    sampled = [s for o in outcomes for s in o.get("samples", [])]
+    if sampled:
+        m = len(sampled)
+        summary.update(
+            {
+                "pass_at_k": sum(o["pass_at_k"] for o in outcomes) / n,
+                "mean_at_k": sum(o["mean_at_k"] for o in outcomes) / n,
+                "maj_at_k": sum(o["maj_at_k"] for o in outcomes) / n,
+                "sample_format_rate": sum(s["format"] for s in sampled) / m,
+                "sample_mean_length": sum(s["length"] for s in sampled) / m,
+                "sample_truncation_rate": sum(s["truncated"] for s in sampled) / m,
+                "k": float(len(outcomes[0]["samples"])),
+            }
+        )
+    return summary

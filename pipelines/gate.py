@@ -1,0 +1,99 @@
+"""The promotion gate: does a candidate take `champion`? A pure function of per-problem outcomes.
+
+The evidence is paired: the candidate, the champion and the reference answered the same held-out
+problems (pipelines/evaluate.py), so the gain over the champion is judged with a bootstrap interval
+over problems, not against a score the champion once got on other problems. Every rule in
+`registry:` (params.yaml) must hold; the reason names each one that failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.config import EvaluateConfig, RegisterConfig
+from pipelines.evaluation.stats import paired_comparison
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Per-problem greedy outcomes (True = right), aligned problem by problem."""
+
+    candidate: Sequence[bool]
+    reference: Sequence[bool]
+    champion: Sequence[bool] | None  # None: there is no champion yet
+    candidate_format_rate: float
+    champion_version: str | None = None
+
+
+@dataclass
+class Decision:
+    promote: bool
+    reason: str
+    checks: dict[str, bool] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+def decide(evidence: Evidence, rules: RegisterConfig, stats: EvaluateConfig) -> Decision:
+    """Promote only when every rule holds; the reason says which held and which did not.
+
+    >>> from pipelines.config import EvaluateConfig, RegisterConfig
+    >>> better = Evidence([True] * 8, [False] * 8, [False] * 8, 1.0, "1")
+    >>> decide(better, RegisterConfig(), EvaluateConfig()).promote
+    True
+    >>> worse = Evidence([False] * 8, [False] * 8, [True] * 8, 1.0, "1")
+    >>> decide(worse, RegisterConfig(), EvaluateConfig()).promote
+    False
+    """
+    n = len(evidence.candidate)
+    if len(evidence.reference) != n or (evidence.champion is not None and len(evidence.champion) != n):
+        raise ValueError("candidate, reference and champion outcomes must cover the same problems")
+    if n == 0:
+        return Decision(False, "no evaluated problems: run `grpo evaluate` on a non-empty eval split")
+    settings = {"resamples": stats.bootstrap_samples, "confidence": stats.confidence, "seed": stats.seed}
+    vs_reference = paired_comparison(evidence.candidate, evidence.reference, **settings)
+    checks: dict[str, bool] = {}
+    notes: list[str] = []
+    figures: dict[str, Any] = {"accuracy": vs_reference["candidate"], "gain_vs_reference": vs_reference["diff"]}
+
+    checks["min_format_rate"] = evidence.candidate_format_rate >= rules.min_format_rate
+    notes.append(f"format rate {evidence.candidate_format_rate:.3f} {'>=' if checks['min_format_rate'] else '<'} {rules.min_format_rate}")
+    if rules.no_regression_vs_reference:
+        checks["no_regression_vs_reference"] = vs_reference["diff"] >= 0
+        notes.append(
+            f"accuracy {vs_reference['candidate']:.3f} vs reference {vs_reference['other']:.3f} "
+            f"({'no regression' if checks['no_regression_vs_reference'] else 'regression'})"
+        )
+
+    if evidence.champion is None:
+        verdict = all(checks.values())
+        head = "no champion yet"
+        return Decision(verdict, _reason(verdict, head, checks, notes), checks, figures)
+
+    vs_champion = paired_comparison(evidence.candidate, evidence.champion, **settings)
+    gain, low, high = vs_champion["diff"], vs_champion["ci_low"], vs_champion["ci_high"]
+    figures.update(
+        {
+            "champion_accuracy": vs_champion["other"], "gain_vs_champion": gain, "gain_ci_low": low, "gain_ci_high": high,
+            "mcnemar_p": vs_champion["mcnemar"]["p_value"],
+        }
+    )
+    checks["min_gain"] = gain > 0 and gain >= rules.min_gain
+    notes.insert(
+        0,
+        f"accuracy {vs_champion['candidate']:.3f} vs champion v{evidence.champion_version} {vs_champion['other']:.3f} "
+        f"on the same {n} problems: gain {gain:+.3f} (needs > 0 and >= {rules.min_gain}), "
+        f"{stats.confidence:.0%} interval [{low:+.3f}, {high:+.3f}], McNemar p={vs_champion['mcnemar']['p_value']:.3g}",
+    )
+    if rules.require_ci_above_zero:
+        checks["ci_above_zero"] = low > 0
+        notes.insert(1, f"interval lower end {low:+.3f} {'>' if checks['ci_above_zero'] else '<='} 0")
+    verdict = all(checks.values())
+    return Decision(verdict, _reason(verdict, f"vs champion v{evidence.champion_version}", checks, notes), checks, figures)
+
+
+def _reason(verdict: bool, head: str, checks: dict[str, bool], notes: list[str]) -> str:
+    failed = [name for name, ok in checks.items() if not ok]
+    summary = "all gate rules hold" if verdict else "failed " + ", ".join(failed)
+    return f"{head}: {summary}; " + "; ".join(notes)

@@ -1,0 +1,136 @@
+"""Issue 4: `grpo data add` versions raw data with DVC and pushes it; the training run's MLflow
+dataset input carries the validated data's digest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import main
+from pipelines import config
+from pipelines.data import validate
+from pipelines.data.lineage import DIGEST_CHARS, log_dataset_input
+from pipelines.data.sources import DataError
+from pipelines.data.digest import content_digest
+from pipelines.paths import Paths
+from tests.conftest import make_project
+
+
+def _problems(n: int, start: int = 0) -> str:
+    return "".join(json.dumps({"id": f"q{i}", "prompt": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(start, start + n))
+
+
+def _add(root: Path, path: Path, capsys, *extra: str) -> tuple[int, dict | None, str]:
+    code = main(["data", "add", str(path), "--project", str(root), *extra])
+    out = capsys.readouterr()
+    return code, (json.loads(out.out) if code == 0 else None), out.err
+
+
+def _remote_has(root: Path, md5: str) -> bool:
+    return (root / ".dvc-storage" / "files" / "md5" / md5[:2] / md5[2:]).exists()
+
+
+def test_data_add_versions_a_file_pushes_it_and_prints_its_digest(tmp_path, capsys):
+    root = make_project(tmp_path / "project", dvc=True)
+    source = tmp_path / "incoming" / "mine.jsonl"
+    source.parent.mkdir()
+    source.write_text(_problems(20))
+
+    code, added, _ = _add(root, source, capsys)
+    assert code == 0
+    assert added["digest"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert added == {"path": "data/raw/mine.jsonl", "digest": added["digest"], "dvc_file": "data/raw/mine.jsonl.dvc", "pushed": True}
+    assert (root / "data" / "raw" / "mine.jsonl").read_bytes() == source.read_bytes()
+    first = yaml.safe_load((root / "data" / "raw" / "mine.jsonl.dvc").read_text())["outs"][0]["md5"]
+    assert _remote_has(root, first)
+    assert "/mine.jsonl" in (root / "data" / "raw" / ".gitignore").read_text()
+
+    # A new version of the same file: a new digest, a new DVC hash, both versions in the remote.
+    source.write_text(_problems(30))
+    code, again, _ = _add(root, source, capsys)
+    second = yaml.safe_load((root / "data" / "raw" / "mine.jsonl.dvc").read_text())["outs"][0]["md5"]
+    assert code == 0 and again["digest"] != added["digest"] and second != first
+    assert _remote_has(root, first) and _remote_has(root, second)
+
+    # The versioned file is what validate reads.
+    cfg = config.load(root / "params.yaml", ["data.path=data/raw/mine.jsonl"], preset="smoke")
+    result = validate.run(cfg, Paths(root))
+    assert result.train_rows + result.eval_rows == 30
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "data/raw/mine.jsonl.dvc"], cwd=root, capture_output=True, text=True)
+    assert status.returncode == 0 and "changed" not in status.stdout
+
+
+def test_data_add_versions_a_folder(tmp_path, capsys):
+    root = make_project(tmp_path / "project", dvc=True)
+    folder = tmp_path / "batch"
+    (folder / "part").mkdir(parents=True)
+    (folder / "a.jsonl").write_text(_problems(10))
+    (folder / "part" / "b.jsonl").write_text(_problems(10, start=10))
+    code, added, _ = _add(root, folder, capsys)
+    assert code == 0 and added["path"] == "data/raw/batch" and added["digest"] == content_digest(folder)
+    out = yaml.safe_load((root / "data" / "raw" / "batch.dvc").read_text())["outs"][0]
+    assert out["md5"].endswith(".dir") and out["nfiles"] == 2
+    assert _remote_has(root, out["md5"])
+    # Same content elsewhere, same digest; one byte changed, another digest.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "a.jsonl").write_text(_problems(10))
+    (copy / "part").mkdir()
+    (copy / "part" / "b.jsonl").write_text(_problems(10, start=10))
+    assert content_digest(copy) == added["digest"]
+    (copy / "a.jsonl").write_text(_problems(10) + "\n")
+    assert content_digest(copy) != added["digest"]
+
+
+def test_data_add_refusals_are_one_line_errors(tmp_path, capsys):
+    plain = make_project(tmp_path / "plain")  # no git, no DVC
+    data = tmp_path / "x.jsonl"
+    data.write_text(_problems(3))
+    code, _, err = _add(plain, data, capsys)
+    assert code == 1 and err.startswith("grpo data: error:") and "not a DVC project" in err and "Fix" in err
+    root = make_project(tmp_path / "project", dvc=True)
+    code, _, err = _add(root, tmp_path / "missing.jsonl", capsys)
+    assert code == 1 and "missing.jsonl: not found" in err and "Traceback" not in err
+    (root / ".dvc" / "config").write_text("[core]\n    autostage = false\n")  # no remote configured
+    code, _, err = _add(root, data, capsys)
+    assert code == 1 and "`dvc push data/raw/x.jsonl.dvc` failed" in err and "--no-push" in err
+    code, added, _ = _add(root, data, capsys, "--no-push")
+    assert code == 0 and added["pushed"] is False and (root / "data" / "raw" / "x.jsonl.dvc").exists()
+
+
+def test_log_dataset_input_puts_the_digest_on_the_training_run(project, smoke_cfg, tmp_path):
+    import mlflow
+
+    paths = Paths(project)
+    result = validate.run(smoke_cfg, paths)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        mlflow.set_experiment("lineage-test")
+        with pytest.raises(RuntimeError, match="active MLflow run"):
+            log_dataset_input(paths)
+        with mlflow.start_run() as run:
+            log_dataset_input(paths)
+        logged = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
+        # A later refused dataset rewrites the report but leaves the splits: the digest still names them.
+        bad = project / "bad.jsonl"
+        bad.write_text('{"id": "a"}\n')
+        with pytest.raises(DataError):
+            validate.run(config.load(paths.params, [f"data.path={bad}"], preset="smoke"), paths)
+        with mlflow.start_run() as later:
+            log_dataset_input(paths)
+        stale = mlflow.get_run(later.info.run_id).inputs.dataset_inputs[0]
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert len(logged) == 1
+    dataset, tags = logged[0].dataset, {t.key: t.value for t in logged[0].tags}
+    assert dataset.digest == result.digest[:DIGEST_CHARS] and dataset.name == "validated:generator:arithmetic"
+    assert tags["mlflow.data.context"] == "training" and tags["dataset_digest"] == result.digest
+    assert tags["train_rows"] == str(result.train_rows) and json.loads(dataset.schema)["mlflow_colspec"][1]["type"] == "array"
+    stale_tags = {t.key: t.value for t in stale.tags}
+    assert stale.dataset.digest == dataset.digest and "another validation" in stale_tags["validation_report"]

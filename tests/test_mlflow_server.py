@@ -1,0 +1,117 @@
+"""Registration, promotion and rollback against a real `mlflow server` on loopback.
+
+The server keeps runs and the registry in SQLite and proxies artifacts into a folder
+(`--serve-artifacts --artifacts-destination`), so the client writes and reads artifacts only over
+HTTP, as it would with Postgres + S3 behind the server (infra/README.md). The code under test is
+unchanged: only MLFLOW_TRACKING_URI differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pipelines import promotion, registry
+from tests.conftest import cli_env
+from tests.test_registry import BETTER, NAME, WORSE, build_project, fake_evaluation
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@dataclass
+class Server:
+    url: str
+    folder: Path
+    proc: subprocess.Popen
+
+    def wait_healthy(self, timeout: float = 120.0) -> str:
+        """The URL, once /health answers (12-26 s after the start on the project's machine)."""
+        deadline = time.monotonic() + timeout
+        while not _healthy(self.url):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not become healthy:\n{(self.folder / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        return self.url
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on 127.0.0.1:<free port>, started (not yet waited for); stopped afterwards."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    with (folder / "server.log").open("w") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+                "--serve-artifacts", "--artifacts-destination", str(folder / "artifacts"), "--workers", "1",
+            ],
+            stdout=log, stderr=subprocess.STDOUT, env=cli_env(),
+            start_new_session=True,  # its own process group: stopping it stops its uvicorn worker too
+        )
+    try:
+        yield Server(f"http://127.0.0.1:{port}", folder, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=3)  # a throwaway store: no need to wait out uvicorn's graceful shutdown
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_register_promote_rollback_against_a_server(mlflow_server, tmp_path, tiny_reference, monkeypatch):
+    import mlflow
+
+    cfg, paths = build_project(tmp_path / "project", tiny_reference)  # while the server starts
+    url, server_folder = mlflow_server.wait_healthy(), mlflow_server.folder
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    try:
+        fake_evaluation(cfg, paths, BETTER, None, None)
+        first = registry.run(cfg, paths)
+        assert first.promoted and first.version == "1"
+        assert not (paths.root / "mlflow.db").exists() and not (paths.root / "mlartifacts").exists()
+
+        client = promotion.registry_client(paths.root)
+        fake_evaluation(cfg, paths, WORSE, BETTER, "1")
+        assert not registry.run(cfg, paths).promoted  # degraded: kept
+        fake_evaluation(cfg, paths, BETTER, WORSE, "1")
+        third = registry.run(cfg, paths)
+        assert third.promoted and str(client.get_model_version_by_alias(NAME, "champion").version) == "3"
+
+        done = promotion.rollback(client, NAME, "smoke test", user="ci")
+        assert done == {"name": NAME, "champion": "1", "rolled_back": "3", "by": "ci", "reason": "smoke test"}
+        assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+        promotion.promote(client, NAME, "2", "manual check", user="ci")
+        assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
+        assert client.get_model_version(NAME, "2").tags["previous_champion"] == "1"
+
+        # Artifacts travelled through the server into its artifacts folder, and come back from it.
+        assert list((server_folder / "artifacts").rglob("adapter_model.safetensors"))
+        base, adapter = registry.download(NAME, "champion", tmp_path / "dl")
+        assert (adapter / "adapter_config.json").exists() and (adapter / "MLmodel").exists()
+        assert json.loads((base / "manifest.json").read_text())["sha256"] == client.get_model_version(NAME, "2").tags["reference_sha256"]
+    finally:
+        mlflow.set_tracking_uri(None)

@@ -1,0 +1,323 @@
+"""Registration, the promotion gate, rollback, `grpo models|promote|rollback|ask` on a SQLite registry.
+
+The tiny random model scores 0 on the real verifiers, so a better or worse candidate is made by
+writing the evaluation files from chosen per-problem outcomes (through the same writer `grpo
+evaluate` uses); the registry, the gate and the alias moves are all real.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines import config, evaluate, gate, promotion, registry
+from pipelines.config import EvaluateConfig, RegisterConfig
+from pipelines.io import read_jsonl, write_json
+from pipelines.paths import Paths
+from tests.conftest import cli_env, make_project
+from tests.test_evaluate import outcomes
+
+NAME = "grpo-policy"
+
+# What every version's tags must answer: which data, code, reference, params, scores.
+LINEAGE_TAGS = {
+    "data": ("dataset_digest", "dataset_source", "dvc_train_data_md5", "dvc_eval_data_md5"),
+    "code": ("git_commit", "git_dirty"),
+    "reference": ("reference_sha256", "reference_model_uri", "dvc_reference_md5"),
+    "params": ("params_hash", "preset"),
+    "scores": ("eval_accuracy", "eval_format_rate", "eval_pass_at_k", "eval_mean_at_k", "eval_maj_at_k",
+               "eval_reference_accuracy", "eval_gain_vs_reference_ci", "promotion_decision", "promotion_reason"),
+}
+
+
+# ---------------------------------------------------------------- the gate, on per-problem outcomes
+
+
+def _decide(candidate, champion, reference=None, fmt=1.0, **rules):
+    reference = reference if reference is not None else [False] * len(candidate)
+    evidence = gate.Evidence(candidate, reference, champion, fmt, "7" if champion is not None else None)
+    return gate.decide(evidence, RegisterConfig(**rules), EvaluateConfig(bootstrap_samples=1000))
+
+
+def test_gate_keeps_a_worse_candidate_and_says_why():
+    d = _decide([True] * 10 + [False] * 10, [True] * 18 + [False] * 2)
+    assert not d.promote and not d.checks["min_gain"] and not d.checks["ci_above_zero"]
+    assert "champion v7" in d.reason and "gain -0.400" in d.reason and "failed min_gain" in d.reason
+
+
+def test_gate_promotes_a_clearly_better_candidate():
+    d = _decide([True] * 18 + [False] * 2, [True] * 6 + [False] * 14)
+    assert d.promote and all(d.checks.values())
+    assert d.figures["gain_vs_champion"] == pytest.approx(0.6) and d.figures["gain_ci_low"] > 0
+
+
+def test_gate_wants_the_interval_above_zero_unless_told_otherwise():
+    slight = ([True] * 11 + [False] * 9, [True] * 10 + [False] * 10)  # one more problem right
+    d = _decide(*slight)
+    assert not d.promote and d.checks == {"min_format_rate": True, "no_regression_vs_reference": True, "min_gain": True, "ci_above_zero": False}
+    assert _decide(*slight, require_ci_above_zero=False).promote
+    assert not _decide(*slight, require_ci_above_zero=False, min_gain=0.1).promote
+
+
+def test_gate_format_rate_and_reference_regression():
+    better = ([True] * 18 + [False] * 2, [False] * 20)
+    assert not _decide(*better, fmt=0.5, min_format_rate=0.9).promote
+    # No champion yet: the candidate must still not fall below the reference.
+    d = _decide([True] * 5 + [False] * 15, None, reference=[True] * 10 + [False] * 10)
+    assert not d.promote and d.reason.startswith("no champion yet: failed no_regression_vs_reference")
+    assert _decide([True] * 5 + [False] * 15, None, reference=[True] * 10 + [False] * 10, no_regression_vs_reference=False).promote
+
+
+def test_a_degraded_candidate_never_takes_champion():
+    """Take the champion's outcomes and flip some right answers to wrong: never promoted."""
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 64)
+        champion = [rng.random() < 0.6 for _ in range(n)]
+        candidate = [c and rng.random() < 0.7 for c in champion]
+        d = _decide(candidate, champion, require_ci_above_zero=rng.random() < 0.5, min_gain=rng.choice([0.0, 0.05]))
+        assert not d.promote, (candidate, champion, d.reason)
+
+
+# ---------------------------------------------------------------- a registrable project
+
+
+def build_project(root: Path, tiny_reference: Path) -> tuple[config.Config, Paths]:
+    """Validated data, the tiny reference and a LoRA adapter with random (non-zero) weights.
+
+    Non-zero LoRA B matrices change the model's answers, so a loader that drops the adapter shows.
+    """
+    import torch
+
+    from pipelines.data import validate
+    from pipelines.models import add_lora, load_reference
+
+    make_project(root)
+    cfg = config.load(root / "params.yaml", preset="smoke")
+    paths = Paths(root)
+    validate.run(cfg, paths)
+    shutil.copytree(tiny_reference, paths.reference_dir)
+    model, tokenizer = load_reference(paths.reference_dir)
+    torch.manual_seed(0)
+    peft_model = add_lora(model, cfg.train.lora)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0.0, 0.2)
+    peft_model.save_pretrained(paths.policy_dir)
+    tokenizer.save_pretrained(paths.policy_dir)
+    write_json(paths.train_metrics, {"steps": 0, "mlflow_run_id": None})
+    return cfg, paths
+
+
+def fake_evaluation(cfg: config.Config, paths: Paths, candidate: list[bool], champion: list[bool] | None,
+                    champion_version: str | None, reference: list[bool] | None = None) -> None:
+    """metrics/eval.json and reports/eval-samples.jsonl as `grpo evaluate` writes them, from chosen outcomes."""
+    manifest = json.loads((paths.reference_dir / "manifest.json").read_text())
+    scored = {
+        "reference": outcomes("reference", reference if reference is not None else [False] * len(candidate)),
+        "policy": outcomes("policy", candidate),
+    }
+    if champion is not None:
+        scored["champion"] = [dict(o, version=champion_version) for o in outcomes("champion", champion)]
+    evaluate.write_outputs(
+        paths, cfg.evaluate, scored, champion_version=champion_version,
+        candidate_sha256=evaluate.candidate_digest(paths.policy_dir), reference_sha256=manifest["sha256"],
+    )
+
+
+@pytest.fixture(autouse=True)
+def _fresh_tracking_uri():
+    """Each test finds its store from its project: mlflow.set_tracking_uri also exports
+    MLFLOW_TRACKING_URI, which would otherwise leak one test's store into the next."""
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+    yield
+    mlflow.set_tracking_uri(None)
+
+
+BETTER = [True] * 7 + [False]
+WORSE = [True] + [False] * 7
+
+
+@pytest.fixture(scope="module")
+def sqlite_project(tmp_path_factory, tiny_reference):
+    cfg, paths = build_project(tmp_path_factory.mktemp("registry") / "project", tiny_reference)
+    return cfg, paths
+
+
+def _champion(client) -> str:
+    return str(client.get_model_version_by_alias(NAME, "champion").version)
+
+
+def test_register_gate_rollback_and_manual_promotion(sqlite_project, monkeypatch, capsys):
+    from flows.cli import main
+
+    cfg, paths = sqlite_project
+    # v1: a real evaluation, no champion yet -> champion.
+    evaluate.run(cfg, paths)
+    first = registry.run(cfg, paths)
+    client = promotion.registry_client(paths.root)
+    assert first.promoted and first.version == "1" and _champion(client) == "1"
+
+    # A real evaluation again: the champion v1 is fetched from the registry and re-scored on the same problems.
+    result = evaluate.run(cfg, paths)
+    assert result.champion_version == "1" and result.comparison["policy_vs_champion"]["problems"] == 8
+    assert "| metric | reference | champion v1 | candidate |" in paths.eval_report.read_text()
+    assert {r["model"] for r in read_jsonl(paths.eval_samples)} == {"reference", "champion", "policy"}
+    second = registry.run(cfg, paths)  # same adapter, same outcomes: no gain, kept
+    assert not second.promoted and "failed min_gain" in second.reason and _champion(client) == "1"
+
+    # A degraded candidate (worse than champion v1 on the same problems) never takes champion.
+    fake_evaluation(cfg, paths, WORSE, BETTER, "1")
+    third = registry.run(cfg, paths)
+    assert not third.promoted and _champion(client) == "1"
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "3"
+    saved = json.loads(paths.registry_metrics.read_text())
+    assert saved["promoted"] is False and saved["checks"]["min_gain"] is False and saved["champion"] == "1"
+
+    # A clearly better one does, and records whom it replaced.
+    fake_evaluation(cfg, paths, BETTER, WORSE, "1")
+    fourth = registry.run(cfg, paths)
+    assert fourth.promoted and _champion(client) == "4"
+    v4 = client.get_model_version(NAME, "4").tags
+    assert v4["previous_champion"] == "1" and v4["promotion_decision"] == "promoted" and v4["promoted_by"] == "gate"
+    assert json.loads(paths.registry_metrics.read_text())["champion_before"] == "1"
+
+    # An evaluation that scored another champion than the current one cannot promote.
+    fifth = registry.run(cfg, paths)
+    assert not fifth.promoted and "champion is v4 but metrics/eval.json scored v1" in fifth.reason and _champion(client) == "4"
+
+    # Every version answers: which data, code, reference, params, scores.
+    for version in client.search_model_versions(f"name='{NAME}'"):
+        for what, keys in LINEAGE_TAGS.items():
+            missing = [k for k in keys if not version.tags.get(k)]
+            assert not missing, f"v{version.version} cannot say which {what}: {missing}"
+    v1 = client.get_model_version(NAME, "1").tags
+    assert v1["dataset_digest"] == json.loads(paths.validation_report.read_text())["digest"]
+    assert v1["dvc_train_data_md5"].startswith("unrecorded")  # no dvc.lock in this project, and the tag says so
+    assert v4["eval_champion_version"] == "1" and float(v4["eval_gain_vs_champion"]) == pytest.approx(0.75)
+
+    # Rollback: champion back to v1, the demoted version says by whom.
+    monkeypatch.setenv("USER", "alice")
+    assert main(["rollback", "--project", str(paths.root), "--reason", "bad answers in prod"]) == 0
+    assert _champion(client) == "1" and "v1 is champion again" in capsys.readouterr().out
+    assert client.get_model_version(NAME, "4").tags["rolled_back_by"] == "alice"
+    # v1 was the first champion: nothing further back.
+    assert main(["rollback", "--project", str(paths.root)]) == 1
+    assert "no previous champion" in capsys.readouterr().err and _champion(client) == "1"
+
+    # Manual promotion records who and why; rollback undoes it.
+    assert main(["promote", "2", "--project", str(paths.root), "--reason", "A/B test winner"]) == 0
+    v2 = client.get_model_version(NAME, "2").tags
+    assert _champion(client) == "2" and v2["promoted_by"] == "alice" and v2["promotion_reason"] == "A/B test winner"
+    assert v2["previous_champion"] == "1"
+    assert main(["promote", "2", "--project", str(paths.root), "--reason", "again"]) == 1  # already champion
+    assert main(["promote", "99", "--project", str(paths.root), "--reason", "x"]) == 1
+    assert "no version 99" in capsys.readouterr().err
+    promotion.rollback(client, NAME, "undo", user="bob")
+    assert _champion(client) == "1"
+
+    assert main(["models", "--project", str(paths.root)]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0].split()[:4] == ["version", "aliases", "created", "accuracy"]
+    assert listing[1].split()[0] == "5" and "challenger" in listing[1]
+    assert [line.split()[1] for line in listing if line.split()[0] == "1"] == ["champion"]
+
+
+ASK_SCRIPT = """
+import json, sys
+sys.modules["pipelines"] = None  # prove the flavour needs nothing from this project
+import mlflow
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model("models:/grpo-policy@champion")
+print("ANSWER", json.dumps(model.predict(["What is 17 + 25?"])[0]))
+"""
+
+
+def test_ask_answers_as_plain_transformers_and_peft_do(sqlite_project, tmp_path, capsys):
+    """`grpo ask` (pyfunc flavour), a fresh process without the project, and transformers + peft agree."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flows.cli import main
+    from pipelines.data.prompts import build_messages
+
+    cfg, paths = sqlite_project
+    client = promotion.registry_client(paths.root)
+    if promotion.current_champion(client, NAME) is None:  # this test alone: register one
+        evaluate.run(cfg, paths)
+        registry.run(cfg, paths)
+
+    # Plain transformers + peft from the downloaded artifacts: the README's recipe.
+    base_dir, adapter_dir = registry.download(NAME, "champion", tmp_path / "dl")
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+    messages = build_messages("What is 17 + 25?", cfg.data.prompt)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=cfg.evaluate.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    expected = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    assert expected  # the random adapter makes the tiny model say something
+
+    assert main(["ask", "What is 17 + 25?", "--project", str(paths.root)]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed.startswith(f"{NAME} @champion = v") and printed.endswith(f": {expected}")
+
+    uri = f"sqlite:///{paths.root / 'mlflow.db'}"
+    proc = subprocess.run([sys.executable, "-c", ASK_SCRIPT, uri], cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.split("ANSWER", 1)[1]) == expected
+
+
+def test_registry_commands_explain_a_missing_registry(tmp_path, capsys):
+    from flows.cli import main
+
+    root = make_project(tmp_path / "empty")
+    assert main(["models", "--project", str(root)]) == 1
+    assert "run `grpo register` first" in capsys.readouterr().err
+    assert not (root / "mlflow.db").exists()
+
+
+def test_register_refuses_an_adapter_that_was_not_evaluated(sqlite_project, tmp_path):
+    cfg, original = sqlite_project
+    paths = Paths(shutil.copytree(original.root, tmp_path / "project", ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts")))
+    fake_evaluation(cfg, paths, BETTER, None, None)
+    (paths.policy_dir / "adapter_config.json").write_text((paths.policy_dir / "adapter_config.json").read_text() + " ")
+    with pytest.raises(registry.RegistryError, match="run `grpo evaluate` first"):
+        registry.run(cfg, paths)
+    assert not (paths.root / "mlflow.db").exists()  # refused before touching the registry
+
+
+def test_a_champion_on_another_base_is_scored_on_its_own_base(sqlite_project, tmp_path, monkeypatch):
+    """The champion was trained on a different reference (other sha256): evaluate fetches that base."""
+    from pipelines.snapshot import folder_digest, sha256_file
+
+    cfg, original = sqlite_project
+    ours = Paths(shutil.copytree(original.root, tmp_path / "ours", ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts")))
+    theirs = Paths(shutil.copytree(ours.root, tmp_path / "theirs"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ours.root / 'mlflow.db'}")  # one registry for both
+    fake_evaluation(cfg, ours, BETTER, None, None)
+    assert registry.run(cfg, ours).promoted
+
+    # Another team's base: a changed file, so another sha256 (re-pinned in its manifest).
+    ref = theirs.reference_dir
+    (ref / "config.json").write_text((ref / "config.json").read_text() + "\n")
+    manifest = json.loads((ref / "manifest.json").read_text())
+    manifest["files"] = {name: sha256_file(ref / name) for name in manifest["files"]}
+    manifest["sha256"] = folder_digest(manifest["files"])
+    write_json(ref / "manifest.json", manifest)
+    fake_evaluation(cfg, theirs, BETTER, WORSE, "1")
+    assert registry.run(cfg, theirs).promoted  # v2, with its own -reference version
+
+    result = evaluate.run(cfg, ours)
+    evaluation = json.loads(ours.eval_metrics.read_text())
+    assert result.champion_version == "2" and evaluation["champion_own_base"] is True
+    assert "scored on its own base" in ours.eval_report.read_text()
