@@ -99,6 +99,16 @@ def write_outputs(
     )
 
 
+def _decoder(model: Any, bf16: bool) -> Any:
+    """A plain copy for decoding: adapter merged, bf16 weights when asked (see grpo/rollout_model.py:
+    2-3x faster on CPU than a peft model under autocast). Every model is scored the same way."""
+    import torch
+
+    from pipelines.grpo.rollout_model import RolloutModel
+
+    return RolloutModel(model, torch.bfloat16 if bf16 else torch.float32).model
+
+
 def run(cfg: Config, paths: Paths) -> EvalResult:
     from peft import PeftModel
 
@@ -112,10 +122,11 @@ def run(cfg: Config, paths: Paths) -> EvalResult:
     rows = read_jsonl(paths.eval_split)
     outcomes: dict[str, list[dict[str, Any]]] = {}
 
+    decode = e.model_copy(update={"bf16": False})  # the decoding copies below already hold bf16 weights
     base, tokenizer = load_reference(paths.reference_dir, cfg.snapshot.trust_remote_code)
-    outcomes["reference"] = answer_problems(base, tokenizer, rows, e, "reference")
+    outcomes["reference"] = answer_problems(_decoder(base, e.bf16), tokenizer, rows, decode, "reference")
     policy = PeftModel.from_pretrained(base, paths.policy_dir).eval()  # wraps `base` in place
-    outcomes["policy"] = answer_problems(policy, tokenizer, rows, e, "policy")
+    outcomes["policy"] = answer_problems(_decoder(policy, e.bf16), tokenizer, rows, decode, "policy")
     del policy, base
 
     champion = None
@@ -125,7 +136,7 @@ def run(cfg: Config, paths: Paths) -> EvalResult:
         if champion is not None:
             champ_base, champ_tokenizer = load_reference(champion.base_dir or paths.reference_dir, cfg.snapshot.trust_remote_code)
             champ = PeftModel.from_pretrained(champ_base, champion.adapter_dir).eval()
-            scored = answer_problems(champ, champ_tokenizer, rows, e, "champion")
+            scored = answer_problems(_decoder(champ, e.bf16), champ_tokenizer, rows, decode, "champion")
             outcomes["champion"] = [dict(o, version=champion.version) for o in scored]
 
     return write_outputs(

@@ -147,3 +147,29 @@ def test_filter_logits_top_p_keeps_the_smallest_nucleus():
     kept = ~filter_logits(logits, 1.0, 0, 0.8).isinf()
     assert kept.tolist() == [[True, True, False, False]]
     assert (~filter_logits(logits, 1.0, 3, 1.0).isinf()).sum() == 3
+
+
+def test_shared_prompt_logps_equal_full_sequence_logps(tiny_reference, smoke_cfg, project):
+    """Prefilling each prompt once per group gives the same log-probs and gradients as full rows."""
+    from dataclasses import replace
+
+    from pipelines.grpo.rollout import generate, token_logps
+
+    shutil.copytree(tiny_reference, Paths(project).reference_dir)
+    model, tokenizer, _ = policy.build(smoke_cfg, Paths(project))
+    with torch.no_grad():
+        for p in policy.trainable_parameters(model):
+            p.add_(torch.randn_like(p) * 0.05)
+    torch.manual_seed(0)
+    prompts = ["What is 2 + 2?", [{"role": "user", "content": "A longer prompt: what is 12 * 3?"}]]
+    rollout = generate(model, tokenizer, prompts, num_generations=3, max_new_tokens=6, do_sample=True)
+    assert rollout.group_size == 3
+    grouped, _ = token_logps(model, rollout)
+    full, _ = token_logps(model, replace(rollout, group_size=1))
+    mask = rollout.completion_mask.bool()
+    assert torch.allclose(grouped[mask], full[mask], atol=1e-5)
+    params = policy.trainable_parameters(model)
+    g1 = torch.autograd.grad((grouped * mask).sum(), params, allow_unused=True)
+    g2 = torch.autograd.grad((full * mask).sum(), params, allow_unused=True)
+    for a, b in zip(g1, g2, strict=True):
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-5)
