@@ -164,6 +164,9 @@ def test_shared_prompt_logps_equal_full_sequence_logps(tiny_reference, smoke_cfg
     prompts = ["What is 2 + 2?", [{"role": "user", "content": "A longer prompt: what is 12 * 3?"}]]
     rollout = generate(model, tokenizer, prompts, num_generations=3, max_new_tokens=6, do_sample=True)
     assert rollout.group_size == 3
+    # Completions of different lengths (as if EOS came early), so length bucketing is exercised.
+    lengths = torch.tensor([6, 2, 4, 1, 6, 3])
+    rollout.completion_mask = (torch.arange(6).unsqueeze(0) < lengths.unsqueeze(1)).long()
     grouped, _ = token_logps(model, rollout)
     full, _ = token_logps(model, replace(rollout, group_size=1))
     mask = rollout.completion_mask.bool()

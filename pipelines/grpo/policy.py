@@ -21,7 +21,10 @@ def build(cfg: Config, paths: Paths) -> tuple[Any, Any, Any | None]:
     """
     model, tokenizer = load_reference(paths.reference_dir, cfg.snapshot.trust_remote_code)
     if cfg.train.lora.enabled:
-        return add_lora(model, cfg.train.lora), tokenizer, None
+        model = add_lora(model, cfg.train.lora)
+        if cfg.train.bf16:
+            _frozen_linears_to_bf16(model)
+        return model, tokenizer, None
     reference = None
     if cfg.train.beta != 0.0:
         reference = copy.deepcopy(model).eval()
@@ -45,3 +48,17 @@ def save(model: Any, tokenizer: Any, folder: Any) -> None:
 
 def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def _frozen_linears_to_bf16(model: Any) -> None:
+    """Store the frozen weights under each LoRA layer in bf16.
+
+    bf16 autocast casts every fp32 weight to bf16 at every forward and backward (a full copy of
+    the model each pass); storing the frozen ones in bf16 gives the same matmul numerics without
+    the copies, and halves their memory. Norms, embeddings and the adapter stay in fp32.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.get_base_layer().to(torch.bfloat16)

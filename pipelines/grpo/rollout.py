@@ -130,23 +130,27 @@ def generate(
 def token_logps(model: Any, rollout: Rollout, bf16: bool = False, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probabilities of the completion tokens under `model` (and their entropies).
 
-    Only the completion positions go through the LM head, and position ids follow the left
-    padding, as they did during generation. When completions come in groups of one prompt, the
-    prompt runs once per group and its KV cache is shared by the group's completions: with an
-    80-token prompt and 8 completions of up to 64 tokens this halves the tokens through the model,
-    and gradients still flow through the prompt's keys and values (the adapter changes them too).
+    Only completion positions go through the LM head, and position ids follow the left padding,
+    as they did during generation. When completions come in groups of one prompt, the prompt runs
+    once per group and its KV cache is shared by the group's completions (gradients still flow
+    through the prompt's keys and values: the adapter changes them too), and completions of similar
+    length are batched together so padding after a short answer costs nothing. With an 80-token
+    prompt and 8 completions of 10-64 tokens this cuts the tokens through the model by 2-4x.
     """
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         if rollout.group_size > 1 and rollout.completion_ids.size(1) > 1:
-            logits = _grouped_logits(model, rollout)
-        else:
-            ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
-            attention = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
-            positions = (attention.cumsum(-1) - 1).clamp(min=0)
-            width = rollout.completion_ids.size(1)
-            logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=width + 1).logits[:, :-1]
+            return _grouped_logps(model, rollout, with_entropy)
+        ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
+        attention = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        width = rollout.completion_ids.size(1)
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=width + 1).logits[:, :-1]
+    return _pick(logits, rollout.completion_ids, with_entropy)
+
+
+def _pick(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     logps = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logps.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+    chosen = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = None
     if with_entropy:
         with torch.no_grad():
@@ -154,21 +158,60 @@ def token_logps(model: Any, rollout: Rollout, bf16: bool = False, with_entropy: 
     return chosen, entropy
 
 
-def _grouped_logits(model: Any, rollout: Rollout) -> torch.Tensor:
-    """(N, C, V) next-token logits for every completion position, prefilling each prompt once."""
+def length_buckets(lengths: list[int], overhead: int = 32, max_buckets: int = 4) -> list[list[int]]:
+    """Rows grouped so that sum(rows x longest length in bucket) + overhead per bucket is smallest.
+
+    >>> length_buckets([3, 60, 4, 5, 2, 3, 4, 6])
+    [[4, 0, 5, 2, 6, 3, 7], [1]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best = {0: (0, [])}  # rows taken -> (cost, bucket ends)
+    for _ in range(max_buckets):
+        nxt = dict(best)
+        for taken, (cost, ends) in best.items():
+            for end in range(taken + 1, n + 1):
+                c = cost + (end - taken) * lengths[order[end - 1]] + overhead
+                if end not in nxt or c < nxt[end][0]:
+                    nxt[end] = (c, [*ends, end])
+        best = nxt
+    ends = best[n][1]
+    return [order[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+def _grouped_logps(model: Any, rollout: Rollout, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     from transformers import DynamicCache
 
     G = rollout.group_size
+    completion, mask = rollout.completion_ids, rollout.completion_mask
     prompt_ids, prompt_mask = rollout.prompt_ids[::G], rollout.prompt_mask[::G]
     cache = DynamicCache()
     first = model(
         input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
         cache=cache, use_cache=True, logits_to_keep=1,
-    ).logits  # (B, 1, V): predicts each completion's first token
-    cache.batch_repeat_interleave(G)
-    completion = rollout.completion_ids[:, :-1]  # the last token predicts nothing we score
-    attention = torch.cat([rollout.prompt_mask, rollout.completion_mask[:, :-1]], dim=1)
-    start = prompt_mask.sum(-1, keepdim=True).repeat_interleave(G, dim=0)
-    positions = start + torch.arange(completion.size(1)).unsqueeze(0)
-    rest = model(input_ids=completion, attention_mask=attention, position_ids=positions, cache=cache, use_cache=True).logits
-    return torch.cat([first.repeat_interleave(G, dim=0), rest], dim=1)
+    ).logits[:, -1]  # (B, V): predicts each completion's first token
+    prefix = [(layer.keys, layer.values) for layer in cache.layers]
+    chosen = torch.zeros(completion.shape, dtype=torch.float32)
+    entropy = torch.zeros(completion.shape, dtype=torch.float32) if with_entropy else None
+    c0, e0 = _pick(first.repeat_interleave(G, dim=0), completion[:, 0], with_entropy)
+    chosen[:, 0] = c0
+    if entropy is not None:
+        entropy[:, 0] = e0
+    lengths = mask.sum(-1).clamp(min=1).tolist()
+    for rows in length_buckets([int(n) for n in lengths]):
+        width = max(int(lengths[r]) for r in rows) - 1  # tokens fed; each predicts the next one
+        if width <= 0:
+            continue
+        idx = torch.tensor(rows)
+        group = idx // G
+        bucket_cache = DynamicCache()
+        for layer, (keys, values) in enumerate(prefix):
+            bucket_cache.update(keys[group], values[group], layer)
+        attention = torch.cat([prompt_mask[group], mask[idx, :width]], dim=1)
+        positions = prompt_mask[group].sum(-1, keepdim=True) + torch.arange(width).unsqueeze(0)
+        logits = model(input_ids=completion[idx, :width], attention_mask=attention, position_ids=positions, cache=bucket_cache, use_cache=True).logits
+        c, e = _pick(logits, completion[idx, 1 : width + 1], with_entropy)
+        chosen[idx, 1 : width + 1] = c
+        if entropy is not None:
+            entropy[idx, 1 : width + 1] = e
+    return chosen, entropy

@@ -20,12 +20,13 @@ from typing import Any
 import torch
 
 from pipelines.config import Config
-from pipelines.grpo import checkpoint, policy
+from pipelines.grpo import checkpoint, distributed, policy
 from pipelines.grpo.advantages import advantages_from_rewards, combine_rewards, group_advantages
 from pipelines.grpo.loss import grpo_loss
 from pipelines.grpo.rollout import Rollout, concat, generate, token_logps
 from pipelines.grpo.rollout_model import RolloutModel
 from pipelines.grpo.sampler import PromptSampler
+from pipelines.grpo.sampling import prompt_seed
 from pipelines.grpo.scoring import score
 from pipelines.grpo.tracking import RunLogger
 from pipelines.io import read_jsonl, staged_dir, write_json, write_text
@@ -45,16 +46,22 @@ class TrainResult:
 
 @dataclass
 class Batch:
-    rows: list[dict[str, Any]]
-    rollout: Rollout
-    per_function: torch.Tensor  # (completions, reward functions), NaN where a function said None
+    rows: list[dict[str, Any]]  # this process's prompts (all of them when there is one process)
+    rollout: Rollout  # this process's completions, group after group
+    per_function: torch.Tensor  # (completions of the whole batch, reward functions), NaN where a function said None
+    local: torch.Tensor  # (completions of the whole batch,) bool: the ones this process sampled
     frac_zero_std: float  # share of all sampled groups whose rewards were all equal
     rounds: int
 
 
-def sample_batch(model: Any, tokenizer: Any, sampler: PromptSampler, cfg: Config, autocast: bool | None = None) -> Batch:
+def sample_batch(
+    model: Any, tokenizer: Any, sampler: PromptSampler, cfg: Config, autocast: bool | None = None,
+    step: int = 0, world: distributed.World = distributed.SINGLE,
+) -> Batch:
     """Groups of completions for `prompts_per_step` prompts, scored.
 
+    Every process draws the same prompts and samples its own slice of them, each group from its
+    own seed (sampling.prompt_seed), then the whole batch's rewards are gathered on every process.
     With dynamic sampling (DAPO), groups whose rewards are all equal are dropped (they carry no
     gradient) and more prompts are sampled, for at most `max_resample_rounds` extra rounds.
     """
@@ -63,44 +70,65 @@ def sample_batch(model: Any, tokenizer: Any, sampler: PromptSampler, cfg: Config
     rows_kept: list[dict[str, Any]] = []
     rollouts: list[Rollout] = []
     scores: list[torch.Tensor] = []
-    seen = zero = rounds = 0
+    local: list[torch.Tensor] = []
+    kept = seen = zero = rounds = 0
     while True:
-        rows = sampler.take(t.prompts_per_step - len(rows_kept))
+        rows = sampler.take(t.prompts_per_step - kept)  # the same prompts in every process
+        seeds = [prompt_seed(t.seed, step, seen + i) for i in range(len(rows))]
+        part = world.shard(len(rows))  # whole groups: each process scores the groups it sampled
         rollout = generate(
-            model, tokenizer, [r["prompt"] for r in rows], num_generations=G, max_new_tokens=t.max_completion_length,
+            model, tokenizer, [r["prompt"] for r in rows[part]], num_generations=G, max_new_tokens=t.max_completion_length,
             do_sample=True, temperature=t.temperature, top_p=t.top_p, top_k=t.top_k,
-            bf16=t.bf16 if autocast is None else autocast, backend=cfg.runtime.rollout_backend,
+            bf16=t.bf16 if autocast is None else autocast, backend=cfg.runtime.rollout_backend, seeds=seeds[part],
         )
-        per_fn, _ = score(
-            t.rewards, rows, rollout.texts, G, timeout=t.reward_timeout,
+        mine, _ = score(
+            t.rewards, rows[part], rollout.texts, G, timeout=t.reward_timeout,
             extra={"completion_ids": rollout.completion_token_lists(), "max_completion_length": t.max_completion_length},
         )
+        per_fn = world.gather(mine)
+        is_mine = torch.zeros(len(rows) * G, dtype=torch.bool)
+        is_mine[part.start * G : part.stop * G] = True
         _, group_std = group_advantages(combine_rewards(per_fn, weights), G, "none")
         signal = group_std > 1e-6
         seen += len(rows)
         zero += int((~signal).sum())
         if not t.dynamic_sampling:
-            rows_kept, rollouts, scores = rows, [rollout], [per_fn]
+            rows_kept, rollouts, scores, local, kept = rows[part], [rollout], [per_fn], [is_mine], len(rows)
             break
         keep = signal.repeat_interleave(G)
-        rows_kept += [r for r, s in zip(rows, signal.tolist(), strict=True) if s]
-        rollouts.append(rollout.select(keep))
+        rows_kept += [r for r, s in zip(rows[part], signal[part].tolist(), strict=True) if s]
+        rollouts.append(rollout.select(keep[is_mine]))
         scores.append(per_fn[keep])
-        if len(rows_kept) >= t.prompts_per_step or rounds >= t.max_resample_rounds:
+        local.append(is_mine[keep])
+        kept += int(signal.sum())
+        if kept >= t.prompts_per_step or rounds >= t.max_resample_rounds:
             break
         rounds += 1
-    if not rows_kept:  # every group was flat: train on the last one (zero advantage, zero gradient)
-        rows_kept, rollouts, scores = rows, [rollout], [per_fn]
-    return Batch(rows_kept, concat(rollouts, tokenizer.pad_token_id), torch.cat(scores), zero / max(seen, 1), rounds)
+    if not kept:  # every group was flat: train on the last one (zero advantage, zero gradient)
+        rows_kept, rollouts, scores, local = rows[part], [rollout], [per_fn], [is_mine]
+    return Batch(
+        rows_kept, concat(rollouts, tokenizer.pad_token_id), torch.cat(scores), torch.cat(local), zero / max(seen, 1), rounds
+    )
 
 
 def fingerprint(cfg: Config, reference_sha: str, train_bytes: bytes) -> str:
     """What must be equal for a checkpoint to be resumed: training config, reference and data."""
-    payload = json.dumps({"train": cfg.train.model_dump(), "ref": reference_sha}, sort_keys=True).encode()
+    # Not the number of processes: a data-parallel run makes the same updates as one process.
+    train = cfg.train.model_dump(exclude={"num_processes"})
+    payload = json.dumps({"train": train, "ref": reference_sha}, sort_keys=True).encode()
     return hashlib.sha256(payload + hashlib.sha256(train_bytes).digest()).hexdigest()
 
 
 def run(cfg: Config, paths: Paths, log_to_mlflow: bool = True) -> TrainResult:
+    """Train; with `train.num_processes > 1`, in that many processes under torchrun (distributed.py)."""
+    if cfg.train.num_processes > 1 and not distributed.under_torchrun():
+        return TrainResult(**distributed.launch(cfg, paths, log_to_mlflow))
+    with distributed.world(cfg.train) as world:
+        return train(cfg, paths, world, log_to_mlflow)
+
+
+def train(cfg: Config, paths: Paths, world: distributed.World = distributed.SINGLE, log_to_mlflow: bool = True) -> TrainResult:
+    """The training loop of one process (rank `world.rank` of `world.size`)."""
     from tqdm.auto import tqdm
 
     t, G = cfg.train, cfg.train.num_generations
@@ -109,6 +137,7 @@ def run(cfg: Config, paths: Paths, log_to_mlflow: bool = True) -> TrainResult:
     manifest = verify(paths.reference_dir)  # the reference must be exactly the pinned one
     model, tokenizer, reference = policy.build(cfg, paths)
     params = policy.trainable_parameters(model)
+    world.broadcast(params)  # every process starts from rank 0's weights
     # Sampling runs on a merged copy (bf16 when train.bf16): see rollout_model.py for why.
     sampler_model = RolloutModel(model, torch.bfloat16 if t.bf16 else torch.float32)
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
@@ -122,37 +151,47 @@ def run(cfg: Config, paths: Paths, log_to_mlflow: bool = True) -> TrainResult:
     state: dict[str, Any] = {"history": [], "run_id": None}
     start = 0
     saved = checkpoint.latest(paths.checkpoints_dir) if t.resume else None
-    if saved is not None and json.loads((saved / "state.json").read_text()).get("fingerprint") == key:
+    resumable = saved is not None and json.loads((saved / "state.json").read_text()).get("fingerprint") == key
+    world.barrier()  # every process has looked before rank 0 may clear the checkpoints
+    if saved is not None and resumable:
         state = checkpoint.load(saved, model, optimizer, scheduler)
         sampler.load_state_dict(state["sampler"])
         sampler_model.sync()
         start = int(state["step"])
-        print(f"resuming from {saved} (step {start} of {t.steps})", file=sys.stderr)
-    elif paths.checkpoints_dir.exists():
+        if world.is_main:
+            print(f"resuming from {saved} (step {start} of {t.steps})", file=sys.stderr)
+    elif paths.checkpoints_dir.exists() and world.is_main:
         shutil.rmtree(paths.checkpoints_dir)  # checkpoints of another config or data: not resumable
     history: list[dict[str, float]] = state["history"]
 
-    logger = RunLogger(paths, cfg, enabled=log_to_mlflow, run_id=state.get("run_id"))
-    bar = tqdm(range(start, t.steps), desc="GRPO", unit="step", initial=start, total=t.steps)
+    # Only rank 0 writes: MLflow, checkpoints, metrics, the adapter.
+    logger = RunLogger(paths, cfg, enabled=log_to_mlflow and world.is_main, run_id=state.get("run_id"))
+    bar = tqdm(range(start, t.steps), desc="GRPO", unit="step", initial=start, total=t.steps, disable=not world.is_main)
     try:
         for step in bar:
             if t.time_budget_s is not None and history and history[-1]["wall_time"] >= t.time_budget_s:
-                bar.write(f"stopping after step {step}: train.time_budget_s={t.time_budget_s:g} s used")
+                if world.is_main:
+                    bar.write(f"stopping after step {step}: train.time_budget_s={t.time_budget_s:g} s used")
                 break
             started = time.perf_counter()
 
-            # 1. Sample a group of completions per prompt from the current policy, and score them.
-            batch = sample_batch(sampler_model.model, tokenizer, sampler, cfg, autocast=False)
+            # 1. Sample a group of completions per prompt from the current policy, and score them
+            #    (with several processes, each samples its own slice of the prompts).
+            batch = sample_batch(sampler_model.model, tokenizer, sampler, cfg, autocast=False, step=step, world=world)
             rollout = batch.rollout
             generated = time.perf_counter()
 
-            # 2. Advantages relative to the group.
+            # 2. Advantages relative to the group, from the whole batch's rewards; keep this process's.
             advantages, rewards, group_std = advantages_from_rewards(
                 batch.per_function, weights, G, t.scale_rewards, t.multi_objective_aggregation
             )
+            advantages = advantages[batch.local]
             mask = rollout.completion_mask.float()
             if t.mask_truncated_completions:
                 mask = mask * (~rollout.truncated).float().unsqueeze(-1)
+            # This process's part of the loss's normaliser (1 for one process): summed over the
+            # processes, the weighted losses and their gradients are the whole batch's.
+            share = distributed.loss_share(t.loss_type, mask, world)
 
             # Old log-probs are only needed when the policy moves between passes over this
             # batch (mu > 1); on-policy, logp.detach() is the same number at no extra cost.
@@ -176,7 +215,8 @@ def run(cfg: Config, paths: Paths, log_to_mlflow: bool = True) -> TrainResult:
                     loss_type=t.loss_type, importance_sampling_level=t.importance_sampling_level,
                     max_completion_length=t.max_completion_length,
                 )
-                loss.backward()
+                (loss * share).backward()
+                world.all_reduce_grads(params)
                 torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -184,41 +224,54 @@ def run(cfg: Config, paths: Paths, log_to_mlflow: bool = True) -> TrainResult:
             sampler_model.sync()  # the next rollout samples from the updated policy
 
             # 4. Log what the field looks at.
-            elapsed = time.perf_counter() - started
+            # Rewards are the whole batch's already; per-token and per-completion figures are
+            # averaged over processes, and the slowest one's time counts (so budgets agree).
+            elapsed = world.max(time.perf_counter() - started)
             lengths = rollout.lengths.float()
             fn_means = batch.per_function.nanmean(dim=0).tolist()
+            per_token = world.average(
+                {
+                    "kl": stats.kl, "low": stats.clip_low, "high": stats.clip_high, "region": stats.clip_region,
+                    "entropy": float((entropy * mask).sum() / mask.sum().clamp(min=1)),
+                },
+                weight=float(mask.sum()),
+            )
+            per_completion = world.average(
+                {"length": float(lengths.mean()), "clipped": float(rollout.truncated.float().mean())},
+                weight=float(lengths.numel()),
+            )
             metrics = {
-                "loss": float(loss.detach()),
+                "loss": world.sum(float(loss.detach()) * share),
                 "reward": float(rewards.mean()),
                 "reward_std": float(group_std.mean()),
                 **{f"rewards/{s.name}/mean": m for s, m in zip(t.rewards, fn_means, strict=True)},
                 "frac_reward_zero_std": batch.frac_zero_std,
                 "resample_rounds": float(batch.rounds),
-                "kl": stats.kl,
-                "clip_ratio/low_mean": stats.clip_low,
-                "clip_ratio/high_mean": stats.clip_high,
-                "clip_ratio/region_mean": stats.clip_region,
-                "entropy": float((entropy * mask).sum() / mask.sum().clamp(min=1)),
-                "completions/mean_length": float(lengths.mean()),
-                "completions/clipped_ratio": float(rollout.truncated.float().mean()),
+                "kl": per_token["kl"],
+                "clip_ratio/low_mean": per_token["low"],
+                "clip_ratio/high_mean": per_token["high"],
+                "clip_ratio/region_mean": per_token["region"],
+                "entropy": per_token["entropy"],
+                "completions/mean_length": per_completion["length"],
+                "completions/clipped_ratio": per_completion["clipped"],
                 "learning_rate": scheduler.get_last_lr()[0],
                 "step_time": elapsed,
                 "generation_time": generated - started,
-                "tokens_per_second": float(lengths.sum()) / elapsed,
+                "tokens_per_second": world.sum(float(lengths.sum())) / elapsed,
             }
             # Cumulative training time, carried across resumes: curves are drawn against it.
             metrics["wall_time"] = (history[-1]["wall_time"] if history else 0.0) + elapsed
             history.append({"step": step + 1, **metrics})
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", step_s=f"{elapsed:.1f}")
-            if batch.frac_zero_std >= 0.75 and step > start:
+            if batch.frac_zero_std >= 0.75 and step > start and world.is_main:
                 bar.write(
                     f"step {step + 1}: {batch.frac_zero_std:.0%} of groups had equal rewards, so the loss is near zero; "
                     "raise train.num_generations or train.temperature, use harder prompts, or set train.dynamic_sampling"
                 )
-            logger.step(step + 1, metrics, batch.rows, rollout.texts, rewards)
+            logger.step(step + 1, metrics, batch.rows, rollout.texts, rewards[batch.local])
 
             # 5. Checkpoint for exact resume.
-            if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.steps:
+            if world.is_main and t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.steps:
                 checkpoint.save(
                     paths.checkpoints_dir, step + 1, model, optimizer, scheduler,
                     {"fingerprint": key, "sampler": sampler.state_dict(), "history": history, "run_id": logger.run_id},
@@ -231,17 +284,18 @@ def run(cfg: Config, paths: Paths, log_to_mlflow: bool = True) -> TrainResult:
         bar.close()
 
     done = int(history[-1]["step"]) if history else start
-    checkpoint.save(
-        paths.checkpoints_dir, done, model, optimizer, scheduler,
-        {"fingerprint": key, "sampler": sampler.state_dict(), "history": history, "run_id": logger.run_id},
-        keep=t.keep_checkpoints,
-    )
-    with staged_dir(paths.policy_dir) as staging:
-        policy.save(model, tokenizer, staging)
     final = {k: v for k, v in history[-1].items() if k != "step"} if history else {}
-    write_json(paths.train_metrics, {**final, "steps": done, "mlflow_run_id": logger.run_id})
-    write_text(paths.train_plot, _csv(history))
-    logger.finish(training_curves(history, paths.train_curves))
+    if world.is_main:
+        checkpoint.save(
+            paths.checkpoints_dir, done, model, optimizer, scheduler,
+            {"fingerprint": key, "sampler": sampler.state_dict(), "history": history, "run_id": logger.run_id},
+            keep=t.keep_checkpoints,
+        )
+        with staged_dir(paths.policy_dir) as staging:
+            policy.save(model, tokenizer, staging)
+        write_json(paths.train_metrics, {**final, "steps": done, "mlflow_run_id": logger.run_id})
+        write_text(paths.train_plot, _csv(history))
+        logger.finish(training_curves(history, paths.train_curves))
     return TrainResult(steps=done, final_reward=final.get("reward", math.nan), run_id=logger.run_id, resumed_from=start)
 
 

@@ -1,0 +1,140 @@
+"""Rollout backends: what turns tokenised prompts into completion ids, chosen by name.
+
+`generate()` in rollout.py does what every backend shares — chat template, tokenisation with left
+padding, completion masks, decoding — and hands a backend only the part that differs: sampling
+`num_generations` completions per prompt. Pick one with `runtime.rollout_backend`:
+
+- `lean` (default): our KV-cached loop (sampling.py), fastest for small models on CPU, and the
+  only one that honours a seed per prompt (what data-parallel training needs to match one process).
+- `hf`: `model.generate` from transformers, the reference behaviour.
+- `vllm`: for GPUs; a placeholder until the adapter is written (see `VLLMBackend`).
+
+To add a backend, write a class with a `completions` method of the `RolloutBackend` protocol,
+add it to `BACKENDS`, and add its name to `RuntimeConfig.rollout_backend` in pipelines/config.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from pipelines.config import ConfigError
+
+
+class BackendUnavailable(ConfigError):
+    """The configured backend cannot run here; the message names the fix (`grpo` prints it, no traceback)."""
+
+
+@dataclass(frozen=True)
+class SamplingRequest:
+    """How to sample: the same knobs for every backend."""
+
+    num_generations: int
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    # One seed per prompt (training passes them; evaluation does not). A backend that cannot seed
+    # each prompt on its own says how it approximates it.
+    seeds: list[int] | None = None
+
+
+class RolloutBackend(Protocol):
+    """The contract: `completions` returns a (prompts x num_generations, T) tensor of token ids,
+    the completions of prompt 0 first, then prompt 1's, and so on (group after group). Tokens
+    after a completion's first EOS are ignored (the caller masks them), so a backend may pad with
+    anything there. `input_ids` and `attention_mask` are (prompts, P), padded on the left.
+    """
+
+    def completions(
+        self, model: Any, tokenizer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: SamplingRequest
+    ) -> torch.Tensor: ...
+
+
+class LeanBackend:
+    """One prefill per prompt and a shared KV cache (pipelines/grpo/sampling.py); seeds per prompt."""
+
+    def completions(
+        self, model: Any, tokenizer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: SamplingRequest
+    ) -> torch.Tensor:
+        from pipelines.grpo.sampling import sample
+
+        generators = None
+        if request.seeds is not None and request.do_sample:
+            if len(request.seeds) != input_ids.size(0):
+                raise ValueError(f"{len(request.seeds)} seeds for {input_ids.size(0)} prompts: pass one per prompt")
+            generators = [torch.Generator().manual_seed(s) for s in request.seeds]
+        return sample(
+            model, input_ids, attention_mask, num_generations=request.num_generations,
+            max_new_tokens=request.max_new_tokens, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+            do_sample=request.do_sample, temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
+            generators=generators,
+        )
+
+
+class HFGenerateBackend:
+    """`model.generate` from transformers.
+
+    It draws from torch's global generator for the whole batch, so with seeds it seeds one call
+    (from the first prompt's seed, inside `fork_rng` so the caller's stream is untouched): the
+    result is reproducible, but a prompt's completions depend on the batch it was sampled in.
+    """
+
+    def completions(
+        self, model: Any, tokenizer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: SamplingRequest
+    ) -> torch.Tensor:
+        sampling: dict[str, Any] = {"do_sample": False}
+        if request.do_sample:
+            sampling = {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}
+        with torch.random.fork_rng(devices=[], enabled=bool(request.seeds and request.do_sample)):
+            if request.seeds and request.do_sample:
+                torch.manual_seed(request.seeds[0])
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=request.max_new_tokens,
+                num_return_sequences=request.num_generations,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **sampling,
+            )
+        return out[:, input_ids.size(1) :]
+
+
+class VLLMBackend:
+    """Placeholder for vLLM on GPUs.
+
+    What the adapter has to do: keep a `vllm.LLM` engine on the reference model, load the policy's
+    current weights into it after every optimiser step (LoRA: a `LoRARequest` on the saved adapter,
+    or merged weights through the engine's `load_weights`), sample `n = num_generations` per prompt
+    from the token ids (`TokensPrompt`) with `SamplingParams(seed=...)` per prompt, and return the ids
+    laid out as `RolloutBackend` says.
+    """
+
+    def completions(
+        self, model: Any, tokenizer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: SamplingRequest
+    ) -> torch.Tensor:
+        if importlib.util.find_spec("vllm") is None:
+            raise BackendUnavailable(
+                "runtime.rollout_backend=vllm needs the `vllm` package and a CUDA GPU: `pip install vllm` on the "
+                "GPU machine, or use runtime.rollout_backend=lean (CPU, the default) or hf"
+            )
+        raise BackendUnavailable(
+            "runtime.rollout_backend=vllm is not implemented yet (vllm is installed, the adapter is not): "
+            "write VLLMBackend.completions in pipelines/grpo/backends.py as its docstring says, "
+            "or use runtime.rollout_backend=lean or hf"
+        )
+
+
+BACKENDS: dict[str, RolloutBackend] = {"lean": LeanBackend(), "hf": HFGenerateBackend(), "vllm": VLLMBackend()}
+
+
+def get_backend(name: str) -> RolloutBackend:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown rollout backend {name!r}; set runtime.rollout_backend to one of {sorted(BACKENDS)}") from None

@@ -1,0 +1,248 @@
+"""Data-parallel GRPO under torchrun: the plumbing the training loop calls, and the launcher.
+
+How a step is split so that N processes make exactly the update one process makes:
+- every rank draws the same global batch of prompts (same seeded PromptSampler) and samples only
+  its own contiguous slice (`World.shard`); groups stay whole, so each rank scores its own groups;
+- each group is sampled from a generator seeded by (seed, step, prompt index in the global batch)
+  (sampling.prompt_seed), so completions do not depend on the number of processes;
+- rewards are gathered (`World.gather`): every rank computes the advantages of the whole batch,
+  which `scale_rewards: batch` and `normalize_then_sum` need, then keeps its own rows;
+- each rank weights its loss by its share of the loss's normaliser (`loss_share`) and gradients are
+  summed (`World.all_reduce_grads`), which gives the single-process gradient for every loss_type;
+- only rank 0 writes checkpoints, MLflow, metrics and the adapter.
+
+`train.num_processes > 1` makes `trainer.run` start `python -m torch.distributed.run --standalone`
+with this module as the entry point (`launch`), so `grpo train`, `dvc repro` and the Prefect task
+all get it; `torchrun --nproc_per_node N -m flows.cli train` works as well. Collectives run on gloo
+for CPU tensors and on nccl for CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelines.config import Config, ConfigError, TrainConfig
+from pipelines.paths import Paths
+
+
+class DistributedError(RuntimeError):
+    """A data-parallel run that failed; the message says where to look."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks; every method is a no-op (or identity) for one process."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous part of n items (sizes differ by at most one).
+
+        >>> [World(r, 3).shard(8) for r in range(3)]
+        [slice(0, 2, None), slice(2, 5, None), slice(5, 8, None)]
+        """
+        return slice(n * self.rank // self.size, n * (self.rank + 1) // self.size)
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's `tensor` concatenated along dim 0 in rank order (sizes may differ)."""
+        if self.size == 1:
+            return tensor
+        import torch.distributed as dist
+
+        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(self.size)]
+        dist.all_gather(sizes, torch.tensor([tensor.size(0)]))
+        padded = torch.zeros((max(int(s) for s in sizes), *tensor.shape[1:]), dtype=tensor.dtype)
+        padded[: tensor.size(0)] = tensor
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded)  # gloo needs equal shapes: pad, then cut each part back
+        return torch.cat([part[: int(size)] for part, size in zip(parts, sizes, strict=True)])
+
+    def sum(self, value: float) -> float:
+        return self._reduce(value, "sum")
+
+    def max(self, value: float) -> float:
+        return self._reduce(value, "max")
+
+    def _reduce(self, value: float, op: str) -> float:
+        if self.size == 1:
+            return value
+        import torch.distributed as dist
+
+        box = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(box, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return float(box)
+
+    def average(self, values: dict[str, float], weight: float) -> dict[str, float]:
+        """Means of per-rank means, each rank counting `weight` (its tokens, its completions...)."""
+        if self.size == 1:
+            return dict(values)
+        import torch.distributed as dist
+
+        keys = list(values)
+        box = torch.tensor([values[k] * weight if weight else 0.0 for k in keys] + [weight], dtype=torch.float64)
+        dist.all_reduce(box)
+        total = float(box[-1])
+        return {k: float(box[i]) / total if total else float("nan") for i, k in enumerate(keys)}
+
+    def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum the gradients of `params` over ranks, in one collective."""
+        if self.size == 1:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for p in params:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
+    def broadcast(self, params: list[torch.nn.Parameter]) -> None:
+        """Rank 0's values into every rank's `params` (the same starting point, whatever the seed did)."""
+        if self.size == 1:
+            return
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p.data, src=0)
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+SINGLE = World()
+
+
+def under_torchrun() -> bool:
+    """True inside a process that torchrun (or another env:// launcher) started."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def check(train: TrainConfig, size: int) -> None:
+    """Refuse what data parallelism does not support yet, naming the fix."""
+    if size == 1:
+        return
+    if train.dynamic_sampling:
+        raise ConfigError(
+            f"train.dynamic_sampling is not supported with {size} processes yet (resampled rounds can leave a "
+            "rank without prompts): set train.dynamic_sampling=false or train.num_processes=1"
+        )
+    if train.prompts_per_step < size:
+        raise ConfigError(
+            f"train.prompts_per_step={train.prompts_per_step} leaves some of the {size} processes without a "
+            f"prompt: raise it to at least {size}, or lower train.num_processes"
+        )
+
+
+@contextmanager
+def world(train: TrainConfig) -> Iterator[World]:
+    """The process group for this run: one process, or the ranks torchrun started."""
+    if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        yield SINGLE
+        return
+    import torch.distributed as dist
+
+    # gloo for CPU tensors (this trainer's), nccl for CUDA tensors where a GPU is present.
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        current = World(rank=dist.get_rank(), size=dist.get_world_size())
+        check(train, current.size)
+        yield current
+    finally:
+        dist.destroy_process_group()
+
+
+def loss_share(loss_type: str, mask: torch.Tensor, world: World) -> float:
+    """The factor for this rank's loss so that the sum over ranks is the global batch's loss.
+
+    `grpo` and `dr_grpo` divide by the number of sequences, `bnpo` and `dapo` by the number of
+    completion tokens (in one process both are the whole batch's): a rank's loss, normalised by its
+    own count, is scaled by its own count over the global one.
+    """
+    if world.size == 1:
+        return 1.0
+    local = float(mask.sum()) if loss_type in ("bnpo", "dapo") else float(mask.size(0))
+    total = world.sum(local)
+    return local / total if total else 0.0
+
+
+def launch(cfg: Config, paths: Paths, log_to_mlflow: bool) -> dict[str, Any]:
+    """Run training in `cfg.train.num_processes` processes under torchrun; return rank 0's result."""
+    n = cfg.train.num_processes
+    check(cfg.train, n)  # fail here, before starting processes
+    with tempfile.TemporaryDirectory(prefix="grpo-ddp-") as tmp:
+        config_file, result_file = Path(tmp) / "config.json", Path(tmp) / "result.json"
+        config_file.write_text(cfg.model_dump_json(), encoding="utf-8")
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+            "-m", "pipelines.grpo.distributed",
+            "--project", str(paths.root), "--config", str(config_file), "--result", str(result_file),
+            *([] if log_to_mlflow else ["--no-mlflow"]),
+        ]
+        done = subprocess.run(command, env=_child_env(n), check=False)
+        if done.returncode != 0 or not result_file.exists():
+            raise DistributedError(
+                f"data-parallel training ({n} processes under torchrun) exited with code {done.returncode}; "
+                "the failing rank's error is printed above"
+            )
+        return json.loads(result_file.read_text(encoding="utf-8"))
+
+
+def _child_env(n: int) -> dict[str, str]:
+    env = dict(os.environ)
+    # The ranks import the same code as this process, wherever it was imported from.
+    code_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (code_root, env.get("PYTHONPATH")) if p)
+    # Share the cores instead of oversubscribing them (torchrun would say 1 and warn).
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    # --standalone is one machine: keep gloo on loopback rather than on whatever the hostname resolves to.
+    if sys.platform.startswith("linux") and Path("/sys/class/net/lo").exists():
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of each rank that `launch` starts."""
+    parser = argparse.ArgumentParser(prog="python -m pipelines.grpo.distributed")
+    parser.add_argument("--project", type=Path, required=True)
+    parser.add_argument("--config", type=Path, required=True, help="the resolved Config as JSON")
+    parser.add_argument("--result", type=Path, required=True, help="where rank 0 writes the TrainResult")
+    parser.add_argument("--no-mlflow", action="store_true")
+    args = parser.parse_args(argv)
+
+    from pipelines.env import quiet_telemetry
+    from pipelines.grpo import trainer
+    from pipelines.io import write_json
+
+    quiet_telemetry()
+    cfg = Config.model_validate_json(args.config.read_text(encoding="utf-8"))
+    result = trainer.run(cfg, Paths(args.project), log_to_mlflow=not args.no_mlflow)
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_json(args.result, asdict(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
