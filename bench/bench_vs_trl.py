@@ -3,8 +3,8 @@
 Work: the embedded SmolLM2-135M-Instruct (pinned snapshot), LoRA r=16 on all linear layers, G = 8,
 one prompt per step (multiplication problems with one worked example), up to 64 completion tokens,
 the same prompts in the same order and the same seed, `--steps` steps. Each run is a child process
-(so peak memory is per run); runs alternate TRL, ours, TRL, ours... TRL is tried in bf16 and fp32
-and its faster setting counts.
+(so peak memory is per run); runs alternate TRL, ours, TRL, ours... TRL is tried in bf16 with and
+without gradient checkpointing (its default is on) and in fp32; its fastest setting counts.
 
     .venv/bin/python bench/bench_vs_trl.py --steps 10 --rounds 2 --out bench/results.json
 """
@@ -74,7 +74,7 @@ def child_ours(root: Path, steps: int, threads: int, extra: list[str]) -> dict:
     }
 
 
-def child_trl(root: Path, steps: int, threads: int, bf16: bool) -> dict:
+def child_trl(root: Path, steps: int, threads: int, bf16: bool, checkpointing: bool) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -100,6 +100,7 @@ def child_trl(root: Path, steps: int, threads: int, bf16: bool) -> dict:
         max_completion_length=64, max_steps=steps, learning_rate=2e-4, beta=0.0, loss_type="grpo", bf16=bf16,
         use_cpu=True, logging_steps=1, report_to=[], save_strategy="no", seed=cfg.train.seed, temperature=1.0,
         shuffle_dataset=False, dataloader_num_workers=0, reward_weights=[1.0, 0.2],
+        gradient_checkpointing=checkpointing,  # TRL's default is on; off is faster when memory allows
     )
     times, tokens = [], []
 
@@ -164,20 +165,21 @@ def main() -> None:
         if args.child == "ours":
             result = child_ours(args.root, args.steps, args.threads, [s for s in args.setting.split(";") if s])
         else:
-            result = child_trl(args.root, args.steps, args.threads, bf16=args.setting == "bf16")
+            result = child_trl(args.root, args.steps, args.threads, bf16=args.setting.startswith("bf16"), checkpointing=not args.setting.endswith("nogc"))
         result["peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(json.dumps(result))
         return
     workdir = Path(tempfile.mkdtemp(prefix="grpo-bench-"))
     root = prepare(workdir)
-    runs: dict[str, list[dict]] = {"trl-bf16": [], "trl-fp32": [], "ours": []}
+    settings = [("trl-bf16", "trl", "bf16"), ("ours", "ours", ""), ("trl-bf16-nogc", "trl", "bf16-nogc"), ("trl-fp32", "trl", "fp32")]
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in settings}
     for r in range(args.rounds):
-        for name, kind, setting in (("trl-bf16", "trl", "bf16"), ("ours", "ours", ""), ("trl-fp32", "trl", "fp32")):
+        for name, kind, setting in settings:
             res = run_child(kind, root, args.steps, args.threads, setting)
             runs[name].append(summary(res))
             print(f"round {r + 1} {name}: {runs[name][-1]}", flush=True)
     agg = {k: {m: statistics.mean(x[m] for x in v) for m in v[0]} for k, v in runs.items()}
-    trl_best = min(("trl-bf16", "trl-fp32"), key=lambda k: agg[k]["step_s"])
+    trl_best = min((k for k in agg if k.startswith("trl")), key=lambda k: agg[k]["step_s"])
     report = {
         "steps": args.steps, "rounds": args.rounds, "threads": args.threads, "runs": agg, "trl_counted": trl_best,
         "ratio_step_time": agg[trl_best]["step_s"] / agg["ours"]["step_s"],

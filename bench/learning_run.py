@@ -67,7 +67,7 @@ def train_ours(root: Path, seconds: float, every: int, overrides: list[str]) -> 
     return snaps
 
 
-def train_trl(root: Path, seconds: float, every: int, overrides: list[str]) -> list[dict]:
+def train_trl(root: Path, seconds: float, every: int, overrides: list[str], prompts: int = 1) -> list[dict]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -88,7 +88,7 @@ def train_trl(root: Path, seconds: float, every: int, overrides: list[str]) -> l
     ref = root / "models" / "reference"
     out = root / "trl"
     args = GRPOConfig(
-        output_dir=str(out), per_device_train_batch_size=t.num_generations * t.prompts_per_step, num_generations=t.num_generations,
+        output_dir=str(out), per_device_train_batch_size=t.num_generations * prompts, num_generations=t.num_generations,
         max_completion_length=t.max_completion_length, max_steps=100000, learning_rate=t.learning_rate, beta=t.beta,
         loss_type=t.loss_type, bf16=True, use_cpu=True, logging_steps=1, report_to=[], save_strategy="no", seed=t.seed,
         temperature=t.temperature, shuffle_dataset=False, reward_weights=[s.weight for s in t.rewards],
@@ -164,8 +164,10 @@ def score_snapshots(root: Path, snaps: list[dict]) -> list[dict]:
 
 
 def child(args: argparse.Namespace) -> None:
-    train = train_ours if args.child == "ours" else train_trl
-    snaps = train(args.root, args.minutes * 60, args.every, args.set)
+    if args.child == "ours":
+        snaps = train_ours(args.root, args.minutes * 60, args.every, args.set + args.ours)
+    else:
+        snaps = train_trl(args.root, args.minutes * 60, args.every, args.set, args.trl_prompts)
     print(json.dumps(score_snapshots(args.root, snaps)))
 
 
@@ -195,7 +197,9 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=4.0)
     ap.add_argument("--every", type=int, default=5, help="snapshot every N steps")
     ap.add_argument("--engines", nargs="+", default=["ours", "trl"])
-    ap.add_argument("-S", "--set", action="append", default=[])
+    ap.add_argument("-S", "--set", action="append", default=[], help="override for both engines")
+    ap.add_argument("--ours", action="append", default=[], help="override for this engine only (e.g. dynamic sampling)")
+    ap.add_argument("--trl-prompts", type=int, default=1, help="prompts per TRL step (TRL's measured setting: 1 x G=8)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "learning.json")
     args = ap.parse_args()
     os.environ.update(QUIET)
@@ -206,13 +210,14 @@ def main() -> None:
     results = {}
     for engine in args.engines:
         cmd = [sys.executable, __file__, "--child", engine, "--root", str(root), "--minutes", str(args.minutes), "--every", str(args.every)]
-        cmd += [a for s in args.set for a in ("-S", s)]
+        cmd += [a for s in args.set for a in ("-S", s)] + [a for s in args.ours for a in ("--ours", s)]
+        cmd += ["--trl-prompts", str(args.trl_prompts)]
         proc = subprocess.run(cmd, env={**os.environ, **QUIET}, stdout=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{engine} failed")
         results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(engine, results[engine], flush=True)
-    args.out.write_text(json.dumps({"minutes": args.minutes, "overrides": args.set, "results": results}, indent=2))
+    args.out.write_text(json.dumps({"minutes": args.minutes, "overrides": args.set, "ours_only": args.ours, "trl_prompts_per_step": args.trl_prompts, "results": results}, indent=2))
     plot(results, args.out.with_suffix(".png"))
 
 
