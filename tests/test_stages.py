@@ -73,6 +73,11 @@ def test_train_evaluate_register_in_order(staged, smoke_cfg, tmp_path):
     run = client.get_run(first.run_id)
     assert run.info.run_id == result.run_id  # one MLflow run: training metrics and registration
     assert "reward" in run.data.metrics and "eval/policy/accuracy" in run.data.metrics
+    # The training run names its data: the validated splits as a dataset input with their digest.
+    digest = json.loads(paths.validation_report.read_text())["digest"]
+    inputs = run.inputs.dataset_inputs
+    assert len(inputs) == 1 and inputs[0].dataset.digest == digest[:32]
+    assert {t.key: t.value for t in inputs[0].tags}["dataset_digest"] == digest
     tags = client.get_model_version("grpo-policy", "1").tags
     assert tags["reference_sha256"] == json.loads((paths.reference_dir / "manifest.json").read_text())["sha256"]
     assert tags["dataset_digest"] == json.loads(paths.validation_report.read_text())["digest"]
