@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser(name, parents=[common], help=helps[name], description=helps[name])
     run = sub.add_parser("run", parents=[common], help="run all five stages as a Prefect flow, versioned with DVC")
     run.add_argument("--force", action="store_true", help="rerun stages even when dvc.lock says they are up to date")
+    sub.add_parser(
+        "serve", parents=[common],
+        help="serve the deployments (nightly training, retrain on new data, promotion) until Ctrl-C; needs PREFECT_API_URL",
+        description="Serve this project's Prefect deployments from one process (see flows/serve.py).",
+    )
     _registry_parsers(sub, common)
     _data_parsers(sub)
     return parser
@@ -106,6 +111,28 @@ def _data_command(args: argparse.Namespace, paths: Paths) -> int:
     added = add_raw(paths, args.path, push=not args.no_push)
     print(json.dumps(asdict(added), indent=2))
     print(f"commit {added.dvc_file} (and its folder's .gitignore) with git; validate it with -S data.path={added.path}", file=sys.stderr)
+    # Only now that DVC holds it: `grpo serve` retrains on this event (pipelines/events.py).
+    from pipelines.events import emit_dataset_updated
+
+    sent = emit_dataset_updated(paths.root.resolve(), added.path, added.digest, dvc_file=added.dvc_file, pushed=added.pushed)
+    print(sent.message, file=sys.stderr)
+    return 0
+
+
+def _serve_command(args: argparse.Namespace, paths: Paths) -> int:
+    from pipelines import config
+
+    from flows.serve import ServeError, serve
+
+    cfg = config.load(paths.params, args.overrides, args.preset)
+    try:
+        serve(paths.root.resolve(), cfg, args.preset, args.overrides)
+    except ServeError as exc:
+        print(f"grpo serve: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before the runner took over its own signal handling
+        pass
+    print("grpo serve: stopped (schedules paused until the next `grpo serve`)", file=sys.stderr)
     return 0
 
 
@@ -123,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "data":
             return _data_command(args, paths)
+        if args.command == "serve":
+            return _serve_command(args, paths)
         if args.command == "run":
             from flows.pipeline import training_pipeline
 

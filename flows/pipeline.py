@@ -7,29 +7,42 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.naming import training_run_name
 from pipelines.stages import STAGES
 from tasks import dvc
-from tasks.stages import apply_params, stage
+from tasks.stages import apply_params, stage_task
+from tasks.workspace import one_run_at_a_time
 
 
-@flow(name="grpo-pipeline", log_prints=True)
+@flow(name="grpo-pipeline", flow_run_name=training_run_name, log_prints=True)
 def training_pipeline(
     project: str = ".", preset: str | None = None, overrides: list[str] | None = None, force: bool = False
 ) -> dict[str, Any]:
-    """validate -> snapshot -> train -> evaluate -> register, then push to the DVC remote.
+    """validate -> snapshot -> train -> evaluate -> register, versioned in dvc.lock and the DVC remote.
 
     A stage whose deps, params and outs match dvc.lock is reused, not rerun (unless `force`).
     """
-    logger = get_run_logger()
     root = Path(project).resolve()
-    apply_params(root, overrides or [], preset)
+    with one_run_at_a_time(root):
+        apply_params(root, overrides or [], preset)
+        return run_stages(root, force)
+
+
+def run_stages(root: Path, force: bool = False) -> dict[str, Any]:
+    """Run the stages dvc.lock does not show as current, `dvc commit` each one after it succeeds.
+
+    So a failed stage leaves dvc.lock and the remote as the last good run left them. The outs are
+    pushed before `register`: a version in the registry never names data the remote lacks.
+    """
+    logger = get_run_logger()
     results: dict[str, Any] = {}
     for name in STAGES:
+        if name == "register":
+            dvc.push(root)
         if not force and dvc.stage_is_current(root, name):
             logger.info("stage %s is up to date in dvc.lock: reusing its outputs", name)
             results[name] = {"reused": True}
             continue
-        results[name] = stage(root, name)
+        results[name] = stage_task(name)(root, name)
         dvc.commit(root, name)
-    dvc.push(root)
     return results

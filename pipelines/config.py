@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
@@ -177,6 +177,9 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(10, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
     resume: bool = True
+    # Data parallelism: above 1, `grpo train` runs this many processes under torchrun (gloo on CPU,
+    # nccl on GPU), each sampling a slice of every step's prompts; the update equals one process's.
+    num_processes: int = Field(1, ge=1)
 
 
 class EvaluateConfig(_Section):
@@ -215,8 +218,32 @@ class RuntimeConfig(_Section):
     # torch threads: 0 keeps torch's default. Tiny models run far faster on 1 (ENVIRONMENT.md).
     num_threads: int = 0
     dvc_remote: str = "local"
-    # How completions are sampled: `lean` (own KV-cached loop, fastest on CPU) or `hf` (model.generate).
-    rollout_backend: Literal["lean", "hf"] = "lean"
+    # How completions are sampled (pipelines/grpo/backends.py): `lean` (own KV-cached loop, fastest
+    # on CPU), `hf` (model.generate) or `vllm` (GPUs; a placeholder that names what is missing).
+    rollout_backend: Literal["lean", "hf", "vllm"] = "lean"
+
+
+class OrchestrationConfig(_Section):
+    """How `grpo serve` runs the pipeline as a service (flows/serve.py); no stage reads it."""
+
+    # When the training flow runs on its own (cron, in `timezone`); null = no schedule.
+    cron: str | None = "0 2 * * *"
+    timezone: str = "UTC"
+    # Retrain when `grpo data add` (or the watcher) announces new data (event grpo.dataset.updated).
+    retrain_on_new_data: bool = True
+    # Files or folders (relative to the project) the watcher polls; when one's digest changes it is
+    # versioned and announced as `grpo data add` would. Empty: no watcher.
+    watch: list[str] = []
+    watch_every_s: int = Field(300, ge=10)
+    # How long a promotion that asks for approval waits for an answer before it fails.
+    approval_timeout_s: int = Field(3600, ge=1)
+
+    @field_validator("cron")
+    @classmethod
+    def _cron_fields(cls, value: str | None) -> str | None:
+        if value is not None and len(value.split()) not in (5, 6):
+            raise ValueError(f"{value!r} is not a cron expression; write 5 fields, e.g. '0 2 * * *' for 02:00 daily, or null")
+        return value
 
 
 class Config(_Section):
@@ -227,6 +254,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegisterConfig = RegisterConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
 
 # Presets are overrides on top of params.yaml. `smoke` runs the whole pipeline in about a minute

@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.artifacts import create_markdown_artifact
+from prefect import Task, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipelines import config
 from pipelines.paths import Paths
 from pipelines.stages import run_stage
+from tasks.retry import SERVER_RETRIES
 
 
 @task(name="apply-params")
@@ -21,7 +22,7 @@ def apply_params(root: Path, overrides: list[str], preset: str | None) -> None:
         config.write_params(Paths(root).params, overrides, preset)
 
 
-@task(name="stage")
+@task(name="stage", task_run_name="{name}")
 def stage(root: Path, name: str) -> dict[str, Any]:
     """Run one pipeline stage on the project at `root`."""
     paths = Paths(root)
@@ -34,6 +35,12 @@ def stage(root: Path, name: str) -> dict[str, Any]:
         raise
     _artifact(name, paths, result)
     return result
+
+
+def stage_task(name: str) -> Task[..., dict[str, Any]]:
+    """The task that runs stage `name`: registration talks to the MLflow server, so it retries
+    transient failures with backoff (tasks/retry.py); the other stages work on local files."""
+    return stage.with_options(**SERVER_RETRIES) if name == "register" else stage
 
 
 def _validation_artifact(paths: Paths) -> None:
@@ -49,6 +56,8 @@ def _artifact(name: str, paths: Paths, result: dict[str, Any]) -> None:
     key = f"grpo-{name}"
     if name == "validate":
         _validation_artifact(paths)
+    elif name == "train":
+        _training_artifacts(paths)
     elif name == "evaluate" and paths.eval_report.exists():
         create_markdown_artifact(_inline_chart(paths.eval_report), key=key)
     elif name == "register":
@@ -59,6 +68,59 @@ def _artifact(name: str, paths: Paths, result: dict[str, Any]) -> None:
             + (f"\n| gate rule | |\n|---|---|\n{checks}" if checks else ""),
             key=key,
         )
+
+
+# The curves worth a glance in the UI, in the order of the table artifact.
+CURVE_COLUMNS = ("step", "reward", "reward_std", "kl", "entropy", "frac_reward_zero_std", "completions/mean_length", "step_time")
+
+
+def _training_artifacts(paths: Paths) -> None:
+    """Final metrics, the curves (inline PNG), the MLflow run link, and the reward curve as a table."""
+    import csv
+
+    if not paths.train_metrics.exists():
+        return
+    final = json.loads(paths.train_metrics.read_text(encoding="utf-8"))
+    run_id = final.get("mlflow_run_id")
+    rows = "".join(
+        f"| {key} | {value:.4g} |\n" for key, value in final.items() if isinstance(value, (int, float)) and not isinstance(value, bool)
+    )
+    text = f"## Training\n\n**{final.get('steps', '?')} steps**; final step:\n\n| metric | value |\n|---|---|\n{rows}"
+    if run_id:
+        text += f"\nMLflow run: {_mlflow_link(paths.root, run_id)}\n"
+    if paths.train_curves.exists():
+        text += f"\n![training curves]({_png_data_uri(paths.train_curves)})\n"
+    create_markdown_artifact(text, key="grpo-train", description="GRPO training: final metrics, curves, MLflow run")
+    if paths.train_plot.exists():
+        with paths.train_plot.open(encoding="utf-8") as fh:
+            table = [{k: row[k] for k in CURVE_COLUMNS if k in row} for row in csv.DictReader(fh)]
+        if table:
+            create_table_artifact(table, key="grpo-train-curve", description="reward and friends per training step")
+
+
+def _mlflow_link(root: Path, run_id: str) -> str:
+    """A link to the run in the MLflow UI (a server's own; for the SQLite store, the `mlflow ui` default)."""
+    from pipelines.tracking import tracking_uri
+
+    uri = tracking_uri(root)
+    try:
+        from mlflow import MlflowClient
+
+        experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+    except Exception:  # the link is a courtesy: a store that cannot be read leaves the bare run id
+        return f"`{run_id}`"
+    if uri.startswith(("http://", "https://")):
+        return f"[{run_id}]({uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})"
+    return (
+        f"[{run_id}](http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}) "
+        f"(after `mlflow ui --backend-store-uri {uri}`)"
+    )
+
+
+def _png_data_uri(png: Path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
 
 
 def _inline_chart(report: Path) -> str:

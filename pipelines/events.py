@@ -1,0 +1,76 @@
+"""New data is an event: `grpo.dataset.updated`, sent to the Prefect server after DVC has versioned it.
+
+`grpo serve` deploys the retrain flow with a trigger on this event; the payload carries what the
+flow needs (the dataset's path in the project and its sha256). Prefect is imported inside the
+function that sends, so the domain code still imports and tests without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DATASET_UPDATED = "grpo.dataset.updated"
+RESOURCE_PREFIX = "grpo.dataset."
+# The resource label that ties an event to one project: a `grpo serve` retrains only its own.
+PROJECT_LABEL = "grpo.project"
+
+
+@dataclass
+class Sent:
+    sent: bool
+    message: str  # one line for the user: what was sent where, or why nothing was
+
+
+def dataset_event(root: Path, path: str, digest: str, **extra: Any) -> dict[str, Any]:
+    """The event's fields: the dataset (path relative to the project) as resource, path and digest as payload.
+
+    >>> e = dataset_event(Path("/p"), "data/raw/new.jsonl", "ab12")
+    >>> e["resource"]["prefect.resource.id"], e["payload"]["digest"]
+    ('grpo.dataset.data/raw/new.jsonl', 'ab12')
+    """
+    return {
+        "event": DATASET_UPDATED,
+        "resource": {
+            "prefect.resource.id": f"{RESOURCE_PREFIX}{path}",
+            "prefect.resource.name": path,
+            PROJECT_LABEL: str(root),
+        },
+        "payload": {"path": path, "digest": digest, "project": str(root), **extra},
+    }
+
+
+def api_url() -> str | None:
+    """The Prefect server this process would talk to (PREFECT_API_URL or the active profile), if any."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
+
+
+def emit_dataset_updated(root: Path, path: str, digest: str, **extra: Any) -> Sent:
+    """Send `grpo.dataset.updated` and wait until it is on the wire; never raises.
+
+    Uses the events client directly rather than `emit_event`, whose background worker drops
+    failures silently: a command that says "sent" must have sent.
+    """
+    url = api_url()
+    if not url:
+        return Sent(False, f"no Prefect server configured (PREFECT_API_URL): {DATASET_UPDATED} not sent, nothing retrains")
+    import asyncio
+
+    from prefect.events import Event
+    from prefect.events.clients import get_events_client
+
+    event = Event(**dataset_event(root, path, digest, **extra))
+
+    async def send() -> None:
+        async with get_events_client(reconnection_attempts=2) as client:
+            await client.emit(event)
+
+    try:
+        asyncio.run(send())
+    except Exception as exc:  # a server that is down must not fail the data command
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return Sent(False, f"{DATASET_UPDATED} not sent to {url} ({reason}); start the server, or retrain with `grpo run`")
+    return Sent(True, f"sent {DATASET_UPDATED} for {path} (sha256 {digest[:12]}) to {url}")
