@@ -37,3 +37,16 @@ test-slow: install
 
 clean:
 	rm -rf $(VENV)
+
+# The pipeline against real servers on loopback (tests/test_infra.py, marked `infra`): Debian's
+# PostgreSQL, the Prefect and MLflow servers on it, moto's S3 server; a few minutes. PostgreSQL
+# and a compose client come from apt (as root, or through sudo); the Python pieces are in the `test` extra.
+.PHONY: test-infra
+test-infra: install
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); $$SUDO apt-get update && $$SUDO apt-get install -y postgresql; }
+	@# A compose client to validate infra/docker-compose.yml: the plugin if Docker has it, else Debian's docker-compose.
+	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); $$SUDO apt-get update && $$SUDO apt-get install -y docker-compose; }
+	@# -m "": every test of the file, the `infra` ones and the quick checks of infra/.
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -m "" tests/test_infra.py

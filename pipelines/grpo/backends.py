@@ -61,13 +61,13 @@ class LeanBackend:
     def completions(
         self, model: Any, tokenizer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: SamplingRequest
     ) -> torch.Tensor:
-        from pipelines.grpo.sampling import sample
+        from pipelines.grpo.sampling import row_generators, sample
 
         generators = None
         if request.seeds is not None and request.do_sample:
             if len(request.seeds) != input_ids.size(0):
                 raise ValueError(f"{len(request.seeds)} seeds for {input_ids.size(0)} prompts: pass one per prompt")
-            generators = [torch.Generator().manual_seed(s) for s in request.seeds]
+            generators = row_generators(request.seeds, request.num_generations)
         return sample(
             model, input_ids, attention_mask, num_generations=request.num_generations,
             max_new_tokens=request.max_new_tokens, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,

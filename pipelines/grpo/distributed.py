@@ -3,8 +3,9 @@
 How a step is split so that N processes make exactly the update one process makes:
 - every rank draws the same global batch of prompts (same seeded PromptSampler) and samples only
   its own contiguous slice (`World.shard`); groups stay whole, so each rank scores its own groups;
-- each group is sampled from a generator seeded by (seed, step, prompt index in the global batch)
-  (sampling.prompt_seed), so completions do not depend on the number of processes;
+- each completion is sampled from its own generator, seeded from (seed, step, prompt index in the
+  global batch, completion index) (sampling.prompt_seed, row_generators), so completions do not
+  depend on the number of processes;
 - rewards are gathered (`World.gather`): every rank computes the advantages of the whole batch,
   which `scale_rewards: batch` and `normalize_then_sum` need, then keeps its own rows;
 - each rank weights its loss by its share of the loss's normaliser (`loss_share`) and gradients are

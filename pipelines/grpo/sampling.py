@@ -66,9 +66,9 @@ def sample(
 ) -> torch.Tensor:
     """(B * G, T) completion ids for left-padded prompts, padded with `pad_id` after EOS.
 
-    `generators`, one per prompt, make each group's draws its own: every group takes a (G, vocab)
-    block of noise per token from its generator, so what it samples does not depend on the rest
-    of the batch. Without them, noise comes from torch's global generator.
+    `generators`, one per completion row (`row_generators`), make each completion's draws its
+    own: a row takes one vocabulary-sized block of noise per token it generates, so what it samples
+    does not depend on the rest of the batch. Without them, noise comes from torch's global generator.
     """
     from transformers import DynamicCache
 
@@ -82,6 +82,8 @@ def sample(
     logits = out.logits[:, -1, :].float().repeat_interleave(num_generations, dim=0)
     next_position = positions[:, -1:] + 1
     rows = logits.size(0)
+    if generators is not None and len(generators) != rows:
+        raise ValueError(f"{len(generators)} generators for {rows} completions: pass one per completion row")
     result = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long)
     active = torch.arange(rows)  # rows still generating; finished rows leave the batch and the cache
     for step in range(max_new_tokens):
@@ -89,7 +91,7 @@ def sample(
             probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
             # argmax(p / Exp(1)) draws from p exactly (the exponential race), and is much cheaper
             # than torch.multinomial over a 49k vocabulary on CPU.
-            token = (probs / torch.empty_like(probs).exponential_()).argmax(-1)
+            token = (probs / _exponential_noise(probs, active, generators)).argmax(-1)
         else:
             token = logits.argmax(-1)
         result[active, step] = token
@@ -108,3 +110,19 @@ def sample(
         next_position = next_position + 1
         logits = out.logits[:, -1, :].float()
     return result[:, :0]
+
+
+def row_generators(seeds: list[int], num_generations: int) -> list[torch.Generator]:
+    """One generator per completion row, `num_generations` per prompt seed, group after group."""
+    return [
+        torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{seed}/{j}".encode()).digest()[:8], "little") >> 1)
+        for seed in seeds
+        for j in range(num_generations)
+    ]
+
+
+def _exponential_noise(probs: torch.Tensor, active: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """Exp(1) noise shaped like `probs` (one row per active completion), from each row's own generator if given."""
+    if generators is None:
+        return torch.empty_like(probs).exponential_()
+    return torch.stack([torch.empty(probs.size(1), dtype=probs.dtype).exponential_(generator=generators[i]) for i in active.tolist()])

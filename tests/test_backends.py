@@ -1,0 +1,75 @@
+"""The rollout backend interface: names match the config, a new backend plugs in, vllm names its fix."""
+
+from __future__ import annotations
+
+import importlib.util
+import typing
+
+import pytest
+import torch
+
+from pipelines.config import RuntimeConfig
+from pipelines.grpo import backends
+from pipelines.grpo.backends import BackendUnavailable, SamplingRequest, get_backend
+
+
+def test_every_configurable_backend_is_registered():
+    choices = typing.get_args(RuntimeConfig.model_fields["rollout_backend"].annotation)
+    assert set(choices) == set(backends.BACKENDS)
+
+
+def test_unknown_backend_names_the_choices():
+    with pytest.raises(ValueError, match=r"runtime.rollout_backend to one of \['hf', 'lean', 'vllm'\]"):
+        get_backend("tensorrt")
+
+
+def test_vllm_without_the_package_says_how_to_get_it(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    request = SamplingRequest(num_generations=2, max_new_tokens=4, do_sample=True)
+    with pytest.raises(BackendUnavailable, match="pip install vllm.*runtime.rollout_backend=lean"):
+        get_backend("vllm").completions(None, None, torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3), request)
+
+
+class _Fixed:
+    """A backend that answers every prompt with the same ids: the interface is all generate() needs."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+        self.requests: list[SamplingRequest] = []
+
+    def completions(self, model, tokenizer, input_ids, attention_mask, request):
+        self.requests.append(request)
+        return torch.tensor([self.ids] * (input_ids.size(0) * request.num_generations))
+
+
+def test_a_new_backend_plugs_in_behind_generate(tiny_reference, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from pipelines.grpo.rollout import generate
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_reference)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    hello = tokenizer.encode("hello", add_special_tokens=False)
+    fixed = _Fixed([*hello, tokenizer.eos_token_id, *hello])
+    monkeypatch.setitem(backends.BACKENDS, "fixed", fixed)
+    out = generate(None, tokenizer, ["a", "b c d"], num_generations=2, max_new_tokens=8, do_sample=True, backend="fixed", seeds=[1, 2])
+    assert out.texts == ["hello"] * 4  # masked after EOS
+    assert out.lengths.tolist() == [len(hello) + 1] * 4 and not out.truncated.any()
+    assert out.prompt_ids.size(0) == 4 and fixed.requests[0].seeds == [1, 2]
+
+
+def test_hf_backend_with_seeds_is_reproducible_and_leaves_the_global_stream_alone(tiny_reference):
+    from pipelines.grpo.rollout import generate
+    from pipelines.models import load_reference
+
+    model, tokenizer = load_reference(tiny_reference)
+    kwargs = {"num_generations": 2, "max_new_tokens": 5, "do_sample": True, "backend": "hf", "seeds": [7]}
+    torch.manual_seed(0)
+    first = generate(model, tokenizer, ["What is 2 + 2?"], **kwargs)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    again = generate(model, tokenizer, ["What is 2 + 2?"], **kwargs)
+    assert torch.equal(first.completion_ids, again.completion_ids)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(1), after)  # sampling did not consume torch's global generator
