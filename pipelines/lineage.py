@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from pipelines.config import Config
+from pipelines.io import file_hash
 from pipelines.paths import Paths
 
 
@@ -86,9 +87,5 @@ def collect(cfg: Config, paths: Paths) -> dict[str, Any]:
 
 def md5_file(path: Path) -> str:
     """DVC 3's hash of a file out: the md5 of its bytes."""
-    h = hashlib.md5()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_hash(path, "md5")
 

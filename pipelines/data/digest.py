@@ -5,13 +5,11 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from pipelines.io import file_hash
+
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_hash(path, "sha256")
 
 
 def digest_files(*files: Path) -> str:
