@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -125,6 +126,9 @@ def _serve_command(args: argparse.Namespace, paths: Paths) -> int:
     from flows.serve import ServeError, serve
 
     cfg = config.load(paths.params, args.overrides, args.preset)
+    # A process started in the background by a non-interactive shell inherits SIGINT as ignored,
+    # and Python then never raises KeyboardInterrupt: Ctrl-C / SIGINT must always stop serve.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         serve(paths.root.resolve(), cfg, args.preset, args.overrides)
     except ServeError as exc:
