@@ -69,6 +69,19 @@ def make_project(root: Path, dvc: bool = False) -> Path:
     return root
 
 
+def prepared_project(root: Path, tiny_reference: Path, overrides: list[str], preset: str = "smoke"):
+    """A project with validated data and the tiny reference in place; returns its config."""
+    from pipelines import config
+    from pipelines.data import validate
+    from pipelines.paths import Paths
+
+    make_project(root)
+    cfg = config.load(root / "params.yaml", overrides, preset=preset)
+    validate.run(cfg, Paths(root))
+    shutil.copytree(tiny_reference, Paths(root).reference_dir)
+    return cfg
+
+
 @pytest.fixture
 def project(tmp_path) -> Path:
     return make_project(tmp_path / "project")

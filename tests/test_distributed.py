@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -14,11 +13,10 @@ from safetensors.torch import load_file
 
 from pipelines import config
 from pipelines.config import ConfigError
-from pipelines.data import validate
 from pipelines.grpo import distributed, trainer
 from pipelines.grpo.loss import grpo_loss
 from pipelines.paths import Paths
-from tests.conftest import cli_env, make_project
+from tests.conftest import cli_env, prepared_project
 
 OVERRIDES = [
     "train.steps=4", "train.checkpoint_every=2", "train.learning_rate=0.01", "train.prompts_per_step=4",
@@ -89,25 +87,17 @@ def test_a_groups_completions_do_not_depend_on_its_batch(tiny_reference):
     assert len(set(map(tuple, alone.completion_ids.tolist()))) > 1  # the group's completions differ
 
 
-def _prepare(root, tiny_reference, overrides):
-    make_project(root)
-    cfg = config.load(root / "params.yaml", overrides, preset="smoke")
-    validate.run(cfg, Paths(root))
-    shutil.copytree(tiny_reference, Paths(root).reference_dir)
-    return cfg
-
-
 def test_two_processes_train_what_one_process_trains(tmp_path, tiny_reference):
     # grpo loss and batch-scaled rewards: both need the whole batch (sequence counts, reward std).
     overrides = [*OVERRIDES, "train.loss_type=grpo", "train.scale_rewards=batch"]
     single = tmp_path / "single"
-    cfg = _prepare(single, tiny_reference, overrides)
+    cfg = prepared_project(single, tiny_reference, overrides)
     trainer.run(cfg, Paths(single), log_to_mlflow=False)
     expected = load_file(str(Paths(single).policy_dir / "adapter_model.safetensors"))
 
     # `grpo train` with num_processes=2 starts itself under torchrun; MLflow on, to see rank 0 alone log.
     ddp = tmp_path / "ddp"
-    _prepare(ddp, tiny_reference, overrides)
+    prepared_project(ddp, tiny_reference, overrides)
     args = [sys.executable, "-m", "flows.cli", "train", "--preset", "smoke"]
     args += [a for o in [*overrides, "train.num_processes=2"] for a in ("-S", o)]
     done = subprocess.run(args, cwd=ddp, env=cli_env(), capture_output=True, text=True, timeout=300)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,11 +11,9 @@ import time
 
 from safetensors.torch import load_file
 
-from pipelines import config
-from pipelines.data import validate
 from pipelines.grpo import trainer
 from pipelines.paths import Paths
-from tests.conftest import cli_env, make_project
+from tests.conftest import cli_env, prepared_project
 
 OVERRIDES = [
     "train.steps=24", "train.checkpoint_every=2", "train.learning_rate=0.01",
@@ -25,22 +22,14 @@ OVERRIDES = [
 ]
 
 
-def _prepare(root, tiny_reference):
-    make_project(root)
-    cfg = config.load(root / "params.yaml", OVERRIDES, preset="smoke")
-    validate.run(cfg, Paths(root))
-    shutil.copytree(tiny_reference, Paths(root).reference_dir)
-    return cfg
-
-
 def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_reference):
     straight = tmp_path / "straight"
-    cfg = _prepare(straight, tiny_reference)
+    cfg = prepared_project(straight, tiny_reference, OVERRIDES)
     trainer.run(cfg, Paths(straight), log_to_mlflow=False)
     expected = load_file(str(Paths(straight).policy_dir / "adapter_model.safetensors"))
 
     killed = tmp_path / "killed"
-    _prepare(killed, tiny_reference)
+    prepared_project(killed, tiny_reference, OVERRIDES)
     paths = Paths(killed)
     args = [sys.executable, "-m", "flows.cli", "train", "--preset", "smoke", *[a for o in OVERRIDES for a in ("-S", o)]]
     proc = subprocess.Popen(args, cwd=killed, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
