@@ -77,7 +77,13 @@ def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
 
 
 def _api(env: dict[str, str], method: str, path: str, body: dict | None = None) -> object:
-    response = httpx.request(method, env["PREFECT_API_URL"] + path, json=body, timeout=30)
+    # The SQLite-backed server answers 503 while its database is busy (seen on a loaded 2-core CI
+    # machine): retry those a few times, as Prefect's own client does.
+    for attempt in range(6):
+        response = httpx.request(method, env["PREFECT_API_URL"] + path, json=body, timeout=30)
+        if response.status_code < 500 or attempt == 5:
+            break
+        time.sleep(1 + attempt)
     response.raise_for_status()
     return response.json() if response.content else None
 
