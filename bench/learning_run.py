@@ -171,7 +171,7 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(score_snapshots(args.root, snaps)))
 
 
-def plot(results: dict[str, list[dict]], out: Path) -> None:
+def plot(results: dict[str, list[dict]], out: Path, title: str, target: float | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,10 +180,11 @@ def plot(results: dict[str, list[dict]], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, points in results.items():
         ax.plot([p["wall_time"] / 60 for p in points], [p["accuracy"] for p in points], marker="o", label=name)
-    ax.axhline(0.85, color="grey", linestyle="--", linewidth=1, label="target 0.85")
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target}")
     ax.set_xlabel("training wall time (min, 2 CPU cores)")
     ax.set_ylabel("held-out strict accuracy (greedy)")
-    ax.set_title("SmolLM2-135M, LoRA r=16, G=8: multiplication 1-digit x 2..19")
+    ax.set_title(f"SmolLM2-135M, LoRA r=16, G=8: {title}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -201,6 +202,8 @@ def main() -> None:
     ap.add_argument("--ours", action="append", default=[], help="override for this engine only (e.g. dynamic sampling)")
     ap.add_argument("--trl-prompts", type=int, default=1, help="prompts per TRL step (TRL's measured setting: 1 x G=8)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "learning.json")
+    ap.add_argument("--title", default="multiplication 1-digit x 2..19", help="the task, for the plot's title")
+    ap.add_argument("--target", type=float, default=0.85, help="a dashed target line on the plot; 0 = none")
     args = ap.parse_args()
     os.environ.update(QUIET)
     if args.child:
@@ -218,7 +221,7 @@ def main() -> None:
         results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(engine, results[engine], flush=True)
     args.out.write_text(json.dumps({"minutes": args.minutes, "overrides": args.set, "ours_only": args.ours, "trl_prompts_per_step": args.trl_prompts, "results": results}, indent=2))
-    plot(results, args.out.with_suffix(".png"))
+    plot(results, args.out.with_suffix(".png"), args.title, args.target or None)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,99 @@
+"""What sampling can reach on the held-out problems: greedy accuracy, pass@k and mean@k of the reference.
+
+GRPO sharpens what the model already samples: a held-out problem that none of k samples gets
+right is out of reach of a few minutes of RL on *other* problems. This prints, for the learning
+run's task (or any `-S` overrides), the reference's greedy strict accuracy and, per temperature,
+pass@k (some sample right) and mean@k (the average sample right) on the eval split.
+
+    .venv/bin/python bench/ceiling.py --k 16 --temperatures 1.0 0.7 --out bench/ceiling.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.bench_vs_trl import QUIET  # noqa: E402
+from bench.learning_run import prepare  # noqa: E402
+
+
+def measure(root: Path, k: int, temperatures: list[float], max_new_tokens: int, batch: int) -> dict:
+    import torch
+
+    from pipelines.grpo.rollout import generate
+    from pipelines.grpo.rollout_model import RolloutModel
+    from pipelines.io import read_jsonl
+    from pipelines.models import load_reference
+    from pipelines.verifiers.math_answer import answers_match, strict_answer
+
+    rows = read_jsonl(root / "data/validated/eval.jsonl")
+    base, tokenizer = load_reference(root / "models/reference")
+    # fp32, as learning_run.py scores its snapshots, so the two greedy figures agree.
+    model = RolloutModel(base, torch.float32).model
+    right = lambda text, row: answers_match(strict_answer(text), row["answer"])  # noqa: E731
+    greedy: list[bool] = []
+    for i in range(0, len(rows), batch):
+        chunk = rows[i : i + batch]
+        out = generate(model, tokenizer, [r["prompt"] for r in chunk], num_generations=1, max_new_tokens=max_new_tokens, do_sample=False)
+        greedy += [right(t, r) for t, r in zip(out.texts, chunk, strict=True)]
+    result = {"problems": len(rows), "greedy": sum(greedy) / len(rows), "sampled": []}
+    print(f"{len(rows)} held-out problems: greedy strict accuracy {result['greedy']:.3f}", flush=True)
+    for temperature in temperatures:
+        hits: list[int] = []
+        per = max(1, batch // k)
+        for i in range(0, len(rows), per):
+            chunk = rows[i : i + per]
+            out = generate(
+                model, tokenizer, [r["prompt"] for r in chunk], num_generations=k, max_new_tokens=max_new_tokens,
+                do_sample=True, temperature=temperature, seeds=list(range(i, i + len(chunk))),
+            )
+            hits += [sum(right(t, r) for t in out.texts[j * k : (j + 1) * k]) for j, r in enumerate(chunk)]
+        point = {
+            "temperature": temperature, "k": k, "pass_at_k": sum(h > 0 for h in hits) / len(rows),
+            "mean_at_k": sum(hits) / (k * len(rows)),
+            "never_right": [r["id"] for r, h, g in zip(rows, hits, greedy, strict=True) if h == 0 and not g],
+        }
+        result["sampled"].append(point)
+        print(
+            f"temperature {temperature}: pass@{k} {point['pass_at_k']:.3f}, mean@{k} {point['mean_at_k']:.3f}, "
+            f"out of reach (no sample and not greedy) {len(point['never_right'])}",
+            flush=True,
+        )
+    unreachable = set.intersection(*(set(p["never_right"]) for p in result["sampled"])) if result["sampled"] else set()
+    result["out_of_reach"] = sorted(unreachable)
+    result["reachable_fraction"] = 1 - len(unreachable) / len(rows)
+    print(
+        f"out of reach at every temperature: {len(unreachable)} of {len(rows)}, so at most "
+        f"{result['reachable_fraction']:.3f} strict accuracy from sharpening alone",
+        flush=True,
+    )
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-S", "--set", action="append", default=[], help="task override, as in learning_run.py")
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.7])
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "ceiling.json")
+    args = ap.parse_args()
+    os.environ.update(QUIET)
+    import torch
+
+    torch.set_num_threads(2)
+    root = prepare(Path(tempfile.mkdtemp(prefix="grpo-ceiling-")), args.set)
+    result = measure(root, args.k, args.temperatures, args.max_new_tokens, args.batch)
+    args.out.write_text(json.dumps({"overrides": args.set, **result}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
