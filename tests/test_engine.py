@@ -176,3 +176,29 @@ def test_shared_prompt_logps_equal_full_sequence_logps(tiny_reference, smoke_cfg
     g2 = torch.autograd.grad((full * mask).sum(), params, allow_unused=True)
     for a, b in zip(g1, g2, strict=True):
         assert (a is None and b is None) or torch.allclose(a, b, atol=1e-5)
+
+
+def test_training_pass_math_attention_matches_default_kernel(tiny_reference, smoke_cfg, project, monkeypatch):
+    """The training pass's SDPA math kernel (chosen on the CPU for speed) gives the default kernel's numbers."""
+    from contextlib import nullcontext
+
+    from pipelines.grpo import rollout as rollout_module
+    from pipelines.grpo.rollout import generate, token_logps
+
+    shutil.copytree(tiny_reference, Paths(project).reference_dir)
+    model, tokenizer, _ = policy.build(smoke_cfg, Paths(project))
+    torch.manual_seed(0)
+    rollout = generate(model, tokenizer, ["What is 2 + 2?", "What is 7 * 8?"], num_generations=3, max_new_tokens=6, do_sample=True)
+    assert not isinstance(rollout_module._attention_kernel(rollout.completion_ids), nullcontext)
+    with torch.no_grad():
+        assert isinstance(rollout_module._attention_kernel(rollout.completion_ids), nullcontext)
+    params = policy.trainable_parameters(model)
+    mask = rollout.completion_mask.bool()
+    math_logp, _ = token_logps(model, rollout)
+    math_grads = torch.autograd.grad((math_logp * mask).sum(), params, allow_unused=True)
+    monkeypatch.setattr(rollout_module, "_attention_kernel", lambda like: nullcontext())
+    flash_logp, _ = token_logps(model, rollout)
+    flash_grads = torch.autograd.grad((flash_logp * mask).sum(), params, allow_unused=True)
+    assert torch.allclose(math_logp[mask], flash_logp[mask], atol=1e-5)
+    for a, b in zip(math_grads, flash_grads, strict=True):
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-4)
