@@ -7,6 +7,10 @@ the same prompts in the same order and the same seed, `--steps` steps. Each run 
 without gradient checkpointing (its default is on) and in fp32; its fastest setting counts.
 
     .venv/bin/python bench/bench_vs_trl.py --steps 10 --rounds 2 --out bench/results.json
+
+The two engines sample different completions (their random streams differ), so a step's length,
+and its time, differ too; `--min-tokens 64` holds EOS back in both so every completion is 64
+tokens and a step is exactly the same work (tokens per second compares either way).
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ def child_ours(root: Path, steps: int, threads: int, extra: list[str]) -> dict:
     }
 
 
-def child_trl(root: Path, steps: int, threads: int, bf16: bool, checkpointing: bool) -> dict:
+def child_trl(root: Path, steps: int, threads: int, bf16: bool, checkpointing: bool, min_tokens: int) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -101,6 +105,7 @@ def child_trl(root: Path, steps: int, threads: int, bf16: bool, checkpointing: b
         use_cpu=True, logging_steps=1, report_to=[], save_strategy="no", seed=cfg.train.seed, temperature=1.0,
         shuffle_dataset=False, dataloader_num_workers=0, reward_weights=[1.0, 0.2],
         gradient_checkpointing=checkpointing,  # TRL's default is on; off is faster when memory allows
+        generation_kwargs={"min_new_tokens": min_tokens} if min_tokens else None,
     )
     times, tokens = [], []
 
@@ -130,9 +135,10 @@ def child_trl(root: Path, steps: int, threads: int, bf16: bool, checkpointing: b
     return {"step_times": times, "tokens": tokens, "torch_threads": torch.get_num_threads()}
 
 
-def run_child(kind: str, root: Path, steps: int, threads: int, setting: str) -> dict:
+def run_child(kind: str, root: Path, steps: int, threads: int, setting: str, min_tokens: int) -> dict:
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", kind, "--root", str(root), "--steps", str(steps), "--threads", str(threads), "--setting", setting],
+        [sys.executable, __file__, "--child", kind, "--root", str(root), "--steps", str(steps), "--threads", str(threads), "--setting", setting,
+         "--min-tokens", str(min_tokens)],
         env={**os.environ, **QUIET}, capture_output=True, text=True,
     )
     if proc.returncode != 0:
@@ -158,14 +164,22 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--setting", default="")
+    ap.add_argument(
+        "--min-tokens", type=int, default=0,
+        help="EOS held back for this many tokens in both engines (64 = every completion the full length, so a step is the same work)",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
     args = ap.parse_args()
     os.environ.update(QUIET)
     if args.child:
         if args.child == "ours":
-            result = child_ours(args.root, args.steps, args.threads, [s for s in args.setting.split(";") if s])
+            extra = [s for s in args.setting.split(";") if s] + [f"train.min_completion_length={args.min_tokens}"]
+            result = child_ours(args.root, args.steps, args.threads, extra)
         else:
-            result = child_trl(args.root, args.steps, args.threads, bf16=args.setting.startswith("bf16"), checkpointing=not args.setting.endswith("nogc"))
+            result = child_trl(
+                args.root, args.steps, args.threads, bf16=args.setting.startswith("bf16"),
+                checkpointing=not args.setting.endswith("nogc"), min_tokens=args.min_tokens,
+            )
         result["peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(json.dumps(result))
         return
@@ -175,13 +189,13 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in settings}
     for r in range(args.rounds):
         for name, kind, setting in settings:
-            res = run_child(kind, root, args.steps, args.threads, setting)
+            res = run_child(kind, root, args.steps, args.threads, setting, args.min_tokens)
             runs[name].append(summary(res))
             print(f"round {r + 1} {name}: {runs[name][-1]}", flush=True)
     agg = {k: {m: statistics.mean(x[m] for x in v) for m in v[0]} for k, v in runs.items()}
     trl_best = min((k for k in agg if k.startswith("trl")), key=lambda k: agg[k]["step_s"])
     report = {
-        "steps": args.steps, "rounds": args.rounds, "threads": args.threads, "runs": agg, "trl_counted": trl_best,
+        "steps": args.steps, "rounds": args.rounds, "threads": args.threads, "min_tokens": args.min_tokens, "runs": agg, "trl_counted": trl_best,
         "ratio_step_time": agg[trl_best]["step_s"] / agg["ours"]["step_s"],
         "ratio_tokens_per_s": agg["ours"]["tokens_per_s"] / agg[trl_best]["tokens_per_s"],
         "machine": f"{os.cpu_count()} cores, {os.uname().machine}, torch threads {args.threads}",

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -146,6 +146,9 @@ class TrainConfig(_Section):
     prompts_per_step: int = 2
     num_generations: int = Field(8, ge=2)
     max_completion_length: int = 48
+    # EOS is not sampled before this many tokens (transformers' min_new_tokens); 0 = no minimum.
+    # Mostly for benchmarks: every completion then costs the same work.
+    min_completion_length: int = Field(0, ge=0)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -180,6 +183,15 @@ class TrainConfig(_Section):
     # Data parallelism: above 1, `grpo train` runs this many processes under torchrun (gloo on CPU,
     # nccl on GPU), each sampling a slice of every step's prompts; the update equals one process's.
     num_processes: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> TrainConfig:
+        if self.min_completion_length > self.max_completion_length:
+            raise ValueError(
+                f"min_completion_length ({self.min_completion_length}) is above max_completion_length "
+                f"({self.max_completion_length}); lower it or raise train.max_completion_length"
+            )
+        return self
 
 
 class EvaluateConfig(_Section):

@@ -63,3 +63,8 @@ def test_write_params_keeps_comments_and_refuses_bad_values(project):
     with pytest.raises(ConfigError):
         config.write_params(path, ["train.steps=lots"], preset=None)
     assert config.load(path).train.steps == 3  # nothing half-written
+
+
+def test_min_completion_length_above_max_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match="min_completion_length.*raise train.max_completion_length"):
+        config.resolve({"train": {"max_completion_length": 8}}, ["train.min_completion_length=9"])

@@ -202,3 +202,25 @@ def test_training_pass_math_attention_matches_default_kernel(tiny_reference, smo
     assert torch.allclose(math_logp[mask], flash_logp[mask], atol=1e-5)
     for a, b in zip(math_grads, flash_grads, strict=True):
         assert (a is None and b is None) or torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["lean", "hf"])
+def test_min_completion_length_holds_eos_back(tiny_reference, backend):
+    """train.min_completion_length keeps EOS out of the first tokens (transformers' min_new_tokens), in both backends."""
+    from pipelines.grpo.rollout import generate
+    from pipelines.models import load_reference
+
+    model, tokenizer = load_reference(tiny_reference)
+    eos = tokenizer.eos_token_id
+
+    def eos_first(_module, _inputs, logits):  # a model that wants to stop at once
+        logits[..., eos] += 1e4
+        return logits
+
+    model.lm_head.register_forward_hook(eos_first)
+    prompts = ["What is 2 + 2?", "What is 7 * 8?"]
+    free = generate(model, tokenizer, prompts, num_generations=2, max_new_tokens=8, do_sample=True, backend=backend, seeds=[1, 2])
+    held = generate(model, tokenizer, prompts, num_generations=2, max_new_tokens=8, do_sample=True, backend=backend, seeds=[1, 2], min_new_tokens=5)
+    assert free.lengths.tolist() == [1, 1, 1, 1]
+    assert held.lengths.tolist() == [6, 6, 6, 6]  # five tokens held back from EOS, then EOS
+    assert not (held.completion_ids[:, :5] == eos).any() and (held.completion_ids[:, 5] == eos).all()

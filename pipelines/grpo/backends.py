@@ -38,6 +38,7 @@ class SamplingRequest:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_new_tokens: int = 0  # EOS is not sampled before this many tokens
     # One seed per prompt (training passes them; evaluation does not). A backend that cannot seed
     # each prompt on its own says how it approximates it.
     seeds: list[int] | None = None
@@ -72,7 +73,7 @@ class LeanBackend:
             model, input_ids, attention_mask, num_generations=request.num_generations,
             max_new_tokens=request.max_new_tokens, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
             do_sample=request.do_sample, temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
-            generators=generators,
+            generators=generators, min_new_tokens=request.min_new_tokens,
         )
 
 
@@ -97,6 +98,7 @@ class HFGenerateBackend:
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 max_new_tokens=request.max_new_tokens,
+                min_new_tokens=request.min_new_tokens,
                 num_return_sequences=request.num_generations,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,

@@ -100,6 +100,7 @@ def generate(
     bf16: bool = False,
     backend: str = "lean",
     seeds: list[int] | None = None,
+    min_new_tokens: int = 0,
 ) -> Rollout:
     """`num_generations` completions of each prompt, laid out group after group.
 
@@ -111,7 +112,7 @@ def generate(
     encoded = tokenizer(render_prompts(tokenizer, prompts), return_tensors="pt", padding=True, add_special_tokens=False)
     request = SamplingRequest(
         num_generations=num_generations, max_new_tokens=max_new_tokens, do_sample=do_sample,
-        temperature=temperature, top_p=top_p, top_k=top_k, seeds=seeds,
+        temperature=temperature, top_p=top_p, top_k=top_k, seeds=seeds, min_new_tokens=min_new_tokens,
     )
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         completion_ids = get_backend(backend).completions(model, tokenizer, encoded["input_ids"], encoded["attention_mask"], request)

@@ -63,6 +63,7 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
     generators: list[torch.Generator] | None = None,
+    min_new_tokens: int = 0,
 ) -> torch.Tensor:
     """(B * G, T) completion ids for left-padded prompts, padded with `pad_id` after EOS.
 
@@ -87,6 +88,8 @@ def sample(
     result = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long)
     active = torch.arange(rows)  # rows still generating; finished rows leave the batch and the cache
     for step in range(max_new_tokens):
+        if step < min_new_tokens:
+            logits[:, eos_id] = float("-inf")  # as transformers' MinNewTokensLengthLogitsProcessor
         if do_sample:
             probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
             # argmax(p / Exp(1)) draws from p exactly (the exponential race), and is much cheaper

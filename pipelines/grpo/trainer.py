@@ -80,6 +80,7 @@ def sample_batch(
             model, tokenizer, [r["prompt"] for r in rows[part]], num_generations=G, max_new_tokens=t.max_completion_length,
             do_sample=True, temperature=t.temperature, top_p=t.top_p, top_k=t.top_k,
             bf16=t.bf16 if autocast is None else autocast, backend=cfg.runtime.rollout_backend, seeds=seeds[part],
+            min_new_tokens=t.min_completion_length,
         )
         mine, _ = score(
             t.rewards, rows[part], rollout.texts, G, timeout=t.reward_timeout,
