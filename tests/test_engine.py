@@ -224,3 +224,20 @@ def test_min_completion_length_holds_eos_back(tiny_reference, backend):
     assert free.lengths.tolist() == [1, 1, 1, 1]
     assert held.lengths.tolist() == [6, 6, 6, 6]  # five tokens held back from EOS, then EOS
     assert not (held.completion_ids[:, :5] == eos).any() and (held.completion_ids[:, 5] == eos).all()
+
+
+def test_exponential_race_samples_the_distribution_and_each_row_from_its_own_generator():
+    from pipelines.grpo.sampling import _exponential_noise, row_generators
+
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.25, 0.05]).repeat(4, 1)
+    counts = torch.zeros(5)
+    gens = row_generators([3], 4)
+    for _ in range(5000):
+        counts.index_add_(0, (probs / _exponential_noise(probs, torch.arange(4), gens)).argmax(-1), torch.ones(4))
+    freq = counts / counts.sum()
+    assert counts[1] == 0  # zero probability is never drawn
+    assert torch.allclose(freq, probs[0], atol=0.01), freq.tolist()
+    # a row's noise depends on its own generator only, not on which rows share the batch
+    a, b = row_generators([7, 8], 2), row_generators([8], 2)
+    for _ in range(3):
+        assert torch.equal(_exponential_noise(probs, torch.arange(4), a)[2:], _exponential_noise(probs[:2], torch.arange(2), b))

@@ -125,7 +125,16 @@ def row_generators(seeds: list[int], num_generations: int) -> list[torch.Generat
 
 
 def _exponential_noise(probs: torch.Tensor, active: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
-    """Exp(1) noise shaped like `probs` (one row per active completion), from each row's own generator if given."""
+    """Exp(1) noise shaped like `probs` (one row per active completion), from each row's own generator if given.
+
+    -log(U) with U uniform in [0, 1): E lies in (0, inf], so every ratio p / E is a finite number
+    or 0 (a U of exactly 0 makes that one token lose, a 2^-24 effect). On 2 cores this takes
+    1.3 ms for 8 rows of 49k against 7.2 ms for `Tensor.exponential_`, ~0.4 s of a 64-token step.
+    (Drawing one uniform per row through the cumulative distribution is cheaper still, but a
+    bf16-level change in the probabilities moves its boundaries, so data-parallel ranks, whose
+    batches differ, stopped sampling what one process samples; the race does not have that
+    sensitivity.)
+    """
     if generators is None:
-        return torch.empty_like(probs).exponential_()
-    return torch.stack([torch.empty(probs.size(1), dtype=probs.dtype).exponential_(generator=generators[i]) for i in active.tolist()])
+        return torch.rand_like(probs).log_().neg_()
+    return torch.stack([torch.rand(probs.size(1), dtype=probs.dtype, generator=generators[i]) for i in active.tolist()]).log_().neg_()
