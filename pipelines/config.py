@@ -164,6 +164,12 @@ class TrainConfig(_Section):
     num_iterations: int = Field(1, ge=1)
     scale_rewards: Literal["group", "batch", "none"] = "group"
     mask_truncated_completions: bool = False
+    # Importance-sampling correction for the sampler not being bit-for-bit the trained model
+    # (pipelines/grpo/sampling_correction.py; TRL's vllm_importance_sampling_mode and _clip_max/_min):
+    # none | token_truncate | token_mask | sequence_truncate | sequence_mask.
+    sampling_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "sequence_mask"
+    sampling_correction_max: float | None = Field(3.0, gt=0)
+    sampling_correction_min: float | None = Field(None, ge=0)
     rewards: list[RewardSpec] = [RewardSpec(name="accuracy", weight=1.0), RewardSpec(name="format", weight=0.2)]
     multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
     reward_timeout: float = Field(30.0, gt=0)

@@ -241,3 +241,17 @@ def test_exponential_race_samples_the_distribution_and_each_row_from_its_own_gen
     a, b = row_generators([7, 8], 2), row_generators([8], 2)
     for _ in range(3):
         assert torch.equal(_exponential_noise(probs, torch.arange(4), a)[2:], _exponential_noise(probs[:2], torch.arange(2), b))
+
+
+def test_truncation_warning_says_when_completions_start_running_to_the_limit():
+    from types import SimpleNamespace
+
+    from pipelines.grpo.trainer import truncation_warning
+
+    t = SimpleNamespace(max_completion_length=48)
+    clipped = [0.0, 0.1, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 1.0, 1.0, 0.2]
+    history = [{"step": i + 1, "completions/clipped_ratio": c, "entropy": 0.9} for i, c in enumerate(clipped)]
+    said = [i + 1 for i in range(len(history)) if truncation_warning(history[: i + 1], t)]
+    assert said == [3, 10]  # where it starts, then every 10 steps while it lasts; not when it stops
+    message = truncation_warning(history[:3], t)
+    assert "90% of completions" in message and "48 tokens" in message and "train.learning_rate" in message

@@ -44,16 +44,28 @@ class SamplingRequest:
     seeds: list[int] | None = None
 
 
+@dataclass(frozen=True)
+class Sampled:
+    """What a backend returns: token ids and, if it can say, the sampler's log-probs of them."""
+
+    ids: torch.Tensor  # (prompts x num_generations, T)
+    # (same shape) log-probability of each token under the distribution the backend drew it from
+    # (after temperature, top-k, top-p); None when the backend cannot report it. Training uses it
+    # to correct for a sampler that is not bit-for-bit the trained model (train.sampling_correction).
+    logps: torch.Tensor | None = None
+
+
 class RolloutBackend(Protocol):
-    """The contract: `completions` returns a (prompts x num_generations, T) tensor of token ids,
+    """The contract: `completions` returns `Sampled` ids of shape (prompts x num_generations, T),
     the completions of prompt 0 first, then prompt 1's, and so on (group after group). Tokens
     after a completion's first EOS are ignored (the caller masks them), so a backend may pad with
     anything there. `input_ids` and `attention_mask` are (prompts, P), padded on the left.
+    (A backend returning a bare tensor of ids still works; it just reports no log-probs.)
     """
 
     def completions(
         self, model: Any, tokenizer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: SamplingRequest
-    ) -> torch.Tensor: ...
+    ) -> Sampled: ...
 
 
 class LeanBackend:
@@ -61,7 +73,7 @@ class LeanBackend:
 
     def completions(
         self, model: Any, tokenizer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: SamplingRequest
-    ) -> torch.Tensor:
+    ) -> Sampled:
         from pipelines.grpo.sampling import row_generators, sample
 
         generators = None
@@ -69,12 +81,13 @@ class LeanBackend:
             if len(request.seeds) != input_ids.size(0):
                 raise ValueError(f"{len(request.seeds)} seeds for {input_ids.size(0)} prompts: pass one per prompt")
             generators = row_generators(request.seeds, request.num_generations)
-        return sample(
+        ids, logps = sample(
             model, input_ids, attention_mask, num_generations=request.num_generations,
             max_new_tokens=request.max_new_tokens, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
             do_sample=request.do_sample, temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
             generators=generators, min_new_tokens=request.min_new_tokens,
         )
+        return Sampled(ids, logps)
 
 
 class HFGenerateBackend:
@@ -87,7 +100,7 @@ class HFGenerateBackend:
 
     def completions(
         self, model: Any, tokenizer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: SamplingRequest
-    ) -> torch.Tensor:
+    ) -> Sampled:
         sampling: dict[str, Any] = {"do_sample": False}
         if request.do_sample:
             sampling = {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}
@@ -102,9 +115,17 @@ class HFGenerateBackend:
                 num_return_sequences=request.num_generations,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                # The processed scores (after temperature, top-k, top-p) give the sampler's log-probs.
+                output_scores=request.do_sample,
+                return_dict_in_generate=True,
                 **sampling,
             )
-        return out[:, input_ids.size(1) :]
+        ids = out.sequences[:, input_ids.size(1) :]
+        if not request.do_sample:
+            return Sampled(ids)
+        scores = torch.stack(out.scores, dim=1).float()  # (rows, T, V)
+        logps = torch.log_softmax(scores, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        return Sampled(ids, logps.nan_to_num(neginf=0.0))  # pad rows after EOS may be -inf: masked anyway
 
 
 class VLLMBackend:
@@ -113,13 +134,13 @@ class VLLMBackend:
     What the adapter has to do: keep a `vllm.LLM` engine on the reference model, load the policy's
     current weights into it after every optimiser step (LoRA: a `LoRARequest` on the saved adapter,
     or merged weights through the engine's `load_weights`), sample `n = num_generations` per prompt
-    from the token ids (`TokensPrompt`) with `SamplingParams(seed=...)` per prompt, and return the ids
-    laid out as `RolloutBackend` says.
+    from the token ids (`TokensPrompt`) with `SamplingParams(seed=..., logprobs=0)` per prompt, and
+    return the ids and their log-probs laid out as `RolloutBackend` says.
     """
 
     def completions(
         self, model: Any, tokenizer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: SamplingRequest
-    ) -> torch.Tensor:
+    ) -> Sampled:
         if importlib.util.find_spec("vllm") is None:
             raise BackendUnavailable(
                 "runtime.rollout_backend=vllm needs the `vllm` package and a CUDA GPU: `pip install vllm` on the "

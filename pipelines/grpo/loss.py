@@ -36,6 +36,7 @@ def grpo_loss(
     importance_sampling_level: Literal["token", "sequence"] = "token",
     max_completion_length: int | None = None,
     num_items_in_batch: float | None = None,
+    is_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LossStats]:
     """Loss for one micro-batch of completions.
 
@@ -47,6 +48,10 @@ def grpo_loss(
     Aggregation (`loss_type`): `grpo` mean over sequences of per-sequence token means;
     `bnpo` token mean over the micro-batch; `dr_grpo` token sum / (sequences x max length);
     `dapo` token sum / tokens of the whole batch (`num_items_in_batch`, default: this micro-batch).
+
+    `is_weight` ((sequences, tokens) or (sequences, 1), no gradient) multiplies each token's
+    policy-gradient term before the KL term is added: the sampler correction of
+    sampling_correction.py, applied where TRL applies its `importance_sampling_ratio`.
     """
     mask = mask.to(logp.dtype)
     log_ratio = logp - old_logp
@@ -56,6 +61,8 @@ def grpo_loss(
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     adv = advantages.unsqueeze(-1)
     per_token = -torch.min(ratio * adv, clipped * adv)
+    if is_weight is not None:
+        per_token = per_token * is_weight.detach()
     kl = torch.zeros_like(logp)
     if beta != 0.0:
         if ref_logp is None:

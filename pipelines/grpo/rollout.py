@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from pipelines.grpo.backends import SamplingRequest, get_backend
+from pipelines.grpo.backends import Sampled, SamplingRequest, get_backend
 
 
 @dataclass
@@ -20,6 +20,8 @@ class Rollout:
     truncated: torch.Tensor  # (N,) bool: no EOS within the length limit
     texts: list[str]
     group_size: int = 1  # rows come in groups of this many completions of one prompt
+    # (N, C) the sampler's log-prob of each completion token (0 after EOS); None if not reported
+    sampler_logps: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -36,6 +38,7 @@ class Rollout:
             completion_ids=self.completion_ids[idx], completion_mask=self.completion_mask[idx],
             truncated=self.truncated[idx], texts=[self.texts[i] for i in idx.tolist()],
             group_size=self.group_size if len(idx) % self.group_size == 0 else 1,
+            sampler_logps=None if self.sampler_logps is None else self.sampler_logps[idx],
         )
 
 
@@ -60,6 +63,10 @@ def concat(parts: list[Rollout], pad_id: int) -> Rollout:
         truncated=torch.cat([p.truncated for p in parts]),
         texts=[t for p in parts for t in p.texts],
         group_size=parts[0].group_size if len({p.group_size for p in parts}) == 1 else 1,
+        sampler_logps=(
+            torch.cat([right(p.sampler_logps, width_c, 0) for p in parts])  # type: ignore[arg-type]
+            if all(p.sampler_logps is not None for p in parts) else None
+        ),
     )
 
 
@@ -115,7 +122,10 @@ def generate(
         temperature=temperature, top_p=top_p, top_k=top_k, seeds=seeds, min_new_tokens=min_new_tokens,
     )
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        completion_ids = get_backend(backend).completions(model, tokenizer, encoded["input_ids"], encoded["attention_mask"], request)
+        sampled = get_backend(backend).completions(model, tokenizer, encoded["input_ids"], encoded["attention_mask"], request)
+    if isinstance(sampled, torch.Tensor):
+        sampled = Sampled(sampled)  # a backend written to the ids-only contract
+    completion_ids = sampled.ids
     mask, truncated = completion_mask(completion_ids, tokenizer.eos_token_id)
     texts = tokenizer.batch_decode(completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
     return Rollout(
@@ -126,11 +136,17 @@ def generate(
         truncated=truncated,
         texts=texts,
         group_size=num_generations,
+        sampler_logps=None if sampled.logps is None else sampled.logps * mask,
     )
 
 
-def token_logps(model: Any, rollout: Rollout, bf16: bool = False, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def token_logps(
+    model: Any, rollout: Rollout, bf16: bool = False, with_entropy: bool = False, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probabilities of the completion tokens under `model` (and their entropies).
+
+    `temperature` divides the logits first, as TRL does: the policy-gradient is then taken for the
+    distribution the completions were sampled from (top-k and top-p are not applied, also as TRL).
 
     Only completion positions go through the LM head, and position ids follow the left padding,
     as they did during generation. When completions come in groups of one prompt, the prompt runs
@@ -141,13 +157,13 @@ def token_logps(model: Any, rollout: Rollout, bf16: bool = False, with_entropy: 
     """
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), _attention_kernel(rollout.completion_ids):
         if rollout.group_size > 1 and rollout.completion_ids.size(1) > 1:
-            return _grouped_logps(model, rollout, with_entropy)
+            return _grouped_logps(model, rollout, with_entropy, temperature)
         ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
         attention = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         width = rollout.completion_ids.size(1)
         logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=width + 1).logits[:, :-1]
-    return _pick(logits, rollout.completion_ids, with_entropy)
+    return _pick(logits, rollout.completion_ids, with_entropy, temperature)
 
 
 def _attention_kernel(like: torch.Tensor) -> AbstractContextManager[Any]:
@@ -166,8 +182,11 @@ def _attention_kernel(like: torch.Tensor) -> AbstractContextManager[Any]:
     return sdpa_kernel(SDPBackend.MATH)
 
 
-def _pick(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    logps = torch.log_softmax(logits.float(), dim=-1)
+def _pick(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logps = torch.log_softmax(logits, dim=-1)
     chosen = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = None
     if with_entropy:
@@ -197,7 +216,7 @@ def length_buckets(lengths: list[int], overhead: int = 32, max_buckets: int = 4)
     return [order[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
 
-def _grouped_logps(model: Any, rollout: Rollout, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _grouped_logps(model: Any, rollout: Rollout, with_entropy: bool, temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     from transformers import DynamicCache
 
     G = rollout.group_size
@@ -211,7 +230,7 @@ def _grouped_logps(model: Any, rollout: Rollout, with_entropy: bool) -> tuple[to
     prefix = [(layer.keys, layer.values) for layer in cache.layers]
     chosen = torch.zeros(completion.shape, dtype=torch.float32)
     entropy = torch.zeros(completion.shape, dtype=torch.float32) if with_entropy else None
-    c0, e0 = _pick(first.repeat_interleave(G, dim=0), completion[:, 0], with_entropy)
+    c0, e0 = _pick(first.repeat_interleave(G, dim=0), completion[:, 0], with_entropy, temperature)
     chosen[:, 0] = c0
     if entropy is not None:
         entropy[:, 0] = e0
@@ -228,7 +247,7 @@ def _grouped_logps(model: Any, rollout: Rollout, with_entropy: bool) -> tuple[to
         attention = torch.cat([prompt_mask[group], mask[idx, :width]], dim=1)
         positions = prompt_mask[group].sum(-1, keepdim=True) + torch.arange(width).unsqueeze(0)
         logits = model(input_ids=completion[idx, :width], attention_mask=attention, position_ids=positions, cache=bucket_cache, use_cache=True).logits
-        c, e = _pick(logits, completion[idx, 1 : width + 1], with_entropy)
+        c, e = _pick(logits, completion[idx, 1 : width + 1], with_entropy, temperature)
         chosen[idx, 1 : width + 1] = c
         if entropy is not None:
             entropy[idx, 1 : width + 1] = e

@@ -4,8 +4,9 @@ Sampling is most of a GRPO step on CPU, and its cost is per-token overhead, not 
 model runs two extra small matmuls beside each of ~200 linear layers at every generated token, and
 bf16 autocast re-casts every weight at every token. A plain copy with the adapter merged in, stored
 in bf16, samples 2-3x faster here (measured in bench/RESULTS.md). It is refreshed from the policy
-after every optimiser step, so sampling stays on-policy; the loss still uses the trained model's own
-log-probs (the ratio to the sampler is 1 by construction when num_iterations = 1, as in TRL).
+after every optimiser step, so sampling stays on-policy up to bf16 rounding; the loss uses the
+trained model's own log-probs and, by default, weights each completion by the importance ratio
+between the trained model and this copy (sampling_correction.py), as TRL does for vLLM.
 """
 
 from __future__ import annotations

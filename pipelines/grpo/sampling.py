@@ -64,8 +64,10 @@ def sample(
     top_p: float = 1.0,
     generators: list[torch.Generator] | None = None,
     min_new_tokens: int = 0,
-) -> torch.Tensor:
-    """(B * G, T) completion ids for left-padded prompts, padded with `pad_id` after EOS.
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B * G, T) completion ids for left-padded prompts, padded with `pad_id` after EOS, and when
+    sampling, each token's log-probability under the distribution it was drawn from (after
+    temperature, top-k, top-p and the min-length rule; 0 after EOS), else None.
 
     `generators`, one per completion row (`row_generators`), make each completion's draws its
     own: a row takes one vocabulary-sized block of noise per token it generates, so what it samples
@@ -86,6 +88,9 @@ def sample(
     if generators is not None and len(generators) != rows:
         raise ValueError(f"{len(generators)} generators for {rows} completions: pass one per completion row")
     result = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long)
+    # The sampler's own log-probs let training correct for the sampler not being the trained
+    # model bit for bit (bf16 merged weights): TRL's importance-sampling correction, trainer.py.
+    result_logps = torch.zeros((rows, max_new_tokens)) if do_sample else None
     active = torch.arange(rows)  # rows still generating; finished rows leave the batch and the cache
     for step in range(max_new_tokens):
         if step < min_new_tokens:
@@ -95,12 +100,13 @@ def sample(
             # argmax(p / Exp(1)) draws from p exactly (the exponential race), and is much cheaper
             # than torch.multinomial over a 49k vocabulary on CPU.
             token = (probs / _exponential_noise(probs, active, generators)).argmax(-1)
+            result_logps[active, step] = probs.gather(-1, token[:, None]).squeeze(-1).log()
         else:
             token = logits.argmax(-1)
         result[active, step] = token
         alive = token != eos_id
         if not bool(alive.any()) or step + 1 == max_new_tokens:
-            return result[:, : step + 1]
+            return result[:, : step + 1], None if result_logps is None else result_logps[:, : step + 1]
         if not bool(alive.all()):
             # Decoding is memory-bound here, but a smaller batch still saves ~15 ms a token on 2
             # cores, and a group's longest completion often runs alone for most of its tokens.
@@ -112,7 +118,7 @@ def sample(
         out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position, cache=cache, use_cache=True)
         next_position = next_position + 1
         logits = out.logits[:, -1, :].float()
-    return result[:, :0]
+    return result[:, :0], None if result_logps is None else result_logps[:, :0]
 
 
 def row_generators(seeds: list[int], num_generations: int) -> list[torch.Generator]:
