@@ -17,8 +17,8 @@ vLLM with `vllm_importance_sampling_correction`; this is the same computation, m
 The loss multiplies each token's policy-gradient term by its weight (grpo_loss's `is_weight`).
 The sampler's log-probs are those of the distribution it drew from, after temperature, top-k and
 top-p (vLLM's `processed_logprobs`, which TRL asks for); with top-k or top-p below 1 the trained
-model's untruncated log-probs are lower, so ratios sit below 1 — the correct weight for sampling
-from a truncated distribution, as in TRL.
+model's untruncated log-probs are lower, so ratios sit below 1 and such runs learn more slowly
+under the correction; that is TRL's behaviour too (set `none` to train as before).
 """
 
 from __future__ import annotations
