@@ -320,7 +320,7 @@ def truncation_warning(history: list[dict[str, float]], t: Any) -> str | None:
     reward, entropy climbs from ~0.02 to ~1 and held-out strict accuracy falls to near zero.
     Said when the clipped share first reaches half, and every 10 steps while it stays there.
     """
-    clipped = [h["completions/clipped_ratio"] for h in history[-10:]]
+    clipped = [h["completions/clipped_ratio"] for h in history[-2:]]  # the previous step and this one
     if not clipped or clipped[-1] < 0.5 or (len(clipped) > 1 and clipped[-2] >= 0.5 and len(history) % 10):
         return None
     h = history[-1]
