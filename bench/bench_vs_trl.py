@@ -29,6 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.machine import describe  # noqa: E402
+
 QUIET = {"HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_DISABLE_TELEMETRY": "1",
          "TOKENIZERS_PARALLELISM": "false", "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false"}
 OVERRIDES = [
@@ -198,7 +200,7 @@ def main() -> None:
         "steps": args.steps, "rounds": args.rounds, "threads": args.threads, "min_tokens": args.min_tokens, "runs": agg, "trl_counted": trl_best,
         "ratio_step_time": agg[trl_best]["step_s"] / agg["ours"]["step_s"],
         "ratio_tokens_per_s": agg["ours"]["tokens_per_s"] / agg[trl_best]["tokens_per_s"],
-        "machine": f"{os.cpu_count()} cores, {os.uname().machine}, torch threads {args.threads}",
+        "machine": describe(args.threads),
     }
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

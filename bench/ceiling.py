@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.bench_vs_trl import QUIET  # noqa: E402
+from bench.machine import describe  # noqa: E402
 from bench.learning_run import prepare  # noqa: E402
 
 
@@ -92,7 +93,7 @@ def main() -> None:
     torch.set_num_threads(2)
     root = prepare(Path(tempfile.mkdtemp(prefix="grpo-ceiling-")), args.set)
     result = measure(root, args.k, args.temperatures, args.max_new_tokens, args.batch)
-    args.out.write_text(json.dumps({"overrides": args.set, **result}, indent=2))
+    args.out.write_text(json.dumps({"machine": describe(2), "overrides": args.set, **result}, indent=2))
 
 
 if __name__ == "__main__":

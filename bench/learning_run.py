@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.bench_vs_trl import QUIET  # noqa: E402
+from bench.machine import describe  # noqa: E402
 
 TASK = [  # multiplication, 1-digit x 2..19, one worked example, answer after ####
     "data.generator.operators=['*']", "data.generator.a_min=1", "data.generator.a_max=9", "data.generator.b_min=2",
@@ -220,7 +221,7 @@ def main() -> None:
             raise SystemExit(f"{engine} failed")
         results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(engine, results[engine], flush=True)
-    args.out.write_text(json.dumps({"minutes": args.minutes, "overrides": args.set, "ours_only": args.ours, "trl_prompts_per_step": args.trl_prompts, "results": results}, indent=2))
+    args.out.write_text(json.dumps({"machine": describe(), "minutes": args.minutes, "overrides": args.set, "ours_only": args.ours, "trl_prompts_per_step": args.trl_prompts, "results": results}, indent=2))
     plot(results, args.out.with_suffix(".png"), args.title, args.target or None)
 
 
