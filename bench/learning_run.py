@@ -172,7 +172,7 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(score_snapshots(args.root, snaps)))
 
 
-def plot(results: dict[str, list[dict]], out: Path, title: str, target: float | None) -> None:
+def plot(results: dict[str, list[dict]], out: Path, title: str, target: float | None, ceiling: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,14 +180,20 @@ def plot(results: dict[str, list[dict]], out: Path, title: str, target: float | 
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, points in results.items():
-        ax.plot([p["wall_time"] / 60 for p in points], [p["accuracy"] for p in points], marker="o", label=name)
+        # Steps, not lines: between snapshots an engine's model is its latest snapshot, which is
+        # what "at equal wall time" compares (a straight line would draw accuracies never measured).
+        ax.plot(
+            [p["wall_time"] / 60 for p in points], [p["accuracy"] for p in points], marker="o", drawstyle="steps-post", label=name
+        )
     if target is not None:
         ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target}")
+    if ceiling is not None:
+        ax.axhline(ceiling, color="tab:red", linestyle=":", linewidth=1, label=f"reachable by sharpening {ceiling:.3f} (bench/ceiling.py)")
     ax.set_xlabel("training wall time (min, 2 CPU cores)")
     ax.set_ylabel("held-out strict accuracy (greedy)")
     ax.set_title(f"SmolLM2-135M, LoRA r=16, G=8: {title}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
 
@@ -205,10 +211,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "learning.json")
     ap.add_argument("--title", default="multiplication 1-digit x 2..19", help="the task, for the plot's title")
     ap.add_argument("--target", type=float, default=0.85, help="a dashed target line on the plot; 0 = none")
+    ap.add_argument("--ceiling", type=float, help="a dotted line: the share of held-out problems bench/ceiling.py found reachable")
+    ap.add_argument("--replot", action="store_true", help="only redraw the plot from an existing --out file")
     args = ap.parse_args()
     os.environ.update(QUIET)
     if args.child:
         child(args)
+        return
+    if args.replot:
+        plot(json.loads(args.out.read_text())["results"], args.out.with_suffix(".png"), args.title, args.target or None, args.ceiling)
         return
     root = prepare(Path(tempfile.mkdtemp(prefix="grpo-learn-")), args.set)
     results = {}
@@ -222,7 +233,7 @@ def main() -> None:
         results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(engine, results[engine], flush=True)
     args.out.write_text(json.dumps({"machine": describe(), "minutes": args.minutes, "overrides": args.set, "ours_only": args.ours, "trl_prompts_per_step": args.trl_prompts, "results": results}, indent=2))
-    plot(results, args.out.with_suffix(".png"), args.title, args.target or None)
+    plot(results, args.out.with_suffix(".png"), args.title, args.target or None, args.ceiling)
 
 
 if __name__ == "__main__":
