@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +51,16 @@ class RunLogger:
         mlflow.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)}, step=step)
         if self.samples:
             n = min(self.samples, len(texts))
-            mlflow.log_table(
-                {
-                    "step": [step] * n,
-                    "prompt": [_last_user_turn(rows[i // self.group]["prompt"]) for i in range(n)],
-                    "completion": texts[:n],
-                    "reward": [float(r) for r in rewards[:n]],
-                },
-                artifact_file="completions.json",
-            )
+            with _no_artifact_progress_bar():
+                mlflow.log_table(
+                    {
+                        "step": [step] * n,
+                        "prompt": [_last_user_turn(rows[i // self.group]["prompt"]) for i in range(n)],
+                        "completion": texts[:n],
+                        "reward": [float(r) for r in rewards[:n]],
+                    },
+                    artifact_file="completions.json",
+                )
 
     def fail(self, interrupted: bool) -> None:
         if self.enabled:
@@ -79,3 +83,21 @@ def _last_user_turn(prompt: Any) -> str:
         users = [m["content"] for m in prompt if m.get("role") == "user"]
         return str(users[-1]) if users else ""
     return str(prompt)
+
+
+@contextmanager
+def _no_artifact_progress_bar() -> Iterator[None]:
+    """MLflow's artifact progress bar off for one call, unless the user set it.
+
+    `log_table` appends to the run's table by downloading it first, and MLflow draws a
+    "Downloading artifacts" bar for that at every step, between the lines of the training bar.
+    """
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
