@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.bench_vs_trl import QUIET  # noqa: E402
-from bench.machine import describe  # noqa: E402
 from bench.learning_run import prepare  # noqa: E402
+from bench.machine import describe  # noqa: E402
 
 
 def measure(root: Path, k: int, temperatures: list[float], max_new_tokens: int, batch: int) -> dict:

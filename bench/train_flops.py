@@ -29,7 +29,6 @@ sys.path.insert(0, str(REPO))
 from bench.bench_vs_trl import OVERRIDES, QUIET, prepare  # noqa: E402
 from bench.machine import describe  # noqa: E402
 
-
 MATMULS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::matmul", "aten::linear", "aten::_scaled_dot_product_flash_attention_for_cpu"}
 
 
