@@ -33,6 +33,7 @@ TASK = [  # multiplication, 1-digit x 2..19, one worked example, answer after ##
 ENGINE = [
     "train.num_generations=8", "train.lora.r=16", "train.lora.alpha=32", "train.max_completion_length=48",
     "train.log_samples=0", "train.steps=10000", "train.keep_checkpoints=1000",
+    "train.beta=0.0",  # as every recorded run before 2026-12-01 ran; `-S train.beta=0.04` for the demo's KL
 ]
 
 

@@ -22,10 +22,11 @@ LENGTH = "train.rewards=[{name: length, weight: 1.0, params: {target_chars: 30}}
     "overrides",
     [
         ["train.lora.enabled=false", "train.beta=0.1", "train.loss_type=grpo"],
+        # (beta pinned to 0 where a variant has no KL term: params.yaml's demo default is 0.04)
         ["train.num_iterations=2", "train.importance_sampling_level=sequence", "train.mask_truncated_completions=true", "train.epsilon_high=0.28",
-         "train.sampling_correction=token_truncate"],
+         "train.sampling_correction=token_truncate", "train.beta=0.0"],
         ["train.loss_type=dr_grpo", "train.scale_rewards=batch", "train.multi_objective_aggregation=normalize_then_sum", "train.dynamic_sampling=true",
-         "train.sampling_correction=none"],
+         "train.sampling_correction=none", "train.beta=0.0"],
         ["train.loss_type=bnpo", "train.scale_rewards=none", "train.beta=0.04", "train.temperature=0.7", "train.top_p=0.9", "train.top_k=50", "runtime.rollout_backend=hf",
          "train.sampling_correction=sequence_truncate", "train.sampling_correction_min=0.5"],
     ],
