@@ -4,7 +4,9 @@ Work: the embedded SmolLM2-135M-Instruct (pinned snapshot), LoRA r=16 on all lin
 one prompt per step (multiplication problems with one worked example), up to 64 completion tokens,
 the same prompts in the same order and the same seed, `--steps` steps. Each run is a child process
 (so peak memory is per run); runs alternate TRL, ours, TRL, ours... TRL is tried in bf16 with and
-without gradient checkpointing (its default is on) and in fp32; its fastest setting counts.
+without gradient checkpointing (its default is on) and in fp32 with and without it; its fastest
+setting counts (bf16 only on CPUs with bf16 instructions, see pipelines/precision.py). Ours runs
+with params.yaml's `train.bf16: auto`.
 
     .venv/bin/python bench/bench_vs_trl.py --steps 10 --rounds 2 --out bench/results.json
 
@@ -187,7 +189,12 @@ def main() -> None:
         return
     workdir = Path(tempfile.mkdtemp(prefix="grpo-bench-"))
     root = prepare(workdir)
-    settings = [("trl-bf16", "trl", "bf16"), ("ours", "ours", ""), ("trl-bf16-nogc", "trl", "bf16-nogc"), ("trl-fp32", "trl", "fp32")]
+    from pipelines.precision import native_bf16
+
+    # TRL's bf16 settings only where the CPU has bf16 instructions: elsewhere its bf16 matmuls take
+    # a slow fallback (pipelines/precision.py), minutes a step, and fp32 is its fastest by far.
+    trl = ["bf16", "bf16-nogc", "fp32", "fp32-nogc"] if native_bf16() else ["fp32", "fp32-nogc"]
+    settings = [(f"trl-{trl[0]}", "trl", trl[0]), ("ours", "ours", ""), *((f"trl-{s}", "trl", s) for s in trl[1:])]
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in settings}
     for r in range(args.rounds):
         for name, kind, setting in settings:

@@ -92,7 +92,7 @@ def train_trl(root: Path, seconds: float, every: int, overrides: list[str], prom
     args = GRPOConfig(
         output_dir=str(out), per_device_train_batch_size=t.num_generations * prompts, num_generations=t.num_generations,
         max_completion_length=t.max_completion_length, max_steps=100000, learning_rate=t.learning_rate, beta=t.beta,
-        loss_type=t.loss_type, bf16=True, use_cpu=True, logging_steps=1, report_to=[], save_strategy="no", seed=t.seed,
+        loss_type=t.loss_type, bf16=t.bf16, use_cpu=True, logging_steps=1, report_to=[], save_strategy="no", seed=t.seed,
         temperature=t.temperature, shuffle_dataset=False, reward_weights=[s.weight for s in t.rewards],
     )
     snaps: list[dict] = []

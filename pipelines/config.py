@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipelines.precision import resolve_bf16
+
 
 class ConfigError(ValueError):
     """A params file, preset or override that cannot be used; the message says how to fix it."""
@@ -178,7 +180,9 @@ class TrainConfig(_Section):
     dynamic_sampling: bool = False
     max_resample_rounds: int = Field(4, ge=0)
     lora: LoraConfig = LoraConfig()
-    bf16: bool = True
+    # true | false | auto: bf16 autocast and bf16 frozen weights; auto = only where the CPU has
+    # bf16 instructions (pipelines/precision.py: elsewhere bf16 is tens of times slower than fp32).
+    bf16: bool = Field("auto", validate_default=True)
     seed: int = 0
     log_samples: int = 4
     # Exact resume: a checkpoint every N steps in checkpoints/ (0 = only at the end); the next
@@ -189,6 +193,11 @@ class TrainConfig(_Section):
     # Data parallelism: above 1, `grpo train` runs this many processes under torchrun (gloo on CPU,
     # nccl on GPU), each sampling a slice of every step's prompts; the update equals one process's.
     num_processes: int = Field(1, ge=1)
+
+    @field_validator("bf16", mode="before")
+    @classmethod
+    def _bf16(cls, value: Any) -> Any:
+        return resolve_bf16(value, "train.bf16")
 
     @model_validator(mode="after")
     def _min_not_above_max(self) -> TrainConfig:
@@ -203,7 +212,7 @@ class TrainConfig(_Section):
 class EvaluateConfig(_Section):
     max_new_tokens: int = 48
     batch_size: int = 16
-    bf16: bool = True
+    bf16: bool = Field("auto", validate_default=True)  # true | false | auto, as train.bf16
     # Sampled answers per problem for pass@k, mean@k and maj@k; every model gets the same decoding
     # and the same seed, so the models are compared on equal terms.
     k: int = Field(4, ge=1)
@@ -215,6 +224,11 @@ class EvaluateConfig(_Section):
     # Paired bootstrap over problems for the confidence interval of each accuracy difference.
     bootstrap_samples: int = Field(2000, ge=100)
     confidence: float = Field(0.95, gt=0, lt=1)
+
+    @field_validator("bf16", mode="before")
+    @classmethod
+    def _bf16(cls, value: Any) -> Any:
+        return resolve_bf16(value, "evaluate.bf16")
 
 
 class RegisterConfig(_Section):
@@ -268,8 +282,8 @@ class Config(_Section):
     preset: str | None = None
     data: DataConfig = DataConfig()
     snapshot: SnapshotConfig = SnapshotConfig()
-    train: TrainConfig = TrainConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
+    train: TrainConfig = Field(default_factory=TrainConfig)  # built when a config is, not at import: `bf16: auto` reads the CPU
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)  # built when a config is, not at import: `bf16: auto` reads the CPU
     registry: RegisterConfig = RegisterConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()

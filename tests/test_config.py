@@ -68,3 +68,41 @@ def test_write_params_keeps_comments_and_refuses_bad_values(project):
 def test_min_completion_length_above_max_is_refused_with_the_fix():
     with pytest.raises(ConfigError, match="min_completion_length.*raise train.max_completion_length"):
         config.resolve({"train": {"max_completion_length": 8}}, ["train.min_completion_length=9"])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_auto_follows_the_cpu(monkeypatch, native):
+    from pipelines import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda: native)
+    cfg = config.resolve({}, [])  # both defaults are `auto`
+    assert cfg.train.bf16 is native and cfg.evaluate.bf16 is native
+    cfg = config.resolve({"train": {"bf16": "auto"}, "evaluate": {"bf16": "AUTO"}}, [])
+    assert cfg.train.bf16 is native and cfg.evaluate.bf16 is native
+    assert config.resolve({}, ["train.bf16=false"]).train.bf16 is False
+
+
+def test_bf16_true_without_bf16_instructions_warns_and_is_kept(monkeypatch):
+    from pipelines import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match=r"train.bf16: true on a CPU without bf16 instructions.*set train.bf16: auto"):
+        cfg = config.resolve({}, ["train.bf16=true"])
+    assert cfg.train.bf16 is True
+
+
+def test_bf16_other_words_name_the_choices():
+    with pytest.raises(ConfigError, match=r"evaluate.bf16.*true, false or auto"):
+        config.resolve({}, ["evaluate.bf16=fast"])
+
+
+def test_native_bf16_agrees_with_the_kernels_cpu_flags():
+    from pathlib import Path
+
+    from pipelines.precision import native_bf16
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to compare with")
+    flags = set(next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "").split())
+    assert native_bf16() is bool(flags & {"avx512_bf16", "amx_bf16"})

@@ -107,8 +107,11 @@ def test_two_processes_train_what_one_process_trains(tmp_path, tiny_reference):
     got = load_file(str(Paths(ddp).policy_dir / "adapter_model.safetensors"))
     assert set(got) == set(expected)
     assert sum(float((expected[k] != 0).float().sum()) for k in expected if "lora_B" in k) > 0, "the adapter never moved"
+    # Summing gradients in two halves rounds differently from one sum, and Adam divides by the
+    # gradients' own scale: 1.7e-5 apart at most on an AVX2-only CPU (below 1e-5 with AVX-512).
+    # A wrong update would be off by ~lr (0.01) per step.
     for name in expected:
-        assert torch.allclose(got[name], expected[name], atol=1e-5), name
+        assert torch.allclose(got[name], expected[name], atol=1e-4), name
 
     # Same completions, same rewards, step by step; and one writer of everything.
     def curve(root):
