@@ -211,7 +211,7 @@ class TrainConfig(_Section):
 
 class EvaluateConfig(_Section):
     max_new_tokens: int = 48
-    batch_size: int = 16
+    batch_size: int = Field(64, ge=1)  # sequences per decoding call (decoding is memory-bound: more rows cost little)
     bf16: bool = Field("auto", validate_default=True)  # true | false | auto, as train.bf16
     # Sampled answers per problem for pass@k, mean@k and maj@k; every model gets the same decoding
     # and the same seed, so the models are compared on equal terms.
