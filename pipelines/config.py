@@ -179,6 +179,12 @@ class TrainConfig(_Section):
     # sample more prompts until the batch is full, at most `max_resample_rounds` extra rounds.
     dynamic_sampling: bool = False
     max_resample_rounds: int = Field(4, ge=0)
+    # Prompts a dynamic-sampling round draws per prompt still missing. A round costs about as long
+    # as its longest completion, whatever the rows (finished rows leave the batch), so one round of
+    # 8 prompts beats rounds of 4, 2 and 1. `auto`: 1 / the share of groups with signal at the
+    # previous step, at most 4; a number fixes it; 1 draws only what is missing (the DAPO paper's
+    # loop). Groups with signal beyond the batch are dropped, as verl's DAPO recipe does.
+    dynamic_sampling_oversample: Literal["auto"] | float = "auto"
     lora: LoraConfig = LoraConfig()
     # true | false | auto: bf16 autocast and bf16 frozen weights; auto = only where the CPU has
     # bf16 instructions (pipelines/precision.py: elsewhere bf16 is tens of times slower than fp32).
@@ -198,6 +204,13 @@ class TrainConfig(_Section):
     @classmethod
     def _bf16(cls, value: Any) -> Any:
         return resolve_bf16(value, "train.bf16")
+
+    @field_validator("dynamic_sampling_oversample")
+    @classmethod
+    def _oversample(cls, value: Any) -> Any:
+        if value != "auto" and value < 1:
+            raise ValueError(f"must be 'auto' or a number >= 1 (got {value}); 1 draws only the prompts still missing")
+        return value
 
     @model_validator(mode="after")
     def _min_not_above_max(self) -> TrainConfig:

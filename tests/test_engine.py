@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipelines import config
-from pipelines.config import RewardSpec
+from pipelines.config import ConfigError, RewardSpec
 from pipelines.data import validate
 from pipelines.grpo import policy
 from pipelines.grpo.advantages import advantages_from_rewards
@@ -104,6 +104,38 @@ def test_dynamic_sampling_keeps_only_groups_with_signal(project, tiny_reference,
     else:
         assert any(r["id"].startswith("mul") for r in batch.rows)  # flat groups stay in the batch
         assert (stds == 0).any()
+
+
+def test_oversampled_rounds_fill_the_batch_in_fewer_rounds(project, tiny_reference, monkeypatch):
+    """Drawing 3 prompts per missing one fills the batch sooner; the batch stays `prompts_per_step`."""
+    monkeypatch.setitem(rewards.REWARDS, "addonly", _signal_only_for_addition)
+    paths = Paths(project)
+    batches = {}
+    for factor in ("1", "3"):
+        cfg = config.load(
+            project / "params.yaml",
+            ["train.rewards=[{name: addonly}]", "train.prompts_per_step=4", "train.dynamic_sampling=true",
+             "train.max_resample_rounds=8", f"train.dynamic_sampling_oversample={factor}"],
+            preset="smoke",
+        )
+        if not paths.train_split.exists():
+            validate.run(cfg, paths)
+            shutil.copytree(tiny_reference, paths.reference_dir)
+        model, tokenizer, _ = policy.build(cfg, paths)
+        torch.manual_seed(0)
+        batches[factor] = sample_batch(model, tokenizer, PromptSampler(read_jsonl(paths.train_split), seed=3), cfg)
+    one, three = batches["1"], batches["3"]
+    for batch in (one, three):
+        assert len(batch.rows) == 4 and all(r["id"].startswith("add") for r in batch.rows)
+        assert batch.rollout.completion_ids.size(0) == 4 * cfg.train.num_generations == batch.per_function.size(0)
+    assert three.prompts_sampled >= 12 and three.rounds < one.rounds
+    # The same prompt stream: the oversampled batch's groups are the first 4 with signal in it.
+    assert [r["id"] for r in one.rows] == [r["id"] for r in three.rows]
+
+
+def test_oversample_must_be_auto_or_at_least_one(project):
+    with pytest.raises(ConfigError, match="dynamic_sampling_oversample"):
+        config.load(project / "params.yaml", ["train.dynamic_sampling_oversample=0.5"], preset="smoke")
 
 
 def test_rollout_model_matches_the_policy(tiny_reference, smoke_cfg, project):

@@ -57,3 +57,49 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_reference):
         assert (got[name] - expected[name]).abs().max() < 1e-6, name
     history = [line.split(",")[0] for line in paths.train_plot.read_text().splitlines()[1:]]
     assert history == [str(i) for i in range(1, 25)]  # the curve is whole across the restart
+
+
+def _signal_for_addition_only(prompts, completions, id, **_):
+    """Varies between completions of `add-*` rows only: about half the groups are flat."""
+    return [float(len(c) % 5) if i.startswith("add") else 0.0 for c, i in zip(completions, id, strict=True)]
+
+
+def test_resume_with_adaptive_dynamic_sampling_equals_uninterrupted(tmp_path, tiny_reference, monkeypatch):
+    """The oversampling factor comes from the last step's flat share: a resumed run must draw the same prompts."""
+    from pipelines.grpo import tracking
+    from pipelines.verifiers import rewards
+
+    monkeypatch.setitem(rewards.REWARDS, "addonly", _signal_for_addition_only)
+    overrides = [
+        "train.steps=6", "train.checkpoint_every=2", "train.learning_rate=0.01", "train.prompts_per_step=2",
+        "train.rewards=[{name: addonly}]", "train.dynamic_sampling=true", "train.dynamic_sampling_oversample=auto",
+    ]
+    straight = tmp_path / "straight"
+    cfg = prepared_project(straight, tiny_reference, overrides)
+    trainer.run(cfg, Paths(straight), log_to_mlflow=False)
+    expected = load_file(str(Paths(straight).policy_dir / "adapter_model.safetensors"))
+    straight_history = json.loads((Paths(straight).checkpoints_dir / "step-000006" / "state.json").read_text())["history"]
+    assert any(h["prompts_sampled"] > 2 for h in straight_history), "no step oversampled: the test would pass trivially"
+
+    stopped = tmp_path / "stopped"
+    cfg = prepared_project(stopped, tiny_reference, overrides)
+    original = tracking.RunLogger.step
+
+    def crash_after_four(self, step, *args, **kwargs):
+        if step == 5:
+            raise KeyboardInterrupt  # after step 4's checkpoint, before step 5's
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(tracking.RunLogger, "step", crash_after_four)
+    try:
+        trainer.run(cfg, Paths(stopped), log_to_mlflow=False)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the run was not interrupted")
+    monkeypatch.setattr(tracking.RunLogger, "step", original)
+    result = trainer.run(cfg, Paths(stopped), log_to_mlflow=False)
+    assert result.resumed_from == 4
+    got = load_file(str(Paths(stopped).policy_dir / "adapter_model.safetensors"))
+    for name in expected:
+        assert (got[name] - expected[name]).abs().max() < 1e-6, name

@@ -53,18 +53,21 @@ class Batch:
     local: torch.Tensor  # (completions of the whole batch,) bool: the ones this process sampled
     frac_zero_std: float  # share of all sampled groups whose rewards were all equal
     rounds: int
+    prompts_sampled: int = 0  # prompts generated for this batch, over all rounds
 
 
 def sample_batch(
     model: Any, tokenizer: Any, sampler: PromptSampler, cfg: Config, autocast: bool | None = None,
-    step: int = 0, world: distributed.World = distributed.SINGLE,
+    step: int = 0, world: distributed.World = distributed.SINGLE, signal_rate: float = 1.0,
 ) -> Batch:
     """Groups of completions for `prompts_per_step` prompts, scored.
 
     Every process draws the same prompts and samples its own slice of them, each group from its
     own seed (sampling.prompt_seed), then the whole batch's rewards are gathered on every process.
     With dynamic sampling (DAPO), groups whose rewards are all equal are dropped (they carry no
-    gradient) and more prompts are sampled, for at most `max_resample_rounds` extra rounds.
+    gradient) and more prompts are sampled, for at most `max_resample_rounds` extra rounds. Each
+    round draws `oversample(t, signal_rate)` prompts per prompt still missing (`signal_rate`: the
+    share of groups with signal at the previous step); groups beyond the batch are dropped.
     """
     t, G = cfg.train, cfg.train.num_generations
     weights = torch.tensor([s.weight for s in t.rewards])
@@ -73,8 +76,10 @@ def sample_batch(
     scores: list[torch.Tensor] = []
     local: list[torch.Tensor] = []
     kept = seen = zero = rounds = 0
+    factor = oversample(t, signal_rate) if t.dynamic_sampling else 1.0
     while True:
-        rows = sampler.take(t.prompts_per_step - kept)  # the same prompts in every process
+        need = t.prompts_per_step - kept
+        rows = sampler.take(math.ceil(need * factor - 1e-9))  # the same prompts in every process
         seeds = [prompt_seed(t.seed, step, seen + i) for i in range(len(rows))]
         part = world.shard(len(rows))  # whole groups: each process scores the groups it sampled
         rollout = generate(
@@ -97,6 +102,7 @@ def sample_batch(
         if not t.dynamic_sampling:
             rows_kept, rollouts, scores, local, kept = rows[part], [rollout], [per_fn], [is_mine], len(rows)
             break
+        signal &= signal.cumsum(0) <= need  # the first `need` groups with signal, in the order drawn
         keep = signal.repeat_interleave(G)
         rows_kept += [r for r, s in zip(rows[part], signal[part].tolist(), strict=True) if s]
         rollouts.append(rollout.select(keep[is_mine]))
@@ -109,8 +115,22 @@ def sample_batch(
     if not kept:  # every group was flat: train on the last one (zero advantage, zero gradient)
         rows_kept, rollouts, scores, local = rows[part], [rollout], [per_fn], [is_mine]
     return Batch(
-        rows_kept, concat(rollouts, tokenizer.pad_token_id), torch.cat(scores), torch.cat(local), zero / max(seen, 1), rounds
+        rows_kept, concat(rollouts, tokenizer.pad_token_id), torch.cat(scores), torch.cat(local), zero / max(seen, 1), rounds, seen
     )
+
+
+def oversample(t: Any, signal_rate: float) -> float:
+    """Prompts to draw per prompt still missing in a dynamic-sampling round.
+
+    >>> from types import SimpleNamespace as NS
+    >>> oversample(NS(dynamic_sampling_oversample="auto"), 0.5), oversample(NS(dynamic_sampling_oversample="auto"), 0.1)
+    (2.0, 4.0)
+    >>> oversample(NS(dynamic_sampling_oversample=1.5), 0.1)
+    1.5
+    """
+    if t.dynamic_sampling_oversample != "auto":
+        return float(t.dynamic_sampling_oversample)
+    return 1.0 / min(1.0, max(signal_rate, 0.25))
 
 
 def fingerprint(cfg: Config, reference_sha: str, train_bytes: bytes) -> str:
@@ -179,7 +199,11 @@ def train(cfg: Config, paths: Paths, world: distributed.World = distributed.SING
 
             # 1. Sample a group of completions per prompt from the current policy, and score them
             #    (with several processes, each samples its own slice of the prompts).
-            batch = sample_batch(sampler_model.model, tokenizer, sampler, cfg, autocast=False, step=step, world=world)
+            # From the history, so that a resumed run draws exactly what an uninterrupted one would.
+            signal_rate = 1.0 - history[-1]["frac_reward_zero_std"] if history else 1.0
+            batch = sample_batch(
+                sampler_model.model, tokenizer, sampler, cfg, autocast=False, step=step, world=world, signal_rate=signal_rate
+            )
             rollout = batch.rollout
             generated = time.perf_counter()
 
@@ -256,6 +280,7 @@ def train(cfg: Config, paths: Paths, world: distributed.World = distributed.SING
                 **{f"rewards/{s.name}/mean": m for s, m in zip(t.rewards, fn_means, strict=True)},
                 "frac_reward_zero_std": batch.frac_zero_std,
                 "resample_rounds": float(batch.rounds),
+                "prompts_sampled": float(batch.prompts_sampled),
                 "kl": per_token["kl"],
                 "clip_ratio/low_mean": per_token["low"],
                 "clip_ratio/high_mean": per_token["high"],
