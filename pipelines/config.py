@@ -185,6 +185,11 @@ class TrainConfig(_Section):
     # previous step, at most 4; a number fixes it; 1 draws only what is missing (the DAPO paper's
     # loop). Groups with signal beyond the batch are dropped, as verl's DAPO recipe does.
     dynamic_sampling_oversample: Literal["auto"] | float = "auto"
+    # Selective rollouts (GRESO): skip a prompt before sampling it when its last groups had
+    # all-equal rewards, with probability 1 - explore ** (flat visits in a row, at most 4);
+    # pipelines/grpo/sampler.py. Saves the generation that dynamic sampling would throw away.
+    selective_rollouts: bool = False
+    selective_rollouts_explore: float = Field(0.5, gt=0, lt=1)
     lora: LoraConfig = LoraConfig()
     # true | false | auto: bf16 autocast and bf16 frozen weights; auto = only where the CPU has
     # bf16 instructions (pipelines/precision.py: elsewhere bf16 is tens of times slower than fp32).

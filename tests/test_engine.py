@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
@@ -287,3 +288,81 @@ def test_truncation_warning_says_when_completions_start_running_to_the_limit():
     assert said == [3, 10]  # where it starts, then every 10 steps while it lasts; not when it stops
     message = truncation_warning(history[:3], t)
     assert "90% of completions" in message and "48 tokens" in message and "train.learning_rate" in message
+
+
+def test_selective_rollouts_skip_prompts_that_were_flat():
+    """A prompt flat at its last k visits is drawn with probability explore^k; one with signal always."""
+    rows = [{"id": f"r{i}"} for i in range(10)]
+    sampler = PromptSampler(rows, seed=0, explore=0.5)
+    first = sampler.take(10)
+    sampler.record(first, [int(r["id"][1:]) % 2 == 0 for r in first])  # even rows flat once
+    drawn = sampler.take(2000)
+    even = sum(int(r["id"][1:]) % 2 == 0 for r in drawn)
+    # Per epoch 5 odd rows always, 5 even ones half the time: even / odd ~ 0.5.
+    assert 0.4 < even / (len(drawn) - even) < 0.6
+    assert sampler.skipped == pytest.approx(even, rel=0.15)  # as many skipped as drawn, at 0.5
+
+    # A longer streak skips more often (0.5^3 = 1/8), capped so a fully flat dataset still ends.
+    sampler = PromptSampler(rows, seed=0, explore=0.5)
+    for _ in range(3):
+        sampler.record(rows, [r["id"] != "r0" for r in rows])
+    drawn = sampler.take(900)
+    assert 0.42 < sum(r["id"] == "r0" for r in drawn) / len(drawn) < 0.53  # 1 : 9 x 1/8, so 8/17
+    for _ in range(10):
+        sampler.record(rows, [True] * 10)  # everything flat, streaks far past the cap
+    assert len(sampler.take(50)) == 50  # still drawn, 1 in 16
+
+    # Signal again resets the streak; off (explore 1) means the plain shuffle, draws and all.
+    sampler.record([rows[1]], [False])
+    assert sampler.flat_streak[1] == 0
+    plain, off = PromptSampler(rows, seed=5), PromptSampler(rows, seed=5, explore=1.0)
+    off.record(off.rows, [True] * 10)
+    assert [r["id"] for r in plain.take(30)] == [r["id"] for r in off.take(30)] and off.skipped == 0
+
+
+def test_selective_rollouts_state_resumes_the_same_draws():
+    rows = [{"id": f"r{i}"} for i in range(7)]
+    sampler = PromptSampler(rows, seed=1, explore=0.3)
+    batch = sampler.take(5)
+    sampler.record(batch, [True, False, True, True, False])
+    sampler.take(3)
+    state = json.loads(json.dumps(sampler.state_dict()))  # through JSON, as checkpoints store it
+    restored = PromptSampler(rows, seed=99, explore=0.3)
+    restored.load_state_dict(state)
+    assert [r["id"] for r in restored.take(40)] == [r["id"] for r in sampler.take(40)]
+    assert restored.skipped == sampler.skipped > 0
+
+
+def test_selective_rollouts_in_training_spend_rollouts_on_prompts_with_signal(project, tiny_reference, monkeypatch):
+    """Multiplication rows are flat under `addonly`: after one visit they are mostly skipped."""
+    monkeypatch.setitem(rewards.REWARDS, "addonly", _signal_only_for_addition)
+    paths = Paths(project)
+    drawn = {}
+    for on in (False, True):
+        cfg = config.load(
+            project / "params.yaml",
+            ["train.rewards=[{name: addonly}]", "train.prompts_per_step=4", f"train.selective_rollouts={str(on).lower()}",
+             "train.selective_rollouts_explore=0.1", "train.max_completion_length=4"],
+            preset="smoke",
+        )
+        if not paths.train_split.exists():
+            validate.run(cfg, paths)
+            shutil.copytree(tiny_reference, paths.reference_dir)
+        model, tokenizer, _ = policy.build(cfg, paths)
+        rows = read_jsonl(paths.train_split)
+        explore = cfg.train.selective_rollouts_explore if on else 1.0
+        sampler = PromptSampler(rows, seed=3, explore=explore)
+        torch.manual_seed(0)
+        batches = [sample_batch(model, tokenizer, sampler, cfg, step=s) for s in range(3 * len(rows) // 4)]
+        # From the second epoch on: what share of the drawn prompts were multiplications (flat)?
+        later = [r["id"] for b in batches[len(rows) // 4 + 1 :] for r in b.rows]
+        drawn[on] = (sum(i.startswith("mul") for i in later) / len(later), sampler.skipped)
+    share_mul = sum(r["id"].startswith("mul") for r in rows) / len(rows)
+    assert drawn[False][1] == 0 and drawn[False][0] == pytest.approx(share_mul, abs=0.15)
+    assert drawn[True][1] > 0 and drawn[True][0] < share_mul / 3
+
+
+def test_selective_rollouts_explore_must_be_a_probability(project):
+    for bad in ("0", "1", "1.5"):
+        with pytest.raises(ConfigError, match="selective_rollouts_explore"):
+            config.load(project / "params.yaml", [f"train.selective_rollouts_explore={bad}"], preset="smoke")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from safetensors.torch import load_file
 
 from pipelines.grpo import trainer
@@ -64,8 +65,10 @@ def _signal_for_addition_only(prompts, completions, id, **_):
     return [float(len(c) % 5) if i.startswith("add") else 0.0 for c, i in zip(completions, id, strict=True)]
 
 
-def test_resume_with_adaptive_dynamic_sampling_equals_uninterrupted(tmp_path, tiny_reference, monkeypatch):
-    """The oversampling factor comes from the last step's flat share: a resumed run must draw the same prompts."""
+@pytest.mark.parametrize("selective", [False, True], ids=["dynamic", "dynamic+selective"])
+def test_resume_with_adaptive_dynamic_sampling_equals_uninterrupted(tmp_path, tiny_reference, monkeypatch, selective):
+    """The oversampling factor comes from the last step's flat share, and selective rollouts skip by
+    each prompt's flat streak: a resumed run must draw the same prompts."""
     from pipelines.grpo import tracking
     from pipelines.verifiers import rewards
 
@@ -73,6 +76,9 @@ def test_resume_with_adaptive_dynamic_sampling_equals_uninterrupted(tmp_path, ti
     overrides = [
         "train.steps=6", "train.checkpoint_every=2", "train.learning_rate=0.01", "train.prompts_per_step=2",
         "train.rewards=[{name: addonly}]", "train.dynamic_sampling=true", "train.dynamic_sampling_oversample=auto",
+        f"train.selective_rollouts={str(selective).lower()}", "train.selective_rollouts_explore=0.2",
+        # a small split, so that prompts come back within 6 steps and their streaks matter
+        "data.generator.num_rows=12", "data.eval_fraction=0.25",
     ]
     straight = tmp_path / "straight"
     cfg = prepared_project(straight, tiny_reference, overrides)
@@ -80,6 +86,8 @@ def test_resume_with_adaptive_dynamic_sampling_equals_uninterrupted(tmp_path, ti
     expected = load_file(str(Paths(straight).policy_dir / "adapter_model.safetensors"))
     straight_history = json.loads((Paths(straight).checkpoints_dir / "step-000006" / "state.json").read_text())["history"]
     assert any(h["prompts_sampled"] > 2 for h in straight_history), "no step oversampled: the test would pass trivially"
+    if selective:
+        assert sum(h["prompts_skipped"] for h in straight_history[4:]) > 0, "nothing skipped after the restart point"
 
     stopped = tmp_path / "stopped"
     cfg = prepared_project(stopped, tiny_reference, overrides)

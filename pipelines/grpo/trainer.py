@@ -68,6 +68,8 @@ def sample_batch(
     gradient) and more prompts are sampled, for at most `max_resample_rounds` extra rounds. Each
     round draws `oversample(t, signal_rate)` prompts per prompt still missing (`signal_rate`: the
     share of groups with signal at the previous step); groups beyond the batch are dropped.
+    Every group's outcome (flat or not) goes back to the sampler, which with selective rollouts
+    skips prompts that were flat at their latest visits (sampler.py).
     """
     t, G = cfg.train, cfg.train.num_generations
     weights = torch.tensor([s.weight for s in t.rewards])
@@ -97,6 +99,7 @@ def sample_batch(
         is_mine[part.start * G : part.stop * G] = True
         _, group_std = group_advantages(combine_rewards(per_fn, weights), G, "none")
         signal = group_std > 1e-6
+        sampler.record(rows, (~signal).tolist())  # every process the same: rewards are gathered
         seen += len(rows)
         zero += int((~signal).sum())
         if not t.dynamic_sampling:
@@ -164,7 +167,7 @@ def train(cfg: Config, paths: Paths, world: distributed.World = distributed.SING
     sampler_model = RolloutModel(model, torch.bfloat16 if t.bf16 else torch.float32)
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (t.warmup_steps + 1)))
-    sampler = PromptSampler(read_jsonl(paths.train_split), t.seed)
+    sampler = PromptSampler(read_jsonl(paths.train_split), t.seed, t.selective_rollouts_explore if t.selective_rollouts else 1.0)
     weights = torch.tensor([s.weight for s in t.rewards])
     eps_high = t.epsilon if t.epsilon_high is None else t.epsilon_high
     key = fingerprint(cfg, manifest["sha256"], paths.train_split.read_bytes())
@@ -201,6 +204,7 @@ def train(cfg: Config, paths: Paths, world: distributed.World = distributed.SING
             #    (with several processes, each samples its own slice of the prompts).
             # From the history, so that a resumed run draws exactly what an uninterrupted one would.
             signal_rate = 1.0 - history[-1]["frac_reward_zero_std"] if history else 1.0
+            skipped_before = sampler.skipped
             batch = sample_batch(
                 sampler_model.model, tokenizer, sampler, cfg, autocast=False, step=step, world=world, signal_rate=signal_rate
             )
@@ -281,6 +285,7 @@ def train(cfg: Config, paths: Paths, world: distributed.World = distributed.SING
                 "frac_reward_zero_std": batch.frac_zero_std,
                 "resample_rounds": float(batch.rounds),
                 "prompts_sampled": float(batch.prompts_sampled),
+                "prompts_skipped": float(sampler.skipped - skipped_before),  # selective rollouts
                 "kl": per_token["kl"],
                 "clip_ratio/low_mean": per_token["low"],
                 "clip_ratio/high_mean": per_token["high"],
