@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from pipelines.grpo import shared_prefix
+
 
 class RolloutModel:
     def __init__(self, policy: Any, dtype: torch.dtype = torch.bfloat16) -> None:
@@ -24,6 +26,7 @@ class RolloutModel:
         self.is_peft = hasattr(policy, "peft_config")
         base = policy.get_base_model() if self.is_peft else policy
         self.model = _plain_copy(base, dtype)
+        shared_prefix.enable(self.model)  # a group's completions read one copy of its prompt's cache
         self.model.eval()
         self.model.requires_grad_(False)
         self._targets = self._pair_parameters(base)

@@ -2,9 +2,10 @@
 
 `model.generate` re-runs the prompt for every completion of a group and spends a few milliseconds
 of bookkeeping per token; at 135M parameters on 2 cores that bookkeeping is a large share of the
-step. This loop prefills each prompt once, copies its KV cache to the G completions of its group
-(`batch_repeat_interleave`), and does only what sampling needs per token: temperature, top-k,
-top-p, EOS tracking.
+step. This loop prefills each prompt once and shares its KV cache with the G completions of its
+group: on the sampling copy (rollout_model.py) one copy per group that every completion attends
+to (shared_prefix.py), elsewhere a copy per completion (`batch_repeat_interleave`). Per token it
+does only what sampling needs: temperature, top-k, top-p, EOS tracking.
 """
 
 from __future__ import annotations
@@ -75,11 +76,19 @@ def sample(
     """
     from transformers import DynamicCache
 
+    from pipelines.grpo.shared_prefix import Prefix, enabled
+
     cache = DynamicCache()
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+    # With shared-prefix attention (shared_prefix.py) the prompt's keys and values stay once per
+    # group and the completions' own go to a fresh cache; otherwise the cache is repeated G times.
+    prefix = Prefix.from_cache(cache, attention_mask, num_generations) if num_generations > 1 and enabled(model) else None
+    if prefix is not None:
+        cache = DynamicCache()
     if num_generations > 1:
-        cache.batch_repeat_interleave(num_generations)
+        if prefix is None:
+            cache.batch_repeat_interleave(num_generations)
         attention_mask = attention_mask.repeat_interleave(num_generations, dim=0)
         positions = positions.repeat_interleave(num_generations, dim=0)
     logits = out.logits[:, -1, :].float().repeat_interleave(num_generations, dim=0)
@@ -111,11 +120,17 @@ def sample(
             # Decoding is memory-bound here, but a smaller batch still saves ~15 ms a token on 2
             # cores, and a group's longest completion often runs alone for most of its tokens.
             keep = alive.nonzero().squeeze(-1)
-            cache.batch_select_indices(keep)
+            if cache.get_seq_length():  # the shared-prefix suffix cache is empty before the first token
+                cache.batch_select_indices(keep)
+            if prefix is not None:
+                prefix.select(prefix.group[keep])
             active, token = active[keep], token[keep]
             attention_mask, next_position = attention_mask[keep], next_position[keep]
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position, cache=cache, use_cache=True)
+        if prefix is not None:
+            out = model(input_ids=token[:, None], position_ids=next_position, cache=cache, use_cache=True, shared_prefix=prefix)
+        else:
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position, cache=cache, use_cache=True)
         next_position = next_position + 1
         logits = out.logits[:, -1, :].float()
     return result[:, :0], None if result_logps is None else result_logps[:, :0]
