@@ -95,3 +95,30 @@ def test_an_unsupported_family_keeps_the_repeated_cache():
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=64))
     assert not shared_prefix.enable(model) and not shared_prefix.enabled(model)
+
+
+@pytest.mark.parametrize("backend", ["lean", "hf"])
+def test_the_sampling_copy_reports_what_training_computes(tiny_reference, backend):
+    """On the fp32 sampling copy (shared-prefix attention on), each backend's log-probs equal the
+    trained model's own, which is what the sampling correction assumes when nothing differs."""
+    from pipelines.config import LoraConfig
+    from pipelines.grpo.rollout import generate, token_logps
+    from pipelines.grpo.rollout_model import RolloutModel
+    from pipelines.models import add_lora, load_reference
+
+    base, tokenizer = load_reference(tiny_reference)
+    policy = add_lora(base, LoraConfig(r=4, alpha=8))
+    torch.manual_seed(0)
+    for name, param in policy.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.05)  # an adapter that changes the outputs
+    sampler = RolloutModel(policy, torch.float32)
+    assert shared_prefix.enabled(sampler.model)
+    rollout = generate(
+        sampler.model, tokenizer, ["What is 2 + 2?", "Compute 7 * 8, please."], num_generations=3, max_new_tokens=8,
+        do_sample=True, temperature=0.8, backend=backend, seeds=[1, 2],
+    )
+    mask = rollout.completion_mask.bool()
+    with torch.no_grad():
+        trained, _ = token_logps(policy, rollout, temperature=0.8)
+    torch.testing.assert_close(rollout.sampler_logps[mask], trained[mask], atol=1e-4, rtol=1e-4)
