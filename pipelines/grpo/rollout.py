@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from pipelines.grpo.backends import Sampled, SamplingRequest, get_backend
+from pipelines.grpo.logprobs import selected_logps
 
 
 @dataclass
@@ -163,7 +164,7 @@ def token_logps(
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         width = rollout.completion_ids.size(1)
         logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=width + 1).logits[:, :-1]
-    return _pick(logits, rollout.completion_ids, with_entropy, temperature)
+    return selected_logps(logits, rollout.completion_ids, temperature, with_entropy)
 
 
 def _attention_kernel(like: torch.Tensor) -> AbstractContextManager[Any]:
@@ -180,19 +181,6 @@ def _attention_kernel(like: torch.Tensor) -> AbstractContextManager[Any]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel(SDPBackend.MATH)
-
-
-def _pick(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logps = torch.log_softmax(logits, dim=-1)
-    chosen = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logps.exp() * logps).sum(-1)
-    return chosen, entropy
 
 
 def length_buckets(lengths: list[int], overhead: int = 32, max_buckets: int = 4) -> list[list[int]]:
@@ -230,7 +218,7 @@ def _grouped_logps(model: Any, rollout: Rollout, with_entropy: bool, temperature
     prefix = [(layer.keys, layer.values) for layer in cache.layers]
     chosen = torch.zeros(completion.shape, dtype=torch.float32)
     entropy = torch.zeros(completion.shape, dtype=torch.float32) if with_entropy else None
-    c0, e0 = _pick(first.repeat_interleave(G, dim=0), completion[:, 0], with_entropy, temperature)
+    c0, e0 = selected_logps(first.repeat_interleave(G, dim=0), completion[:, 0], temperature, with_entropy)
     chosen[:, 0] = c0
     if entropy is not None:
         entropy[:, 0] = e0
@@ -247,7 +235,7 @@ def _grouped_logps(model: Any, rollout: Rollout, with_entropy: bool, temperature
         attention = torch.cat([prompt_mask[group], mask[idx, :width]], dim=1)
         positions = prompt_mask[group].sum(-1, keepdim=True) + torch.arange(width).unsqueeze(0)
         logits = model(input_ids=completion[idx, :width], attention_mask=attention, position_ids=positions, cache=bucket_cache, use_cache=True).logits
-        c, e = _pick(logits, completion[idx, 1 : width + 1], with_entropy, temperature)
+        c, e = selected_logps(logits, completion[idx, 1 : width + 1], temperature, with_entropy)
         chosen[idx, 1 : width + 1] = c
         if entropy is not None:
             entropy[idx, 1 : width + 1] = e
