@@ -155,7 +155,10 @@ class TrainConfig(_Section):
     top_p: float = 1.0
     top_k: int = 0
     learning_rate: float = 2e-4
-    warmup_steps: int = 0
+    warmup_steps: int = Field(0, ge=0)
+    # The learning rate after warmup, over `steps` x `num_iterations` optimiser steps (transformers'
+    # schedules of the same names): constant | linear (to zero, TRL's default) | cosine (to zero).
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     beta: float = 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -18,6 +19,8 @@ from tests.conftest import cli_env, prepared_project
 
 OVERRIDES = [
     "train.steps=24", "train.checkpoint_every=2", "train.learning_rate=0.01",
+    # A schedule that changes the rate at every step: a resumed run must pick up its position.
+    "train.warmup_steps=3", "train.lr_scheduler=cosine",
     # A reward that varies between completions of a random model, so the weights really move.
     "train.rewards=[{name: length, weight: 1.0, params: {target_chars: 30}}]",
 ]
@@ -58,6 +61,11 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_reference):
         assert (got[name] - expected[name]).abs().max() < 1e-6, name
     history = [line.split(",")[0] for line in paths.train_plot.read_text().splitlines()[1:]]
     assert history == [str(i) for i in range(1, 25)]  # the curve is whole across the restart
+    # The rate followed the schedule (logged after each step): up over 3 warmup steps, then down to 0.
+    for run in (Paths(straight), paths):
+        rates = [float(row["learning_rate"]) for row in csv.DictReader(run.train_plot.read_text().splitlines())]
+        assert rates[:3] == pytest.approx([0.01 / 3, 0.02 / 3, 0.01])
+        assert all(a > b for a, b in zip(rates[2:], rates[3:])) and rates[-1] == pytest.approx(0.0, abs=1e-12)
 
 
 def _signal_for_addition_only(prompts, completions, id, **_):

@@ -136,6 +136,27 @@ def oversample(t: Any, signal_rate: float) -> float:
     return 1.0 / min(1.0, max(signal_rate, 0.25))
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer, t: Any) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' schedule named by `train.lr_scheduler`, warmup included, one step per optimiser step.
+
+    The schedule spans `steps` x `num_iterations` optimiser steps, so a run that stops early on
+    `time_budget_s` ends before the decay does. Its position is in the checkpoint (resume is exact).
+
+    >>> from types import SimpleNamespace as NS
+    >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    >>> sched = lr_schedule(opt, NS(lr_scheduler="linear", warmup_steps=0, steps=4, num_iterations=1))
+    >>> rates = []
+    >>> for _ in range(4):
+    ...     rates.append(sched.get_last_lr()[0]); opt.step(); sched.step()
+    >>> rates
+    [1.0, 0.75, 0.5, 0.25]
+    """
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.steps * t.num_iterations)
+
+
 def fingerprint(cfg: Config, reference_sha: str, train_bytes: bytes) -> str:
     """What must be equal for a checkpoint to be resumed: training config, reference and data."""
     # Not the number of processes: a data-parallel run makes the same updates as one process.
@@ -166,7 +187,7 @@ def train(cfg: Config, paths: Paths, world: distributed.World = distributed.SING
     # Sampling runs on a merged copy (bf16 when train.bf16): see rollout_model.py for why.
     sampler_model = RolloutModel(model, torch.bfloat16 if t.bf16 else torch.float32)
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (t.warmup_steps + 1)))
+    scheduler = lr_schedule(optimizer, t)
     sampler = PromptSampler(read_jsonl(paths.train_split), t.seed, t.selective_rollouts_explore if t.selective_rollouts else 1.0)
     weights = torch.tensor([s.weight for s in t.rewards])
     eps_high = t.epsilon if t.epsilon_high is None else t.epsilon_high
