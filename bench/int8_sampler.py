@@ -85,7 +85,7 @@ def sampler(repeats: int) -> list[dict]:
         for repeat in range(repeats):
             for name, model in (("fp32", fp32), ("int8_dynamic", int8)):
                 started = time.perf_counter()
-                out = generate(
+                generate(
                     model, tokenizer, prompts, num_generations=8, max_new_tokens=48, do_sample=True,
                     seeds=[prompt_seed(0, repeat, i) for i in range(n_prompts)], min_new_tokens=48,
                 )
