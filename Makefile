@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-# Nothing reaches the internet: telemetry off, Hugging Face hub offline (ENVIRONMENT.md).
+# Nothing reaches the internet: telemetry off, Hugging Face hub offline.
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export DO_NOT_TRACK=true
 export MLFLOW_DISABLE_TELEMETRY=true

@@ -54,7 +54,7 @@ REGISTRY_COMMANDS = ("models", "promote", "rollback", "ask")
 
 
 def _registry_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """`grpo models|promote|rollback|ask`: the registry as users see it (pipelines/promotion.py, ask.py)."""
+    """`grpo models|promote|rollback|ask`: the registry as users see it (pipelines/registry/promotion.py, ask.py)."""
     sub.add_parser("models", parents=[common], help="list registered versions, their aliases and key metrics")
     promote = sub.add_parser("promote", parents=[common], help="make VERSION champion by hand (records who and why)")
     promote.add_argument("version", help="the version number to promote")
@@ -69,17 +69,18 @@ def _registry_parsers(sub: argparse._SubParsersAction, common: argparse.Argument
 
 
 def _registry_command(args: argparse.Namespace, name: str, root: Path) -> int:
-    from pipelines import promotion
+    from pipelines.mlflow_store import StoreError, registry_client
+    from pipelines.registry import promotion
 
     try:
         if args.command == "ask":
-            from pipelines.ask import ask
+            from pipelines.registry.ask import ask
 
             answer = ask(args.question, root=root, name=name, alias=args.alias, version=args.version, max_new_tokens=args.max_new_tokens)
             where = f"@{answer.alias} = v{answer.version}" if answer.alias else f"v{answer.version}"
             print(f"{answer.name} {where}: {answer.answer or '(empty answer: only whitespace or special tokens)'}")
             return 0
-        client = promotion.registry_client(root)
+        client = registry_client(root)
         if args.command == "models":
             print(promotion.table(promotion.list_versions(client, name)))
         elif args.command == "promote":
@@ -89,7 +90,7 @@ def _registry_command(args: argparse.Namespace, name: str, root: Path) -> int:
             done = promotion.rollback(client, name, args.reason)
             print(f"{name} v{done['champion']} is champion again (v{done['rolled_back']} rolled back by {done['by']})")
         return 0
-    except promotion.PromotionError as exc:
+    except StoreError as exc:
         print(f"grpo {args.command}: error: {exc}", file=sys.stderr)
         return 1
 
@@ -112,8 +113,8 @@ def _data_command(args: argparse.Namespace, paths: Paths) -> int:
     added = add_raw(paths, args.path, push=not args.no_push)
     print(json.dumps(asdict(added), indent=2))
     print(f"commit {added.dvc_file} (and its folder's .gitignore) with git; validate it with -S data.path={added.path}", file=sys.stderr)
-    # Only now that DVC holds it: `grpo serve` retrains on this event (pipelines/events.py).
-    from pipelines.events import emit_dataset_updated
+    # Only now that DVC holds it: `grpo serve` retrains on this event (pipelines/data/events.py).
+    from pipelines.data.events import emit_dataset_updated
 
     sent = emit_dataset_updated(paths.root.resolve(), added.path, added.digest, dvc_file=added.dvc_file, pushed=added.pushed)
     print(sent.message, file=sys.stderr)
@@ -121,9 +122,8 @@ def _data_command(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def _serve_command(args: argparse.Namespace, paths: Paths) -> int:
-    from pipelines import config
-
     from flows.serve import ServeError, serve
+    from pipelines import config
 
     cfg = config.load(paths.params, args.overrides, args.preset)
     # A process started in the background by a non-interactive shell inherits SIGINT as ignored,
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines import config
     from pipelines.data.sources import DataError
     from pipelines.paths import Paths
-    from pipelines.snapshot import SnapshotError
+    from pipelines.snapshot.stage import SnapshotError
 
     paths = Paths.find(args.project)
     try:

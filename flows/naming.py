@@ -14,8 +14,9 @@ from typing import Any
 
 def _params(overrides: list[str] | None, preset: str | None, project: str) -> tuple[Any, str]:
     """(config, first 8 hex of the params hash that the registered version will carry as a tag)."""
-    from pipelines import config, lineage
+    from pipelines import config
     from pipelines.paths import Paths
+    from pipelines.registry import lineage
 
     cfg = config.load(Paths(Path(project).resolve()).params, overrides, preset)
     return cfg, lineage.params_hash(cfg)[:8]
@@ -23,7 +24,7 @@ def _params(overrides: list[str] | None, preset: str | None, project: str) -> tu
 
 def _dataset_label(cfg: Any, root: Path) -> str:
     """`data-<sha256 prefix>` of a local dataset, else what the data is (generator or hub name)."""
-    from pipelines.data.digest import content_digest
+    from pipelines.hashing import content_digest
 
     if not cfg.data.path:
         return f"generated-{cfg.data.generator.task}"

@@ -27,14 +27,14 @@ class ServeError(RuntimeError):
 def deployments(root: Path, cfg: Config, preset: str | None = None, overrides: list[str] | None = None) -> list[RunnerDeployment]:
     """The deployments of the table above, with `project` (and the CLI's preset/-S) as default parameters."""
     from prefect.events import DeploymentEventTrigger
-    from prefect.types.entrypoint import EntrypointType
     from prefect.schedules import Cron, Interval
+    from prefect.types.entrypoint import EntrypointType
 
     from flows.pipeline import training_pipeline
     from flows.promote import promote_model
     from flows.retrain import retrain
     from flows.watch import watch
-    from pipelines.events import DATASET_UPDATED, PROJECT_LABEL, RESOURCE_PREFIX
+    from pipelines.data.events import DATASET_UPDATED, PROJECT_LABEL, RESOURCE_PREFIX
 
     orch = cfg.orchestration
     project = str(root)
@@ -94,7 +94,7 @@ def check_server() -> str:
     """The API URL of a reachable Prefect server, or a ServeError that says how to get one."""
     from prefect.client.orchestration import get_client
 
-    from pipelines.events import api_url
+    from pipelines.data.events import api_url
 
     url = api_url()
     if not url:

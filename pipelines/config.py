@@ -55,7 +55,7 @@ class PromptConfig(_Section):
     system: str | None = None
     instruction: str = "{question} Give the final answer after ####."
     # One worked example as an earlier chat turn: the embedded model then answers in the
-    # required format (measured in ENVIRONMENT.md: without it, it rambles to the length limit).
+    # required format (measured on the embedded SmolLM2: without it, it rambles to the length limit).
     examples: list[dict[str, str]] = [
         {"question": "What is 3 + 4?", "answer": "3 + 4 = 7\n#### 7"},
     ]
@@ -190,7 +190,7 @@ class TrainConfig(_Section):
     dynamic_sampling_oversample: Literal["auto"] | float = "auto"
     # Selective rollouts (GRESO): skip a prompt before sampling it when its last groups had
     # all-equal rewards, with probability 1 - explore ** (flat visits in a row, at most 4);
-    # pipelines/grpo/sampler.py. Saves the generation that dynamic sampling would throw away.
+    # pipelines/grpo/prompt_sampler.py. Saves the generation that dynamic sampling would throw away.
     selective_rollouts: bool = False
     selective_rollouts_explore: float = Field(0.5, gt=0, lt=1)
     lora: LoraConfig = LoraConfig()
@@ -268,10 +268,11 @@ class RegisterConfig(_Section):
 
 
 class RuntimeConfig(_Section):
-    # torch threads: 0 keeps torch's default. Tiny models run far faster on 1 (ENVIRONMENT.md).
+    # torch threads: 0 keeps torch's default. Tiny models run far faster on 1 thread (torch's per-op
+    # overhead with 2 threads dwarfs their arithmetic); large matmuls gain from more.
     num_threads: int = 0
     dvc_remote: str = "local"
-    # How completions are sampled (pipelines/grpo/backends.py): `lean` (own KV-cached loop, fastest
+    # How completions are sampled (pipelines/generation/backends.py): `lean` (own KV-cached loop, fastest
     # on CPU), `hf` (model.generate) or `vllm` (GPUs; a placeholder that names what is missing).
     rollout_backend: Literal["lean", "hf", "vllm"] = "lean"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-# Telemetry off by default (ENVIRONMENT.md lists the switches); a user's own setting wins.
+# Telemetry off by default, so that nothing reaches the internet; a user's own setting wins.
 QUIET = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "true",
@@ -14,6 +14,14 @@ QUIET = {
     "GX_ANALYTICS_ENABLED": "false",
     "TOKENIZERS_PARALLELISM": "false",
 }
+
+
+def set_threads(num_threads: int) -> None:
+    """torch's thread count (`runtime.num_threads`); 0 keeps torch's default."""
+    import torch
+
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
 
 
 def quiet_telemetry() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -68,12 +67,3 @@ def staged_dir(target: Path) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-
-
-def file_hash(path: Path, algorithm: str = "sha256") -> str:
-    """Hex digest of a file's bytes, read in 1 MiB blocks (sha256 for pins, md5 as DVC 3 hashes)."""
-    h = hashlib.new(algorithm)
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -87,6 +87,11 @@ class Paths:
         return self.root / "reports" / "eval.md"
 
     @property
+    def eval_chart(self) -> Path:
+        """The accuracy chart that eval.md links to by its bare name (it lies beside the report)."""
+        return self.eval_report.with_name("eval.png")
+
+    @property
     def eval_samples(self) -> Path:
         return self.root / "reports" / "eval-samples.jsonl"
 

@@ -20,7 +20,7 @@ def run_stage(name: str, cfg: Config, paths: Paths) -> dict[str, Any]:
 
         runner = lambda: validate.run(cfg, paths)  # noqa: E731
     elif name == "snapshot":
-        from pipelines import snapshot
+        from pipelines.snapshot import stage as snapshot
 
         runner = lambda: snapshot.run(cfg.snapshot, paths)  # noqa: E731
     elif name == "train":
@@ -28,11 +28,11 @@ def run_stage(name: str, cfg: Config, paths: Paths) -> dict[str, Any]:
 
         runner = lambda: trainer.run(cfg, paths)  # noqa: E731
     elif name == "evaluate":
-        from pipelines import evaluate
+        from pipelines.evaluation import stage as evaluate
 
         runner = lambda: evaluate.run(cfg, paths)  # noqa: E731
     elif name == "register":
-        from pipelines import registry
+        from pipelines.registry import stage as registry
 
         runner = lambda: registry.run(cfg, paths)  # noqa: E731
     else:

@@ -1,4 +1,4 @@
-"""Tasks of the promotion flow: move `champion` by hand (pipelines/promotion.py) and say so in the UI."""
+"""Tasks of the promotion flow: move `champion` by hand (pipelines/registry/promotion.py) and say so in the UI."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ from tasks.retry import SERVER_RETRIES
 @task(name="promote", **SERVER_RETRIES)
 def promote_version(root: Path, version: str, reason: str, user: str | None) -> dict[str, Any]:
     """Make `version` champion, recording who and why on the version (the registry's own history)."""
-    from pipelines import config, promotion
+    from pipelines import config
+    from pipelines.mlflow_store import registry_client
     from pipelines.paths import Paths
+    from pipelines.registry import promotion
 
     name = config.load(Paths(root).params).registry.model_name
-    done = promotion.promote(promotion.registry_client(root), name, version, reason, user=user)
+    done = promotion.promote(registry_client(root), name, version, reason, user=user)
     create_markdown_artifact(
         f"## Promotion\n\n`{name}` **v{done['champion']}** is champion (was v{done['previous_champion'] or '-'}), "
         f"promoted by {done['by']}: {done['reason']}\n\nRoll back with `grpo rollback --reason TEXT`.",

@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 @task(name="check-dataset")
 def check_dataset(root: Path, dataset_path: str, digest: str) -> str:
     """The dataset's sha256 now; a mismatch with the event means newer data, which is what trains."""
-    from pipelines.data.digest import content_digest
+    from pipelines.hashing import content_digest
 
     path = Path(dataset_path) if Path(dataset_path).is_absolute() else root / dataset_path
     if not path.exists():

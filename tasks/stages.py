@@ -59,7 +59,7 @@ def _artifact(name: str, paths: Paths, result: dict[str, Any]) -> None:
     elif name == "train":
         _training_artifacts(paths)
     elif name == "evaluate" and paths.eval_report.exists():
-        create_markdown_artifact(_inline_chart(paths.eval_report), key=key)
+        create_markdown_artifact(_inline_chart(paths.eval_report, paths.eval_chart), key=key)
     elif name == "register":
         checks = "".join(f"| {rule} | {'holds' if ok else 'fails'} |\n" for rule, ok in (result.get("checks") or {}).items())
         create_markdown_artifact(
@@ -100,7 +100,7 @@ def _training_artifacts(paths: Paths) -> None:
 
 def _mlflow_link(root: Path, run_id: str) -> str:
     """A link to the run in the MLflow UI (a server's own; for the SQLite store, the `mlflow ui` default)."""
-    from pipelines.tracking import tracking_uri
+    from pipelines.mlflow_store import tracking_uri
 
     uri = tracking_uri(root)
     try:
@@ -123,13 +123,9 @@ def _png_data_uri(png: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
 
 
-def _inline_chart(report: Path) -> str:
+def _inline_chart(report: Path, chart: Path) -> str:
     """eval.md with its chart embedded: the Prefect UI cannot follow a link to a file beside the report."""
-    import base64
-
     text = report.read_text()
-    chart = report.with_name("eval.png")
     if chart.exists():
-        data = base64.b64encode(chart.read_bytes()).decode()
-        text = text.replace("](eval.png)", f"](data:image/png;base64,{data})")
+        text = text.replace(f"]({chart.name})", f"]({_png_data_uri(chart)})")
     return text

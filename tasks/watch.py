@@ -9,13 +9,13 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from tasks import dvc
+from pipelines.dvc import run_dvc
 
 
 def changed(root: Path, source: Path) -> bool:
     """True when data/raw has no DVC-versioned copy of `source` with the same content."""
-    from pipelines.data.digest import content_digest
     from pipelines.data.versioning import raw_dir
+    from pipelines.hashing import content_digest
     from pipelines.paths import Paths
 
     target = raw_dir(Paths(root)) / source.name
@@ -25,14 +25,14 @@ def changed(root: Path, source: Path) -> bool:
     if source.resolve() != target.resolve() and content_digest(source) != content_digest(target):
         return True
     # Same file (or same content): changed only if it differs from what the .dvc file records.
-    return json.loads(dvc.dvc(root, "status", "--json", dvc_file.relative_to(root).as_posix()) or "{}") != {}
+    return json.loads(run_dvc(root, "status", "--json", dvc_file.relative_to(root).as_posix()) or "{}") != {}
 
 
 @task(name="version-if-changed", task_run_name="watch {watched}")
 def version_if_changed(root: Path, watched: str) -> dict[str, Any] | None:
     """Version, push and announce `watched` (as `grpo data add` does) if it changed; None if not."""
+    from pipelines.data.events import emit_dataset_updated
     from pipelines.data.versioning import add_raw
-    from pipelines.events import emit_dataset_updated
     from pipelines.paths import Paths
 
     logger = get_run_logger()

@@ -31,7 +31,7 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
-    # Tiny models run ~100x faster on one thread here (ENVIRONMENT.md).
+    # Tiny models run ~100x faster on one thread than on torch's default of two here.
     import torch
 
     torch.set_num_threads(1)
@@ -40,9 +40,9 @@ def _one_thread():
 @pytest.fixture(scope="session")
 def tiny_reference(tmp_path_factory) -> Path:
     """A snapshot of the `tiny` model (random Llama + the embedded model's tokenizer), made once."""
-    from pipelines import snapshot
     from pipelines.config import SnapshotConfig
     from pipelines.paths import Paths
+    from pipelines.snapshot import stage as snapshot
 
     root = tmp_path_factory.mktemp("tiny-ref")
     snapshot.run(SnapshotConfig(source="tiny"), Paths(root))
@@ -98,3 +98,15 @@ def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+def download_version(name: str, alias: str, dest: Path) -> tuple[Path, Path]:
+    """(base model folder, adapter folder) of `name@alias`, fetched from the registry: the README's recipe."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    version = client.get_model_version_by_alias(name, alias)
+    adapter = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{alias}", dst_path=str(dest / "adapter")))
+    base = Path(mlflow.artifacts.download_artifacts(version.tags["reference_model_uri"], dst_path=str(dest / "base")))
+    return base, adapter

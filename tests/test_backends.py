@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipelines.config import RuntimeConfig
+from pipelines.generation.backends import BackendUnavailable, SamplingRequest, get_backend
 from pipelines.grpo import backends
-from pipelines.grpo.backends import BackendUnavailable, SamplingRequest, get_backend
 
 
 def test_every_configurable_backend_is_registered():
@@ -46,7 +46,7 @@ class _Fixed:
 def test_a_new_backend_plugs_in_behind_generate(tiny_reference, monkeypatch):
     from transformers import AutoTokenizer
 
-    from pipelines.grpo.rollout import generate
+    from pipelines.generation.rollout import generate
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_reference)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
@@ -60,8 +60,8 @@ def test_a_new_backend_plugs_in_behind_generate(tiny_reference, monkeypatch):
 
 
 def test_hf_backend_with_seeds_is_reproducible_and_leaves_the_global_stream_alone(tiny_reference):
-    from pipelines.grpo.rollout import generate
-    from pipelines.models import load_reference
+    from pipelines.generation.rollout import generate
+    from pipelines.snapshot.loading import load_reference
 
     model, tokenizer = load_reference(tiny_reference)
     kwargs = {"num_generations": 2, "max_new_tokens": 5, "do_sample": True, "backend": "hf", "seeds": [7]}

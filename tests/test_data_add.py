@@ -15,9 +15,9 @@ import yaml
 from flows.cli import main
 from pipelines import config
 from pipelines.data import validate
-from pipelines.data.lineage import DIGEST_CHARS, log_dataset_input
+from pipelines.data.mlflow_input import DIGEST_CHARS, log_dataset_input
 from pipelines.data.sources import DataError
-from pipelines.data.digest import content_digest
+from pipelines.hashing import content_digest
 from pipelines.paths import Paths
 from tests.conftest import make_project
 

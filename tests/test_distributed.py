@@ -73,8 +73,8 @@ def test_refuses_what_data_parallelism_does_not_support():
 
 def test_a_groups_completions_do_not_depend_on_its_batch(tiny_reference):
     """What makes N processes sample what one does: a seed per prompt, whatever else is in the batch."""
-    from pipelines.grpo.rollout import generate
-    from pipelines.models import load_reference
+    from pipelines.generation.rollout import generate
+    from pipelines.snapshot.loading import load_reference
 
     model, tokenizer = load_reference(tiny_reference)
     long = [{"role": "user", "content": "What is 12 * 13? Show your work, then the answer after ####."}]

@@ -14,8 +14,8 @@ from pipelines.config import ConfigError, RewardSpec
 from pipelines.data import validate
 from pipelines.grpo import policy
 from pipelines.grpo.advantages import advantages_from_rewards
-from pipelines.grpo.sampler import PromptSampler
-from pipelines.grpo.scoring import RewardError, score
+from pipelines.grpo.prompt_sampler import PromptSampler
+from pipelines.grpo.reward_runner import RewardError, score
 from pipelines.grpo.trainer import sample_batch
 from pipelines.io import read_jsonl
 from pipelines.paths import Paths
@@ -139,9 +139,9 @@ def test_oversample_must_be_auto_or_at_least_one(project):
         config.load(project / "params.yaml", ["train.dynamic_sampling_oversample=0.5"], preset="smoke")
 
 
-def test_rollout_model_matches_the_policy(tiny_reference, smoke_cfg, project):
+def test_sampling_copy_matches_the_policy(tiny_reference, smoke_cfg, project):
     """The merged sampling copy computes what the peft policy computes, and follows its updates."""
-    from pipelines.grpo.rollout_model import RolloutModel
+    from pipelines.generation.sampling_copy import SamplingCopy
 
     shutil.copytree(tiny_reference, Paths(project).reference_dir)
     model, _, _ = policy.build(smoke_cfg, Paths(project))
@@ -149,7 +149,7 @@ def test_rollout_model_matches_the_policy(tiny_reference, smoke_cfg, project):
     with torch.no_grad():
         for p in policy.trainable_parameters(model):  # move the adapter away from its zero init
             p.add_(torch.randn_like(p) * 0.05)
-    copy = RolloutModel(model, torch.float32)
+    copy = SamplingCopy(model, torch.float32)
     with torch.no_grad():
         assert torch.allclose(copy.model(ids).logits, model(ids).logits, atol=1e-5)
         for p in policy.trainable_parameters(model):
@@ -162,8 +162,8 @@ def test_rollout_model_matches_the_policy(tiny_reference, smoke_cfg, project):
 
 def test_lean_sampler_greedy_equals_transformers_generate(tiny_reference):
     """The lean loop (prefill once per prompt, shared KV cache) decodes what model.generate decodes."""
-    from pipelines.grpo.rollout import generate
-    from pipelines.models import load_reference
+    from pipelines.generation.rollout import generate
+    from pipelines.snapshot.loading import load_reference
 
     model, tokenizer = load_reference(tiny_reference)
     prompts = ["What is 2 + 2?", [{"role": "user", "content": "What is 12 * 3? Answer after ####."}]]
@@ -174,7 +174,7 @@ def test_lean_sampler_greedy_equals_transformers_generate(tiny_reference):
 
 
 def test_filter_logits_top_p_keeps_the_smallest_nucleus():
-    from pipelines.grpo.sampling import filter_logits
+    from pipelines.generation.lean_decode import filter_logits
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     kept = ~filter_logits(logits, 1.0, 0, 0.8).isinf()
@@ -186,7 +186,8 @@ def test_shared_prompt_logps_equal_full_sequence_logps(tiny_reference, smoke_cfg
     """Prefilling each prompt once per group gives the same log-probs and gradients as full rows."""
     from dataclasses import replace
 
-    from pipelines.grpo.rollout import generate, token_logps
+    from pipelines.generation.rollout import generate
+    from pipelines.grpo.logprobs import token_logps
 
     shutil.copytree(tiny_reference, Paths(project).reference_dir)
     model, tokenizer, _ = policy.build(smoke_cfg, Paths(project))
@@ -215,8 +216,9 @@ def test_training_pass_math_attention_matches_default_kernel(tiny_reference, smo
     """The training pass's SDPA math kernel (chosen on the CPU for speed) gives the default kernel's numbers."""
     from contextlib import nullcontext
 
-    from pipelines.grpo import rollout as rollout_module
-    from pipelines.grpo.rollout import generate, token_logps
+    from pipelines.generation.rollout import generate
+    from pipelines.grpo import logprobs as rollout_module
+    from pipelines.grpo.logprobs import token_logps
 
     shutil.copytree(tiny_reference, Paths(project).reference_dir)
     model, tokenizer, _ = policy.build(smoke_cfg, Paths(project))
@@ -240,8 +242,8 @@ def test_training_pass_math_attention_matches_default_kernel(tiny_reference, smo
 @pytest.mark.parametrize("backend", ["lean", "hf"])
 def test_min_completion_length_holds_eos_back(tiny_reference, backend):
     """train.min_completion_length keeps EOS out of the first tokens (transformers' min_new_tokens), in both backends."""
-    from pipelines.grpo.rollout import generate
-    from pipelines.models import load_reference
+    from pipelines.generation.rollout import generate
+    from pipelines.snapshot.loading import load_reference
 
     model, tokenizer = load_reference(tiny_reference)
     eos = tokenizer.eos_token_id
@@ -260,7 +262,7 @@ def test_min_completion_length_holds_eos_back(tiny_reference, backend):
 
 
 def test_exponential_race_samples_the_distribution_and_each_row_from_its_own_generator():
-    from pipelines.grpo.sampling import _exponential_noise, row_generators
+    from pipelines.generation.lean_decode import _exponential_noise, row_generators
 
     probs = torch.tensor([0.1, 0.0, 0.6, 0.25, 0.05]).repeat(4, 1)
     counts = torch.zeros(5)

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from pipelines import evaluate
 from pipelines.config import EvaluateConfig
 from pipelines.evaluation import scoring, stats
+from pipelines.evaluation import stage as evaluate
 from pipelines.paths import Paths
 
 
@@ -98,7 +98,7 @@ def test_report_shows_candidate_reference_and_champion_with_intervals_and_chart(
     assert "| metric | reference | champion v3 | candidate |" in text
     assert "| champion v3 | +0.400 | [" in text and "McNemar" in text
     assert "![accuracy of reference, champion and candidate](eval.png)" in text
-    png = evaluate.chart_path(paths)
+    png = paths.eval_chart
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
     rows = [json.loads(line) for line in paths.eval_samples.read_text().splitlines()]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import csv
 
-from pipelines import config, snapshot
+from pipelines import config
 from pipelines.data import validate
 from pipelines.grpo import trainer
 from pipelines.paths import Paths
+from pipelines.snapshot import stage as snapshot
 from pipelines.verifiers import rewards
 
 

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import promotion, registry
-from tests.conftest import cli_env
+from pipelines import mlflow_store
+from pipelines.registry import promotion
+from pipelines.registry import stage as registry
+from tests.conftest import cli_env, download_version
 from tests.test_registry import BETTER, NAME, WORSE, build_project, fake_evaluation
 
 
@@ -94,7 +96,7 @@ def test_register_promote_rollback_against_a_server(mlflow_server, tmp_path, tin
         assert first.promoted and first.version == "1"
         assert not (paths.root / "mlflow.db").exists() and not (paths.root / "mlartifacts").exists()
 
-        client = promotion.registry_client(paths.root)
+        client = mlflow_store.registry_client(paths.root)
         fake_evaluation(cfg, paths, WORSE, BETTER, "1")
         assert not registry.run(cfg, paths).promoted  # degraded: kept
         fake_evaluation(cfg, paths, BETTER, WORSE, "1")
@@ -110,7 +112,7 @@ def test_register_promote_rollback_against_a_server(mlflow_server, tmp_path, tin
 
         # Artifacts travelled through the server into its artifacts folder, and come back from it.
         assert list((server_folder / "artifacts").rglob("adapter_model.safetensors"))
-        base, adapter = registry.download(NAME, "champion", tmp_path / "dl")
+        base, adapter = download_version(NAME, "champion", tmp_path / "dl")
         assert (adapter / "adapter_config.json").exists() and (adapter / "MLmodel").exists()
         assert json.loads((base / "manifest.json").read_text())["sha256"] == client.get_model_version(NAME, "2").tags["reference_sha256"]
     finally:

@@ -16,11 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import config, evaluate, gate, promotion, registry
-from pipelines.config import EvaluateConfig, RegisterConfig
+from pipelines import config, mlflow_store
+from pipelines.config import EvaluateConfig
+from pipelines.evaluation import stage as evaluate
+from pipelines.hashing import RegisterConfig, folder_sha256
 from pipelines.io import read_jsonl, write_json
 from pipelines.paths import Paths
-from tests.conftest import cli_env, make_project
+from pipelines.registry import gate, promotion
+from pipelines.registry import stage as registry
+from tests.conftest import cli_env, download_version, make_project
 from tests.test_evaluate import outcomes
 
 NAME = "grpo-policy"
@@ -96,7 +100,8 @@ def build_project(root: Path, tiny_reference: Path) -> tuple[config.Config, Path
     import torch
 
     from pipelines.data import validate
-    from pipelines.models import add_lora, load_reference
+    from pipelines.grpo.policy import add_lora
+    from pipelines.snapshot.loading import load_reference
 
     make_project(root)
     cfg = config.load(root / "params.yaml", preset="smoke")
@@ -127,7 +132,7 @@ def fake_evaluation(cfg: config.Config, paths: Paths, candidate: list[bool], cha
         scored["champion"] = [dict(o, version=champion_version) for o in outcomes("champion", champion)]
     evaluate.write_outputs(
         paths, cfg.evaluate, scored, champion_version=champion_version,
-        candidate_sha256=evaluate.candidate_digest(paths.policy_dir), reference_sha256=manifest["sha256"],
+        candidate_sha256=folder_sha256(paths.policy_dir), reference_sha256=manifest["sha256"],
     )
 
 
@@ -163,7 +168,7 @@ def test_register_gate_rollback_and_manual_promotion(sqlite_project, monkeypatch
     # v1: a real evaluation, no champion yet -> champion.
     evaluate.run(cfg, paths)
     first = registry.run(cfg, paths)
-    client = promotion.registry_client(paths.root)
+    client = mlflow_store.registry_client(paths.root)
     assert first.promoted and first.version == "1" and _champion(client) == "1"
 
     # A real evaluation again: the champion v1 is fetched from the registry and re-scored on the same problems.
@@ -251,13 +256,13 @@ def test_ask_answers_as_plain_transformers_and_peft_do(sqlite_project, tmp_path,
     from pipelines.data.prompts import build_messages
 
     cfg, paths = sqlite_project
-    client = promotion.registry_client(paths.root)
+    client = mlflow_store.registry_client(paths.root)
     if promotion.current_champion(client, NAME) is None:  # this test alone: register one
         evaluate.run(cfg, paths)
         registry.run(cfg, paths)
 
     # Plain transformers + peft from the downloaded artifacts: the README's recipe.
-    base_dir, adapter_dir = registry.download(NAME, "champion", tmp_path / "dl")
+    base_dir, adapter_dir = download_version(NAME, "champion", tmp_path / "dl")
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
     messages = build_messages("What is 17 + 25?", cfg.data.prompt)
@@ -298,7 +303,8 @@ def test_register_refuses_an_adapter_that_was_not_evaluated(sqlite_project, tmp_
 
 def test_a_champion_on_another_base_is_scored_on_its_own_base(sqlite_project, tmp_path, monkeypatch):
     """The champion was trained on a different reference (other sha256): evaluate fetches that base."""
-    from pipelines.snapshot import folder_digest, sha256_file
+    from pipelines.hashing import file_hash as sha256_file
+    from pipelines.hashing import folder_digest
 
     cfg, original = sqlite_project
     ours = Paths(shutil.copytree(original.root, tmp_path / "ours", ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts")))

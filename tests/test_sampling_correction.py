@@ -67,8 +67,9 @@ def test_loss_weights_the_policy_term_not_the_kl_term():
 def test_sampler_logps_are_the_sampled_distribution(tiny_reference, backend):
     """Each backend reports the log-prob its sampling distribution gave each token (after temperature);
     with the same fp32 model, token_logps at that temperature gives the same numbers."""
-    from pipelines.grpo.rollout import generate, token_logps
-    from pipelines.models import load_reference
+    from pipelines.generation.rollout import generate
+    from pipelines.grpo.logprobs import token_logps
+    from pipelines.snapshot.loading import load_reference
 
     model, tokenizer = load_reference(tiny_reference)
     prompts = ["What is 2 + 2?", "What is 7 * 8?"]
@@ -85,8 +86,9 @@ def test_sampler_logps_are_the_sampled_distribution(tiny_reference, backend):
 
 
 def test_top_k_sampler_logps_are_renormalised(tiny_reference):
-    from pipelines.grpo.rollout import generate, token_logps
-    from pipelines.models import load_reference
+    from pipelines.generation.rollout import generate
+    from pipelines.grpo.logprobs import token_logps
+    from pipelines.snapshot.loading import load_reference
 
     model, tokenizer = load_reference(tiny_reference)
     rollout = generate(model, tokenizer, ["What is 2 + 2?"], num_generations=4, max_new_tokens=6, do_sample=True, top_k=3, seeds=[5])
@@ -99,8 +101,8 @@ def test_top_k_sampler_logps_are_renormalised(tiny_reference):
 
 
 def test_greedy_decoding_reports_no_logps(tiny_reference):
-    from pipelines.grpo.rollout import generate
-    from pipelines.models import load_reference
+    from pipelines.generation.rollout import generate
+    from pipelines.snapshot.loading import load_reference
 
     model, tokenizer = load_reference(tiny_reference)
     assert generate(model, tokenizer, ["What is 2 + 2?"], num_generations=1, max_new_tokens=4, do_sample=False).sampler_logps is None

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from pipelines.grpo import shared_prefix
-from pipelines.grpo.sampling import row_generators, sample
+from pipelines.generation import shared_prefix
+from pipelines.generation.lean_decode import row_generators, sample
 
 
 def _tiny(kind: str, **extra):
@@ -102,9 +102,11 @@ def test_the_sampling_copy_reports_what_training_computes(tiny_reference, backen
     """On the fp32 sampling copy (shared-prefix attention on), each backend's log-probs equal the
     trained model's own, which is what the sampling correction assumes when nothing differs."""
     from pipelines.config import LoraConfig
-    from pipelines.grpo.rollout import generate, token_logps
-    from pipelines.grpo.rollout_model import RolloutModel
-    from pipelines.models import add_lora, load_reference
+    from pipelines.generation.rollout import generate
+    from pipelines.generation.sampling_copy import SamplingCopy
+    from pipelines.grpo.logprobs import token_logps
+    from pipelines.grpo.policy import add_lora
+    from pipelines.snapshot.loading import load_reference
 
     base, tokenizer = load_reference(tiny_reference)
     policy = add_lora(base, LoraConfig(r=4, alpha=8))
@@ -112,7 +114,7 @@ def test_the_sampling_copy_reports_what_training_computes(tiny_reference, backen
     for name, param in policy.named_parameters():
         if "lora_B" in name:
             param.data.normal_(0, 0.05)  # an adapter that changes the outputs
-    sampler = RolloutModel(policy, torch.float32)
+    sampler = SamplingCopy(policy, torch.float32)
     assert shared_prefix.enabled(sampler.model)
     rollout = generate(
         sampler.model, tokenizer, ["What is 2 + 2?", "Compute 7 * 8, please."], num_generations=3, max_new_tokens=8,

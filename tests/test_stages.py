@@ -7,10 +7,13 @@ import shutil
 
 import pytest
 
-from pipelines import evaluate, registry, snapshot
 from pipelines.data import validate
+from pipelines.evaluation import stage as evaluate
 from pipelines.grpo import trainer
 from pipelines.paths import Paths
+from pipelines.registry import stage as registry
+from pipelines.snapshot import stage as snapshot
+from tests.conftest import download_version
 
 
 @pytest.fixture
@@ -101,7 +104,7 @@ def test_train_evaluate_register_in_order(staged, smoke_cfg, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base_dir, adapter_dir = registry.download("grpo-policy", "champion", tmp_path / "dl")
+    base_dir, adapter_dir = download_version("grpo-policy", "champion", tmp_path / "dl")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     ids = tokenizer("What is 2 + 2?", return_tensors="pt")

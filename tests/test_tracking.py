@@ -12,7 +12,7 @@ from tests.conftest import prepared_project
 def test_each_step_adds_its_samples_to_one_mlflow_table_quietly(tmp_path, tiny_reference, capfd, monkeypatch):
     import mlflow
 
-    from pipelines.grpo.tracking import RunLogger
+    from pipelines.grpo.run_logger import RunLogger
     from pipelines.paths import Paths
 
     monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)

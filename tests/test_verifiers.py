@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.verifiers.math_answer import answers_match, boxed_contents, extract_final_answer, last_number, parse_number, strict_answer
+from pipelines.verifiers.math_answer import (
+    answers_match,
+    boxed_contents,
+    extract_final_answer,
+    last_number,
+    parse_number,
+    strict_answer,
+)
 from pipelines.verifiers.rewards import accuracy_reward, format_reward, get_reward
 
 

@@ -20,7 +20,6 @@ import pandas as pd
 
 from pipelines.config import Config, DataConfig
 from pipelines.data.checks import prompt_key, row_frame, token_counts
-from pipelines.data.digest import digest_files
 from pipelines.data.errors import DataError
 from pipelines.data.expectations import GxRun, leakage_suite, rows_suite, split_suite
 from pipelines.data.prompts import build_messages
@@ -28,6 +27,7 @@ from pipelines.data.report import failure_message, outcome_entry, rejected_rows,
 from pipelines.data.sources import read_source, source_label
 from pipelines.data.split import split_ids
 from pipelines.data.table import Table
+from pipelines.hashing import digest_files
 from pipelines.io import staging_dir, write_json
 from pipelines.paths import Paths
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.data.digest import content_digest
 from pipelines.data.errors import DataError
+from pipelines.dvc import DvcError, run_dvc
+from pipelines.hashing import content_digest
 from pipelines.io import replace_dir, staging_dir
 from pipelines.paths import Paths
 
@@ -49,10 +48,10 @@ def add_raw(paths: Paths, source: Path, push: bool = True) -> Added:
         _copy(source, target)
     digest = content_digest(target)
     rel = target.relative_to(paths.root.resolve()).as_posix()
-    _dvc(paths.root, "add", rel)
+    _run(paths.root, "add", rel)
     dvc_file = f"{rel}.dvc"
     if push:
-        _dvc(paths.root, "push", dvc_file)
+        _run(paths.root, "push", dvc_file)
     return Added(path=rel, digest=digest, dvc_file=dvc_file, pushed=push)
 
 
@@ -76,14 +75,9 @@ def _copy(source: Path, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _dvc(root: Path, *args: str) -> str:
-    cmd = [sys.executable, "-m", "dvc", *args]
+def _run(root: Path, *args: str) -> str:
+    """DVC, with its failure said as a DataError (the `grpo data add` command prints those plainly)."""
     try:
-        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise DataError(f"`dvc {' '.join(args)}` could not run in {root} ({exc}). Fix: check that DVC is installed in this environment.") from None
-    if proc.returncode != 0:
-        tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-        hint = " Fix: configure a remote (`dvc remote add -d NAME URL`) or pass --no-push." if args[0] == "push" else ""
-        raise DataError(f"`dvc {' '.join(args)}` failed in {root}: {tail}.{hint}")
-    return proc.stdout
+        return run_dvc(root, *args)
+    except DvcError as exc:
+        raise DataError(str(exc)) from None

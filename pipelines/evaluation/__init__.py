@@ -1,1 +1,1 @@
-"""Evaluation pieces: per-problem scoring, paired statistics, the champion fetch, the report."""
+"""Stage 4, evaluate: score candidate, reference and champion on the held-out split, compare them paired."""

@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines import promotion
-from pipelines.tracking import tracking_uri
+from pipelines.mlflow_store import CHAMPION, alias_version, registry_client, store_exists
 
 
 @dataclass(frozen=True)
@@ -22,19 +21,11 @@ class Champion:
     reference_sha256: str
 
 
-def registry_exists(root: Path) -> bool:
-    """False when the default SQLite store was never created (nothing can be registered there)."""
-    uri = tracking_uri(root)
-    if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///")).exists()
-    return True
-
-
 def champion_version(name: str, root: Path) -> str | None:
     """The version number holding `champion`, or None when there is none."""
-    if not registry_exists(root):
+    if not store_exists(root):
         return None  # and do not create an empty store just to look
-    champion = promotion.current_champion(promotion.registry_client(root), name)
+    champion = alias_version(registry_client(root), name, CHAMPION)
     return str(champion.version) if champion is not None else None
 
 

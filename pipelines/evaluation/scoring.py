@@ -60,7 +60,7 @@ def answer_problems(model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg:
     import torch
     from tqdm.auto import tqdm
 
-    from pipelines.grpo.rollout import generate
+    from pipelines.generation.rollout import generate
 
     outcomes: list[dict[str, Any]] = []
     for start in tqdm(range(0, len(rows), cfg.batch_size), desc=f"eval {label} greedy", unit="batch"):

@@ -1,1 +1,1 @@
-"""The GRPO training engine: rollout, rewards, advantages, loss, trainer."""
+"""Stage 3, train: the GRPO engine (prompt sampling, rewards, advantages, loss, the trainer)."""

@@ -1,4 +1,4 @@
-"""Data-parallel GRPO under torchrun: the plumbing the training loop calls, and the launcher.
+"""Data-parallel GRPO under torchrun: the collectives the training loop calls.
 
 How a step is split so that N processes make exactly the update one process makes:
 - every rank draws the same global batch of prompts (same seeded PromptSampler) and samples only
@@ -12,30 +12,20 @@ How a step is split so that N processes make exactly the update one process make
   summed (`World.all_reduce_grads`), which gives the single-process gradient for every loss_type;
 - only rank 0 writes checkpoints, MLflow, metrics and the adapter.
 
-`train.num_processes > 1` makes `trainer.run` start `python -m torch.distributed.run --standalone`
-with this module as the entry point (`launch`), so `grpo train`, `dvc repro` and the Prefect task
-all get it; `torchrun --nproc_per_node N -m flows.cli train` works as well. Collectives run on gloo
-for CPU tensors and on nccl for CUDA tensors.
+The ranks are started by launcher.py. Collectives run on gloo for CPU tensors and on nccl for CUDA
+tensors.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from pipelines.config import Config, ConfigError, TrainConfig
-from pipelines.paths import Paths
+from pipelines.config import ConfigError, TrainConfig
 
 
 class DistributedError(RuntimeError):
@@ -187,63 +177,3 @@ def loss_share(loss_type: str, mask: torch.Tensor, world: World) -> float:
     local = float(mask.sum()) if loss_type in ("bnpo", "dapo") else float(mask.size(0))
     total = world.sum(local)
     return local / total if total else 0.0
-
-
-def launch(cfg: Config, paths: Paths, log_to_mlflow: bool) -> dict[str, Any]:
-    """Run training in `cfg.train.num_processes` processes under torchrun; return rank 0's result."""
-    n = cfg.train.num_processes
-    check(cfg.train, n)  # fail here, before starting processes
-    with tempfile.TemporaryDirectory(prefix="grpo-ddp-") as tmp:
-        config_file, result_file = Path(tmp) / "config.json", Path(tmp) / "result.json"
-        config_file.write_text(cfg.model_dump_json(), encoding="utf-8")
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-            "-m", "pipelines.grpo.distributed",
-            "--project", str(paths.root), "--config", str(config_file), "--result", str(result_file),
-            *([] if log_to_mlflow else ["--no-mlflow"]),
-        ]
-        done = subprocess.run(command, env=_child_env(n), check=False)
-        if done.returncode != 0 or not result_file.exists():
-            raise DistributedError(
-                f"data-parallel training ({n} processes under torchrun) exited with code {done.returncode}; "
-                "the failing rank's error is printed above"
-            )
-        return json.loads(result_file.read_text(encoding="utf-8"))
-
-
-def _child_env(n: int) -> dict[str, str]:
-    env = dict(os.environ)
-    # The ranks import the same code as this process, wherever it was imported from.
-    code_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (code_root, env.get("PYTHONPATH")) if p)
-    # Share the cores instead of oversubscribing them (torchrun would say 1 and warn).
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    # --standalone is one machine: keep gloo on loopback rather than on whatever the hostname resolves to.
-    if sys.platform.startswith("linux") and Path("/sys/class/net/lo").exists():
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    return env
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of each rank that `launch` starts."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines.grpo.distributed")
-    parser.add_argument("--project", type=Path, required=True)
-    parser.add_argument("--config", type=Path, required=True, help="the resolved Config as JSON")
-    parser.add_argument("--result", type=Path, required=True, help="where rank 0 writes the TrainResult")
-    parser.add_argument("--no-mlflow", action="store_true")
-    args = parser.parse_args(argv)
-
-    from pipelines.env import quiet_telemetry
-    from pipelines.grpo import trainer
-    from pipelines.io import write_json
-
-    quiet_telemetry()
-    cfg = Config.model_validate_json(args.config.read_text(encoding="utf-8"))
-    result = trainer.run(cfg, Paths(args.project), log_to_mlflow=not args.no_mlflow)
-    if int(os.environ.get("RANK", "0")) == 0:
-        write_json(args.result, asdict(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,7 @@
-"""Log-probabilities of chosen tokens (and entropies) from LM-head logits, a block of rows at a time.
+"""The training log-prob pass: chosen-token log-probs and entropies of a rollout under a model.
+
+`token_logps` runs the model over a rollout (a group's prompt once, completions bucketed by length);
+`selected_logps` turns LM-head logits into log-probs and entropies, a block of rows at a time.
 
 The plain way, `log_softmax(logits.float()).gather(...)`, writes several full (tokens x vocabulary)
 fp32 tensors: the fp32 copy, the log-softmax kept for backward, the probabilities and their product
@@ -14,7 +17,12 @@ the same way in forward only; this does it in backward too.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
 import torch
+
+from pipelines.generation.rollout import Rollout
 
 # Rows per block: ~2 MB of fp32 logits for SmolLM2's vocabulary, which stays in a core's share of
 # the cache through the block's few element-wise passes.
@@ -97,3 +105,104 @@ class _SelectedLogps(torch.autograd.Function):
             block.scatter_add_(-1, targets[start:end, None], scale[start:end, None])
             grad[start:end] = block
         return grad, None, None, None
+
+
+def token_logps(
+    model: Any, rollout: Rollout, bf16: bool = False, with_entropy: bool = False, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probabilities of the completion tokens under `model` (and their entropies).
+
+    `temperature` divides the logits first, as TRL does: the policy-gradient is then taken for the
+    distribution the completions were sampled from (top-k and top-p are not applied, also as TRL).
+
+    Only completion positions go through the LM head, and position ids follow the left padding,
+    as they did during generation. When completions come in groups of one prompt, the prompt runs
+    once per group and its KV cache is shared by the group's completions (gradients still flow
+    through the prompt's keys and values: the adapter changes them too), and completions of similar
+    length are batched together so padding after a short answer costs nothing. With an 80-token
+    prompt and 8 completions of 10-64 tokens this cuts the tokens through the model by 2-4x.
+    """
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), _attention_kernel(rollout.completion_ids):
+        if rollout.group_size > 1 and rollout.completion_ids.size(1) > 1:
+            return _grouped_logps(model, rollout, with_entropy, temperature)
+        ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
+        attention = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        width = rollout.completion_ids.size(1)
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=width + 1).logits[:, :-1]
+    return selected_logps(logits, rollout.completion_ids, temperature, with_entropy)
+
+
+def _attention_kernel(like: torch.Tensor) -> AbstractContextManager[Any]:
+    """SDPA's math kernel when gradients flow on the CPU, else PyTorch's own choice.
+
+    On the CPU, PyTorch picks its flash-attention kernel, whose backward on these short sequences
+    (a prompt of ~80 tokens, completions of 10-64) measured 13x its forward and a fifth of the
+    whole training pass. With the math kernel the pass (log-probs, loss, backward, AdamW) for
+    4 prompts x 8 took 4.34 s against 4.97 s (median of 4, alternating in one process on the
+    embedded model). Inference keeps flash.
+    """
+    if like.device.type != "cpu" or not torch.is_grad_enabled():
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def length_buckets(lengths: list[int], overhead: int = 32, max_buckets: int = 4) -> list[list[int]]:
+    """Rows grouped so that sum(rows x longest length in bucket) + overhead per bucket is smallest.
+
+    >>> length_buckets([3, 60, 4, 5, 2, 3, 4, 6])
+    [[4, 0, 5, 2, 6, 3, 7], [1]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best = {0: (0, [])}  # rows taken -> (cost, bucket ends)
+    for _ in range(max_buckets):
+        nxt = dict(best)
+        for taken, (cost, ends) in best.items():
+            for end in range(taken + 1, n + 1):
+                c = cost + (end - taken) * lengths[order[end - 1]] + overhead
+                if end not in nxt or c < nxt[end][0]:
+                    nxt[end] = (c, [*ends, end])
+        best = nxt
+    ends = best[n][1]
+    return [order[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+def _grouped_logps(model: Any, rollout: Rollout, with_entropy: bool, temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from transformers import DynamicCache
+
+    G = rollout.group_size
+    completion, mask = rollout.completion_ids, rollout.completion_mask
+    prompt_ids, prompt_mask = rollout.prompt_ids[::G], rollout.prompt_mask[::G]
+    cache = DynamicCache()
+    first = model(
+        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
+        cache=cache, use_cache=True, logits_to_keep=1,
+    ).logits[:, -1]  # (B, V): predicts each completion's first token
+    prefix = [(layer.keys, layer.values) for layer in cache.layers]
+    chosen = torch.zeros(completion.shape, dtype=torch.float32)
+    entropy = torch.zeros(completion.shape, dtype=torch.float32) if with_entropy else None
+    c0, e0 = selected_logps(first.repeat_interleave(G, dim=0), completion[:, 0], temperature, with_entropy)
+    chosen[:, 0] = c0
+    if entropy is not None:
+        entropy[:, 0] = e0
+    lengths = mask.sum(-1).clamp(min=1).tolist()
+    for rows in length_buckets([int(n) for n in lengths]):
+        width = max(int(lengths[r]) for r in rows) - 1  # tokens fed; each predicts the next one
+        if width <= 0:
+            continue
+        idx = torch.tensor(rows)
+        group = idx // G
+        bucket_cache = DynamicCache()
+        for layer, (keys, values) in enumerate(prefix):
+            bucket_cache.update(keys[group], values[group], layer)
+        attention = torch.cat([prompt_mask[group], mask[idx, :width]], dim=1)
+        positions = prompt_mask[group].sum(-1, keepdim=True) + torch.arange(width).unsqueeze(0)
+        logits = model(input_ids=completion[idx, :width], attention_mask=attention, position_ids=positions, cache=bucket_cache, use_cache=True).logits
+        c, e = selected_logps(logits, completion[idx, 1 : width + 1], temperature, with_entropy)
+        chosen[idx, 1 : width + 1] = c
+        if entropy is not None:
+            entropy[idx, 1 : width + 1] = e
+    return chosen, entropy

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from pipelines.config import Config
-from pipelines.models import add_lora, load_reference
+from pipelines.config import Config, LoraConfig
 from pipelines.paths import Paths
+from pipelines.snapshot.loading import load_reference
 
 
 def build(cfg: Config, paths: Paths) -> tuple[Any, Any, Any | None]:
@@ -31,6 +31,16 @@ def build(cfg: Config, paths: Paths) -> tuple[Any, Any, Any | None]:
         reference.requires_grad_(False)
     model.requires_grad_(True)
     return model, tokenizer, reference
+
+
+def add_lora(model: Any, cfg: LoraConfig) -> Any:
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+
+    config = PeftLora(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)
 
 
 def reference_view(model: Any, reference: Any | None) -> tuple[Any, AbstractContextManager[Any]]:

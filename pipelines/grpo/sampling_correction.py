@@ -1,6 +1,6 @@
 """Importance-sampling correction for a sampler that is not bit-for-bit the trained model.
 
-The completions are drawn from a sampling copy of the policy (rollout_model.py: LoRA merged into
+The completions are drawn from a sampling copy of the policy (generation/sampling_copy.py: LoRA merged into
 bf16 weights), while the loss differentiates the trained model's own log-probs. The two differ a
 little on most tokens and a lot on a few (measured on the demo: mean |difference| 0.005-0.03 nats,
 single tokens up to 1.8, i.e. ratios up to 6). Treating those samples as exactly on-policy biases

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from pipelines.config import Config
-from pipelines.io import file_hash
+from pipelines.hashing import file_hash
 from pipelines.paths import Paths
 
 
@@ -78,14 +78,9 @@ def collect(cfg: Config, paths: Paths) -> dict[str, Any]:
         recorded = hashes.get(out)
         if recorded is None:
             tags[key] = "unrecorded (not in dvc.lock)"
-        elif (paths.root / out).is_file() and md5_file(paths.root / out) != recorded:
+        # DVC 3 records a file out's md5, so that is what to compare with.
+        elif (paths.root / out).is_file() and file_hash(paths.root / out, "md5") != recorded:
             tags[key] = f"{recorded} (stale: {out} changed after dvc.lock was written)"
         else:
             tags[key] = recorded
     return tags
-
-
-def md5_file(path: Path) -> str:
-    """DVC 3's hash of a file out: the md5 of its bytes."""
-    return file_hash(path, "md5")
-

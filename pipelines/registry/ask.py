@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.promotion import PromotionError, get_version, registry_client
+from pipelines.mlflow_store import registry_client
+from pipelines.registry.promotion import PromotionError, get_version
 
 
 @dataclass

@@ -18,6 +18,7 @@ from pipelines.config import Config, EvaluateConfig
 from pipelines.evaluation import report
 from pipelines.evaluation.scoring import answer_problems, summarize
 from pipelines.evaluation.stats import paired_comparison
+from pipelines.hashing import folder_sha256
 from pipelines.io import read_jsonl, write_json, write_jsonl, write_text
 from pipelines.paths import Paths
 
@@ -29,17 +30,6 @@ class EvalResult:
     champion: dict[str, float] | None = None
     champion_version: str | None = None
     comparison: dict[str, Any] = field(default_factory=dict)
-
-
-def chart_path(paths: Paths) -> Path:
-    return paths.eval_report.with_name("eval.png")
-
-
-def candidate_digest(policy_dir: Path) -> str:
-    """One sha256 over the adapter folder, so `register` can check it registers what was evaluated."""
-    from pipelines.snapshot import folder_digest, sha256_file
-
-    return folder_digest({p.name: sha256_file(p) for p in sorted(policy_dir.iterdir()) if p.is_file()})
 
 
 def compare(outcomes: dict[str, list[dict[str, Any]]], cfg: EvaluateConfig) -> dict[str, Any]:
@@ -91,7 +81,7 @@ def write_outputs(
     samples = [row for label in ("reference", "champion", "policy") for row in outcomes.get(label) or []]
     write_jsonl(paths.eval_samples, samples)
     write_json(paths.eval_metrics, evaluation)
-    png = report.chart(evaluation, chart_path(paths))
+    png = report.chart(evaluation, paths.eval_chart)
     write_text(paths.eval_report, report.markdown(evaluation, cfg, png.name))
     return EvalResult(
         reference=summaries["reference"], policy=summaries["policy"], champion=summaries.get("champion"),
@@ -100,21 +90,22 @@ def write_outputs(
 
 
 def _decoder(model: Any, bf16: bool) -> Any:
-    """A plain copy for decoding: adapter merged, bf16 weights when asked (see grpo/rollout_model.py:
-    2-3x faster on CPU than a peft model under autocast). Every model is scored the same way."""
+    """A plain copy for decoding: adapter merged, bf16 weights when asked (generation/sampling_copy.py
+    says why it is faster). Every model is scored the same way."""
     import torch
 
-    from pipelines.grpo.rollout_model import RolloutModel
+    from pipelines.generation.sampling_copy import SamplingCopy
 
-    return RolloutModel(model, torch.bfloat16 if bf16 else torch.float32).model
+    return SamplingCopy(model, torch.bfloat16 if bf16 else torch.float32).model
 
 
 def run(cfg: Config, paths: Paths) -> EvalResult:
     from peft import PeftModel
 
+    from pipelines.env import set_threads
     from pipelines.evaluation import champion as registry_champion
-    from pipelines.models import load_reference, set_threads
-    from pipelines.snapshot import verify
+    from pipelines.snapshot.loading import load_reference
+    from pipelines.snapshot.manifest import verify
 
     e = cfg.evaluate
     set_threads(cfg.runtime.num_threads)
@@ -143,6 +134,6 @@ def run(cfg: Config, paths: Paths) -> EvalResult:
         paths, e, outcomes,
         champion_version=champion.version if champion else None,
         champion_own_base=bool(champion and champion.base_dir),
-        candidate_sha256=candidate_digest(paths.policy_dir),
+        candidate_sha256=folder_sha256(paths.policy_dir),
         reference_sha256=manifest["sha256"],
     )

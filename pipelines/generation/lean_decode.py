@@ -3,7 +3,7 @@
 `model.generate` re-runs the prompt for every completion of a group and spends a few milliseconds
 of bookkeeping per token; at 135M parameters on 2 cores that bookkeeping is a large share of the
 step. This loop prefills each prompt once and shares its KV cache with the G completions of its
-group: on the sampling copy (rollout_model.py) one copy per group that every completion attends
+group: on the sampling copy (sampling_copy.py) one copy per group that every completion attends
 to (shared_prefix.py), elsewhere a copy per completion (`batch_repeat_interleave`). Per token it
 does only what sampling needs: temperature, top-k, top-p, EOS tracking.
 """
@@ -76,7 +76,7 @@ def sample(
     """
     from transformers import DynamicCache
 
-    from pipelines.grpo.shared_prefix import Prefix, enabled
+    from pipelines.generation.shared_prefix import Prefix, enabled
 
     cache = DynamicCache()
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)

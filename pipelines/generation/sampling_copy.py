@@ -6,7 +6,7 @@ bf16 autocast re-casts every weight at every token. A plain copy with the adapte
 in bf16, samples 2-3x faster here (measured in bench/RESULTS.md). It is refreshed from the policy
 after every optimiser step, so sampling stays on-policy up to bf16 rounding; the loss uses the
 trained model's own log-probs and, by default, weights each completion by the importance ratio
-between the trained model and this copy (sampling_correction.py), as TRL does for vLLM.
+between the trained model and this copy (grpo/sampling_correction.py), as TRL does for vLLM.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 
-from pipelines.grpo import shared_prefix
+from pipelines.generation import shared_prefix
 
 
-class RolloutModel:
+class SamplingCopy:
+    """The policy's sampling copy: `.model` to sample from, `.sync()` after every optimiser step."""
+
     def __init__(self, policy: Any, dtype: torch.dtype = torch.bfloat16) -> None:
         self.policy = policy
         self.dtype = dtype

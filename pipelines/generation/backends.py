@@ -4,7 +4,7 @@
 padding, completion masks, decoding — and hands a backend only the part that differs: sampling
 `num_generations` completions per prompt. Pick one with `runtime.rollout_backend`:
 
-- `lean` (default): our KV-cached loop (sampling.py), fastest for small models on CPU, and the
+- `lean` (default): our KV-cached loop (lean_decode.py), fastest for small models on CPU, and the
   only one that honours a seed per prompt (what data-parallel training needs to match one process).
 - `hf`: `model.generate` from transformers, the reference behaviour.
 - `vllm`: for GPUs; a placeholder until the adapter is written (see `VLLMBackend`).
@@ -69,12 +69,12 @@ class RolloutBackend(Protocol):
 
 
 class LeanBackend:
-    """One prefill per prompt and a shared KV cache (pipelines/grpo/sampling.py); seeds per prompt."""
+    """One prefill per prompt and a shared KV cache (pipelines/generation/lean_decode.py); seeds per prompt."""
 
     def completions(
         self, model: Any, tokenizer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: SamplingRequest
     ) -> Sampled:
-        from pipelines.grpo.sampling import row_generators, sample
+        from pipelines.generation.lean_decode import row_generators, sample
 
         generators = None
         if request.seeds is not None and request.do_sample:
@@ -148,7 +148,7 @@ class VLLMBackend:
             )
         raise BackendUnavailable(
             "runtime.rollout_backend=vllm is not implemented yet (vllm is installed, the adapter is not): "
-            "write VLLMBackend.completions in pipelines/grpo/backends.py as its docstring says, "
+            "write VLLMBackend.completions in pipelines/generation/backends.py as its docstring says, "
             "or use runtime.rollout_backend=lean or hf"
         )
 

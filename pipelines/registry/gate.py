@@ -1,7 +1,7 @@
 """The promotion gate: does a candidate take `champion`? A pure function of per-problem outcomes.
 
 The evidence is paired: the candidate, the champion and the reference answered the same held-out
-problems (pipelines/evaluate.py), so the gain over the champion is judged with a bootstrap interval
+problems (pipelines/evaluation/stage.py), so the gain over the champion is judged with a bootstrap interval
 over problems, not against a score the champion once got on other problems. Every rule in
 `registry:` (params.yaml) must hold; the reason names each one that failed.
 """

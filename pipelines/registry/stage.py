@@ -2,11 +2,11 @@
 
 A version's folder is at once a peft adapter (adapter_config.json, adapter_model.safetensors and the
 tokenizer, for `PeftModel.from_pretrained`) and an MLflow pyfunc model (MLmodel + the stand-alone
-pipelines/pyfunc_model.py, for `mlflow.pyfunc.load_model`); its base is the pinned reference,
+pipelines/registry/pyfunc_model.py, for `mlflow.pyfunc.load_model`); its base is the pinned reference,
 registered once per sha256 as `<name>-reference`. Neither way of loading needs this project.
 
 Every new version gets `challenger`. `champion` moves only when the promotion gate
-(pipelines/gate.py) holds on the paired evaluation of metrics/eval.json; see pipelines/promotion.py
+(pipelines/registry/gate.py) holds on the paired evaluation of metrics/eval.json; see pipelines/registry/promotion.py
 for how the alias moves and how it is rolled back.
 """
 
@@ -20,15 +20,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipelines import gate, lineage, promotion
 from pipelines.config import Config
-from pipelines.evaluate import candidate_digest
+from pipelines.hashing import folder_sha256
 from pipelines.io import read_jsonl, write_json
+from pipelines.mlflow_store import CHALLENGER, flatten, setup
 from pipelines.paths import Paths
-from pipelines.tracking import flatten, setup
-
-CHAMPION = promotion.CHAMPION
-CHALLENGER = promotion.CHALLENGER
+from pipelines.registry import gate, lineage, promotion
 
 # What loading a version needs: pinned to the versions that produced it (the default requirements
 # MLflow infers ask for torchvision, which is neither needed nor installable everywhere).
@@ -82,7 +79,7 @@ def model_folder(policy_dir: Path, dest: Path, model_config: dict[str, Any]) -> 
     """A folder that is both the peft adapter and an MLflow pyfunc model (see the module docstring)."""
     import mlflow
 
-    from pipelines import pyfunc_model
+    from pipelines.registry import pyfunc_model
 
     mlflow.pyfunc.save_model(
         path=str(dest), python_model=pyfunc_model.__file__, model_config=model_config, pip_requirements=pip_requirements()
@@ -147,7 +144,7 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
     evaluation = json.loads(paths.eval_metrics.read_text())
     manifest = json.loads((paths.reference_dir / "manifest.json").read_text())
     # The figures and the gate's evidence must be about the very files being registered.
-    if evaluation.get("candidate_sha256") != candidate_digest(paths.policy_dir):
+    if evaluation.get("candidate_sha256") != folder_sha256(paths.policy_dir):
         raise RegistryError(f"{paths.policy_dir} is not the adapter {paths.eval_metrics} was computed on; run `grpo evaluate` first")
     if evaluation.get("reference_sha256") != manifest["sha256"]:
         raise RegistryError(f"{paths.reference_dir} changed since {paths.eval_metrics} was written; run `grpo evaluate` first")
@@ -175,7 +172,7 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
             figures = evaluation.get(model) or {}
             mlflow.log_metrics({f"eval/{model}/{k}": float(v) for k, v in figures.items()})
         mlflow.set_tags(tags)
-        for report in (paths.eval_report, paths.eval_report.with_name("eval.png"), paths.eval_samples, paths.validation_report,
+        for report in (paths.eval_report, paths.eval_chart, paths.eval_samples, paths.validation_report,
                        paths.train_plot, paths.train_metrics, paths.eval_metrics):
             if report.exists():
                 mlflow.log_artifact(str(report), "reports")
@@ -241,15 +238,3 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
         {**result.__dict__, "eval_accuracy": float(evaluation["policy"]["accuracy"]), "figures": decision.figures, "challenger": v},
     )
     return result
-
-
-def download(name: str, alias: str, dest: Path) -> tuple[Path, Path]:
-    """(base model folder, adapter folder) of `name@alias`, fetched from the registry."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    version = client.get_model_version_by_alias(name, alias)
-    adapter = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{alias}", dst_path=str(dest / "adapter")))
-    base = Path(mlflow.artifacts.download_artifacts(version.tags["reference_model_uri"], dst_path=str(dest / "base")))
-    return base, adapter

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from pipelines.data.digest import digest_files
 from pipelines.data.errors import DataError
+from pipelines.hashing import digest_files
 from pipelines.paths import Paths
 
 # MLflow stores a dataset digest in 36 characters (its SQL schema); the full sha256 goes in a tag.

@@ -12,18 +12,14 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import os
-from pathlib import Path
 from typing import Any
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
+from pipelines.mlflow_store import CHAMPION, StoreError, alias_version, is_absent
+
 PREVIOUS = "previous_champion"
 
-# MlflowException codes that mean "no such model, version or alias".
-_ABSENT = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
 
-
-class PromotionError(RuntimeError):
+class PromotionError(StoreError):
     """A promotion, rollback or registry query that cannot be done; the message says what to do."""
 
 
@@ -39,34 +35,9 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def registry_client(root: Path) -> Any:
-    """An MlflowClient on the project's store (MLFLOW_TRACKING_URI, else <project>/mlflow.db)."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    from pipelines.tracking import tracking_uri
-
-    uri = tracking_uri(root)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        raise PromotionError(f"no model registry at {uri}: run `grpo register` first, or set MLFLOW_TRACKING_URI to your server")
-    mlflow.set_tracking_uri(uri)  # models:/ downloads resolve through the global URI
-    return MlflowClient()
-
-
-def _absent(exc: Exception) -> bool:
-    return getattr(exc, "error_code", None) in _ABSENT
-
-
 def current_champion(client: Any, name: str) -> Any | None:
     """The version holding `champion`, or None when there is none (or no such model yet)."""
-    import mlflow
-
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except mlflow.exceptions.MlflowException as exc:
-        if _absent(exc):
-            return None
-        raise
+    return alias_version(client, name, CHAMPION)
 
 
 def get_version(client: Any, name: str, version: str) -> Any:
@@ -75,7 +46,7 @@ def get_version(client: Any, name: str, version: str) -> Any:
     try:
         return client.get_model_version(name, str(version))
     except mlflow.exceptions.MlflowException as exc:
-        if _absent(exc):
+        if is_absent(exc):
             raise PromotionError(f"{name} has no version {version}; `grpo models` lists the versions") from exc
         raise
 
@@ -152,7 +123,7 @@ def list_versions(client: Any, name: str) -> list[dict[str, Any]]:
     try:
         aliases = client.get_registered_model(name).aliases or {}
     except mlflow.exceptions.MlflowException as exc:
-        if _absent(exc):
+        if is_absent(exc):
             raise PromotionError(f"no registered model {name!r} yet: run `grpo register` first") from exc
         raise
     by_version: dict[str, list[str]] = {}

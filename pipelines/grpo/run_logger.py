@@ -27,7 +27,7 @@ class RunLogger:
             return
         import mlflow
 
-        from pipelines.tracking import flatten, setup
+        from pipelines.mlflow_store import flatten, setup
 
         setup(paths.root, cfg.registry.experiment)
         if run_id is not None:
@@ -39,7 +39,7 @@ class RunLogger:
         run = mlflow.start_run(run_name=f"grpo-{cfg.snapshot.source}-{cfg.train.steps}steps")
         self.run_id = run.info.run_id
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.model_dump()).items()})
-        from pipelines.data.lineage import log_dataset_input
+        from pipelines.data.mlflow_input import log_dataset_input
 
         log_dataset_input(paths)  # the run's Dataset inputs show exactly which rows it saw
 

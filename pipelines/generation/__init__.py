@@ -1,0 +1,1 @@
+"""Prompts -> completions, shared by training and evaluation: the rollout interface and its backends."""
