@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE=1
 export HF_HUB_DISABLE_TELEMETRY=1
 export GX_ANALYTICS_ENABLED=false
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo test test-slow install clean lint
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -29,8 +29,13 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/grpo run
 
-test: install
+test: install lint
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
+
+# The project's ruff settings (pyproject.toml): lint rules and the formatter, checked, never rewritten here.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-slow: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -m slow

@@ -24,10 +24,17 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--project", type=Path, default=None, help="project folder (default: nearest with params.yaml)")
     common.add_argument("--preset", default=None, help="named overrides on top of params.yaml, e.g. `smoke`")
     common.add_argument(
-        "-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "-S",
+        "--set-param",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a param, as in `dvc exp run -S train.steps=5` (repeatable)",
     )
-    parser = argparse.ArgumentParser(prog="grpo", description="GRPO post-training pipeline: validate, snapshot, train, evaluate, register.")
+    parser = argparse.ArgumentParser(
+        prog="grpo", description="GRPO post-training pipeline: validate, snapshot, train, evaluate, register."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     helps = {
         "validate": "check the dataset with the Great Expectations suite and write the train/eval splits",
@@ -41,8 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="run all five stages as a Prefect flow, versioned with DVC")
     run.add_argument("--force", action="store_true", help="rerun stages even when dvc.lock says they are up to date")
     sub.add_parser(
-        "serve", parents=[common],
-        help="serve the deployments (nightly training, retrain on new data, promotion) until Ctrl-C; needs PREFECT_API_URL",
+        "serve",
+        parents=[common],
+        help=(
+            "serve the deployments (nightly training, retrain on new data, promotion) until Ctrl-C; needs "
+            "PREFECT_API_URL"
+        ),
         description="Serve this project's Prefect deployments from one process (see flows/serve.py).",
     )
     _registry_parsers(sub, common)
@@ -65,7 +76,9 @@ def _registry_parsers(sub: argparse._SubParsersAction, common: argparse.Argument
     ask.add_argument("question", help='e.g. "What is 17 + 25?"')
     ask.add_argument("--alias", default="champion", help="which alias to load (default: champion)")
     ask.add_argument("--version", default=None, help="a version number instead of an alias")
-    ask.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: the version's own)")
+    ask.add_argument(
+        "--max-new-tokens", type=int, default=None, help="answer length limit (default: the version's own)"
+    )
 
 
 def _registry_command(args: argparse.Namespace, name: str, root: Path) -> int:
@@ -76,7 +89,14 @@ def _registry_command(args: argparse.Namespace, name: str, root: Path) -> int:
         if args.command == "ask":
             from pipelines.registry.ask import ask
 
-            answer = ask(args.question, root=root, name=name, alias=args.alias, version=args.version, max_new_tokens=args.max_new_tokens)
+            answer = ask(
+                args.question,
+                root=root,
+                name=name,
+                alias=args.alias,
+                version=args.version,
+                max_new_tokens=args.max_new_tokens,
+            )
             where = f"@{answer.alias} = v{answer.version}" if answer.alias else f"v{answer.version}"
             print(f"{answer.name} {where}: {answer.answer or '(empty answer: only whitespace or special tokens)'}")
             return 0
@@ -85,7 +105,10 @@ def _registry_command(args: argparse.Namespace, name: str, root: Path) -> int:
             print(promotion.table(promotion.list_versions(client, name)))
         elif args.command == "promote":
             done = promotion.promote(client, name, args.version, args.reason)
-            print(f"{name} v{done['champion']} is champion (was v{done['previous_champion'] or '-'}); promoted by {done['by']}: {done['reason']}")
+            print(
+                f"{name} v{done['champion']} is champion (was v{done['previous_champion'] or '-'}); promoted by "
+                f"{done['by']}: {done['reason']}"
+            )
         else:
             done = promotion.rollback(client, name, args.reason)
             print(f"{name} v{done['champion']} is champion again (v{done['rolled_back']} rolled back by {done['by']})")
@@ -99,7 +122,9 @@ def _data_parsers(sub: argparse._SubParsersAction) -> None:
     """`grpo data add PATH`: version raw data with DVC (pipelines/data/versioning.py)."""
     data = sub.add_parser("data", help="version raw data with DVC (`grpo data add PATH`)")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    add = data_sub.add_parser("add", help="copy a file or folder into data/raw, `dvc add` and `dvc push` it, print its sha256")
+    add = data_sub.add_parser(
+        "add", help="copy a file or folder into data/raw, `dvc add` and `dvc push` it, print its sha256"
+    )
     add.add_argument("path", type=Path, help="a data file or folder (JSONL, CSV, Parquet, a save_to_disk folder)")
     add.add_argument("--project", type=Path, default=None, help="project folder (default: nearest with params.yaml)")
     add.add_argument("--no-push", action="store_true", help="version it locally only (no DVC remote needed)")
@@ -112,11 +137,16 @@ def _data_command(args: argparse.Namespace, paths: Paths) -> int:
 
     added = add_raw(paths, args.path, push=not args.no_push)
     print(json.dumps(asdict(added), indent=2))
-    print(f"commit {added.dvc_file} (and its folder's .gitignore) with git; validate it with -S data.path={added.path}", file=sys.stderr)
+    print(
+        f"commit {added.dvc_file} (and its folder's .gitignore) with git; validate it with -S data.path={added.path}",
+        file=sys.stderr,
+    )
     # Only now that DVC holds it: `grpo serve` retrains on this event (pipelines/data/events.py).
     from pipelines.data.events import emit_dataset_updated
 
-    sent = emit_dataset_updated(paths.root.resolve(), added.path, added.digest, dvc_file=added.dvc_file, pushed=added.pushed)
+    sent = emit_dataset_updated(
+        paths.root.resolve(), added.path, added.digest, dvc_file=added.dvc_file, pushed=added.pushed
+    )
     print(sent.message, file=sys.stderr)
     return 0
 
@@ -160,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
             from flows.pipeline import training_pipeline
 
             config.load(paths.params, args.overrides, args.preset)  # fail fast, before Prefect starts
-            results = training_pipeline(project=str(paths.root), preset=args.preset, overrides=args.overrides, force=args.force)
+            results = training_pipeline(
+                project=str(paths.root), preset=args.preset, overrides=args.overrides, force=args.force
+            )
             print(json.dumps(results, indent=2, default=str))
             return 0
         cfg = config.load(paths.params, args.overrides, args.preset)

@@ -24,7 +24,9 @@ class ServeError(RuntimeError):
     """`grpo serve` cannot start; the message says what to set up."""
 
 
-def deployments(root: Path, cfg: Config, preset: str | None = None, overrides: list[str] | None = None) -> list[RunnerDeployment]:
+def deployments(
+    root: Path, cfg: Config, preset: str | None = None, overrides: list[str] | None = None
+) -> list[RunnerDeployment]:
     """The deployments of the table above, with `project` (and the CLI's preset/-S) as default parameters."""
     from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Cron, Interval

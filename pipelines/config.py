@@ -172,7 +172,9 @@ class TrainConfig(_Section):
     # Importance-sampling correction for the sampler not being bit-for-bit the trained model
     # (pipelines/grpo/sampling_correction.py; TRL's vllm_importance_sampling_mode and _clip_max/_min):
     # none | token_truncate | token_mask | sequence_truncate | sequence_mask.
-    sampling_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "sequence_mask"
+    sampling_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = (
+        "sequence_mask"
+    )
     sampling_correction_max: float | None = Field(3.0, gt=0)
     sampling_correction_min: float | None = Field(None, ge=0)
     rewards: list[RewardSpec] = [RewardSpec(name="accuracy", weight=1.0), RewardSpec(name="format", weight=0.2)]
@@ -296,7 +298,9 @@ class OrchestrationConfig(_Section):
     @classmethod
     def _cron_fields(cls, value: str | None) -> str | None:
         if value is not None and len(value.split()) not in (5, 6):
-            raise ValueError(f"{value!r} is not a cron expression; write 5 fields, e.g. '0 2 * * *' for 02:00 daily, or null")
+            raise ValueError(
+                f"{value!r} is not a cron expression; write 5 fields, e.g. '0 2 * * *' for 02:00 daily, or null"
+            )
         return value
 
 
@@ -304,8 +308,12 @@ class Config(_Section):
     preset: str | None = None
     data: DataConfig = DataConfig()
     snapshot: SnapshotConfig = SnapshotConfig()
-    train: TrainConfig = Field(default_factory=TrainConfig)  # built when a config is, not at import: `bf16: auto` reads the CPU
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)  # built when a config is, not at import: `bf16: auto` reads the CPU
+    train: TrainConfig = Field(
+        default_factory=TrainConfig
+    )  # built when a config is, not at import: `bf16: auto` reads the CPU
+    evaluate: EvaluateConfig = Field(
+        default_factory=EvaluateConfig
+    )  # built when a config is, not at import: `bf16: auto` reads the CPU
     registry: RegisterConfig = RegisterConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()

@@ -41,7 +41,8 @@ def registry_client(root: Path) -> Any:
 
     if not store_exists(root):
         raise StoreError(
-            f"no model registry at {tracking_uri(root)}: run `grpo register` first, or set MLFLOW_TRACKING_URI to your server"
+            f"no model registry at {tracking_uri(root)}: run `grpo register` first, or set MLFLOW_TRACKING_URI to "
+            "your server"
         )
     mlflow.set_tracking_uri(tracking_uri(root))  # models:/ downloads resolve through the global URI
     return MlflowClient()

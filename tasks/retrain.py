@@ -24,7 +24,10 @@ def check_dataset(root: Path, dataset_path: str, digest: str) -> str:
     now = content_digest(path)
     if now != digest:
         get_run_logger().warning(
-            "%s changed since the event (event sha256 %s, now %s): training on the data as it is now", dataset_path, digest[:12], now[:12]
+            "%s changed since the event (event sha256 %s, now %s): training on the data as it is now",
+            dataset_path,
+            digest[:12],
+            now[:12],
         )
     return now
 
@@ -44,12 +47,15 @@ def report(root: Path, dataset_path: str, digest: str, stages: dict[str, Any]) -
         )
     else:
         decision = "promoted to champion" if last.get("promoted") else "kept as challenger"
-        message = f"registered v{last.get('version', '?')} of {last.get('name', '?')}: {decision} ({last.get('reason', 'no reason recorded')})"
+        reason = last.get("reason", "no reason recorded")
+        message = f"registered v{last.get('version', '?')} of {last.get('name', '?')}: {decision} ({reason})"
     get_run_logger().info(message)
     create_markdown_artifact(
         f"## Retrain on `{dataset_path}`\n\nsha256 `{digest}`\n\n{message}.\n\n"
         + "| stage | |\n|---|---|\n"
-        + "".join(f"| {name} | {'reused' if result == {'reused': True} else 'ran'} |\n" for name, result in stages.items()),
+        + "".join(
+            f"| {name} | {'reused' if result == {'reused': True} else 'ran'} |\n" for name, result in stages.items()
+        ),
         key="grpo-retrain",
         description="what the retrain run did with the new data",
     )

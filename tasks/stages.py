@@ -61,7 +61,9 @@ def _artifact(name: str, paths: Paths, result: dict[str, Any]) -> None:
     elif name == "evaluate" and paths.eval_report.exists():
         create_markdown_artifact(_inline_chart(paths.eval_report, paths.eval_chart), key=key)
     elif name == "register":
-        checks = "".join(f"| {rule} | {'holds' if ok else 'fails'} |\n" for rule, ok in (result.get("checks") or {}).items())
+        checks = "".join(
+            f"| {rule} | {'holds' if ok else 'fails'} |\n" for rule, ok in (result.get("checks") or {}).items()
+        )
         create_markdown_artifact(
             f"## Registry\n\nVersion **{result['version']}** of `{result['name']}`: "
             f"{'promoted to champion' if result['promoted'] else 'kept as challenger'} ({result['reason']}).\n"
@@ -71,7 +73,16 @@ def _artifact(name: str, paths: Paths, result: dict[str, Any]) -> None:
 
 
 # The curves worth a glance in the UI, in the order of the table artifact.
-CURVE_COLUMNS = ("step", "reward", "reward_std", "kl", "entropy", "frac_reward_zero_std", "completions/mean_length", "step_time")
+CURVE_COLUMNS = (
+    "step",
+    "reward",
+    "reward_std",
+    "kl",
+    "entropy",
+    "frac_reward_zero_std",
+    "completions/mean_length",
+    "step_time",
+)
 
 
 def _training_artifacts(paths: Paths) -> None:
@@ -83,7 +94,9 @@ def _training_artifacts(paths: Paths) -> None:
     final = json.loads(paths.train_metrics.read_text(encoding="utf-8"))
     run_id = final.get("mlflow_run_id")
     rows = "".join(
-        f"| {key} | {value:.4g} |\n" for key, value in final.items() if isinstance(value, (int, float)) and not isinstance(value, bool)
+        f"| {key} | {value:.4g} |\n"
+        for key, value in final.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
     )
     text = f"## Training\n\n**{final.get('steps', '?')} steps**; final step:\n\n| metric | value |\n|---|---|\n{rows}"
     if run_id:

@@ -26,7 +26,9 @@ def test_batch_and_no_scaling():
     batch, _ = group_advantages(rewards, 2, "batch")
     batch_std = float(rewards.std())  # sqrt(((-.25)^2 + 1.25^2 + 1.75^2 + .25^2) / 3)
     assert batch_std == pytest.approx(math.sqrt((0.0625 + 1.5625 + 3.0625 + 0.0625) / 3))
-    assert batch.tolist() == pytest.approx([0.5 / (batch_std + 1e-4), -0.5 / (batch_std + 1e-4), 1 / (batch_std + 1e-4), -1 / (batch_std + 1e-4)])
+    assert batch.tolist() == pytest.approx(
+        [0.5 / (batch_std + 1e-4), -0.5 / (batch_std + 1e-4), 1 / (batch_std + 1e-4), -1 / (batch_std + 1e-4)]
+    )
 
 
 def test_groups_must_divide():
@@ -73,7 +75,9 @@ def test_clipping_token_level():
     # A > 0: min(1.5, 1.28) = 1.28 and min(0.5, 0.8) = 0.5 -> tokens -1.28, -0.5
     assert float(loss) == pytest.approx(-(1.28 + 0.5) / 2)
     assert stats.clip_high == pytest.approx(0.5) and stats.clip_low == 0.0
-    loss_neg, stats_neg = grpo_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 2), epsilon_low=0.2, epsilon_high=0.28)
+    loss_neg, stats_neg = grpo_loss(
+        logp, old, torch.tensor([-1.0]), torch.ones(1, 2), epsilon_low=0.2, epsilon_high=0.28
+    )
     # A < 0: -min(-1.5, -1.28) = 1.5 and -min(-0.5, -0.8) = 0.8
     assert float(loss_neg) == pytest.approx((1.5 + 0.8) / 2)
     assert stats_neg.clip_low == pytest.approx(0.5) and stats_neg.clip_region == pytest.approx(0.5)
@@ -82,7 +86,9 @@ def test_clipping_token_level():
 def test_sequence_level_ratio_is_exp_mean_log_ratio():
     logp = torch.zeros(1, 2)
     old = torch.tensor([[-math.log(1.1), -math.log(1.3)]])  # log-ratios log 1.1, log 1.3
-    loss, _ = grpo_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 2), importance_sampling_level="sequence", epsilon_high=0.5)
+    loss, _ = grpo_loss(
+        logp, old, torch.tensor([1.0]), torch.ones(1, 2), importance_sampling_level="sequence", epsilon_high=0.5
+    )
     ratio = math.exp((math.log(1.1) + math.log(1.3)) / 2)
     assert float(loss) == pytest.approx(-ratio)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipelines.config import RuntimeConfig
+from pipelines.generation import backends
 from pipelines.generation.backends import BackendUnavailable, SamplingRequest, get_backend
-from pipelines.grpo import backends
 
 
 def test_every_configurable_backend_is_registered():
@@ -40,7 +40,7 @@ class _Fixed:
 
     def completions(self, model, tokenizer, input_ids, attention_mask, request):
         self.requests.append(request)
-        return torch.tensor([self.ids] * (input_ids.size(0) * request.num_generations))
+        return backends.Sampled(torch.tensor([self.ids] * (input_ids.size(0) * request.num_generations)))
 
 
 def test_a_new_backend_plugs_in_behind_generate(tiny_reference, monkeypatch):
@@ -53,7 +53,16 @@ def test_a_new_backend_plugs_in_behind_generate(tiny_reference, monkeypatch):
     hello = tokenizer.encode("hello", add_special_tokens=False)
     fixed = _Fixed([*hello, tokenizer.eos_token_id, *hello])
     monkeypatch.setitem(backends.BACKENDS, "fixed", fixed)
-    out = generate(None, tokenizer, ["a", "b c d"], num_generations=2, max_new_tokens=8, do_sample=True, backend="fixed", seeds=[1, 2])
+    out = generate(
+        None,
+        tokenizer,
+        ["a", "b c d"],
+        num_generations=2,
+        max_new_tokens=8,
+        do_sample=True,
+        backend="fixed",
+        seeds=[1, 2],
+    )
     assert out.texts == ["hello"] * 4  # masked after EOS
     assert out.lengths.tolist() == [len(hello) + 1] * 4 and not out.truncated.any()
     assert out.prompt_ids.size(0) == 4 and fixed.requests[0].seeds == [1, 2]

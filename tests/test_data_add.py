@@ -23,7 +23,10 @@ from tests.conftest import make_project
 
 
 def _problems(n: int, start: int = 0) -> str:
-    return "".join(json.dumps({"id": f"q{i}", "prompt": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(start, start + n))
+    return "".join(
+        json.dumps({"id": f"q{i}", "prompt": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+        for i in range(start, start + n)
+    )
 
 
 def _add(root: Path, path: Path, capsys, *extra: str) -> tuple[int, dict | None, str]:
@@ -45,7 +48,12 @@ def test_data_add_versions_a_file_pushes_it_and_prints_its_digest(tmp_path, caps
     code, added, _ = _add(root, source, capsys)
     assert code == 0
     assert added["digest"] == hashlib.sha256(source.read_bytes()).hexdigest()
-    assert added == {"path": "data/raw/mine.jsonl", "digest": added["digest"], "dvc_file": "data/raw/mine.jsonl.dvc", "pushed": True}
+    assert added == {
+        "path": "data/raw/mine.jsonl",
+        "digest": added["digest"],
+        "dvc_file": "data/raw/mine.jsonl.dvc",
+        "pushed": True,
+    }
     assert (root / "data" / "raw" / "mine.jsonl").read_bytes() == source.read_bytes()
     first = yaml.safe_load((root / "data" / "raw" / "mine.jsonl.dvc").read_text())["outs"][0]["md5"]
     assert _remote_has(root, first)
@@ -62,7 +70,9 @@ def test_data_add_versions_a_file_pushes_it_and_prints_its_digest(tmp_path, caps
     cfg = config.load(root / "params.yaml", ["data.path=data/raw/mine.jsonl"], preset="smoke")
     result = validate.run(cfg, Paths(root))
     assert result.train_rows + result.eval_rows == 30
-    status = subprocess.run([sys.executable, "-m", "dvc", "status", "data/raw/mine.jsonl.dvc"], cwd=root, capture_output=True, text=True)
+    status = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "data/raw/mine.jsonl.dvc"], cwd=root, capture_output=True, text=True
+    )
     assert status.returncode == 0 and "changed" not in status.stdout
 
 
@@ -131,6 +141,9 @@ def test_log_dataset_input_puts_the_digest_on_the_training_run(project, smoke_cf
     dataset, tags = logged[0].dataset, {t.key: t.value for t in logged[0].tags}
     assert dataset.digest == result.digest[:DIGEST_CHARS] and dataset.name == "validated:generator:arithmetic"
     assert tags["mlflow.data.context"] == "training" and tags["dataset_digest"] == result.digest
-    assert tags["train_rows"] == str(result.train_rows) and json.loads(dataset.schema)["mlflow_colspec"][1]["type"] == "array"
+    assert (
+        tags["train_rows"] == str(result.train_rows)
+        and json.loads(dataset.schema)["mlflow_colspec"][1]["type"] == "array"
+    )
     stale_tags = {t.key: t.value for t in stale.tags}
     assert stale.dataset.digest == dataset.digest and "another validation" in stale_tags["validation_report"]

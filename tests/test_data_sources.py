@@ -70,7 +70,12 @@ def test_csv_with_column_mapping_bom_quoted_lines_and_chat_cells(project):
             w.writerow([r["id"], r["prompt"], r["answer"], "easy"])
         w.writerow(["multi", "A question\nover two lines: what is 3 + 4?", "7", "easy"])  # lines 22-23
         w.writerow(["chat", json.dumps([{"role": "user", "content": "What is 5 + 5?"}]), "10", "easy"])
-    overrides = ["data.columns.prompt=question_text", "data.columns.answer=final", "data.columns.id=uid", f"data.path={path}"]
+    overrides = [
+        "data.columns.prompt=question_text",
+        "data.columns.answer=final",
+        "data.columns.id=uid",
+        f"data.path={path}",
+    ]
     result = validate.run(_cfg(project, *overrides), Paths(project))
     train, held_out, _ = _outputs(project)
     assert result.train_rows + result.eval_rows == 22
@@ -205,7 +210,9 @@ def test_a_missing_mapped_column_names_the_column_and_the_fix(project):
     assert "no row has the prompt column" in message and "q, a" in message and "data.columns.prompt" in message
     message = _refusal(project, f"data.path={path}", "data.columns.prompt=q")
     assert "answer column 'answer'" in message and "-S data.columns.answer=NAME" in message
-    result = validate.run(_cfg(project, f"data.path={path}", "data.columns.prompt=q", "data.columns.answer=a"), Paths(project))
+    result = validate.run(
+        _cfg(project, f"data.path={path}", "data.columns.prompt=q", "data.columns.answer=a"), Paths(project)
+    )
     assert result.train_rows + result.eval_rows == 10
 
 
@@ -227,7 +234,9 @@ def test_countdown_generator_validates_and_its_solutions_score(project):
         answer=[r["answer"] for r in rows],
     )
     assert rewards == [1.0] * len(rows)
-    wrong = REWARDS["countdown"](["q"], [f"#### {rows[0]['answer']} + 0"], numbers=[rows[0]["numbers"]], answer=[rows[0]["answer"]])
+    wrong = REWARDS["countdown"](
+        ["q"], [f"#### {rows[0]['answer']} + 0"], numbers=[rows[0]["numbers"]], answer=[rows[0]["answer"]]
+    )
     assert wrong == [0.0]
     # Same params, same problems.
     assert validate.run(cfg, Paths(project)).digest == result.digest
@@ -235,7 +244,13 @@ def test_countdown_generator_validates_and_its_solutions_score(project):
 
 def test_countdown_file_with_a_wrong_solution_is_refused_with_the_verifiers_words(project):
     rows = [
-        {"id": f"c{i}", "prompt": f"Make {i + 10} from {i}, 10.", "answer": str(i + 10), "numbers": [i, 10], "solution": f"{i} + 10"}
+        {
+            "id": f"c{i}",
+            "prompt": f"Make {i + 10} from {i}, 10.",
+            "answer": str(i + 10),
+            "numbers": [i, 10],
+            "solution": f"{i} + 10",
+        }
         for i in range(1, 20)
     ]
     rows[4]["solution"] = "5 * 10"
@@ -243,7 +258,9 @@ def test_countdown_file_with_a_wrong_solution_is_refused_with_the_verifiers_word
     path = _write_jsonl(project / "countdown.jsonl", rows)
     message = _refusal(project, f"data.path={path}", "data.verifier=countdown")
     assert "expect_column_values_to_be_null(countdown_issue)" in message and "line(s) 5, 7" in message
-    validate.run(_cfg(project, f"data.path={path}", "data.verifier=countdown", "data.max_rejected_fraction=0.2"), Paths(project))
+    validate.run(
+        _cfg(project, f"data.path={path}", "data.verifier=countdown", "data.max_rejected_fraction=0.2"), Paths(project)
+    )
     _, _, rejected = _outputs(project)
     reasons = {r["line"]: r["reason"] for r in rejected}
     assert "solution 5 * 10 gives 50, not the target 15" in reasons[5]
@@ -257,7 +274,13 @@ def _straddling_duplicates(n: int = 60) -> tuple[list[dict], set[str], int]:
     for k, r in enumerate(_problems(n)):
         rows.append(r)
         if k % 3 == 0:
-            rows.append({"id": r["id"] + "-again", "prompt": "  " + r["prompt"].upper().replace(" + ", "+"), "answer": r["answer"]})
+            rows.append(
+                {
+                    "id": r["id"] + "-again",
+                    "prompt": "  " + r["prompt"].upper().replace(" + ", "+"),
+                    "answer": r["answer"],
+                }
+            )
     ids = [r["id"] for r in rows]
     train, held_out = split_ids(ids, 0.2, 8, 0)
     train_ids = {ids[i] for i in train}
@@ -295,7 +318,10 @@ def test_tolerated_bad_rows_go_to_rejected_with_reasons(project):
     assert set(by_line) == {3, 6, 9, 10, 31}
     assert "not a number the math verifier can read" in by_line[3]["reason"] and by_line[3]["row"]["answer"] == "many"
     assert "missing or empty prompt" in by_line[6]["reason"]
-    assert "id used by more than one row" in by_line[9]["reason"] and "id used by more than one row" in by_line[10]["reason"]
+    assert (
+        "id used by more than one row" in by_line[9]["reason"]
+        and "id used by more than one row" in by_line[10]["reason"]
+    )
     assert by_line[31]["raw"] == "{broken" and "not valid JSON" in by_line[31]["reason"]
     assert all(r["file"] == str(path) for r in rejected)
     report = json.loads(Paths(project).validation_report.read_text())
@@ -329,7 +355,9 @@ def test_prompt_length_in_tokens_when_a_tokenizer_is_known(project, tiny_referen
     report = json.loads(Paths(project).validation_report.read_text())
     assert report["length_unit"] == "tokens" and report["tokenizer"] == str(tiny_reference)
     # Without the tokenizer folder, the bounds are in characters (and the report says why).
-    validate.run(_cfg(project, f"data.path={path}", f"data.tokenizer={project / 'models' / 'reference'}"), Paths(project))
+    validate.run(
+        _cfg(project, f"data.path={path}", f"data.tokenizer={project / 'models' / 'reference'}"), Paths(project)
+    )
     report = json.loads(Paths(project).validation_report.read_text())
     assert report["length_unit"] == "characters" and "not found" in report["note"]
 
@@ -349,4 +377,8 @@ def test_report_lists_every_expectation_with_its_first_rows(project):
     from pipelines.data.report import markdown_summary
 
     summary = markdown_summary(report)
-    assert "## Validation: refused" in summary and f"{path}:8" in summary and summary.count("\n| ") >= len(report["expectations"])
+    assert (
+        "## Validation: refused" in summary
+        and f"{path}:8" in summary
+        and summary.count("\n| ") >= len(report["expectations"])
+    )

@@ -19,7 +19,10 @@ from pipelines.paths import Paths
 from tests.conftest import cli_env, prepared_project
 
 OVERRIDES = [
-    "train.steps=4", "train.checkpoint_every=2", "train.learning_rate=0.01", "train.prompts_per_step=4",
+    "train.steps=4",
+    "train.checkpoint_every=2",
+    "train.learning_rate=0.01",
+    "train.prompts_per_step=4",
     # A reward that varies between completions of a random model, so the weights really move.
     "train.rewards=[{name: length, weight: 1.0, params: {target_chars: 30}}]",
 ]
@@ -44,7 +47,9 @@ def test_weighted_rank_losses_sum_to_the_whole_batch_loss(loss_type):
     logp = (-torch.rand(6, 5, generator=g)).requires_grad_()
     old, ref = logp.detach() + 0.05 * torch.randn(6, 5, generator=g), logp.detach() - 0.1
     advantages = torch.randn(6, generator=g)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]).float()
+    mask = torch.tensor(
+        [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    ).float()
     kwargs = {"beta": 0.04, "loss_type": loss_type, "max_completion_length": 5}
 
     whole, _ = grpo_loss(logp, old, advantages, mask, ref_logp=ref, **kwargs)
@@ -83,7 +88,9 @@ def test_a_groups_completions_do_not_depend_on_its_batch(tiny_reference):
     both = generate(model, tokenizer, [long, short], seeds=[11, 22], **kwargs)
     alone = generate(model, tokenizer, [short], seeds=[22], **kwargs)
     assert torch.equal(both.completion_ids[3:], alone.completion_ids)  # other padding, same draws
-    assert not torch.equal(both.completion_ids[3:], generate(model, tokenizer, [short], seeds=[23], **kwargs).completion_ids)
+    assert not torch.equal(
+        both.completion_ids[3:], generate(model, tokenizer, [short], seeds=[23], **kwargs).completion_ids
+    )
     assert len(set(map(tuple, alone.completion_ids.tolist()))) > 1  # the group's completions differ
 
 
@@ -106,7 +113,9 @@ def test_two_processes_train_what_one_process_trains(tmp_path, tiny_reference):
 
     got = load_file(str(Paths(ddp).policy_dir / "adapter_model.safetensors"))
     assert set(got) == set(expected)
-    assert sum(float((expected[k] != 0).float().sum()) for k in expected if "lora_B" in k) > 0, "the adapter never moved"
+    assert sum(float((expected[k] != 0).float().sum()) for k in expected if "lora_B" in k) > 0, (
+        "the adapter never moved"
+    )
     # Summing gradients in two halves rounds differently from one sum, and Adam divides by the
     # gradients' own scale: 1.7e-5 apart at most on an AVX2-only CPU (below 1e-5 with AVX-512).
     # A wrong update would be off by ~lr (0.01) per step.

@@ -54,7 +54,8 @@ adapter = mlflow.artifacts.download_artifacts("models:/grpo-policy@champion", ds
 base = mlflow.artifacts.download_artifacts(version.tags["reference_model_uri"], dst_path="{tmp_path}/b")
 tok = AutoTokenizer.from_pretrained(adapter)
 model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
-ids = tok.apply_chat_template([{{"role": "user", "content": "What is 2 + 3?"}}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+question = [{{"role": "user", "content": "What is 2 + 3?"}}]
+ids = tok.apply_chat_template(question, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
 print("ANSWER", repr(tok.decode(out[0, ids["input_ids"].shape[1]:])), sorted(version.aliases))
 """
@@ -66,7 +67,9 @@ def test_bad_dataset_stops_the_flow_before_any_other_stage(tmp_path):
     root = make_project(tmp_path / "project", dvc=True)
     bad = root / "data" / "raw" / "bad.jsonl"
     bad.write_text('{"id": "1", "prompt": "What is 1 + 1?", "answer": "2"}\n{"id": "1", "prompt": "x"}\n{oops\n')
-    proc = _run(root, sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "-S", f"data.path={bad}", check=False)
+    proc = _run(
+        root, sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "-S", f"data.path={bad}", check=False
+    )
     assert proc.returncode != 0
     assert str(bad) in proc.stderr and "line 3" in proc.stderr
     assert not (root / "models").exists() and not (root / "data" / "validated" / "train.jsonl").exists()
@@ -76,7 +79,9 @@ def test_cli_validate_refuses_bad_file_with_exit_code(tmp_path):
     root = make_project(tmp_path / "project")
     bad = root / "dupes.jsonl"
     bad.write_text('{"id": "a", "prompt": "p", "answer": "1"}\n{"id": "a", "prompt": "q", "answer": "2"}\n')
-    proc = _run(root, sys.executable, "-m", "flows.cli", "validate", "--preset", "smoke", "-S", f"data.path={bad}", check=False)
+    proc = _run(
+        root, sys.executable, "-m", "flows.cli", "validate", "--preset", "smoke", "-S", f"data.path={bad}", check=False
+    )
     assert proc.returncode == 1
     assert "expect_column_values_to_be_unique(id)" in proc.stderr and str(bad) in proc.stderr
     assert "Traceback" not in proc.stderr

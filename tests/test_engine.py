@@ -25,8 +25,14 @@ ROWS = [{"id": "a", "prompt": "p", "answer": "1"}, {"id": "b", "prompt": "q", "a
 
 
 def test_scores_are_per_function_with_nan_for_none(monkeypatch):
-    monkeypatch.setitem(rewards.REWARDS, "half", lambda prompts, completions, **_: [None if i % 2 else 0.5 for i in range(len(completions))])
-    per_fn, means = score([RewardSpec(name="accuracy"), RewardSpec(name="half")], ROWS, ["#### 1", "#### 3", "#### 2", "x"], 2, timeout=5)
+    monkeypatch.setitem(
+        rewards.REWARDS,
+        "half",
+        lambda prompts, completions, **_: [None if i % 2 else 0.5 for i in range(len(completions))],
+    )
+    per_fn, means = score(
+        [RewardSpec(name="accuracy"), RewardSpec(name="half")], ROWS, ["#### 1", "#### 3", "#### 2", "x"], 2, timeout=5
+    )
     assert per_fn[:, 0].tolist() == [1.0, 0.0, 1.0, 0.0]
     assert per_fn[:, 1].isnan().tolist() == [False, True, False, True]
     assert means == {"rewards/accuracy/mean": 0.5, "rewards/half/mean": 0.5}
@@ -53,7 +59,11 @@ def test_timeout_works_off_the_main_thread(monkeypatch):
 
     monkeypatch.setitem(rewards.REWARDS, "slow", lambda prompts, completions, **_: time.sleep(5))
     caught = []
-    worker = threading.Thread(target=lambda: caught.append(pytest.raises(RewardError, score, [RewardSpec(name="slow")], ROWS, ["a"] * 4, 2, timeout=0.2)))
+    worker = threading.Thread(
+        target=lambda: caught.append(
+            pytest.raises(RewardError, score, [RewardSpec(name="slow")], ROWS, ["a"] * 4, 2, timeout=0.2)
+        )
+    )
     worker.start()
     worker.join(3)
     assert caught and not worker.is_alive()
@@ -68,7 +78,9 @@ def test_normalize_then_sum_by_hand():
     assert rewards_.tolist() == [1.0, 0.0]
     assert adv.tolist() == pytest.approx(((summed - summed.mean()) / (summed.std() + 1e-4)).tolist(), abs=1e-5)
     # A large-scale function does not drown a small one: scaling f1 by 100 changes nothing.
-    adv_big, _, _ = advantages_from_rewards(per_fn * torch.tensor([100.0, 1.0]), torch.tensor([1.0, 3.0]), 2, aggregation="normalize_then_sum")
+    adv_big, _, _ = advantages_from_rewards(
+        per_fn * torch.tensor([100.0, 1.0]), torch.tensor([1.0, 3.0]), 2, aggregation="normalize_then_sum"
+    )
     assert torch.allclose(adv, adv_big, atol=1e-4)
     adv_sum, _, _ = advantages_from_rewards(per_fn * torch.tensor([100.0, 1.0]), torch.tensor([1.0, 3.0]), 2)
     # Summing first, f1 at scale 100 decides everything: rewards [100, 0] -> +-50 / 70.71.
@@ -85,7 +97,12 @@ def test_dynamic_sampling_keeps_only_groups_with_signal(project, tiny_reference,
     monkeypatch.setitem(rewards.REWARDS, "addonly", _signal_only_for_addition)
     cfg = config.load(
         project / "params.yaml",
-        ["train.rewards=[{name: addonly}]", "train.prompts_per_step=4", f"train.dynamic_sampling={str(dynamic).lower()}", "train.max_resample_rounds=8"],
+        [
+            "train.rewards=[{name: addonly}]",
+            "train.prompts_per_step=4",
+            f"train.dynamic_sampling={str(dynamic).lower()}",
+            "train.max_resample_rounds=8",
+        ],
         preset="smoke",
     )
     paths = Paths(project)
@@ -115,8 +132,13 @@ def test_oversampled_rounds_fill_the_batch_in_fewer_rounds(project, tiny_referen
     for factor in ("1", "3"):
         cfg = config.load(
             project / "params.yaml",
-            ["train.rewards=[{name: addonly}]", "train.prompts_per_step=4", "train.dynamic_sampling=true",
-             "train.max_resample_rounds=8", f"train.dynamic_sampling_oversample={factor}"],
+            [
+                "train.rewards=[{name: addonly}]",
+                "train.prompts_per_step=4",
+                "train.dynamic_sampling=true",
+                "train.max_resample_rounds=8",
+                f"train.dynamic_sampling_oversample={factor}",
+            ],
             preset="smoke",
         )
         if not paths.train_split.exists():
@@ -217,21 +239,23 @@ def test_training_pass_math_attention_matches_default_kernel(tiny_reference, smo
     from contextlib import nullcontext
 
     from pipelines.generation.rollout import generate
-    from pipelines.grpo import logprobs as rollout_module
+    from pipelines.grpo import logprobs
     from pipelines.grpo.logprobs import token_logps
 
     shutil.copytree(tiny_reference, Paths(project).reference_dir)
     model, tokenizer, _ = policy.build(smoke_cfg, Paths(project))
     torch.manual_seed(0)
-    rollout = generate(model, tokenizer, ["What is 2 + 2?", "What is 7 * 8?"], num_generations=3, max_new_tokens=6, do_sample=True)
-    assert not isinstance(rollout_module._attention_kernel(rollout.completion_ids), nullcontext)
+    rollout = generate(
+        model, tokenizer, ["What is 2 + 2?", "What is 7 * 8?"], num_generations=3, max_new_tokens=6, do_sample=True
+    )
+    assert not isinstance(logprobs._attention_kernel(rollout.completion_ids), nullcontext)
     with torch.no_grad():
-        assert isinstance(rollout_module._attention_kernel(rollout.completion_ids), nullcontext)
+        assert isinstance(logprobs._attention_kernel(rollout.completion_ids), nullcontext)
     params = policy.trainable_parameters(model)
     mask = rollout.completion_mask.bool()
     math_logp, _ = token_logps(model, rollout)
     math_grads = torch.autograd.grad((math_logp * mask).sum(), params, allow_unused=True)
-    monkeypatch.setattr(rollout_module, "_attention_kernel", lambda like: nullcontext())
+    monkeypatch.setattr(logprobs, "_attention_kernel", lambda like: nullcontext())
     flash_logp, _ = token_logps(model, rollout)
     flash_grads = torch.autograd.grad((flash_logp * mask).sum(), params, allow_unused=True)
     assert torch.allclose(math_logp[mask], flash_logp[mask], atol=1e-5)
@@ -241,7 +265,7 @@ def test_training_pass_math_attention_matches_default_kernel(tiny_reference, smo
 
 @pytest.mark.parametrize("backend", ["lean", "hf"])
 def test_min_completion_length_holds_eos_back(tiny_reference, backend):
-    """train.min_completion_length keeps EOS out of the first tokens (transformers' min_new_tokens), in both backends."""
+    """train.min_completion_length keeps EOS out of the first tokens (transformers' min_new_tokens), both backends."""
     from pipelines.generation.rollout import generate
     from pipelines.snapshot.loading import load_reference
 
@@ -254,8 +278,20 @@ def test_min_completion_length_holds_eos_back(tiny_reference, backend):
 
     model.lm_head.register_forward_hook(eos_first)
     prompts = ["What is 2 + 2?", "What is 7 * 8?"]
-    free = generate(model, tokenizer, prompts, num_generations=2, max_new_tokens=8, do_sample=True, backend=backend, seeds=[1, 2])
-    held = generate(model, tokenizer, prompts, num_generations=2, max_new_tokens=8, do_sample=True, backend=backend, seeds=[1, 2], min_new_tokens=5)
+    free = generate(
+        model, tokenizer, prompts, num_generations=2, max_new_tokens=8, do_sample=True, backend=backend, seeds=[1, 2]
+    )
+    held = generate(
+        model,
+        tokenizer,
+        prompts,
+        num_generations=2,
+        max_new_tokens=8,
+        do_sample=True,
+        backend=backend,
+        seeds=[1, 2],
+        min_new_tokens=5,
+    )
     assert free.lengths.tolist() == [1, 1, 1, 1]
     assert held.lengths.tolist() == [6, 6, 6, 6]  # five tokens held back from EOS, then EOS
     assert not (held.completion_ids[:, :5] == eos).any() and (held.completion_ids[:, 5] == eos).all()
@@ -275,7 +311,9 @@ def test_exponential_race_samples_the_distribution_and_each_row_from_its_own_gen
     # a row's noise depends on its own generator only, not on which rows share the batch
     a, b = row_generators([7, 8], 2), row_generators([8], 2)
     for _ in range(3):
-        assert torch.equal(_exponential_noise(probs, torch.arange(4), a)[2:], _exponential_noise(probs[:2], torch.arange(2), b))
+        assert torch.equal(
+            _exponential_noise(probs, torch.arange(4), a)[2:], _exponential_noise(probs[:2], torch.arange(2), b)
+        )
 
 
 def test_truncation_warning_says_when_completions_start_running_to_the_limit():
@@ -343,8 +381,13 @@ def test_selective_rollouts_in_training_spend_rollouts_on_prompts_with_signal(pr
     for on in (False, True):
         cfg = config.load(
             project / "params.yaml",
-            ["train.rewards=[{name: addonly}]", "train.prompts_per_step=4", f"train.selective_rollouts={str(on).lower()}",
-             "train.selective_rollouts_explore=0.1", "train.max_completion_length=4"],
+            [
+                "train.rewards=[{name: addonly}]",
+                "train.prompts_per_step=4",
+                f"train.selective_rollouts={str(on).lower()}",
+                "train.selective_rollouts_explore=0.1",
+                "train.max_completion_length=4",
+            ],
             preset="smoke",
         )
         if not paths.train_split.exists():

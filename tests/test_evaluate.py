@@ -13,18 +13,35 @@ from pipelines.evaluation import stage as evaluate
 from pipelines.paths import Paths
 
 
-def outcome(model: str, i: int, correct: bool, *, fmt: bool = True, k: int = 2, sampled_right: int | None = None) -> dict:
+def outcome(
+    model: str, i: int, correct: bool, *, fmt: bool = True, k: int = 2, sampled_right: int | None = None
+) -> dict:
     """One per-problem row as pipelines/evaluation/scoring.py writes it."""
     right = (k if correct else 0) if sampled_right is None else sampled_right
     samples = [
-        {"completion": "#### 1" if j < right else "#### 2", "extracted": "1" if j < right else "2", "correct": j < right,
-         "format": fmt, "length": 3, "truncated": False}
+        {
+            "completion": "#### 1" if j < right else "#### 2",
+            "extracted": "1" if j < right else "2",
+            "correct": j < right,
+            "format": fmt,
+            "length": 3,
+            "truncated": False,
+        }
         for j in range(k)
     ]
     return {
-        "model": model, "id": f"q{i}", "answer": "1", "completion": "#### 1" if correct else "#### 2",
-        "correct": correct, "format": fmt, "last_number_correct": correct, "length": 3, "truncated": False,
-        "samples": samples, "pass_at_k": right > 0, "mean_at_k": right / k,
+        "model": model,
+        "id": f"q{i}",
+        "answer": "1",
+        "completion": "#### 1" if correct else "#### 2",
+        "correct": correct,
+        "format": fmt,
+        "last_number_correct": correct,
+        "length": 3,
+        "truncated": False,
+        "samples": samples,
+        "pass_at_k": right > 0,
+        "mean_at_k": right / k,
         "majority_answer": scoring.majority_answer([s["extracted"] for s in samples]),
         "maj_at_k": scoring.majority_answer([s["extracted"] for s in samples]) == "1",
     }
@@ -61,8 +78,11 @@ def test_paired_comparison_rejects_unpaired_outcomes():
 
 
 def test_summarize_pass_mean_and_majority_at_k():
-    rows = [outcome("policy", 0, True, k=4, sampled_right=1), outcome("policy", 1, False, k=4, sampled_right=3),
-            outcome("policy", 2, False, k=4, sampled_right=0)]
+    rows = [
+        outcome("policy", 0, True, k=4, sampled_right=1),
+        outcome("policy", 1, False, k=4, sampled_right=3),
+        outcome("policy", 2, False, k=4, sampled_right=0),
+    ]
     s = scoring.summarize(rows)
     assert s["accuracy"] == pytest.approx(1 / 3)
     assert s["pass_at_k"] == pytest.approx(2 / 3)  # any of the 4 right
@@ -76,13 +96,16 @@ def test_report_shows_candidate_reference_and_champion_with_intervals_and_chart(
     cfg = EvaluateConfig(k=2, bootstrap_samples=500)
     n = 20
     result = evaluate.write_outputs(
-        paths, cfg,
+        paths,
+        cfg,
         {
             "reference": outcomes("reference", [i < 5 for i in range(n)]),
             "champion": [dict(o, version="3") for o in outcomes("champion", [i < 8 for i in range(n)])],
             "policy": outcomes("policy", [i < 16 for i in range(n)]),
         },
-        champion_version="3", candidate_sha256="c" * 64, reference_sha256="r" * 64,
+        champion_version="3",
+        candidate_sha256="c" * 64,
+        reference_sha256="r" * 64,
     )
     assert result.champion_version == "3" and result.policy["accuracy"] == pytest.approx(0.8)
 
@@ -109,9 +132,12 @@ def test_report_shows_candidate_reference_and_champion_with_intervals_and_chart(
 def test_report_without_champion_says_so(tmp_path):
     paths = Paths(tmp_path)
     evaluate.write_outputs(
-        paths, EvaluateConfig(bootstrap_samples=100),
+        paths,
+        EvaluateConfig(bootstrap_samples=100),
         {"reference": outcomes("reference", [False, True]), "policy": outcomes("policy", [True, True])},
-        champion_version=None, candidate_sha256="c", reference_sha256="r",
+        champion_version=None,
+        candidate_sha256="c",
+        reference_sha256="r",
     )
     metrics = json.loads(paths.eval_metrics.read_text())
     assert metrics["champion"] is None and metrics["comparison"]["policy_vs_champion"] is None
@@ -121,6 +147,9 @@ def test_report_without_champion_says_so(tmp_path):
 def test_compare_refuses_outcomes_on_different_problems():
     with pytest.raises(ValueError, match="same problems"):
         evaluate.compare(
-            {"reference": outcomes("reference", [True, False]), "policy": list(reversed(outcomes("policy", [True, False])))},
+            {
+                "reference": outcomes("reference", [True, False]),
+                "policy": list(reversed(outcomes("policy", [True, False]))),
+            },
             EvaluateConfig(bootstrap_samples=100),
         )

@@ -25,7 +25,10 @@ MAX_MESSAGE = 3000  # a refusal is a paragraph, never a dump of the data
 
 
 def _good(n: int = 20, start: int = 0) -> list[str]:
-    return [json.dumps({"id": f"q{i}", "prompt": f"What is {i} + {i}?", "answer": str(2 * i)}) for i in range(start, start + n)]
+    return [
+        json.dumps({"id": f"q{i}", "prompt": f"What is {i} + {i}?", "answer": str(2 * i)})
+        for i in range(start, start + n)
+    ]
 
 
 def _lines(path: Path, lines: list[str]) -> None:
@@ -132,12 +135,20 @@ def answers_as_numbers(p: Path) -> None:
 
 # name: (file name, writer, None when accepted / the substrings a refusal must contain)
 CORPUS: dict[str, tuple[str, Callable[[Path], None], list[str] | None]] = {
-    "invalid_json": ("bad.jsonl", invalid_json, ["1 row(s) are not valid UTF-8 JSON", "line 4", "not valid JSON", "Fix:"]),
+    "invalid_json": (
+        "bad.jsonl",
+        invalid_json,
+        ["1 row(s) are not valid UTF-8 JSON", "line 4", "not valid JSON", "Fix:"],
+    ),
     "byte_order_mark": ("bom.jsonl", byte_order_mark, None),
     "byte_order_mark_csv": ("bom.csv", byte_order_mark_csv, None),
     "non_utf8": ("latin1.jsonl", non_utf8, ["not valid UTF-8", "line 5", "Fix:"]),
     "non_utf8_csv": ("latin1.csv", non_utf8_csv, ["not valid UTF-8 CSV rows", "line 4", "Fix:"]),
-    "missing_columns": ("noanswer.jsonl", missing_columns, ["no row has the answer column 'answer'", "id, prompt", "data.columns.answer"]),
+    "missing_columns": (
+        "noanswer.jsonl",
+        missing_columns,
+        ["no row has the answer column 'answer'", "id, prompt", "data.columns.answer"],
+    ),
     "wrong_types": (
         "types.jsonl",
         wrong_types,
@@ -165,7 +176,11 @@ CORPUS: dict[str, tuple[str, Callable[[Path], None], list[str] | None]] = {
     "duplicated_ids": ("dupes.jsonl", duplicated_ids, ["expect_column_values_to_be_unique(id)", "line(s) 4, 21"]),
     "empty_file": ("empty.jsonl", empty_file, ["no rows", "Fix:"]),
     "blank_lines_only": ("blank.jsonl", blank_lines_only, ["no rows", "Fix:"]),
-    "ten_mb_prompt": ("huge.jsonl", ten_mb_prompt, ["expect_column_values_to_be_between(prompt_chars)", "line(s) 21", "data.min/max_prompt_chars"]),
+    "ten_mb_prompt": (
+        "huge.jsonl",
+        ten_mb_prompt,
+        ["expect_column_values_to_be_between(prompt_chars)", "line(s) 21", "data.min/max_prompt_chars"],
+    ),
     "ten_mb_garbage_line": ("garbage.jsonl", ten_mb_garbage_line, ["not valid JSON", "line 21"]),
     "deeply_nested": ("deep.jsonl", deeply_nested, ["nested too deeply", "line 21"]),
     "not_objects": ("arrays.jsonl", not_objects, ["2 row(s)", "lines 21, 22", "not an object"]),
@@ -185,9 +200,15 @@ def test_corpus_file_is_accepted_or_refused_clearly(project, case):
     paths = Paths(project)
     if expected is None:
         result = validate.run(cfg, paths)
-        rows = [json.loads(line) for f in (paths.train_split, paths.eval_split) for line in f.read_text(encoding="utf-8").splitlines()]
+        rows = [
+            json.loads(line)
+            for f in (paths.train_split, paths.eval_split)
+            for line in f.read_text(encoding="utf-8").splitlines()
+        ]
         assert len(rows) == result.train_rows + result.eval_rows == 20
-        assert all(r["answer"] and r["prompt"][-1]["content"].startswith("What is") for r in rows)  # no BOM left in a value
+        assert all(
+            r["answer"] and r["prompt"][-1]["content"].startswith("What is") for r in rows
+        )  # no BOM left in a value
         return
     with pytest.raises(DataError) as err:
         validate.run(cfg, paths)
@@ -215,7 +236,11 @@ def test_cli_process_exit_code_on_non_utf8(project):
     non_utf8(path)
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cli", "validate", "--preset", "smoke", "-S", f"data.path={path}"],
-        cwd=project, env=cli_env(), capture_output=True, text=True, timeout=300,
+        cwd=project,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 1
     assert "not valid UTF-8" in proc.stderr and "line 5" in proc.stderr and "Traceback" not in proc.stderr
@@ -224,7 +249,11 @@ def test_cli_process_exit_code_on_non_utf8(project):
 def test_tolerated_corpus_rows_are_set_aside_with_their_raw_text(project):
     path = project / "mixed.jsonl"
     good = _good(40)
-    path.write_bytes(("\n".join(good[:10]) + "\n").encode() + b'{"id": "x", "prompt": "\xff"}\n{oops\n' + ("\n".join(good[10:]) + "\n").encode())
+    path.write_bytes(
+        ("\n".join(good[:10]) + "\n").encode()
+        + b'{"id": "x", "prompt": "\xff"}\n{oops\n'
+        + ("\n".join(good[10:]) + "\n").encode()
+    )
     cfg = config.load(project / "params.yaml", [f"data.path={path}", "data.max_rejected_fraction=0.1"], preset="smoke")
     result = validate.run(cfg, Paths(project))
     rejected = [json.loads(line) for line in Paths(project).rejected.read_text(encoding="utf-8").splitlines()]
@@ -257,9 +286,17 @@ def test_a_million_row_file_is_read_once(project):
         f"root = Path({str(project)!r}); "
         f"cfg = config.load(root / 'params.yaml', ['data.path={path}', 'data.prompt.examples=[]']); "
         "r = validate.run(cfg, Paths(root)); "
-        "print(json.dumps({'rows': r.train_rows + r.eval_rows, 'rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))"
+        "rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
+        "print(json.dumps({'rows': r.train_rows + r.eval_rows, 'rss_mb': rss}))"
     )
-    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=cli_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parents[1],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["rows"] == 1_000_000

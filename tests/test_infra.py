@@ -50,12 +50,21 @@ def test_compose_file_validates():
     if command is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed here")
     compose_file = ["-f", str(INFRA / "docker-compose.yml")]
-    done = subprocess.run([*command, "--env-file", str(INFRA / ".env.example"), *compose_file, "config", "--quiet"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [*command, "--env-file", str(INFRA / ".env.example"), *compose_file, "config", "--quiet"],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     # Without the secrets, compose refuses and names the missing one.
     bare = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}
-    refused = subprocess.run([*command, *compose_file, "config", "--quiet"], capture_output=True, text=True, env=bare, cwd=tempfile.gettempdir())
+    refused = subprocess.run(
+        [*command, *compose_file, "config", "--quiet"],
+        capture_output=True,
+        text=True,
+        env=bare,
+        cwd=tempfile.gettempdir(),
+    )
     assert refused.returncode != 0 and "infra/.env" in refused.stderr, refused.stderr
 
 
@@ -68,7 +77,9 @@ def test_every_secret_comes_from_the_environment():
                 assert "${" in str(value), f"{name}.{key} must come from the environment, not the file"
                 assert ":?" in str(value), f"{name}.{key}: a missing secret must stop compose (${{VAR:?message}})"
     example = dict(
-        line.split("=", 1) for line in (INFRA / ".env.example").read_text().splitlines() if line and not line.startswith("#")
+        line.split("=", 1)
+        for line in (INFRA / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
     )
     for key, value in example.items():
         if re.search(r"PASSWORD|AUTH_STRING|SECRET_KEY", key):
@@ -82,8 +93,12 @@ def test_security_settings_are_on():
     assert mlflow_env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
     assert mlflow_env["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
     entrypoint = (INFRA / "mlflow" / "entrypoint.sh").read_text()
-    assert "--allowed-hosts" in entrypoint and "--app-name basic-auth" in entrypoint and "--serve-artifacts" in entrypoint
-    assert compose["services"]["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
+    assert (
+        "--allowed-hosts" in entrypoint and "--app-name basic-auth" in entrypoint and "--serve-artifacts" in entrypoint
+    )
+    assert compose["services"]["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith(
+        "postgresql+asyncpg://"
+    )
     assert "PREFECT_SERVER_API_AUTH_STRING" in compose["services"]["prefect-server"]["environment"]
     for script in ("up.sh", "mlflow/entrypoint.sh", "postgres/init-databases.sh"):
         assert subprocess.run(["sh", "-n", str(INFRA / script)]).returncode == 0, script
@@ -147,7 +162,9 @@ class Postgres:
 
     def query(self, database: str, sql: str) -> str:
         env = {**os.environ, "PGHOST": self.socket_dir, "PGPORT": str(self.port)}
-        done = subprocess.run(["psql", "-U", "postgres", "-d", database, "-tAc", sql], env=env, capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            ["psql", "-U", "postgres", "-d", database, "-tAc", sql], env=env, capture_output=True, text=True, check=True
+        )
         return done.stdout.strip()
 
 
@@ -170,22 +187,39 @@ def postgres() -> Iterator[Postgres]:
         shutil.chown(folder, "postgres", "postgres")
         owner |= {"user": "postgres", "group": "postgres"}
     data, port = folder / "data", _free_port()
-    subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256"],
-                   check=True, capture_output=True, **owner)
+    subprocess.run(
+        [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256"],
+        check=True,
+        capture_output=True,
+        **owner,
+    )
     options = f"-h 127.0.0.1 -p {port} -k {folder} -c fsync=off"
     # No pipes: the server would inherit them and keep this call waiting; its output goes to the log.
-    started = subprocess.run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-o", options, "-w", "start"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **owner)
+    started = subprocess.run(
+        [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-o", options, "-w", "start"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        **owner,
+    )
     if started.returncode != 0:
         raise RuntimeError(f"PostgreSQL did not start:\n{(folder / 'log').read_text()[-3000:]}")
     try:
         server = Postgres(port, str(folder), {"prefect": secrets.token_hex(12), "mlflow": secrets.token_hex(12)})
-        env = {**os.environ, "PGHOST": str(folder), "PGPORT": str(port), "POSTGRES_USER": "postgres", "POSTGRES_DB": "postgres",
-               "PREFECT_DB_PASSWORD": server.passwords["prefect"], "MLFLOW_DB_PASSWORD": server.passwords["mlflow"]}
+        env = {
+            **os.environ,
+            "PGHOST": str(folder),
+            "PGPORT": str(port),
+            "POSTGRES_USER": "postgres",
+            "POSTGRES_DB": "postgres",
+            "PREFECT_DB_PASSWORD": server.passwords["prefect"],
+            "MLFLOW_DB_PASSWORD": server.passwords["mlflow"],
+        }
         subprocess.run(["sh", str(INFRA / "postgres" / "init-databases.sh")], env=env, check=True, capture_output=True)
         yield server
     finally:
-        subprocess.run([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True, **owner)
+        subprocess.run(
+            [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True, **owner
+        )
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -198,7 +232,11 @@ class S3:
         import boto3
 
         client = boto3.client("s3", endpoint_url=self.url, **_aws_kwargs(self.env))
-        return [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in page.get("Contents", [])]
+        return [
+            o["Key"]
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])
+        ]
 
 
 def _aws_kwargs(env: dict[str, str]) -> dict[str, str]:
@@ -217,12 +255,20 @@ def s3(tmp_path_factory) -> Iterator[S3]:
     folder, port = tmp_path_factory.mktemp("s3"), _free_port()
     log = folder / "moto.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_http(url, proc, log)
-        env = {"AWS_ACCESS_KEY_ID": "grpo-test", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(12), "AWS_DEFAULT_REGION": "us-east-1"}
+        env = {
+            "AWS_ACCESS_KEY_ID": "grpo-test",
+            "AWS_SECRET_ACCESS_KEY": secrets.token_hex(12),
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
         client = boto3.client("s3", endpoint_url=url, **_aws_kwargs(env))
         for bucket in ("mlflow-artifacts", "dvc"):
             client.create_bucket(Bucket=bucket)
@@ -242,14 +288,24 @@ def prefect_server(postgres, tmp_path_factory) -> Iterator[Service]:
     """`prefect server start` on the Postgres database, with basic auth, as in docker-compose.yml."""
     folder, port = tmp_path_factory.mktemp("prefect"), _free_port()
     auth = f"admin:{secrets.token_hex(12)}"
-    env = {**cli_env(), "PREFECT_HOME": str(folder), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_DATABASE_CONNECTION_URL": postgres.url("prefect", "prefect", "postgresql+asyncpg"),
-           "PREFECT_SERVER_API_AUTH_STRING": auth, "PREFECT_UI_ENABLED": "false"}
+    env = {
+        **cli_env(),
+        "PREFECT_HOME": str(folder),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_DATABASE_CONNECTION_URL": postgres.url("prefect", "prefect", "postgresql+asyncpg"),
+        "PREFECT_SERVER_API_AUTH_STRING": auth,
+        "PREFECT_UI_ENABLED": "false",
+    }
     env.pop("PREFECT_API_URL", None)
     log = folder / "server.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     try:
         url = f"http://127.0.0.1:{port}/api"
         _wait_http(f"{url}/health", proc, log)
@@ -262,25 +318,42 @@ def prefect_server(postgres, tmp_path_factory) -> Iterator[Service]:
 def mlflow_server(postgres, s3, tmp_path_factory) -> Iterator[Service]:
     """infra/mlflow/entrypoint.sh as compose runs it: Postgres, S3 artifacts, allowed hosts, basic auth."""
     pytest.importorskip("psycopg2", reason="psycopg2-binary is not installed: `make test-infra` installs it")
-    pytest.importorskip("flask_wtf", reason="Flask-WTF (mlflow basic auth) is not installed: `make test-infra` installs it")
+    pytest.importorskip(
+        "flask_wtf", reason="Flask-WTF (mlflow basic auth) is not installed: `make test-infra` installs it"
+    )
     folder, port = tmp_path_factory.mktemp("mlflow"), _free_port()
     password = secrets.token_hex(12)
-    env = {**cli_env(), **s3.env, "MLFLOW_S3_ENDPOINT_URL": s3.url,
-           "MLFLOW_BACKEND_STORE_URI": postgres.url("mlflow", "mlflow", "postgresql+psycopg2"),
-           "MLFLOW_AUTH_DATABASE_URI": postgres.url("mlflow", "mlflow_auth", "postgresql+psycopg2"),
-           "MLFLOW_ARTIFACTS_DESTINATION": "s3://mlflow-artifacts/",
-           "MLFLOW_ALLOWED_HOSTS": f"127.0.0.1:{port}", "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1",
-           "MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": password,
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
-           "MLFLOW_AUTH_CONFIG_PATH": str(folder / "auth" / "basic_auth.ini")}
+    env = {
+        **cli_env(),
+        **s3.env,
+        "MLFLOW_S3_ENDPOINT_URL": s3.url,
+        "MLFLOW_BACKEND_STORE_URI": postgres.url("mlflow", "mlflow", "postgresql+psycopg2"),
+        "MLFLOW_AUTH_DATABASE_URI": postgres.url("mlflow", "mlflow_auth", "postgresql+psycopg2"),
+        "MLFLOW_ARTIFACTS_DESTINATION": "s3://mlflow-artifacts/",
+        "MLFLOW_ALLOWED_HOSTS": f"127.0.0.1:{port}",
+        "MLFLOW_HOST": "127.0.0.1",
+        "MLFLOW_PORT": str(port),
+        "MLFLOW_WORKERS": "1",
+        "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+        "MLFLOW_AUTH_CONFIG_PATH": str(folder / "auth" / "basic_auth.ini"),
+    }
     log = folder / "server.log"
     with log.open("w") as out:
-        proc = subprocess.Popen(["sh", str(INFRA / "mlflow" / "entrypoint.sh")], stdout=out, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            ["sh", str(INFRA / "mlflow" / "entrypoint.sh")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_http(f"{url}/health", proc, log)
-        yield Service(url, {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password})
+        yield Service(
+            url, {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
+        )
     finally:
         _stop(proc)
 

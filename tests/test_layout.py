@@ -24,8 +24,13 @@ STAGE_ENTRY = {
 # verifiers are pure functions every stage scores with; generation turns prompts into completions
 # for training and evaluation alike.
 RANK = {
-    "pipelines.verifiers": 0, "pipelines.data": 1, "pipelines.snapshot": 2, "pipelines.generation": 3,
-    "pipelines.grpo": 4, "pipelines.evaluation": 5, "pipelines.registry": 6,
+    "pipelines.verifiers": 0,
+    "pipelines.data": 1,
+    "pipelines.snapshot": 2,
+    "pipelines.generation": 3,
+    "pipelines.grpo": 4,
+    "pipelines.evaluation": 5,
+    "pipelines.registry": 6,
 }
 
 
@@ -46,7 +51,9 @@ def imports_of(path: Path, known: dict[str, Path]) -> set[str]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             # `from pkg import mod` imports the module pkg.mod when there is one.
-            names = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in known] or [node.module]
+            names = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in known] or [
+                node.module
+            ]
         else:
             continue
         for name in names:
@@ -79,7 +86,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(n)
         for m in sorted(graph.get(n, ())):
             if state.get(m) == 1:
-                return stack[stack.index(m):] + [m]
+                return stack[stack.index(m) :] + [m]
             if m not in state and (cycle := visit(m)):
                 return cycle
         stack.pop()

@@ -26,8 +26,13 @@ def test_mean_reward_rises_on_learnable_reward(project, monkeypatch):
     cfg = config.load(
         project / "params.yaml",
         [
-            "train.rewards=[{name: vowels, weight: 1.0}]", "train.steps=48", "train.prompts_per_step=4",
-            "train.num_generations=8", "train.max_completion_length=6", "train.learning_rate=0.03", "train.lora.r=8",
+            "train.rewards=[{name: vowels, weight: 1.0}]",
+            "train.steps=48",
+            "train.prompts_per_step=4",
+            "train.num_generations=8",
+            "train.max_completion_length=6",
+            "train.learning_rate=0.03",
+            "train.lora.r=8",
             # A wider init than the default 0.02: logits of a default tiny model are nearly flat over the
             # 49k-token vocabulary, and a LoRA on the attention/MLP layers can barely move them.
             "snapshot.tiny.initializer_range=0.5",

@@ -53,7 +53,9 @@ class Server:
         deadline = time.monotonic() + timeout
         while not _healthy(self.url):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not become healthy:\n{(self.folder / 'server.log').read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"mlflow server did not become healthy:\n{(self.folder / 'server.log').read_text()[-3000:]}"
+                )
             time.sleep(0.5)
         return self.url
 
@@ -66,11 +68,25 @@ def mlflow_server(tmp_path_factory):
     with (folder / "server.log").open("w") as log:
         proc = subprocess.Popen(
             [
-                sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-                "--serve-artifacts", "--artifacts-destination", str(folder / "artifacts"), "--workers", "1",
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--backend-store-uri",
+                f"sqlite:///{folder / 'mlflow.db'}",
+                "--serve-artifacts",
+                "--artifacts-destination",
+                str(folder / "artifacts"),
+                "--workers",
+                "1",
             ],
-            stdout=log, stderr=subprocess.STDOUT, env=cli_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=cli_env(),
             start_new_session=True,  # its own process group: stopping it stops its uvicorn worker too
         )
     try:
@@ -114,6 +130,9 @@ def test_register_promote_rollback_against_a_server(mlflow_server, tmp_path, tin
         assert list((server_folder / "artifacts").rglob("adapter_model.safetensors"))
         base, adapter = download_version(NAME, "champion", tmp_path / "dl")
         assert (adapter / "adapter_config.json").exists() and (adapter / "MLmodel").exists()
-        assert json.loads((base / "manifest.json").read_text())["sha256"] == client.get_model_version(NAME, "2").tags["reference_sha256"]
+        assert (
+            json.loads((base / "manifest.json").read_text())["sha256"]
+            == client.get_model_version(NAME, "2").tags["reference_sha256"]
+        )
     finally:
         mlflow.set_tracking_uri(None)

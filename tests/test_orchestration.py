@@ -57,7 +57,10 @@ def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
     log = (home / "server.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", port],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 90
@@ -97,7 +100,9 @@ def _wait(what: str, probe, timeout: float, logs: Path, fail: bool = True) -> ob
         time.sleep(1)
     if not fail:
         return None
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; grpo serve said:\n{logs.read_text()[-6000:]}")
+    raise AssertionError(
+        f"timed out after {timeout:.0f} s waiting for {what}; grpo serve said:\n{logs.read_text()[-6000:]}"
+    )
 
 
 def _runs(env: dict[str, str], deployment_id: str) -> list[dict]:
@@ -112,12 +117,16 @@ def _artifacts(env: dict[str, str], run_id: str) -> dict[str, str]:
 
 def _grpo(root: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run([*GRPO, *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"grpo {args} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"grpo {args} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    )
     return proc
 
 
 def _problems(n: int) -> str:
-    return "".join(json.dumps({"id": f"q{i}", "prompt": f"What is {i} + 2?", "answer": str(i + 2)}) + "\n" for i in range(n))
+    return "".join(
+        json.dumps({"id": f"q{i}", "prompt": f"What is {i} + 2?", "answer": str(i + 2)}) + "\n" for i in range(n)
+    )
 
 
 def test_serve_retrains_on_new_data_once_and_promotion_waits_for_approval(tmp_path, prefect_server):
@@ -127,7 +136,12 @@ def test_serve_retrains_on_new_data_once_and_promotion_waits_for_approval(tmp_pa
     logs = tmp_path / "serve.log"
     with logs.open("w") as out:
         serve = subprocess.Popen(
-            [*GRPO, "serve"], cwd=root, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            [*GRPO, "serve"],
+            cwd=root,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         # The nightly deployment carries the cron of params.yaml.
@@ -145,7 +159,14 @@ def test_serve_retrains_on_new_data_once_and_promotion_waits_for_approval(tmp_pa
         assert first["name"].startswith(f"retrain-data-{digest[:12]}-params-")
         assert first["parameters"]["dataset_path"] == "data/raw/new.jsonl"
         shown = _artifacts(env, first["id"])
-        assert {"grpo-validate", "grpo-train", "grpo-train-curve", "grpo-evaluate", "grpo-register", "grpo-retrain"} <= set(shown)
+        assert {
+            "grpo-validate",
+            "grpo-train",
+            "grpo-train-curve",
+            "grpo-evaluate",
+            "grpo-register",
+            "grpo-retrain",
+        } <= set(shown)
         assert "registered v1" in shown["grpo-retrain"] and "MLflow run" in shown["grpo-train"]
         assert config.load(root / "params.yaml").data.path == "data/raw/new.jsonl"  # written as `grpo run -S` would
         assert _versions(root) == ["1"]
@@ -165,13 +186,24 @@ def test_serve_retrains_on_new_data_once_and_promotion_waits_for_approval(tmp_pa
 
         # Manual promotion with an approval step: it pauses, the reviewer declines, nothing moves.
         manual = _deployment(env, "grpo-promote/manual")
-        run = _api(env, "POST", f"/deployments/{manual['id']}/create_flow_run",
-                   {"parameters": {"version": "1", "reason": "test", "require_approval": True}})
-        _wait("the promotion to pause", lambda: _api(env, "GET", f"/flow_runs/{run['id']}")["state_type"] == "PAUSED", 60, logs)
+        run = _api(
+            env,
+            "POST",
+            f"/deployments/{manual['id']}/create_flow_run",
+            {"parameters": {"version": "1", "reason": "test", "require_approval": True}},
+        )
+        _wait(
+            "the promotion to pause",
+            lambda: _api(env, "GET", f"/flow_runs/{run['id']}")["state_type"] == "PAUSED",
+            60,
+            logs,
+        )
         _api(env, "POST", f"/flow_runs/{run['id']}/resume", {"run_input": {"approve": False, "note": "not now"}})
         done = _wait(
             "the promotion to finish",
-            lambda: (r := _api(env, "GET", f"/flow_runs/{run['id']}"))["state_type"] in TERMINAL and r, 60, logs,
+            lambda: (r := _api(env, "GET", f"/flow_runs/{run['id']}"))["state_type"] in TERMINAL and r,
+            60,
+            logs,
         )
         assert done["state_type"] == "COMPLETED" and done["name"] == "promote-v1", logs.read_text()[-6000:]
         assert "not** promoted" in _artifacts(env, run["id"])["grpo-promotion"]

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from pipelines import config, mlflow_store
-from pipelines.config import EvaluateConfig
+from pipelines.config import EvaluateConfig, RegisterConfig
 from pipelines.evaluation import stage as evaluate
-from pipelines.hashing import RegisterConfig, folder_sha256
+from pipelines.hashing import folder_sha256
 from pipelines.io import read_jsonl, write_json
 from pipelines.paths import Paths
 from pipelines.registry import gate, promotion
@@ -35,8 +35,17 @@ LINEAGE_TAGS = {
     "code": ("git_commit", "git_dirty"),
     "reference": ("reference_sha256", "reference_model_uri", "dvc_reference_md5"),
     "params": ("params_hash", "preset"),
-    "scores": ("eval_accuracy", "eval_format_rate", "eval_pass_at_k", "eval_mean_at_k", "eval_maj_at_k",
-               "eval_reference_accuracy", "eval_gain_vs_reference_ci", "promotion_decision", "promotion_reason"),
+    "scores": (
+        "eval_accuracy",
+        "eval_format_rate",
+        "eval_pass_at_k",
+        "eval_mean_at_k",
+        "eval_maj_at_k",
+        "eval_reference_accuracy",
+        "eval_gain_vs_reference_ci",
+        "promotion_decision",
+        "promotion_reason",
+    ),
 }
 
 
@@ -64,7 +73,12 @@ def test_gate_promotes_a_clearly_better_candidate():
 def test_gate_wants_the_interval_above_zero_unless_told_otherwise():
     slight = ([True] * 11 + [False] * 9, [True] * 10 + [False] * 10)  # one more problem right
     d = _decide(*slight)
-    assert not d.promote and d.checks == {"min_format_rate": True, "no_regression_vs_reference": True, "min_gain": True, "ci_above_zero": False}
+    assert not d.promote and d.checks == {
+        "min_format_rate": True,
+        "no_regression_vs_reference": True,
+        "min_gain": True,
+        "ci_above_zero": False,
+    }
     assert _decide(*slight, require_ci_above_zero=False).promote
     assert not _decide(*slight, require_ci_above_zero=False, min_gain=0.1).promote
 
@@ -75,7 +89,9 @@ def test_gate_format_rate_and_reference_regression():
     # No champion yet: the candidate must still not fall below the reference.
     d = _decide([True] * 5 + [False] * 15, None, reference=[True] * 10 + [False] * 10)
     assert not d.promote and d.reason.startswith("no champion yet: failed no_regression_vs_reference")
-    assert _decide([True] * 5 + [False] * 15, None, reference=[True] * 10 + [False] * 10, no_regression_vs_reference=False).promote
+    assert _decide(
+        [True] * 5 + [False] * 15, None, reference=[True] * 10 + [False] * 10, no_regression_vs_reference=False
+    ).promote
 
 
 def test_a_degraded_candidate_never_takes_champion():
@@ -120,8 +136,14 @@ def build_project(root: Path, tiny_reference: Path) -> tuple[config.Config, Path
     return cfg, paths
 
 
-def fake_evaluation(cfg: config.Config, paths: Paths, candidate: list[bool], champion: list[bool] | None,
-                    champion_version: str | None, reference: list[bool] | None = None) -> None:
+def fake_evaluation(
+    cfg: config.Config,
+    paths: Paths,
+    candidate: list[bool],
+    champion: list[bool] | None,
+    champion_version: str | None,
+    reference: list[bool] | None = None,
+) -> None:
     """metrics/eval.json and reports/eval-samples.jsonl as `grpo evaluate` writes them, from chosen outcomes."""
     manifest = json.loads((paths.reference_dir / "manifest.json").read_text())
     scored = {
@@ -131,8 +153,12 @@ def fake_evaluation(cfg: config.Config, paths: Paths, candidate: list[bool], cha
     if champion is not None:
         scored["champion"] = [dict(o, version=champion_version) for o in outcomes("champion", champion)]
     evaluate.write_outputs(
-        paths, cfg.evaluate, scored, champion_version=champion_version,
-        candidate_sha256=folder_sha256(paths.policy_dir), reference_sha256=manifest["sha256"],
+        paths,
+        cfg.evaluate,
+        scored,
+        champion_version=champion_version,
+        candidate_sha256=folder_sha256(paths.policy_dir),
+        reference_sha256=manifest["sha256"],
     )
 
 
@@ -197,7 +223,11 @@ def test_register_gate_rollback_and_manual_promotion(sqlite_project, monkeypatch
 
     # An evaluation that scored another champion than the current one cannot promote.
     fifth = registry.run(cfg, paths)
-    assert not fifth.promoted and "champion is v4 but metrics/eval.json scored v1" in fifth.reason and _champion(client) == "4"
+    assert (
+        not fifth.promoted
+        and "champion is v4 but metrics/eval.json scored v1" in fifth.reason
+        and _champion(client) == "4"
+    )
 
     # Every version answers: which data, code, reference, params, scores.
     for version in client.search_model_versions(f"name='{NAME}'"):
@@ -268,7 +298,9 @@ def test_ask_answers_as_plain_transformers_and_peft_do(sqlite_project, tmp_path,
     messages = build_messages("What is 17 + 25?", cfg.data.prompt)
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=cfg.evaluate.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            **ids, max_new_tokens=cfg.evaluate.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
     expected = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     assert expected  # the random adapter makes the tiny model say something
 
@@ -277,7 +309,14 @@ def test_ask_answers_as_plain_transformers_and_peft_do(sqlite_project, tmp_path,
     assert printed.startswith(f"{NAME} @champion = v") and printed.endswith(f": {expected}")
 
     uri = f"sqlite:///{paths.root / 'mlflow.db'}"
-    proc = subprocess.run([sys.executable, "-c", ASK_SCRIPT, uri], cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", ASK_SCRIPT, uri],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.split("ANSWER", 1)[1]) == expected
 
@@ -293,7 +332,9 @@ def test_registry_commands_explain_a_missing_registry(tmp_path, capsys):
 
 def test_register_refuses_an_adapter_that_was_not_evaluated(sqlite_project, tmp_path):
     cfg, original = sqlite_project
-    paths = Paths(shutil.copytree(original.root, tmp_path / "project", ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts")))
+    paths = Paths(
+        shutil.copytree(original.root, tmp_path / "project", ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    )
     fake_evaluation(cfg, paths, BETTER, None, None)
     (paths.policy_dir / "adapter_config.json").write_text((paths.policy_dir / "adapter_config.json").read_text() + " ")
     with pytest.raises(registry.RegistryError, match="run `grpo evaluate` first"):
@@ -307,7 +348,9 @@ def test_a_champion_on_another_base_is_scored_on_its_own_base(sqlite_project, tm
     from pipelines.hashing import folder_digest
 
     cfg, original = sqlite_project
-    ours = Paths(shutil.copytree(original.root, tmp_path / "ours", ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts")))
+    ours = Paths(
+        shutil.copytree(original.root, tmp_path / "ours", ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    )
     theirs = Paths(shutil.copytree(ours.root, tmp_path / "theirs"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ours.root / 'mlflow.db'}")  # one registry for both
     fake_evaluation(cfg, ours, BETTER, None, None)

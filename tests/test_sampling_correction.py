@@ -60,7 +60,9 @@ def test_loss_weights_the_policy_term_not_the_kl_term():
     unweighted, _ = grpo_loss(logp, logp.detach(), adv, MASK, ref_logp=ref, beta=0.1, loss_type="bnpo")
     (grad_plain,) = torch.autograd.grad(unweighted, logp)
     assert grad[1, 1] != grad_plain[1, 1]  # weight 0 removed that token's policy gradient...
-    assert float(grad[1, 1]) == pytest.approx(float(0.1 * (1 - torch.exp(d[1, 1])) / MASK.sum()))  # ...and kept its KL gradient
+    assert float(grad[1, 1]) == pytest.approx(
+        float(0.1 * (1 - torch.exp(d[1, 1])) / MASK.sum())
+    )  # ...and kept its KL gradient
 
 
 @pytest.mark.parametrize("backend", ["lean", "hf"])
@@ -73,8 +75,17 @@ def test_sampler_logps_are_the_sampled_distribution(tiny_reference, backend):
 
     model, tokenizer = load_reference(tiny_reference)
     prompts = ["What is 2 + 2?", "What is 7 * 8?"]
-    rollout = generate(model, tokenizer, prompts, num_generations=3, max_new_tokens=8, do_sample=True,
-                       temperature=0.7, backend=backend, seeds=[1, 2])
+    rollout = generate(
+        model,
+        tokenizer,
+        prompts,
+        num_generations=3,
+        max_new_tokens=8,
+        do_sample=True,
+        temperature=0.7,
+        backend=backend,
+        seeds=[1, 2],
+    )
     assert rollout.sampler_logps is not None and rollout.sampler_logps.shape == rollout.completion_ids.shape
     mask = rollout.completion_mask.bool()
     assert (rollout.sampler_logps[~mask] == 0).all()
@@ -91,7 +102,9 @@ def test_top_k_sampler_logps_are_renormalised(tiny_reference):
     from pipelines.snapshot.loading import load_reference
 
     model, tokenizer = load_reference(tiny_reference)
-    rollout = generate(model, tokenizer, ["What is 2 + 2?"], num_generations=4, max_new_tokens=6, do_sample=True, top_k=3, seeds=[5])
+    rollout = generate(
+        model, tokenizer, ["What is 2 + 2?"], num_generations=4, max_new_tokens=6, do_sample=True, top_k=3, seeds=[5]
+    )
     mask = rollout.completion_mask.bool()
     with torch.no_grad():
         full, _ = token_logps(model, rollout)
@@ -105,4 +118,9 @@ def test_greedy_decoding_reports_no_logps(tiny_reference):
     from pipelines.snapshot.loading import load_reference
 
     model, tokenizer = load_reference(tiny_reference)
-    assert generate(model, tokenizer, ["What is 2 + 2?"], num_generations=1, max_new_tokens=4, do_sample=False).sampler_logps is None
+    assert (
+        generate(
+            model, tokenizer, ["What is 2 + 2?"], num_generations=1, max_new_tokens=4, do_sample=False
+        ).sampler_logps
+        is None
+    )

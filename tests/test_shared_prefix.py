@@ -14,12 +14,23 @@ from pipelines.generation.lean_decode import row_generators, sample
 def _tiny(kind: str, **extra):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+    classes = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    }
     config_cls, model_cls = classes[kind]
     # 4 query heads over 2 key/value heads: grouped-query attention, as SmolLM2 (9 over 3) has.
     config = config_cls(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=128, **extra,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        **extra,
     )
     torch.manual_seed(0)
     return model_cls(config).eval()
@@ -58,7 +69,9 @@ def test_sampled_completions_and_logps_equal_the_repeated_cache(kind):
     eos = int(counts.argmax())
     (plain_ids, plain_logps), (ids, logps) = _both(model, eos_id=eos, seeds=[5, 6, 7], **kwargs)
     finished = (plain_ids == eos).any(-1)
-    assert 0 < int(finished.sum()) < plain_ids.size(0), "no row finished early, or all did: the test would not exercise removal"
+    assert 0 < int(finished.sum()) < plain_ids.size(0), (
+        "no row finished early, or all did: the test would not exercise removal"
+    )
     assert torch.equal(plain_ids, ids)
     torch.testing.assert_close(logps, plain_logps, atol=1e-5, rtol=1e-5)
 
@@ -80,7 +93,10 @@ def test_the_attention_function_is_sdpa_without_a_prefix():
 
 @pytest.mark.parametrize(
     ("kind", "extra"),
-    [("qwen2", {"use_sliding_window": True, "sliding_window": 4}), ("llama", {"attn_implementation": "flex_attention"})],
+    [
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 4}),
+        ("llama", {"attn_implementation": "flex_attention"}),
+    ],
     ids=["sliding-window", "other-attention"],
 )
 def test_models_it_cannot_serve_keep_the_repeated_cache(kind, extra):
@@ -117,8 +133,15 @@ def test_the_sampling_copy_reports_what_training_computes(tiny_reference, backen
     sampler = SamplingCopy(policy, torch.float32)
     assert shared_prefix.enabled(sampler.model)
     rollout = generate(
-        sampler.model, tokenizer, ["What is 2 + 2?", "Compute 7 * 8, please."], num_generations=3, max_new_tokens=8,
-        do_sample=True, temperature=0.8, backend=backend, seeds=[1, 2],
+        sampler.model,
+        tokenizer,
+        ["What is 2 + 2?", "Compute 7 * 8, please."],
+        num_generations=3,
+        max_new_tokens=8,
+        do_sample=True,
+        temperature=0.8,
+        backend=backend,
+        seeds=[1, 2],
     )
     mask = rollout.completion_mask.bool()
     with torch.no_grad():

@@ -12,6 +12,7 @@ from pipelines.evaluation import stage as evaluate
 from pipelines.grpo import trainer
 from pipelines.paths import Paths
 from pipelines.registry import stage as registry
+from pipelines.snapshot import manifest as pin
 from pipelines.snapshot import stage as snapshot
 from tests.conftest import download_version
 
@@ -26,7 +27,7 @@ def staged(project, smoke_cfg, tiny_reference):
 
 
 def test_snapshot_tiny_is_pinned(tiny_reference):
-    manifest = snapshot.verify(tiny_reference)
+    manifest = pin.verify(tiny_reference)
     assert manifest["source"] == "tiny" and manifest["architecture"] == "LlamaForCausalLM"
     assert "model.safetensors" in manifest["files"] and "tokenizer.json" in manifest["files"]
     assert manifest["parameters"] > 1_000_000
@@ -35,8 +36,8 @@ def test_snapshot_tiny_is_pinned(tiny_reference):
 def test_verify_catches_a_changed_file(tmp_path, tiny_reference):
     copy = shutil.copytree(tiny_reference, tmp_path / "ref")
     (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
-    with pytest.raises(snapshot.SnapshotError, match="config.json"):
-        snapshot.verify(copy)
+    with pytest.raises(pin.SnapshotError, match="config.json"):
+        pin.verify(copy)
 
 
 def test_unknown_source_is_a_clear_error(tmp_path):
@@ -56,7 +57,15 @@ def test_train_evaluate_register_in_order(staged, smoke_cfg, tmp_path):
     assert (paths.policy_dir / "adapter_model.safetensors").exists()
     assert (paths.policy_dir / "adapter_config.json").exists()
     metrics = json.loads(paths.train_metrics.read_text())
-    for key in ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "completions/mean_length", "step_time"):
+    for key in (
+        "reward",
+        "reward_std",
+        "frac_reward_zero_std",
+        "kl",
+        "entropy",
+        "completions/mean_length",
+        "step_time",
+    ):
         assert key in metrics
     assert paths.train_plot.read_text().startswith("step,")
 

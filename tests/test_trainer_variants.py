@@ -15,7 +15,10 @@ from pipelines.data import validate
 from pipelines.grpo import trainer
 from pipelines.paths import Paths
 
-LENGTH = "train.rewards=[{name: length, weight: 1.0, params: {target_chars: 30}}, {name: overlong, weight: 0.5, params: {soft_punish_cache: 4}}]"
+LENGTH = (
+    "train.rewards=[{name: length, weight: 1.0, params: {target_chars: 30}}, "
+    "{name: overlong, weight: 0.5, params: {soft_punish_cache: 4}}]"
+)
 
 
 @pytest.mark.parametrize(
@@ -23,12 +26,33 @@ LENGTH = "train.rewards=[{name: length, weight: 1.0, params: {target_chars: 30}}
     [
         ["train.lora.enabled=false", "train.beta=0.1", "train.loss_type=grpo"],
         # (beta pinned to 0 where a variant has no KL term: params.yaml's demo default is 0.04)
-        ["train.num_iterations=2", "train.importance_sampling_level=sequence", "train.mask_truncated_completions=true", "train.epsilon_high=0.28",
-         "train.sampling_correction=token_truncate", "train.beta=0.0"],
-        ["train.loss_type=dr_grpo", "train.scale_rewards=batch", "train.multi_objective_aggregation=normalize_then_sum", "train.dynamic_sampling=true",
-         "train.sampling_correction=none", "train.beta=0.0"],
-        ["train.loss_type=bnpo", "train.scale_rewards=none", "train.beta=0.04", "train.temperature=0.7", "train.top_p=0.9", "train.top_k=50", "runtime.rollout_backend=hf",
-         "train.sampling_correction=sequence_truncate", "train.sampling_correction_min=0.5"],
+        [
+            "train.num_iterations=2",
+            "train.importance_sampling_level=sequence",
+            "train.mask_truncated_completions=true",
+            "train.epsilon_high=0.28",
+            "train.sampling_correction=token_truncate",
+            "train.beta=0.0",
+        ],
+        [
+            "train.loss_type=dr_grpo",
+            "train.scale_rewards=batch",
+            "train.multi_objective_aggregation=normalize_then_sum",
+            "train.dynamic_sampling=true",
+            "train.sampling_correction=none",
+            "train.beta=0.0",
+        ],
+        [
+            "train.loss_type=bnpo",
+            "train.scale_rewards=none",
+            "train.beta=0.04",
+            "train.temperature=0.7",
+            "train.top_p=0.9",
+            "train.top_k=50",
+            "runtime.rollout_backend=hf",
+            "train.sampling_correction=sequence_truncate",
+            "train.sampling_correction_min=0.5",
+        ],
     ],
     ids=["full-ft-kl", "mu2-gspo-masked", "drgrpo-batch-nts-dynamic", "bnpo-none-kl-hf"],
 )
@@ -40,7 +64,15 @@ def test_variant_trains_and_logs(project, tiny_reference, overrides):
     result = trainer.run(cfg, paths, log_to_mlflow=False)
     metrics = json.loads(paths.train_metrics.read_text())
     assert result.steps == 3
-    for key in ("loss", "reward", "kl", "entropy", "clip_ratio/region_mean", "rewards/length/mean", "rewards/overlong/mean"):
+    for key in (
+        "loss",
+        "reward",
+        "kl",
+        "entropy",
+        "clip_ratio/region_mean",
+        "rewards/length/mean",
+        "rewards/overlong/mean",
+    ):
         assert math.isfinite(metrics[key]), key
     # the sampler (a bf16 merged copy) and the trained model disagree a little: measured, and corrected unless `none`
     assert 0 <= metrics["sampling/sampling_logp_difference/mean"]
@@ -49,7 +81,9 @@ def test_variant_trains_and_logs(project, tiny_reference, overrides):
     ratio = "sampling/importance_sampling_ratio/mean"
     assert (ratio in metrics) == (cfg.train.sampling_correction != "none")
     if ratio in metrics:
-        assert 0 <= metrics[ratio] and metrics["sampling/importance_sampling_ratio/max"] <= (cfg.train.sampling_correction_max or math.inf)
+        assert 0 <= metrics[ratio] and metrics["sampling/importance_sampling_ratio/max"] <= (
+            cfg.train.sampling_correction_max or math.inf
+        )
         # (0 only when no token is left to weigh: the tiny model's completions all run to the
         # limit, and mask_truncated_completions masks them all)
         assert metrics[ratio] > 0 or cfg.train.mask_truncated_completions

@@ -21,8 +21,8 @@ def _write(path, rows):
 def test_generator_dataset_validates_and_splits(project, smoke_cfg):
     paths = Paths(project)
     result = validate.run(smoke_cfg, paths)
-    train = [json.loads(l) for l in paths.train_split.read_text().splitlines()]
-    held_out = [json.loads(l) for l in paths.eval_split.read_text().splitlines()]
+    train = [json.loads(line) for line in paths.train_split.read_text().splitlines()]
+    held_out = [json.loads(line) for line in paths.eval_split.read_text().splitlines()]
     assert result.train_rows == len(train) and result.eval_rows == len(held_out) == 8
     assert not {r["id"] for r in train} & {r["id"] for r in held_out}
     assert held_out[0]["prompt"][-1]["role"] == "user" and "####" in held_out[0]["prompt"][-1]["content"]
@@ -37,10 +37,19 @@ def test_generator_dataset_validates_and_splits(project, smoke_cfg):
 @pytest.mark.parametrize(
     ("rows", "expected"),
     [
-        ([{"id": "a", "prompt": "p", "answer": "1"}, {"id": "b", "prompt": "q"}], ["expect_column_values_to_not_be_null(answer)", "line(s) 2"]),
-        ([{"id": "a", "prompt": "p", "answer": "1"}, {"id": "a", "prompt": "q", "answer": "2"}], ["expect_column_values_to_be_unique(id)", "line(s) 1, 2"]),
+        (
+            [{"id": "a", "prompt": "p", "answer": "1"}, {"id": "b", "prompt": "q"}],
+            ["expect_column_values_to_not_be_null(answer)", "line(s) 2"],
+        ),
+        (
+            [{"id": "a", "prompt": "p", "answer": "1"}, {"id": "a", "prompt": "q", "answer": "2"}],
+            ["expect_column_values_to_be_unique(id)", "line(s) 1, 2"],
+        ),
         ([{"id": "a", "prompt": "p", "answer": "1"}, "{not json"], ["not valid UTF-8 JSON", "line 2"]),
-        ([{"id": "a", "prompt": "p", "answer": "one"}], ["expect_column_values_to_match_regex(answer_final)", "line(s) 1"]),
+        (
+            [{"id": "a", "prompt": "p", "answer": "one"}],
+            ["expect_column_values_to_match_regex(answer_final)", "line(s) 1"],
+        ),
         ([{"id": "a", "prompt": 5, "answer": "1"}], ["expect_column_values_to_be_in_set(prompt_kind)", "line(s) 1"]),
     ],
 )

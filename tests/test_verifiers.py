@@ -41,7 +41,20 @@ def test_boxed_contents_finds_all():
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("42", 42.0), ("-7", -7.0), ("$1,000", 1000.0), ("3.50", 3.5), ("12.", 12.0), ("1/4", 0.25), ("1/0", None), ("abc", None), ("", None), ("nan", None), ("inf", None), ("9" * 100, None)],
+    [
+        ("42", 42.0),
+        ("-7", -7.0),
+        ("$1,000", 1000.0),
+        ("3.50", 3.5),
+        ("12.", 12.0),
+        ("1/4", 0.25),
+        ("1/0", None),
+        ("abc", None),
+        ("", None),
+        ("nan", None),
+        ("inf", None),
+        ("9" * 100, None),
+    ],
 )
 def test_parse_number(text, value):
     assert parse_number(text) == value

@@ -56,7 +56,11 @@ def prompt_kind(prompt: Any) -> str | None:
         ok = bool(prompt) and all(
             isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in prompt
         )
-        return "messages" if ok and any(m["role"] == "user" for m in prompt) else "list without a user turn as {role, content}"
+        return (
+            "messages"
+            if ok and any(m["role"] == "user" for m in prompt)
+            else "list without a user turn as {role, content}"
+        )
     return type_of(prompt)
 
 
@@ -106,7 +110,9 @@ def row_frame(table: Table, cfg: DataConfig, verifier: str, tokens: list[int] | 
     if tokens is not None:
         columns["prompt_tokens"] = tokens
     else:
-        columns["prompt_chars"] = [len(t) if t is not None and ok else None for t, ok in zip(texts, good_prompt, strict=True)]
+        columns["prompt_chars"] = [
+            len(t) if t is not None and ok else None for t, ok in zip(texts, good_prompt, strict=True)
+        ]
     if verifier == "countdown":
         columns["countdown_issue"] = [
             problem_issue((e or {}).get("numbers"), a, (e or {}).get("solution")) if a is not None else None

@@ -56,7 +56,9 @@ def emit_dataset_updated(root: Path, path: str, digest: str, **extra: Any) -> Se
     """
     url = api_url()
     if not url:
-        return Sent(False, f"no Prefect server configured (PREFECT_API_URL): {DATASET_UPDATED} not sent, nothing retrains")
+        return Sent(
+            False, f"no Prefect server configured (PREFECT_API_URL): {DATASET_UPDATED} not sent, nothing retrains"
+        )
     import asyncio
 
     from prefect.events import Event
@@ -72,5 +74,7 @@ def emit_dataset_updated(root: Path, path: str, digest: str, **extra: Any) -> Se
         asyncio.run(send())
     except Exception as exc:  # a server that is down must not fail the data command
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return Sent(False, f"{DATASET_UPDATED} not sent to {url} ({reason}); start the server, or retrain with `grpo run`")
+        return Sent(
+            False, f"{DATASET_UPDATED} not sent to {url} ({reason}); start the server, or retrain with `grpo run`"
+        )
     return Sent(True, f"sent {DATASET_UPDATED} for {path} (sha256 {digest[:12]}) to {url}")

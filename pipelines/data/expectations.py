@@ -56,39 +56,52 @@ def rows_suite(cfg: DataConfig, verifier: str = "math", length_unit: str = "char
     if length_unit == "tokens":
         lo, hi = cfg.min_prompt_tokens, cfg.max_prompt_tokens
         length = e.ExpectColumnValuesToBeBetween(
-            column="prompt_tokens", min_value=lo, max_value=hi,
+            column="prompt_tokens",
+            min_value=lo,
+            max_value=hi,
             description=f"prompt outside {lo}..{hi} tokens (chat template applied; data.min/max_prompt_tokens)",
         )
     else:
         lo, hi = cfg.min_prompt_chars, cfg.max_prompt_chars
         length = e.ExpectColumnValuesToBeBetween(
-            column="prompt_chars", min_value=lo, max_value=hi,
+            column="prompt_chars",
+            min_value=lo,
+            max_value=hi,
             description=f"prompt outside {lo}..{hi} characters (data.min/max_prompt_chars)",
         )
     suite = [
         e.ExpectColumnValuesToNotBeNull(column="id", description="missing or empty id"),
-        e.ExpectColumnValuesToBeInSet(column="id_type", value_set=ID_TYPES, description="id is not a string or an integer"),
+        e.ExpectColumnValuesToBeInSet(
+            column="id_type", value_set=ID_TYPES, description="id is not a string or an integer"
+        ),
         e.ExpectColumnValuesToBeUnique(column="id", description="id used by more than one row"),
         e.ExpectColumnValuesToNotBeNull(column="prompt_text", description="missing or empty prompt"),
         e.ExpectColumnValuesToBeInSet(
-            column="prompt_kind", value_set=["text", "messages"],
+            column="prompt_kind",
+            value_set=["text", "messages"],
             description="prompt is neither text nor a list of chat messages {role, content} with a user turn",
         ),
         length,
         e.ExpectColumnValuesToNotBeNull(column="answer", description="missing or empty answer"),
-        e.ExpectColumnValuesToBeInSet(column="answer_type", value_set=ANSWER_TYPES, description="answer is not text or a number"),
+        e.ExpectColumnValuesToBeInSet(
+            column="answer_type", value_set=ANSWER_TYPES, description="answer is not text or a number"
+        ),
     ]
     if verifier == "countdown":
         suite.append(
             e.ExpectColumnValuesToBeNull(
                 column="countdown_issue",
-                description="not a countdown problem the verifier can check (a `numbers` list of integers, an integer target as answer, a valid `solution` if given)",
+                description=(
+                    "not a countdown problem the verifier can check (a `numbers` list of integers, an "
+                    "integer target as answer, a valid `solution` if given)"
+                ),
             )
         )
     else:
         suite.append(
             e.ExpectColumnValuesToMatchRegex(
-                column="answer_final", regex=NUMERIC,
+                column="answer_final",
+                regex=NUMERIC,
                 description="answer is not a number the math verifier can read (GSM8K's `#### N` is fine)",
             )
         )
@@ -100,8 +113,11 @@ def leakage_suite() -> list[Any]:
 
     return [
         gx.expectations.ExpectColumnValuesToBeInSet(
-            column="prompt_in_train", value_set=[False],
-            description="eval prompt also in the train split (same text once case, spacing and final punctuation are ignored)",
+            column="prompt_in_train",
+            value_set=[False],
+            description=(
+                "eval prompt also in the train split (same text once case, spacing and final punctuation are ignored)"
+            ),
         )
     ]
 
@@ -139,7 +155,9 @@ class GxRun:
         asset = next((a for a in self.source.assets if a.name == name), None) or self.source.add_dataframe_asset(name)
         batch = next((b for b in asset.batch_definitions if b.name == "whole"), None)
         batch = batch or asset.add_batch_definition_whole_dataframe("whole")
-        suite = self.context.suites.add_or_update(gx.ExpectationSuite(name=f"{SUITE}.{name}", expectations=expectations))
+        suite = self.context.suites.add_or_update(
+            gx.ExpectationSuite(name=f"{SUITE}.{name}", expectations=expectations)
+        )
         definition = self.context.validation_definitions.add_or_update(
             gx.ValidationDefinition(name=f"{SUITE}.{name}", data=batch, suite=suite)
         )

@@ -40,7 +40,9 @@ def log_dataset_input(paths: Paths) -> None:
     source = str(report.get("source", "unknown"))
     # The schema every validated row has (extra columns vary by dataset and are left out).
     message = Object([Property("role", DataType.string), Property("content", DataType.string)])
-    schema = Schema([ColSpec(DataType.string, "id"), ColSpec(Array(message), "prompt"), ColSpec(DataType.string, "answer")])
+    schema = Schema(
+        [ColSpec(DataType.string, "id"), ColSpec(Array(message), "prompt"), ColSpec(DataType.string, "answer")]
+    )
     dataset = MetaDataset(
         source=LocalArtifactDatasetSource(str(paths.validated_dir)),
         name=f"validated:{source.rsplit('/', 1)[-1]}",

@@ -163,7 +163,9 @@ def iter_parquet(path: Path) -> Iterator[Record]:
                 number += 1
                 yield Record(number, value)
     except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{path}: not a readable Parquet file ({exc}). Fix: write it again, e.g. with pandas' to_parquet.") from None
+        raise DataError(
+            f"{path}: not a readable Parquet file ({exc}). Fix: write it again, e.g. with pandas' to_parquet."
+        ) from None
 
 
 def is_hf_dataset(path: Path) -> bool:
@@ -178,7 +180,10 @@ def iter_hf_disk(path: Path, hub: HubConfig) -> Iterator[Record]:
     try:
         loaded = datasets.load_from_disk(str(path))
     except Exception as exc:  # datasets raises many types for a damaged folder
-        raise DataError(f"{path}: not a readable Hugging Face dataset folder ({type(exc).__name__}: {exc}). Fix: save it again with save_to_disk.") from None
+        raise DataError(
+            f"{path}: not a readable Hugging Face dataset folder ({type(exc).__name__}: {exc}). Fix: save it again "
+            "with save_to_disk."
+        ) from None
     if isinstance(loaded, datasets.DatasetDict):
         loaded = loaded[_pick_split(str(path), list(loaded), hub.split)]
     yield from _iter_hf(loaded)
@@ -189,14 +194,18 @@ def iter_hf_hub(name: str, hub: HubConfig) -> Iterator[Record]:
     import datasets
 
     try:
-        stream = datasets.load_dataset(name, hub.subset, split=hub.split or "train", revision=hub.revision, streaming=True)
+        stream = datasets.load_dataset(
+            name, hub.subset, split=hub.split or "train", revision=hub.revision, streaming=True
+        )
         for number, value in enumerate(stream, start=1):
             yield Record(number, dict(value))
     except Exception as exc:  # network, authentication, unknown name or split: all need the same advice
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise DataError(
-            f"hf:{name}: cannot read it from the Hugging Face hub ({type(exc).__name__}: {reason[:300]}). Fix: check the "
-            "name, data.hf.subset and data.hf.split; without network access (HF_HUB_OFFLINE), save it where the network "
+            f"hf:{name}: cannot read it from the Hugging Face hub ({type(exc).__name__}: {reason[:300]}). Fix: check "
+            "the "
+            "name, data.hf.subset and data.hf.split; without network access (HF_HUB_OFFLINE), save it where the "
+            "network "
             "is with `datasets.load_dataset(...).save_to_disk(FOLDER)` and set data.path to that folder."
         ) from None
 
@@ -212,8 +221,13 @@ def _iter_hf(dataset: Any) -> Iterator[Record]:
 def _pick_split(where: str, splits: list[str], wanted: str | None) -> str:
     if wanted is not None:
         if wanted not in splits:
-            raise DataError(f"{where}: no split {wanted!r}; it has {', '.join(splits)}. Fix: set data.hf.split to one of them.")
+            raise DataError(
+                f"{where}: no split {wanted!r}; it has {', '.join(splits)}. Fix: set data.hf.split to one of them."
+            )
         return wanted
     if len(splits) == 1:
         return splits[0]
-    raise DataError(f"{where}: the dataset has splits {', '.join(splits)}. Fix: choose one with data.hf.split (e.g. -S data.hf.split={splits[0]}).")
+    raise DataError(
+        f"{where}: the dataset has splits {', '.join(splits)}. Fix: choose one with data.hf.split (e.g. -S "
+        f"data.hf.split={splits[0]})."
+    )

@@ -10,7 +10,7 @@ from pipelines.data.expectations import ROW_TABLES, Outcome
 from pipelines.data.table import Table
 
 _UNREADABLE_FIX = {
-    "jsonl": "each line must be one UTF-8 JSON object, e.g. {\"id\": \"1\", \"prompt\": \"...\", \"answer\": \"42\"}",
+    "jsonl": 'each line must be one UTF-8 JSON object, e.g. {"id": "1", "prompt": "...", "answer": "42"}',
     "json-array": "each item of the array must be a JSON object with the prompt and answer",
     "csv": "save the file as UTF-8 CSV whose rows have as many fields as the header (quote fields that hold commas, "
     "quotes or newlines)",
@@ -43,10 +43,15 @@ def unreadable_message(table: Table, source: str) -> str:
     kinds = {table.files[u.file].kind for u in bad}
     what = "JSON objects" if kinds <= {"jsonl", "json-array"} else f"{'/'.join(sorted(k.upper() for k in kinds))} rows"
     places = located(((table.files[u.file].label, table.files[u.file].unit, u.line) for u in bad), single, natural=True)
-    fixes = "; ".join(dict.fromkeys(_UNREADABLE_FIX.get(k, "each row must be a record with the mapped columns") for k in sorted(kinds)))
+    fixes = "; ".join(
+        dict.fromkeys(
+            _UNREADABLE_FIX.get(k, "each row must be a record with the mapped columns") for k in sorted(kinds)
+        )
+    )
     return (
         f"{source}: {len(bad)} row(s) are not valid UTF-8 {what}: {places} (first: {bad[0].problem}). "
-        f"Fix: {fixes}; or set data.max_rejected_fraction above 0 to set such rows aside in data/validated/rejected.jsonl."
+        f"Fix: {fixes}; or set data.max_rejected_fraction above 0 to set such rows aside in "
+        "data/validated/rejected.jsonl."
     )
 
 
@@ -75,7 +80,8 @@ def failure_message(
         parts.append(f"  - {f.describe()}{meaning}: {count}")
     parts.append(
         "Fix the rows named above (every row needs a unique id, a non-empty prompt of bounded length and an answer "
-        "the verifier can read), or set data.max_rejected_fraction to set bad rows aside in data/validated/rejected.jsonl; "
+        "the verifier can read), or set data.max_rejected_fraction to set bad rows aside in "
+        "data/validated/rejected.jsonl; "
         "then run `grpo validate` again. The full report is in reports/data-docs/index.html."
     )
     return "\n".join(parts)
@@ -89,7 +95,12 @@ def rejected_rows(table: Table, reasons: dict[int, list[str]]) -> list[dict[str,
         keyed.append(((u.file, u.line), {"file": source.label, source.unit: u.line, "reason": u.problem, "raw": u.raw}))
     for i, why in reasons.items():
         label, unit, number = table.where(i)
-        keyed.append(((table.file[i], number), {"file": label, unit: number, "reason": "; ".join(why), "row": table.source_row(i)}))
+        keyed.append(
+            (
+                (table.file[i], number),
+                {"file": label, unit: number, "reason": "; ".join(why), "row": table.source_row(i)},
+            )
+        )
     return [row for _, row in sorted(keyed, key=lambda kv: kv[0])]
 
 
@@ -139,8 +150,20 @@ def markdown_summary(report: dict[str, Any]) -> str:
     for e in report.get("expectations", []):
         mark = "✅" if e.get("success") else "❌"
         row_level = e.get("table") in ROW_TABLES
-        where = ", ".join(str(w) for w in e.get("where", [])) if row_level else ("" if e.get("success") else e.get("detail", ""))
+        where = (
+            ", ".join(str(w) for w in e.get("where", []))
+            if row_level
+            else ("" if e.get("success") else e.get("detail", ""))
+        )
         count = e.get("unexpected_count", 0) if row_level else ""
-        cells = [e.get("table"), e.get("expectation"), e.get("column") or "", mark, count, where, e.get("description", "")]
+        cells = [
+            e.get("table"),
+            e.get("expectation"),
+            e.get("column") or "",
+            mark,
+            count,
+            where,
+            e.get("description", ""),
+        ]
         lines.append("| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in cells) + " |")
     return "\n".join(lines)

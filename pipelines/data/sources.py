@@ -29,7 +29,14 @@ from pipelines.data.table import SourceFile, Table
 __all__ = ["MAX_REPORTED", "DataError", "read_source", "source_label"]
 
 HUB_PREFIX = "hf:"
-EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+EXTENSIONS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 # Files a DVC/git project keeps beside data and that are not data.
 _NOT_DATA = {".gitignore", ".gitkeep", ".dvcignore", ".DS_Store"}
 
@@ -89,7 +96,10 @@ def _sources(cfg: DataConfig, root: Path) -> Iterator[tuple[SourceFile, Iterator
         return
     files = _folder_files(path, cfg)
     if not files:
-        raise DataError(f"{path}: the folder holds no data files. Fix: add .jsonl, .json, .csv or .parquet files, or point data.path at a file.")
+        raise DataError(
+            f"{path}: the folder holds no data files. Fix: add .jsonl, .json, .csv or .parquet files, or point "
+            "data.path at a file."
+        )
     for file in files:
         # Ids generated for a folder keep the relative path, so a.jsonl and sub/a.jsonl never collide.
         yield _open(file, file.relative_to(path).with_suffix("").as_posix(), cfg)
@@ -115,7 +125,9 @@ def _folder_files(folder: Path, cfg: DataConfig) -> list[Path]:
 
     walk(folder)
     if unknown:
-        shown = ", ".join(unknown[:MAX_REPORTED]) + (f" and {len(unknown) - MAX_REPORTED} more" if len(unknown) > MAX_REPORTED else "")
+        shown = ", ".join(unknown[:MAX_REPORTED]) + (
+            f" and {len(unknown) - MAX_REPORTED} more" if len(unknown) > MAX_REPORTED else ""
+        )
         # Refused, not skipped: a file the pipeline cannot read must not vanish from the dataset unnoticed.
         raise DataError(
             f"{folder}: {len(unknown)} file(s) of unknown kind ({shown}). Fix: keep only .jsonl, .json, .csv and "
@@ -157,6 +169,8 @@ def _check_columns(table: Table, index: int) -> None:
     for field, column in wanted:
         if not seen[field]:
             raise DataError(
-                f"{source.label}: no row has the {field} column {column!r} (columns of its first {source.unit}: {found}). "
-                f"Fix: set data.columns.{field} to the column that holds the {field}, e.g. -S data.columns.{field}=NAME."
+                f"{source.label}: no row has the {field} column {column!r} (columns of its first {source.unit}: "
+                f"{found}). "
+                f"Fix: set data.columns.{field} to the column that holds the {field}, e.g. -S "
+                f"data.columns.{field}=NAME."
             )

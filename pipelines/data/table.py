@@ -66,7 +66,9 @@ class Table:
 
     def add(self, index: int, record: Record) -> None:
         if record.value is None:
-            self.unreadable.append(Unreadable(index, record.line, record.problem or "unreadable", record.raw if self.keep_raw else None))
+            self.unreadable.append(
+                Unreadable(index, record.line, record.problem or "unreadable", record.raw if self.keep_raw else None)
+            )
             return
         value, cols, seen = record.value, self.columns, self.seen[index]
         if not seen["rows"]:
@@ -108,7 +110,12 @@ class Table:
 
     def source_row(self, i: int) -> dict[str, Any]:
         """Row `i` as read (mapped names), for rejected.jsonl."""
-        return {"id": jsonable(self.id[i]), "prompt": jsonable(self.prompt[i]), "answer": jsonable(self.answer[i]), **(self.extras[i] or {})}
+        return {
+            "id": jsonable(self.id[i]),
+            "prompt": jsonable(self.prompt[i]),
+            "answer": jsonable(self.answer[i]),
+            **(self.extras[i] or {}),
+        }
 
 
 def jsonable(value: Any) -> Any:

@@ -120,7 +120,9 @@ def run(cfg: Config, paths: Paths) -> ValidationResult:
     digest = _write_outputs(table, frame, data, paths, train, held_out, rejected_rows(table, reasons))
     report |= {"train_rows": len(train), "eval_rows": len(held_out), "digest": digest}
     write_json(paths.validation_report, report)
-    return ValidationResult(source=source, train_rows=len(train), eval_rows=len(held_out), digest=digest, rejected_rows=rejected)
+    return ValidationResult(
+        source=source, train_rows=len(train), eval_rows=len(held_out), digest=digest, rejected_rows=rejected
+    )
 
 
 def _countdown_issues(frame: pd.DataFrame) -> dict[int, str]:
@@ -134,11 +136,19 @@ def _leakage_frame(table: Table, train: list[int], held_out: list[int]) -> pd.Da
     # Index the (small) eval split and scan train against it: no set of a million train prompts.
     eval_keys = {prompt_key(table.prompt[i]) for i in held_out}
     leaked = {key for key in (prompt_key(table.prompt[i]) for i in train) if key in eval_keys}
-    return pd.DataFrame({"_row": held_out, "prompt_in_train": [prompt_key(table.prompt[i]) in leaked for i in held_out]})
+    return pd.DataFrame(
+        {"_row": held_out, "prompt_in_train": [prompt_key(table.prompt[i]) in leaked for i in held_out]}
+    )
 
 
 def _write_outputs(
-    table: Table, frame: pd.DataFrame, data: DataConfig, paths: Paths, train: list[int], held_out: list[int], rejected: list[dict[str, Any]]
+    table: Table,
+    frame: pd.DataFrame,
+    data: DataConfig,
+    paths: Paths,
+    train: list[int],
+    held_out: list[int],
+    rejected: list[dict[str, Any]],
 ) -> str:
     """Write the three files into a staging folder, then move each into data/validated."""
     ids, finals = frame["id"].tolist(), frame["answer_final"].tolist()

@@ -39,12 +39,16 @@ def add_raw(paths: Paths, source: Path, push: bool = True) -> Added:
     if source.is_dir() and not any(p.is_file() for p in source.rglob("*")):
         raise DataError(f"{source}: the folder is empty. Fix: add data files to it first.")
     if not (paths.root / ".dvc").is_dir():
-        raise DataError(f"{paths.root}: not a DVC project (no .dvc folder). Fix: run `dvc init` there, or pass --project.")
+        raise DataError(
+            f"{paths.root}: not a DVC project (no .dvc folder). Fix: run `dvc init` there, or pass --project."
+        )
     raw = raw_dir(paths).resolve()
     target = raw / source.name
     if source != target:
         if raw in source.parents:
-            raise DataError(f"{source}: already inside data/raw under another folder. Fix: add {target.parent} or move it.")
+            raise DataError(
+                f"{source}: already inside data/raw under another folder. Fix: add {target.parent} or move it."
+            )
         _copy(source, target)
     digest = content_digest(target)
     rel = target.relative_to(paths.root.resolve()).as_posix()

@@ -21,7 +21,13 @@ ROWS = (
     ("truncation rate (greedy)", "truncation_rate"),
 )
 
-CHART_METRICS = (("accuracy", "pass@1"), ("pass_at_k", "pass@k"), ("maj_at_k", "maj@k"), ("mean_at_k", "mean@k"), ("format_rate", "format"))
+CHART_METRICS = (
+    ("accuracy", "pass@1"),
+    ("pass_at_k", "pass@k"),
+    ("maj_at_k", "maj@k"),
+    ("mean_at_k", "mean@k"),
+    ("format_rate", "format"),
+)
 
 
 def _num(value: float | None, signed: bool = False) -> str:
@@ -41,10 +47,12 @@ def markdown(evaluation: dict[str, Any], cfg: EvaluateConfig, chart: str | None)
         "# Evaluation on the held-out split",
         "",
         f"{problems} problems; every model answers the same problems with the same decoding: greedy for pass@1,",
-        f"k={cfg.k} samples at temperature {cfg.temperature} (top_p {cfg.top_p}, seed {cfg.seed}) for pass@k, maj@k and mean@k.",
+        f"k={cfg.k} samples at temperature {cfg.temperature} (top_p {cfg.top_p}, seed {cfg.seed}) for pass@k, maj@k "
+        "and mean@k.",
         "Candidate = models/policy (the `policy` entry of metrics/eval.json). "
         + (
-            f"Champion = v{version} from the registry" + (" (scored on its own base)." if evaluation.get("champion_own_base") else ".")
+            f"Champion = v{version} from the registry"
+            + (" (scored on its own base)." if evaluation.get("champion_own_base") else ".")
             if champion
             else "No champion in the registry yet, so no champion column."
         ),
@@ -63,9 +71,11 @@ def markdown(evaluation: dict[str, Any], cfg: EvaluateConfig, chart: str | None)
         "## Paired comparison on the same problems",
         "",
         f"Difference of accuracy (candidate − other) with its {pct} bootstrap interval over problems "
-        f"({cfg.bootstrap_samples} resamples, seed {cfg.seed}), and McNemar's exact test on the problems where the two disagree.",
+        f"({cfg.bootstrap_samples} resamples, seed {cfg.seed}), and McNemar's exact test on the problems where the "
+        "two disagree.",
         "",
-        f"| candidate vs | accuracy diff | {pct} interval | McNemar p | candidate only / other only | mean@k diff [{pct} interval] |",
+        f"| candidate vs | accuracy diff | {pct} interval | McNemar p | candidate only / other only | mean@k diff "
+        f"[{pct} interval] |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for other, title in (("reference", "reference"), ("champion", champion_title)):
@@ -94,14 +104,20 @@ def chart(evaluation: dict[str, Any], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     present = [m for m in MODELS if evaluation.get(m)]
-    labels = {"reference": "reference", "champion": f"champion v{evaluation.get('champion_version')}", "policy": "candidate"}
+    labels = {
+        "reference": "reference",
+        "champion": f"champion v{evaluation.get('champion_version')}",
+        "policy": "candidate",
+    }
     colors = {"reference": "#9e9e9e", "champion": "#f28e2b", "policy": "#4e79a7"}
     fig, (bars, diffs) = plt.subplots(1, 2, figsize=(11, 4), width_ratios=[3, 2])
     metrics = [(key, title) for key, title in CHART_METRICS if any(key in evaluation[m] for m in present)]
     width = 0.8 / max(len(present), 1)
     for i, model in enumerate(present):
         xs = [j + (i - (len(present) - 1) / 2) * width for j in range(len(metrics))]
-        bars.bar(xs, [evaluation[model].get(key, 0.0) for key, _ in metrics], width, label=labels[model], color=colors[model])
+        bars.bar(
+            xs, [evaluation[model].get(key, 0.0) for key, _ in metrics], width, label=labels[model], color=colors[model]
+        )
     bars.set_xticks(range(len(metrics)), [title for _, title in metrics])
     bars.set_ylim(0, 1.2)  # headroom for the legend above bars at 1.0
     bars.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
@@ -109,11 +125,19 @@ def chart(evaluation: dict[str, Any], out: Path) -> Path:
     bars.legend(loc="upper center", ncol=len(present), fontsize=8)
     bars.grid(axis="y", alpha=0.3)
 
-    comps = [(other, c) for other in ("reference", "champion") if (c := (evaluation.get("comparison") or {}).get(f"policy_vs_{other}"))]
+    comps = [
+        (other, c)
+        for other in ("reference", "champion")
+        if (c := (evaluation.get("comparison") or {}).get(f"policy_vs_{other}"))
+    ]
     for y, (other, comp) in enumerate(comps):
         diffs.errorbar(
-            comp["diff"], y, xerr=[[comp["diff"] - comp["ci_low"]], [comp["ci_high"] - comp["diff"]]],
-            fmt="o", color=colors["champion" if other == "champion" else "reference"], capsize=4,
+            comp["diff"],
+            y,
+            xerr=[[comp["diff"] - comp["ci_low"]], [comp["ci_high"] - comp["diff"]]],
+            fmt="o",
+            color=colors["champion" if other == "champion" else "reference"],
+            capsize=4,
         )
     diffs.axvline(0, color="black", linewidth=0.8)
     diffs.set_yticks(range(len(comps)), [f"vs {labels[o]}" for o, _ in comps])

@@ -55,7 +55,9 @@ def _vote_key(answer: str | None) -> str | None:
     return repr(value) if value is not None else " ".join(answer.lower().split())
 
 
-def answer_problems(model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: EvaluateConfig, label: str) -> list[dict[str, Any]]:
+def answer_problems(
+    model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: EvaluateConfig, label: str
+) -> list[dict[str, Any]]:
     """One outcome per row: the greedy answer's verdict, and k sampled answers with pass/mean/maj@k."""
     import torch
     from tqdm.auto import tqdm
@@ -66,10 +68,17 @@ def answer_problems(model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg:
     for start in tqdm(range(0, len(rows), cfg.batch_size), desc=f"eval {label} greedy", unit="batch"):
         chunk = rows[start : start + cfg.batch_size]
         rollout = generate(
-            model, tokenizer, [r["prompt"] for r in chunk], num_generations=1,
-            max_new_tokens=cfg.max_new_tokens, do_sample=False, bf16=cfg.bf16,
+            model,
+            tokenizer,
+            [r["prompt"] for r in chunk],
+            num_generations=1,
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=False,
+            bf16=cfg.bf16,
         )
-        for row, text, length, truncated in zip(chunk, rollout.texts, rollout.lengths.tolist(), rollout.truncated.tolist(), strict=True):
+        for row, text, length, truncated in zip(
+            chunk, rollout.texts, rollout.lengths.tolist(), rollout.truncated.tolist(), strict=True
+        ):
             verdict = judge(text, row["answer"])
             outcomes.append(
                 {
@@ -91,8 +100,15 @@ def answer_problems(model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg:
     for start in tqdm(range(0, len(rows), per_call), desc=f"eval {label} sampled k={cfg.k}", unit="batch"):
         chunk = rows[start : start + per_call]
         rollout = generate(
-            model, tokenizer, [r["prompt"] for r in chunk], num_generations=cfg.k,
-            max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, bf16=cfg.bf16,
+            model,
+            tokenizer,
+            [r["prompt"] for r in chunk],
+            num_generations=cfg.k,
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=True,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            bf16=cfg.bf16,
         )
         lengths, truncated = rollout.lengths.tolist(), rollout.truncated.tolist()
         for i, row in enumerate(chunk):
@@ -123,8 +139,9 @@ def answer_problems(model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg:
 def summarize(outcomes: list[dict[str, Any]]) -> dict[str, float]:
     """Averages over problems. `accuracy` is greedy pass@1 in the strict `#### N` format.
 
+    >>> sample = {"format": True, "length": 2, "truncated": False}
     >>> s = summarize([{"correct": True, "format": True, "last_number_correct": True, "length": 4, "truncated": False,
-    ...   "pass_at_k": True, "mean_at_k": 0.5, "maj_at_k": False, "samples": [{"format": True, "length": 2, "truncated": False}] * 2}])
+    ...   "pass_at_k": True, "mean_at_k": 0.5, "maj_at_k": False, "samples": [sample] * 2}])
     >>> s["accuracy"], s["mean_at_k"], s["k"]
     (1.0, 0.5, 2.0)
     """

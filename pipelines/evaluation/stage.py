@@ -45,8 +45,11 @@ def compare(outcomes: dict[str, list[dict[str, Any]]], cfg: EvaluateConfig) -> d
             raise ValueError(f"{other} and policy were not scored on the same problems in the same order")
         with_k = all("mean_at_k" in o for o in policy + rows)
         result[f"policy_vs_{other}"] = paired_comparison(
-            [o["correct"] for o in policy], [o["correct"] for o in rows],
-            resamples=cfg.bootstrap_samples, confidence=cfg.confidence, seed=cfg.seed,
+            [o["correct"] for o in policy],
+            [o["correct"] for o in rows],
+            resamples=cfg.bootstrap_samples,
+            confidence=cfg.confidence,
+            seed=cfg.seed,
             candidate_mean_at_k=[o["mean_at_k"] for o in policy] if with_k else None,
             other_mean_at_k=[o["mean_at_k"] for o in rows] if with_k else None,
         )
@@ -84,8 +87,11 @@ def write_outputs(
     png = report.chart(evaluation, paths.eval_chart)
     write_text(paths.eval_report, report.markdown(evaluation, cfg, png.name))
     return EvalResult(
-        reference=summaries["reference"], policy=summaries["policy"], champion=summaries.get("champion"),
-        champion_version=champion_version, comparison=comparison,
+        reference=summaries["reference"],
+        policy=summaries["policy"],
+        champion=summaries.get("champion"),
+        champion_version=champion_version,
+        comparison=comparison,
     )
 
 
@@ -125,13 +131,17 @@ def run(cfg: Config, paths: Paths) -> EvalResult:
         if e.champion:
             champion = registry_champion.fetch(cfg.registry.model_name, paths.root, manifest["sha256"], Path(tmp))
         if champion is not None:
-            champ_base, champ_tokenizer = load_reference(champion.base_dir or paths.reference_dir, cfg.snapshot.trust_remote_code)
+            champ_base, champ_tokenizer = load_reference(
+                champion.base_dir or paths.reference_dir, cfg.snapshot.trust_remote_code
+            )
             champ = PeftModel.from_pretrained(champ_base, champion.adapter_dir).eval()
             scored = answer_problems(_decoder(champ, e.bf16), champ_tokenizer, rows, decode, "champion")
             outcomes["champion"] = [dict(o, version=champion.version) for o in scored]
 
     return write_outputs(
-        paths, e, outcomes,
+        paths,
+        e,
+        outcomes,
         champion_version=champion.version if champion else None,
         champion_own_base=bool(champion and champion.base_dir),
         candidate_sha256=folder_sha256(paths.policy_dir),

@@ -60,11 +60,16 @@ class RolloutBackend(Protocol):
     the completions of prompt 0 first, then prompt 1's, and so on (group after group). Tokens
     after a completion's first EOS are ignored (the caller masks them), so a backend may pad with
     anything there. `input_ids` and `attention_mask` are (prompts, P), padded on the left.
-    (A backend returning a bare tensor of ids still works; it just reports no log-probs.)
+    A backend that cannot report log-probs returns `Sampled(ids)`.
     """
 
     def completions(
-        self, model: Any, tokenizer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: SamplingRequest
+        self,
+        model: Any,
+        tokenizer: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        request: SamplingRequest,
     ) -> Sampled: ...
 
 
@@ -72,7 +77,12 @@ class LeanBackend:
     """One prefill per prompt and a shared KV cache (pipelines/generation/lean_decode.py); seeds per prompt."""
 
     def completions(
-        self, model: Any, tokenizer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: SamplingRequest
+        self,
+        model: Any,
+        tokenizer: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        request: SamplingRequest,
     ) -> Sampled:
         from pipelines.generation.lean_decode import row_generators, sample
 
@@ -82,10 +92,19 @@ class LeanBackend:
                 raise ValueError(f"{len(request.seeds)} seeds for {input_ids.size(0)} prompts: pass one per prompt")
             generators = row_generators(request.seeds, request.num_generations)
         ids, logps = sample(
-            model, input_ids, attention_mask, num_generations=request.num_generations,
-            max_new_tokens=request.max_new_tokens, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-            do_sample=request.do_sample, temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
-            generators=generators, min_new_tokens=request.min_new_tokens,
+            model,
+            input_ids,
+            attention_mask,
+            num_generations=request.num_generations,
+            max_new_tokens=request.max_new_tokens,
+            eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id,
+            do_sample=request.do_sample,
+            temperature=request.temperature,
+            top_k=request.top_k,
+            top_p=request.top_p,
+            generators=generators,
+            min_new_tokens=request.min_new_tokens,
         )
         return Sampled(ids, logps)
 
@@ -99,11 +118,21 @@ class HFGenerateBackend:
     """
 
     def completions(
-        self, model: Any, tokenizer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: SamplingRequest
+        self,
+        model: Any,
+        tokenizer: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        request: SamplingRequest,
     ) -> Sampled:
         sampling: dict[str, Any] = {"do_sample": False}
         if request.do_sample:
-            sampling = {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}
+            sampling = {
+                "do_sample": True,
+                "temperature": request.temperature,
+                "top_p": request.top_p,
+                "top_k": request.top_k,
+            }
         with torch.random.fork_rng(devices=[], enabled=bool(request.seeds and request.do_sample)):
             if request.seeds and request.do_sample:
                 torch.manual_seed(request.seeds[0])
@@ -139,7 +168,12 @@ class VLLMBackend:
     """
 
     def completions(
-        self, model: Any, tokenizer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: SamplingRequest
+        self,
+        model: Any,
+        tokenizer: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        request: SamplingRequest,
     ) -> Sampled:
         if importlib.util.find_spec("vllm") is None:
             raise BackendUnavailable(
@@ -160,4 +194,6 @@ def get_backend(name: str) -> RolloutBackend:
     try:
         return BACKENDS[name]
     except KeyError:
-        raise ValueError(f"unknown rollout backend {name!r}; set runtime.rollout_backend to one of {sorted(BACKENDS)}") from None
+        raise ValueError(
+            f"unknown rollout backend {name!r}; set runtime.rollout_backend to one of {sorted(BACKENDS)}"
+        ) from None

@@ -80,10 +80,19 @@ def sample(
 
     cache = DynamicCache()
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     # With shared-prefix attention (shared_prefix.py) the prompt's keys and values stay once per
     # group and the completions' own go to a fresh cache; otherwise the cache is repeated G times.
-    prefix = Prefix.from_cache(cache, attention_mask, num_generations) if num_generations > 1 and enabled(model) else None
+    prefix = (
+        Prefix.from_cache(cache, attention_mask, num_generations) if num_generations > 1 and enabled(model) else None
+    )
     if prefix is not None:
         cache = DynamicCache()
     if num_generations > 1:
@@ -127,10 +136,18 @@ def sample(
             active, token = active[keep], token[keep]
             attention_mask, next_position = attention_mask[keep], next_position[keep]
         if prefix is not None:
-            out = model(input_ids=token[:, None], position_ids=next_position, cache=cache, use_cache=True, shared_prefix=prefix)
+            out = model(
+                input_ids=token[:, None], position_ids=next_position, cache=cache, use_cache=True, shared_prefix=prefix
+            )
         else:
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-            out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position, cache=cache, use_cache=True)
+            out = model(
+                input_ids=token[:, None],
+                attention_mask=attention_mask,
+                position_ids=next_position,
+                cache=cache,
+                use_cache=True,
+            )
         next_position = next_position + 1
         logits = out.logits[:, -1, :].float()
     return result[:, :0], None if result_logps is None else result_logps[:, :0]
@@ -139,13 +156,17 @@ def sample(
 def row_generators(seeds: list[int], num_generations: int) -> list[torch.Generator]:
     """One generator per completion row, `num_generations` per prompt seed, group after group."""
     return [
-        torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{seed}/{j}".encode()).digest()[:8], "little") >> 1)
+        torch.Generator().manual_seed(
+            int.from_bytes(hashlib.sha256(f"{seed}/{j}".encode()).digest()[:8], "little") >> 1
+        )
         for seed in seeds
         for j in range(num_generations)
     ]
 
 
-def _exponential_noise(probs: torch.Tensor, active: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
+def _exponential_noise(
+    probs: torch.Tensor, active: torch.Tensor, generators: list[torch.Generator] | None
+) -> torch.Tensor:
     """Exp(1) noise shaped like `probs` (one row per active completion), from each row's own generator if given.
 
     -log(U) with U uniform in [0, 1): E lies in (0, inf], so every ratio p / E is a finite number
@@ -158,4 +179,8 @@ def _exponential_noise(probs: torch.Tensor, active: torch.Tensor, generators: li
     """
     if generators is None:
         return torch.rand_like(probs).log_().neg_()
-    return torch.stack([torch.rand(probs.size(1), dtype=probs.dtype, generator=generators[i]) for i in active.tolist()]).log_().neg_()
+    return (
+        torch.stack([torch.rand(probs.size(1), dtype=probs.dtype, generator=generators[i]) for i in active.tolist()])
+        .log_()
+        .neg_()
+    )

@@ -38,9 +38,12 @@ class Rollout:
         """The rows where `keep` (bool, one per row) is true."""
         idx = keep.nonzero().squeeze(-1)
         return Rollout(
-            prompt_ids=self.prompt_ids[idx], prompt_mask=self.prompt_mask[idx],
-            completion_ids=self.completion_ids[idx], completion_mask=self.completion_mask[idx],
-            truncated=self.truncated[idx], texts=[self.texts[i] for i in idx.tolist()],
+            prompt_ids=self.prompt_ids[idx],
+            prompt_mask=self.prompt_mask[idx],
+            completion_ids=self.completion_ids[idx],
+            completion_mask=self.completion_mask[idx],
+            truncated=self.truncated[idx],
+            texts=[self.texts[i] for i in idx.tolist()],
             group_size=self.group_size if len(idx) % self.group_size == 0 else 1,
             sampler_logps=None if self.sampler_logps is None else self.sampler_logps[idx],
         )
@@ -69,7 +72,8 @@ def concat(parts: list[Rollout], pad_id: int) -> Rollout:
         group_size=parts[0].group_size if len({p.group_size for p in parts}) == 1 else 1,
         sampler_logps=(
             torch.cat([right(p.sampler_logps, width_c, 0) for p in parts])  # type: ignore[arg-type]
-            if all(p.sampler_logps is not None for p in parts) else None
+            if all(p.sampler_logps is not None for p in parts)
+            else None
         ),
     )
 
@@ -122,14 +126,24 @@ def generate(
     tokenizer.padding_side = "left"
     encoded = tokenizer(render_prompts(tokenizer, prompts), return_tensors="pt", padding=True, add_special_tokens=False)
     request = SamplingRequest(
-        num_generations=num_generations, max_new_tokens=max_new_tokens, do_sample=do_sample,
-        temperature=temperature, top_p=top_p, top_k=top_k, seeds=seeds, min_new_tokens=min_new_tokens,
+        num_generations=num_generations,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seeds=seeds,
+        min_new_tokens=min_new_tokens,
     )
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        sampled = get_backend(backend).completions(model, tokenizer, encoded["input_ids"], encoded["attention_mask"], request)
+        sampled = get_backend(backend).completions(
+            model, tokenizer, encoded["input_ids"], encoded["attention_mask"], request
+        )
     completion_ids = sampled.ids
     mask, truncated = completion_mask(completion_ids, tokenizer.eos_token_id)
-    texts = tokenizer.batch_decode(completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
+    texts = tokenizer.batch_decode(
+        completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True
+    )
     return Rollout(
         prompt_ids=encoded["input_ids"].repeat_interleave(num_generations, dim=0),
         prompt_mask=encoded["attention_mask"].repeat_interleave(num_generations, dim=0),

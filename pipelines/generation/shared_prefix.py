@@ -75,7 +75,9 @@ class Prefix:
 
     @classmethod
     def from_cache(cls, cache: Any, attention_mask: torch.Tensor, num_generations: int) -> Prefix:
-        prefix = cls([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], attention_mask == 0)
+        prefix = cls(
+            [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], attention_mask == 0
+        )
         prefix.select(torch.arange(attention_mask.size(0)).repeat_interleave(num_generations))
         return prefix
 
@@ -89,8 +91,14 @@ class Prefix:
 
 
 def attention(
-    module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
-    dropout: float = 0.0, scaling: float | None = None, **kwargs: Any,
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract: (batch, q_len, heads, head dim) out, no weights.
 
@@ -101,7 +109,9 @@ def attention(
     if prefix is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     rows, heads, _, dim = query.shape
     kv_heads = key.size(1)
     per_kv = heads // kv_heads  # grouped-query attention: query heads sharing one key/value head

@@ -33,8 +33,14 @@ class Batch:
 
 
 def sample_batch(
-    model: Any, tokenizer: Any, sampler: PromptSampler, cfg: Config, autocast: bool | None = None,
-    step: int = 0, world: distributed.World = distributed.SINGLE, signal_rate: float = 1.0,
+    model: Any,
+    tokenizer: Any,
+    sampler: PromptSampler,
+    cfg: Config,
+    autocast: bool | None = None,
+    step: int = 0,
+    world: distributed.World = distributed.SINGLE,
+    signal_rate: float = 1.0,
 ) -> Batch:
     """Groups of completions for `prompts_per_step` prompts, scored.
 
@@ -61,14 +67,30 @@ def sample_batch(
         seeds = [prompt_seed(t.seed, step, seen + i) for i in range(len(rows))]
         part = world.shard(len(rows))  # whole groups: each process scores the groups it sampled
         rollout = generate(
-            model, tokenizer, [r["prompt"] for r in rows[part]], num_generations=G, max_new_tokens=t.max_completion_length,
-            do_sample=True, temperature=t.temperature, top_p=t.top_p, top_k=t.top_k,
-            bf16=t.bf16 if autocast is None else autocast, backend=cfg.runtime.rollout_backend, seeds=seeds[part],
+            model,
+            tokenizer,
+            [r["prompt"] for r in rows[part]],
+            num_generations=G,
+            max_new_tokens=t.max_completion_length,
+            do_sample=True,
+            temperature=t.temperature,
+            top_p=t.top_p,
+            top_k=t.top_k,
+            bf16=t.bf16 if autocast is None else autocast,
+            backend=cfg.runtime.rollout_backend,
+            seeds=seeds[part],
             min_new_tokens=t.min_completion_length,
         )
         mine, _ = score(
-            t.rewards, rows[part], rollout.texts, G, timeout=t.reward_timeout,
-            extra={"completion_ids": rollout.completion_token_lists(), "max_completion_length": t.max_completion_length},
+            t.rewards,
+            rows[part],
+            rollout.texts,
+            G,
+            timeout=t.reward_timeout,
+            extra={
+                "completion_ids": rollout.completion_token_lists(),
+                "max_completion_length": t.max_completion_length,
+            },
         )
         per_fn = world.gather(mine)
         is_mine = torch.zeros(len(rows) * G, dtype=torch.bool)
@@ -94,7 +116,13 @@ def sample_batch(
     if not kept:  # every group was flat: train on the last one (zero advantage, zero gradient)
         rows_kept, rollouts, scores, local = rows[part], [rollout], [per_fn], [is_mine]
     return Batch(
-        rows_kept, concat(rollouts, tokenizer.pad_token_id), torch.cat(scores), torch.cat(local), zero / max(seen, 1), rounds, seen
+        rows_kept,
+        concat(rollouts, tokenizer.pad_token_id),
+        torch.cat(scores),
+        torch.cat(local),
+        zero / max(seen, 1),
+        rounds,
+        seen,
     )
 
 

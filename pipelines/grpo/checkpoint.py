@@ -37,7 +37,11 @@ def save(
     with staged_dir(target) as staging:
         save_file(trainable_state(model), str(staging / "trainable.safetensors"))
         torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+            },
             staging / "optimizer.pt",
         )
         write_json(staging / "state.json", {**state, "step": step})
@@ -55,9 +59,7 @@ def latest(folder: Path) -> Path | None:
     return target if (target / "state.json").exists() else None
 
 
-def load(
-    target: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> dict[str, Any]:
+def load(target: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
     """Restore everything saved in `target` and return its JSON state (step, sampler, history...)."""
     weights = load_file(str(target / "trainable.safetensors"))
     params = dict(model.named_parameters())

@@ -29,9 +29,19 @@ def launch(cfg: Config, paths: Paths, log_to_mlflow: bool) -> dict[str, Any]:
         config_file, result_file = Path(tmp) / "config.json", Path(tmp) / "result.json"
         config_file.write_text(cfg.model_dump_json(), encoding="utf-8")
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-            "-m", "pipelines.grpo",
-            "--project", str(paths.root), "--config", str(config_file), "--result", str(result_file),
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={n}",
+            "-m",
+            "pipelines.grpo",
+            "--project",
+            str(paths.root),
+            "--config",
+            str(config_file),
+            "--result",
+            str(result_file),
             *([] if log_to_mlflow else ["--no-mlflow"]),
         ]
         done = subprocess.run(command, env=_child_env(n), check=False)

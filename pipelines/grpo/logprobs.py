@@ -129,7 +129,9 @@ def token_logps(
         attention = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         width = rollout.completion_ids.size(1)
-        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=width + 1).logits[:, :-1]
+        logits = model(
+            input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=width + 1
+        ).logits[:, :-1]
     return selected_logps(logits, rollout.completion_ids, temperature, with_entropy)
 
 
@@ -170,7 +172,9 @@ def length_buckets(lengths: list[int], overhead: int = 32, max_buckets: int = 4)
     return [order[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
 
-def _grouped_logps(model: Any, rollout: Rollout, with_entropy: bool, temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _grouped_logps(
+    model: Any, rollout: Rollout, with_entropy: bool, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     from transformers import DynamicCache
 
     G = rollout.group_size
@@ -178,8 +182,12 @@ def _grouped_logps(model: Any, rollout: Rollout, with_entropy: bool, temperature
     prompt_ids, prompt_mask = rollout.prompt_ids[::G], rollout.prompt_mask[::G]
     cache = DynamicCache()
     first = model(
-        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
-        cache=cache, use_cache=True, logits_to_keep=1,
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
     ).logits[:, -1]  # (B, V): predicts each completion's first token
     prefix = [(layer.keys, layer.values) for layer in cache.layers]
     chosen = torch.zeros(completion.shape, dtype=torch.float32)
@@ -200,7 +208,13 @@ def _grouped_logps(model: Any, rollout: Rollout, with_entropy: bool, temperature
             bucket_cache.update(keys[group], values[group], layer)
         attention = torch.cat([prompt_mask[group], mask[idx, :width]], dim=1)
         positions = prompt_mask[group].sum(-1, keepdim=True) + torch.arange(width).unsqueeze(0)
-        logits = model(input_ids=completion[idx, :width], attention_mask=attention, position_ids=positions, cache=bucket_cache, use_cache=True).logits
+        logits = model(
+            input_ids=completion[idx, :width],
+            attention_mask=attention,
+            position_ids=positions,
+            cache=bucket_cache,
+            use_cache=True,
+        ).logits
         c, e = selected_logps(logits, completion[idx, 1 : width + 1], temperature, with_entropy)
         chosen[idx, 1 : width + 1] = c
         if entropy is not None:

@@ -14,9 +14,23 @@ from pipelines.grpo.loss import LossStats
 
 
 def step_metrics(
-    *, batch: Batch, rewards: torch.Tensor, group_std: torch.Tensor, reward_names: list[str], loss: float, share: float,
-    stats: LossStats, entropy: torch.Tensor, mask: torch.Tensor, sampler_stats: dict[str, float], skipped: int,
-    grad_norm: float, learning_rate: float, elapsed: float, generation_time: float, world: distributed.World,
+    *,
+    batch: Batch,
+    rewards: torch.Tensor,
+    group_std: torch.Tensor,
+    reward_names: list[str],
+    loss: float,
+    share: float,
+    stats: LossStats,
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    sampler_stats: dict[str, float],
+    skipped: int,
+    grad_norm: float,
+    learning_rate: float,
+    elapsed: float,
+    generation_time: float,
+    world: distributed.World,
 ) -> dict[str, float]:
     """One step's metrics over all processes.
 
@@ -29,13 +43,17 @@ def step_metrics(
     tokens = float(mask.sum())
     per_token = world.average(
         {
-            "kl": stats.kl, "low": stats.clip_low, "high": stats.clip_high, "region": stats.clip_region,
+            "kl": stats.kl,
+            "low": stats.clip_low,
+            "high": stats.clip_high,
+            "region": stats.clip_region,
             "entropy": float((entropy * mask).sum() / mask.sum().clamp(min=1)),
         },
         weight=tokens,
     )
     per_completion = world.average(
-        {"length": float(lengths.mean()), "clipped": float(rollout.truncated.float().mean())}, weight=float(lengths.numel())
+        {"length": float(lengths.mean()), "clipped": float(rollout.truncated.float().mean())},
+        weight=float(lengths.numel()),
     )
     return {
         "loss": world.sum(loss * share),

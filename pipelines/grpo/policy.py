@@ -38,7 +38,11 @@ def add_lora(model: Any, cfg: LoraConfig) -> Any:
     from peft import get_peft_model
 
     config = PeftLora(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules, task_type="CAUSAL_LM"
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
 

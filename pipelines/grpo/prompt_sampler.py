@@ -67,9 +67,12 @@ class PromptSampler:
     def state_dict(self) -> dict[str, Any]:
         version, internal, gauss = self.rng.getstate()
         return {
-            "rng": [version, list(internal), gauss], "queue": list(self.queue), "epoch": self.epoch,
+            "rng": [version, list(internal), gauss],
+            "queue": list(self.queue),
+            "epoch": self.epoch,
             # JSON keys are strings; only non-zero streaks matter.
-            "flat_streak": {str(i): k for i, k in self.flat_streak.items() if k}, "skipped": self.skipped,
+            "flat_streak": {str(i): k for i, k in self.flat_streak.items() if k},
+            "skipped": self.skipped,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

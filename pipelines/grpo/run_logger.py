@@ -43,7 +43,9 @@ class RunLogger:
 
         log_dataset_input(paths)  # the run's Dataset inputs show exactly which rows it saw
 
-    def step(self, step: int, metrics: dict[str, float], rows: list[dict[str, Any]], texts: list[str], rewards: torch.Tensor) -> None:
+    def step(
+        self, step: int, metrics: dict[str, float], rows: list[dict[str, Any]], texts: list[str], rewards: torch.Tensor
+    ) -> None:
         if not self.enabled:
             return
         import mlflow

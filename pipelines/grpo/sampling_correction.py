@@ -70,7 +70,10 @@ def importance_weights(
         high = math.inf if clip_max is None else clip_max
         ratio = ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
     else:
-        raise ValueError(f"unknown sampling correction {mode!r}; choose none, token_truncate, token_mask, sequence_truncate or sequence_mask")
+        raise ValueError(
+            f"unknown sampling correction {mode!r}; choose none, token_truncate, token_mask, sequence_truncate or "
+            "sequence_mask"
+        )
     flat = ratio.flatten() if sequence else ratio[keep]
     empty = flat.numel() == 0  # as TRL: 0 when there is nothing to measure
     metrics |= {

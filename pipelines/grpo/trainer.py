@@ -70,7 +70,9 @@ def lr_schedule(optimizer: torch.optim.Optimizer, t: Any) -> torch.optim.lr_sche
     from transformers import get_scheduler
 
     name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler
-    return get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.steps * t.num_iterations)
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.steps * t.num_iterations
+    )
 
 
 def fingerprint(cfg: Config, reference_sha: str, train_bytes: bytes) -> str:
@@ -90,8 +92,15 @@ def run(cfg: Config, paths: Paths, log_to_mlflow: bool = True) -> TrainResult:
 
 
 def resume_or_start(
-    cfg: Config, paths: Paths, key: str, world: distributed.World,
-    model: Any, optimizer: Any, scheduler: Any, sampler: PromptSampler, copy: SamplingCopy,
+    cfg: Config,
+    paths: Paths,
+    key: str,
+    world: distributed.World,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    sampler: PromptSampler,
+    copy: SamplingCopy,
 ) -> Progress:
     """Restore the newest checkpoint of this exact config and data, or clear stale ones and start at 0."""
     saved = checkpoint.latest(paths.checkpoints_dir) if cfg.train.resume else None
@@ -110,15 +119,25 @@ def resume_or_start(
 
 
 def save_checkpoint(
-    paths: Paths, cfg: Config, step: int, key: str, model: Any, optimizer: Any, scheduler: Any,
-    sampler: PromptSampler, history: list[dict[str, float]], run_id: str | None,
+    paths: Paths,
+    cfg: Config,
+    step: int,
+    key: str,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    sampler: PromptSampler,
+    history: list[dict[str, float]],
+    run_id: str | None,
 ) -> None:
     """Everything exact resume needs, in checkpoints/step-N (rank 0 only)."""
     state = {"fingerprint": key, "sampler": sampler.state_dict(), "history": history, "run_id": run_id}
     checkpoint.save(paths.checkpoints_dir, step, model, optimizer, scheduler, state, keep=cfg.train.keep_checkpoints)
 
 
-def train(cfg: Config, paths: Paths, world: distributed.World = distributed.SINGLE, log_to_mlflow: bool = True) -> TrainResult:
+def train(
+    cfg: Config, paths: Paths, world: distributed.World = distributed.SINGLE, log_to_mlflow: bool = True
+) -> TrainResult:
     """The training loop of one process (rank `world.rank` of `world.size`)."""
     from tqdm.auto import tqdm
 
@@ -133,7 +152,9 @@ def train(cfg: Config, paths: Paths, world: distributed.World = distributed.SING
     copy = SamplingCopy(model, torch.bfloat16 if t.bf16 else torch.float32)
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = lr_schedule(optimizer, t)
-    sampler = PromptSampler(read_jsonl(paths.train_split), t.seed, t.selective_rollouts_explore if t.selective_rollouts else 1.0)
+    sampler = PromptSampler(
+        read_jsonl(paths.train_split), t.seed, t.selective_rollouts_explore if t.selective_rollouts else 1.0
+    )
     weights = torch.tensor([s.weight for s in t.rewards])
     eps_high = t.epsilon if t.epsilon_high is None else t.epsilon_high
     key = fingerprint(cfg, manifest["sha256"], paths.train_split.read_bytes())
@@ -156,7 +177,9 @@ def train(cfg: Config, paths: Paths, world: distributed.World = distributed.SING
             # From the history, so that a resumed run draws exactly what an uninterrupted one would.
             signal_rate = 1.0 - history[-1]["frac_reward_zero_std"] if history else 1.0
             skipped_before = sampler.skipped
-            batch = sample_batch(copy.model, tokenizer, sampler, cfg, autocast=False, step=step, world=world, signal_rate=signal_rate)
+            batch = sample_batch(
+                copy.model, tokenizer, sampler, cfg, autocast=False, step=step, world=world, signal_rate=signal_rate
+            )
             rollout = batch.rollout
             generated = time.perf_counter()
 
@@ -192,14 +215,26 @@ def train(cfg: Config, paths: Paths, world: distributed.World = distributed.SING
                 if iteration == 0 and rollout.sampler_logps is not None:
                     # The sampler's log-probs against the policy's before this batch's updates.
                     is_weight, sampler_stats = importance_weights(
-                        logp if old_logp is None else old_logp, rollout.sampler_logps, mask, t.sampling_correction,
-                        t.sampling_correction_min, t.sampling_correction_max,
+                        logp if old_logp is None else old_logp,
+                        rollout.sampler_logps,
+                        mask,
+                        t.sampling_correction,
+                        t.sampling_correction_min,
+                        t.sampling_correction_max,
                     )
                 loss, stats = grpo_loss(
-                    logp, logp.detach() if old_logp is None else old_logp, advantages, mask,
-                    ref_logp=ref_logp, beta=t.beta, epsilon_low=t.epsilon, epsilon_high=eps_high,
-                    loss_type=t.loss_type, importance_sampling_level=t.importance_sampling_level,
-                    max_completion_length=t.max_completion_length, is_weight=is_weight,
+                    logp,
+                    logp.detach() if old_logp is None else old_logp,
+                    advantages,
+                    mask,
+                    ref_logp=ref_logp,
+                    beta=t.beta,
+                    epsilon_low=t.epsilon,
+                    epsilon_high=eps_high,
+                    loss_type=t.loss_type,
+                    importance_sampling_level=t.importance_sampling_level,
+                    max_completion_length=t.max_completion_length,
+                    is_weight=is_weight,
                 )
                 (loss * share).backward()
                 world.all_reduce_grads(params)
@@ -212,18 +247,32 @@ def train(cfg: Config, paths: Paths, world: distributed.World = distributed.SING
             # 4. Log what the field looks at.
             elapsed = world.max(time.perf_counter() - started)
             metrics = step_metrics(
-                batch=batch, rewards=rewards, group_std=group_std, reward_names=[s.name for s in t.rewards],
-                loss=float(loss.detach()), share=share, stats=stats, entropy=entropy, mask=mask,
-                sampler_stats=sampler_stats, skipped=sampler.skipped - skipped_before, grad_norm=grad_norm,
-                learning_rate=scheduler.get_last_lr()[0], elapsed=elapsed, generation_time=generated - started, world=world,
+                batch=batch,
+                rewards=rewards,
+                group_std=group_std,
+                reward_names=[s.name for s in t.rewards],
+                loss=float(loss.detach()),
+                share=share,
+                stats=stats,
+                entropy=entropy,
+                mask=mask,
+                sampler_stats=sampler_stats,
+                skipped=sampler.skipped - skipped_before,
+                grad_norm=grad_norm,
+                learning_rate=scheduler.get_last_lr()[0],
+                elapsed=elapsed,
+                generation_time=generated - started,
+                world=world,
             )
             # Cumulative training time, carried across resumes: curves are drawn against it.
             metrics["wall_time"] = (history[-1]["wall_time"] if history else 0.0) + elapsed
             history.append({"step": step + 1, **metrics})
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", step_s=f"{elapsed:.1f}")
             if world.is_main:
-                for warning in (flat_groups_warning(step + 1, batch.frac_zero_std) if step > start else None,
-                                truncation_warning(history, t)):
+                for warning in (
+                    flat_groups_warning(step + 1, batch.frac_zero_std) if step > start else None,
+                    truncation_warning(history, t),
+                ):
                     if warning:
                         bar.write(warning)
             logger.step(step + 1, metrics, batch.rows, rollout.texts, rewards[batch.local])

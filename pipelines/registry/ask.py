@@ -23,7 +23,12 @@ class Answer:
 
 
 def ask(
-    question: str, *, root: Path, name: str, alias: str | None = "champion", version: str | None = None,
+    question: str,
+    *,
+    root: Path,
+    name: str,
+    alias: str | None = "champion",
+    version: str | None = None,
     max_new_tokens: int | None = None,
 ) -> Answer:
     """The greedy answer of `name@alias` (or `name` version `version`) to `question`."""
@@ -36,7 +41,9 @@ def ask(
         try:
             found = client.get_model_version_by_alias(name, alias)
         except mlflow.exceptions.MlflowException as exc:
-            raise PromotionError(f"{name} has no version with alias {alias!r}; `grpo models` lists the aliases") from exc
+            raise PromotionError(
+                f"{name} has no version with alias {alias!r}; `grpo models` lists the aliases"
+            ) from exc
         version = str(found.version)
     else:
         get_version(client, name, version)

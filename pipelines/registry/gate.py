@@ -58,7 +58,10 @@ def decide(evidence: Evidence, rules: RegisterConfig, stats: EvaluateConfig) -> 
     figures: dict[str, Any] = {"accuracy": vs_reference["candidate"], "gain_vs_reference": vs_reference["diff"]}
 
     checks["min_format_rate"] = evidence.candidate_format_rate >= rules.min_format_rate
-    notes.append(f"format rate {evidence.candidate_format_rate:.3f} {'>=' if checks['min_format_rate'] else '<'} {rules.min_format_rate}")
+    notes.append(
+        f"format rate {evidence.candidate_format_rate:.3f} {'>=' if checks['min_format_rate'] else '<'} "
+        f"{rules.min_format_rate}"
+    )
     if rules.no_regression_vs_reference:
         checks["no_regression_vs_reference"] = vs_reference["diff"] >= 0
         notes.append(
@@ -75,7 +78,10 @@ def decide(evidence: Evidence, rules: RegisterConfig, stats: EvaluateConfig) -> 
     gain, low, high = vs_champion["diff"], vs_champion["ci_low"], vs_champion["ci_high"]
     figures.update(
         {
-            "champion_accuracy": vs_champion["other"], "gain_vs_champion": gain, "gain_ci_low": low, "gain_ci_high": high,
+            "champion_accuracy": vs_champion["other"],
+            "gain_vs_champion": gain,
+            "gain_ci_low": low,
+            "gain_ci_high": high,
             "mcnemar_p": vs_champion["mcnemar"]["p_value"],
         }
     )
@@ -90,7 +96,9 @@ def decide(evidence: Evidence, rules: RegisterConfig, stats: EvaluateConfig) -> 
         checks["ci_above_zero"] = low > 0
         notes.insert(1, f"interval lower end {low:+.3f} {'>' if checks['ci_above_zero'] else '<='} 0")
     verdict = all(checks.values())
-    return Decision(verdict, _reason(verdict, f"vs champion v{evidence.champion_version}", checks, notes), checks, figures)
+    return Decision(
+        verdict, _reason(verdict, f"vs champion v{evidence.champion_version}", checks, notes), checks, figures
+    )
 
 
 def _reason(verdict: bool, head: str, checks: dict[str, bool], notes: list[str]) -> str:

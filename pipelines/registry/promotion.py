@@ -32,7 +32,7 @@ def who() -> str:
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def current_champion(client: Any, name: str) -> Any | None:
@@ -82,7 +82,10 @@ def promote(client: Any, name: str, version: str, reason: str, user: str | None 
     user = user or who()
     previous = str(champion.version) if champion is not None else None
     move_champion(
-        client, name, str(target.version), previous,
+        client,
+        name,
+        str(target.version),
+        previous,
         {
             "promotion": f"promoted manually by {user}: {reason}",
             "promotion_decision": "promoted (manual)",
@@ -132,7 +135,7 @@ def list_versions(client: Any, name: str) -> list[dict[str, Any]]:
     rows = []
     for v in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version), reverse=True):
         t = v.tags
-        created = dt.datetime.fromtimestamp(v.creation_timestamp / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+        created = dt.datetime.fromtimestamp(v.creation_timestamp / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M")
         rows.append(
             {
                 "version": str(v.version),
@@ -161,7 +164,8 @@ def _gain(tags: dict[str, str]) -> str:
     gain = tags.get("eval_gain_vs_champion")
     if gain is None:
         return "-"
-    return f"{float(gain):+.3f} {tags.get('eval_gain_vs_champion_ci', '')} (v{tags.get('eval_champion_version', '?')})".strip()
+    interval, versus = tags.get("eval_gain_vs_champion_ci", ""), tags.get("eval_champion_version", "?")
+    return f"{float(gain):+.3f} {interval} (v{versus})".strip()
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -74,7 +74,9 @@ def policy_model() -> Any:
                     f"base model at {base} is not the reference this adapter was trained on (sha256 {expected}); "
                     f"load it from {config['reference_model_uri']} or pass that model as base_path"
                 )
-            self.tokenizer = AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer_config.json").exists() else base)
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                adapter if (adapter / "tokenizer_config.json").exists() else base
+            )
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
             base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True)
@@ -87,15 +89,20 @@ def policy_model() -> Any:
             max_new_tokens = int((params or {}).get("max_new_tokens") or self.config.get("max_new_tokens") or 64)
             prompt = self.config.get("prompt") or {}
             texts = [
-                self.tokenizer.apply_chat_template(build_messages(str(q), prompt), add_generation_prompt=True, tokenize=False)
+                self.tokenizer.apply_chat_template(
+                    build_messages(str(q), prompt), add_generation_prompt=True, tokenize=False
+                )
                 for q in model_input
             ]
             self.tokenizer.padding_side = "left"
             encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.no_grad():
                 out = self.model.generate(
-                    **encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                    pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                    **encoded,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=self.tokenizer.eos_token_id,
                 )
             width = encoded["input_ids"].shape[1]
             return [t.strip() for t in self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]

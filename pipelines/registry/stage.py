@@ -66,7 +66,9 @@ def ensure_reference(client: Any, name: str, folder: Path, sha256: str) -> str:
     with mlflow.start_run(run_name=f"reference-{sha256[:12]}", nested=mlflow.active_run() is not None) as run:
         mlflow.log_artifacts(str(folder), "reference")
         mlflow.set_tag("reference_sha256", sha256)
-    made = client.create_model_version(name, source=f"{run.info.artifact_uri}/reference", run_id=run.info.run_id, tags={"sha256": sha256})
+    made = client.create_model_version(
+        name, source=f"{run.info.artifact_uri}/reference", run_id=run.info.run_id, tags={"sha256": sha256}
+    )
     return made.version
 
 
@@ -82,7 +84,10 @@ def model_folder(policy_dir: Path, dest: Path, model_config: dict[str, Any]) -> 
     from pipelines.registry import pyfunc_model
 
     mlflow.pyfunc.save_model(
-        path=str(dest), python_model=pyfunc_model.__file__, model_config=model_config, pip_requirements=pip_requirements()
+        path=str(dest),
+        python_model=pyfunc_model.__file__,
+        model_config=model_config,
+        pip_requirements=pip_requirements(),
     )
     for item in policy_dir.iterdir():
         if (dest / item.name).exists():
@@ -145,9 +150,13 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
     manifest = json.loads((paths.reference_dir / "manifest.json").read_text())
     # The figures and the gate's evidence must be about the very files being registered.
     if evaluation.get("candidate_sha256") != folder_sha256(paths.policy_dir):
-        raise RegistryError(f"{paths.policy_dir} is not the adapter {paths.eval_metrics} was computed on; run `grpo evaluate` first")
+        raise RegistryError(
+            f"{paths.policy_dir} is not the adapter {paths.eval_metrics} was computed on; run `grpo evaluate` first"
+        )
     if evaluation.get("reference_sha256") != manifest["sha256"]:
-        raise RegistryError(f"{paths.reference_dir} changed since {paths.eval_metrics} was written; run `grpo evaluate` first")
+        raise RegistryError(
+            f"{paths.reference_dir} changed since {paths.eval_metrics} was written; run `grpo evaluate` first"
+        )
     setup(paths.root, cfg.registry.experiment)
     client = MlflowClient()
 
@@ -155,7 +164,9 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
     champion_before = str(champion.version) if champion is not None else None
     evidence = load_evidence(paths, evaluation, champion_before)
     decision = (
-        gate.decide(evidence, cfg.registry, cfg.evaluate) if isinstance(evidence, gate.Evidence) else gate.Decision(False, evidence)
+        gate.decide(evidence, cfg.registry, cfg.evaluate)
+        if isinstance(evidence, gate.Evidence)
+        else gate.Decision(False, evidence)
     )
     tags = lineage.collect(cfg, paths)
 
@@ -172,8 +183,15 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
             figures = evaluation.get(model) or {}
             mlflow.log_metrics({f"eval/{model}/{k}": float(v) for k, v in figures.items()})
         mlflow.set_tags(tags)
-        for report in (paths.eval_report, paths.eval_chart, paths.eval_samples, paths.validation_report,
-                       paths.train_plot, paths.train_metrics, paths.eval_metrics):
+        for report in (
+            paths.eval_report,
+            paths.eval_chart,
+            paths.eval_samples,
+            paths.validation_report,
+            paths.train_plot,
+            paths.train_metrics,
+            paths.eval_metrics,
+        ):
             if report.exists():
                 mlflow.log_artifact(str(report), "reports")
         reference_version = ensure_reference(client, reference_name(name), paths.reference_dir, manifest["sha256"])
@@ -195,7 +213,8 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
         client.create_registered_model(
-            name, description="GRPO-trained LoRA adapters (peft format + MLflow pyfunc); base model in the -reference model."
+            name,
+            description="GRPO-trained LoRA adapters (peft format + MLflow pyfunc); base model in the -reference model.",
         )
     version = client.create_model_version(
         name,
@@ -217,7 +236,10 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
         # judgement no longer applies.
         now = promotion.current_champion(client, name)
         if (str(now.version) if now is not None else None) != champion_before:
-            promoted, reason = False, f"champion moved to v{now.version if now else '-'} during registration; evaluate again"
+            promoted, reason = (
+                False,
+                f"champion moved to v{now.version if now else '-'} during registration; evaluate again",
+            )
     decision_tags = {
         "promotion": (("promoted: " if promoted else "kept: ") + reason)[:4000],
         "promotion_decision": "promoted" if promoted else "kept",
@@ -225,16 +247,29 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
         "promotion_checks": json.dumps(decision.checks, sort_keys=True),
     }
     if promoted:
-        promotion.move_champion(client, name, v, champion_before, {**decision_tags, "promoted_by": "gate", "promoted_at": promotion.now()})
+        promotion.move_champion(
+            client, name, v, champion_before, {**decision_tags, "promoted_by": "gate", "promoted_at": promotion.now()}
+        )
     else:
         for key, value in decision_tags.items():
             client.set_model_version_tag(name, v, key, value)
     result = RegisterResult(
-        name=name, version=v, promoted=promoted, reason=reason, run_id=run.info.run_id,
-        champion_before=champion_before, champion=v if promoted else champion_before, checks=decision.checks,
+        name=name,
+        version=v,
+        promoted=promoted,
+        reason=reason,
+        run_id=run.info.run_id,
+        champion_before=champion_before,
+        champion=v if promoted else champion_before,
+        checks=decision.checks,
     )
     write_json(
         paths.registry_metrics,
-        {**result.__dict__, "eval_accuracy": float(evaluation["policy"]["accuracy"]), "figures": decision.figures, "challenger": v},
+        {
+            **result.__dict__,
+            "eval_accuracy": float(evaluation["policy"]["accuracy"]),
+            "figures": decision.figures,
+            "challenger": v,
+        },
     )
     return result

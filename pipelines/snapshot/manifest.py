@@ -23,5 +23,7 @@ def verify(folder: Path) -> dict[str, Any]:
     manifest = json.loads(manifest_path.read_text())
     for name, digest in manifest["files"].items():
         if not (folder / name).exists() or file_hash(folder / name) != digest:
-            raise SnapshotError(f"{folder / name} does not match its sha256 in {manifest_path}; run `grpo snapshot` again")
+            raise SnapshotError(
+                f"{folder / name} does not match its sha256 in {manifest_path}; run `grpo snapshot` again"
+            )
     return manifest

@@ -87,7 +87,8 @@ def load_source(cfg: SnapshotConfig) -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(cfg.source, dtype=torch.float32, **kwargs)
     except OSError as exc:
         raise SnapshotError(
-            f"snapshot.source={cfg.source!r} is neither `embedded`, `tiny`, a model folder nor a reachable hub id: {exc}"
+            f"snapshot.source={cfg.source!r} is neither `embedded`, `tiny`, a model folder nor a reachable hub id: "
+            f"{exc}"
         ) from exc
     return model, tokenizer
 

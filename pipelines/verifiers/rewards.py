@@ -45,9 +45,7 @@ def format_reward(prompts: list[Any], completions: list[Any], **_: Any) -> list[
     return [1.0 if strict_answer(_text(c)) is not None else 0.0 for c in completions]
 
 
-def length_reward(
-    prompts: list[Any], completions: list[Any], target_chars: int = 200, **_: Any
-) -> list[float | None]:
+def length_reward(prompts: list[Any], completions: list[Any], target_chars: int = 200, **_: Any) -> list[float | None]:
     """1.0 at exactly `target_chars` characters, falling linearly to 0.0 at twice (or zero) that.
 
     >>> length_reward(["q", "q"], ["x" * 10, "x" * 15], target_chars=10)
