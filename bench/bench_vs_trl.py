@@ -8,7 +8,7 @@ without gradient checkpointing (its default is on) and in fp32 with and without 
 setting counts (bf16 only on CPUs with bf16 instructions, see pipelines/precision.py). Ours runs
 with params.yaml's `train.bf16: auto`.
 
-    .venv/bin/python bench/bench_vs_trl.py --steps 10 --rounds 2 --out bench/results.json
+    .venv/bin/python bench/bench_vs_trl.py --steps 10 --rounds 2   # -> bench/results/<machine>/results.json
 
 The two engines sample different completions (their random streams differ), so a step's length,
 and its time, differ too; `--min-tokens 64` holds EOS back in both so every completion is 64
@@ -31,29 +31,46 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.machine import describe  # noqa: E402
+from bench.machine import describe, results_dir  # noqa: E402
 
-QUIET = {"HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_DISABLE_TELEMETRY": "1",
-         "TOKENIZERS_PARALLELISM": "false", "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false"}
+QUIET = {
+    "HF_HUB_OFFLINE": "1",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+}
 OVERRIDES = [
-    "data.generator.operators=['*']", "data.generator.num_rows=400", "train.prompts_per_step=1", "train.num_generations=8",
-    "train.max_completion_length=64", "train.lora.r=16", "train.lora.alpha=32", "train.beta=0.0", "train.learning_rate=0.0002",
-    "train.loss_type=grpo", "train.checkpoint_every=0", "train.log_samples=0",
+    "data.generator.operators=['*']",
+    "data.generator.num_rows=400",
+    "train.prompts_per_step=1",
+    "train.num_generations=8",
+    "train.max_completion_length=64",
+    "train.lora.r=16",
+    "train.lora.alpha=32",
+    "train.beta=0.0",
+    "train.learning_rate=0.0002",
+    "train.loss_type=grpo",
+    "train.checkpoint_every=0",
+    "train.log_samples=0",
 ]
 
 
 def prepare(workdir: Path) -> Path:
     """A project with validated data and the pinned embedded reference (made once, shared by all runs)."""
-    from pipelines import config, snapshot
+    from pipelines import config
     from pipelines.data import validate
     from pipelines.paths import Paths
+    from pipelines.snapshot import stage as snapshot_stage
 
     root = workdir / "project"
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
     cfg = config.load(root / "params.yaml", OVERRIDES)
     validate.run(cfg, Paths(root))
-    snapshot.run(cfg.snapshot, Paths(root))
+    snapshot_stage.run(cfg.snapshot, Paths(root))
     return root
 
 
@@ -64,7 +81,10 @@ def child_ours(root: Path, steps: int, threads: int, extra: list[str]) -> dict:
     from pipelines.grpo import trainer
     from pipelines.paths import Paths
 
-    cfg = config.load(root / "params.yaml", [*OVERRIDES, f"train.steps={steps}", f"runtime.num_threads={threads}", "train.resume=false", *extra])
+    cfg = config.load(
+        root / "params.yaml",
+        [*OVERRIDES, f"train.steps={steps}", f"runtime.num_threads={threads}", "train.resume=false", *extra],
+    )
     paths = Paths(root / f"ours-{os.getpid()}")
     paths.root.mkdir()
     for name in ("data", "models"):
@@ -90,7 +110,7 @@ def child_trl(root: Path, steps: int, threads: int, bf16: bool, checkpointing: b
     from trl import GRPOConfig, GRPOTrainer
 
     from pipelines import config
-    from pipelines.grpo.sampler import PromptSampler
+    from pipelines.grpo.prompt_sampler import PromptSampler
     from pipelines.io import read_jsonl
     from pipelines.verifiers.rewards import accuracy_reward, format_reward
 
@@ -104,10 +124,24 @@ def child_trl(root: Path, steps: int, threads: int, bf16: bool, checkpointing: b
     tokenizer = AutoTokenizer.from_pretrained(ref)
     model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32)
     args = GRPOConfig(
-        output_dir=str(root / f"trl-{os.getpid()}"), per_device_train_batch_size=8, num_generations=8,
-        max_completion_length=64, max_steps=steps, learning_rate=2e-4, beta=0.0, loss_type="grpo", bf16=bf16,
-        use_cpu=True, logging_steps=1, report_to=[], save_strategy="no", seed=cfg.train.seed, temperature=1.0,
-        shuffle_dataset=False, dataloader_num_workers=0, reward_weights=[1.0, 0.2],
+        output_dir=str(root / f"trl-{os.getpid()}"),
+        per_device_train_batch_size=8,
+        num_generations=8,
+        max_completion_length=64,
+        max_steps=steps,
+        learning_rate=2e-4,
+        beta=0.0,
+        loss_type="grpo",
+        bf16=bf16,
+        use_cpu=True,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=cfg.train.seed,
+        temperature=1.0,
+        shuffle_dataset=False,
+        dataloader_num_workers=0,
+        reward_weights=[1.0, 0.2],
         gradient_checkpointing=checkpointing,  # TRL's default is on; off is faster when memory allows
         generation_kwargs={"min_new_tokens": min_tokens} if min_tokens else None,
     )
@@ -131,7 +165,11 @@ def child_trl(root: Path, steps: int, threads: int, bf16: bool, checkpointing: b
         return format_reward(prompts, completions)
 
     trainer = GRPOTrainer(
-        model=model, reward_funcs=[accuracy, fmt], args=args, train_dataset=data, processing_class=tokenizer,
+        model=model,
+        reward_funcs=[accuracy, fmt],
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
         callbacks=[Clock()],
     )
@@ -141,9 +179,26 @@ def child_trl(root: Path, steps: int, threads: int, bf16: bool, checkpointing: b
 
 def run_child(kind: str, root: Path, steps: int, threads: int, setting: str, min_tokens: int) -> dict:
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", kind, "--root", str(root), "--steps", str(steps), "--threads", str(threads), "--setting", setting,
-         "--min-tokens", str(min_tokens)],
-        env={**os.environ, **QUIET}, capture_output=True, text=True,
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            kind,
+            "--root",
+            str(root),
+            "--steps",
+            str(steps),
+            "--threads",
+            str(threads),
+            "--setting",
+            setting,
+            "--min-tokens",
+            str(min_tokens),
+        ],
+        env={**os.environ, **QUIET},
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if proc.returncode != 0:
         raise SystemExit(f"{kind} run failed:\n{proc.stderr[-4000:]}")
@@ -169,10 +224,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--setting", default="")
     ap.add_argument(
-        "--min-tokens", type=int, default=0,
-        help="EOS held back for this many tokens in both engines (64 = every completion the full length, so a step is the same work)",
+        "--min-tokens",
+        type=int,
+        default=0,
+        help="EOS held back for this many tokens in both engines "
+        "(64 = every completion the full length, so a step is the same work)",
     )
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
+    ap.add_argument(
+        "--out", type=Path, default=results_dir() / "results.json", help="default: bench/results/<machine>/"
+    )
     args = ap.parse_args()
     os.environ.update(QUIET)
     if args.child:
@@ -181,8 +241,12 @@ def main() -> None:
             result = child_ours(args.root, args.steps, args.threads, extra)
         else:
             result = child_trl(
-                args.root, args.steps, args.threads, bf16=args.setting.startswith("bf16"),
-                checkpointing=not args.setting.endswith("nogc"), min_tokens=args.min_tokens,
+                args.root,
+                args.steps,
+                args.threads,
+                bf16=args.setting.startswith("bf16"),
+                checkpointing=not args.setting.endswith("nogc"),
+                min_tokens=args.min_tokens,
             )
         result["peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(json.dumps(result))
@@ -204,11 +268,17 @@ def main() -> None:
     agg = {k: {m: statistics.mean(x[m] for x in v) for m in v[0]} for k, v in runs.items()}
     trl_best = min((k for k in agg if k.startswith("trl")), key=lambda k: agg[k]["step_s"])
     report = {
-        "steps": args.steps, "rounds": args.rounds, "threads": args.threads, "min_tokens": args.min_tokens, "runs": agg, "trl_counted": trl_best,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "threads": args.threads,
+        "min_tokens": args.min_tokens,
+        "runs": agg,
+        "trl_counted": trl_best,
         "ratio_step_time": agg[trl_best]["step_s"] / agg["ours"]["step_s"],
         "ratio_tokens_per_s": agg["ours"]["tokens_per_s"] / agg[trl_best]["tokens_per_s"],
         "machine": describe(args.threads),
     }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 

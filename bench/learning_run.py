@@ -5,8 +5,9 @@ training-time budget on the same task and prompts; adapters are snapshotted alon
 snapshot is scored afterwards on the same held-out problems (greedy, strict `#### N`), so evaluation
 time is not counted as training time.
 
-    .venv/bin/python bench/learning_run.py --minutes 4 --engines ours trl --out bench/learning.json \
-        -S data.generator.operators="['*']"
+    .venv/bin/python bench/learning_run.py --minutes 4 --engines ours trl -S data.generator.operators="['*']"
+
+writes bench/results/<machine>/learning.json and the plot beside it (`--out` names another file).
 """
 
 from __future__ import annotations
@@ -24,30 +25,42 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.bench_vs_trl import QUIET  # noqa: E402
-from bench.machine import describe  # noqa: E402
+from bench.machine import describe, results_dir  # noqa: E402
 
 TASK = [  # multiplication, 1-digit x 2..19, one worked example, answer after ####
-    "data.generator.operators=['*']", "data.generator.a_min=1", "data.generator.a_max=9", "data.generator.b_min=2",
-    "data.generator.b_max=19", "data.generator.num_rows=1000", "data.eval_fraction=0.3", "data.max_eval_rows=64",
+    "data.generator.operators=['*']",
+    "data.generator.a_min=1",
+    "data.generator.a_max=9",
+    "data.generator.b_min=2",
+    "data.generator.b_max=19",
+    "data.generator.num_rows=1000",
+    "data.eval_fraction=0.3",
+    "data.max_eval_rows=64",
 ]
 ENGINE = [
-    "train.num_generations=8", "train.lora.r=16", "train.lora.alpha=32", "train.max_completion_length=48",
-    "train.log_samples=0", "train.steps=10000", "train.keep_checkpoints=1000",
+    "train.num_generations=8",
+    "train.lora.r=16",
+    "train.lora.alpha=32",
+    "train.max_completion_length=48",
+    "train.log_samples=0",
+    "train.steps=10000",
+    "train.keep_checkpoints=1000",
     "train.beta=0.0",  # as every recorded run before 2026-12-01 ran; `-S train.beta=0.04` for the demo's KL
 ]
 
 
 def prepare(workdir: Path, overrides: list[str]) -> Path:
-    from pipelines import config, snapshot
+    from pipelines import config
     from pipelines.data import validate
     from pipelines.paths import Paths
+    from pipelines.snapshot import stage as snapshot_stage
 
     root = workdir / "project"
     root.mkdir(parents=True)
     (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
     cfg = config.load(root / "params.yaml", [*TASK, *ENGINE, *overrides])
     validate.run(cfg, Paths(root))
-    snapshot.run(cfg.snapshot, Paths(root))
+    snapshot_stage.run(cfg.snapshot, Paths(root))
     return root
 
 
@@ -56,7 +69,10 @@ def train_ours(root: Path, seconds: float, every: int, overrides: list[str]) -> 
     from pipelines.grpo import trainer
     from pipelines.paths import Paths
 
-    cfg = config.load(root / "params.yaml", [*TASK, *ENGINE, f"train.time_budget_s={seconds}", f"train.checkpoint_every={every}", *overrides])
+    cfg = config.load(
+        root / "params.yaml",
+        [*TASK, *ENGINE, f"train.time_budget_s={seconds}", f"train.checkpoint_every={every}", *overrides],
+    )
     paths = Paths(root / "ours")
     paths.root.mkdir()
     for name in ("data", "models"):
@@ -65,7 +81,13 @@ def train_ours(root: Path, seconds: float, every: int, overrides: list[str]) -> 
     snaps = []
     for folder in sorted(paths.checkpoints_dir.glob("step-*")):
         state = json.loads((folder / "state.json").read_text())
-        snaps.append({"step": state["step"], "wall_time": state["history"][-1]["wall_time"], "weights": str(folder / "trainable.safetensors")})
+        snaps.append(
+            {
+                "step": state["step"],
+                "wall_time": state["history"][-1]["wall_time"],
+                "weights": str(folder / "trainable.safetensors"),
+            }
+        )
     return snaps
 
 
@@ -77,7 +99,7 @@ def train_trl(root: Path, seconds: float, every: int, overrides: list[str], prom
     from trl import GRPOConfig, GRPOTrainer
 
     from pipelines import config
-    from pipelines.grpo.sampler import PromptSampler
+    from pipelines.grpo.prompt_sampler import PromptSampler
     from pipelines.io import read_jsonl
     from pipelines.verifiers.rewards import accuracy_reward, format_reward
 
@@ -90,10 +112,23 @@ def train_trl(root: Path, seconds: float, every: int, overrides: list[str], prom
     ref = root / "models" / "reference"
     out = root / "trl"
     args = GRPOConfig(
-        output_dir=str(out), per_device_train_batch_size=t.num_generations * prompts, num_generations=t.num_generations,
-        max_completion_length=t.max_completion_length, max_steps=100000, learning_rate=t.learning_rate, beta=t.beta,
-        loss_type=t.loss_type, bf16=t.bf16, use_cpu=True, logging_steps=1, report_to=[], save_strategy="no", seed=t.seed,
-        temperature=t.temperature, shuffle_dataset=False, reward_weights=[s.weight for s in t.rewards],
+        output_dir=str(out),
+        per_device_train_batch_size=t.num_generations * prompts,
+        num_generations=t.num_generations,
+        max_completion_length=t.max_completion_length,
+        max_steps=100000,
+        learning_rate=t.learning_rate,
+        beta=t.beta,
+        loss_type=t.loss_type,
+        bf16=t.bf16,
+        use_cpu=True,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=t.seed,
+        temperature=t.temperature,
+        shuffle_dataset=False,
+        reward_weights=[s.weight for s in t.rewards],
     )
     snaps: list[dict] = []
     clock = {"train": 0.0}
@@ -118,9 +153,13 @@ def train_trl(root: Path, seconds: float, every: int, overrides: list[str], prom
         return format_reward(prompts, completions)
 
     trainer = GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32), reward_funcs=[accuracy, fmt], args=args,
-        train_dataset=data, processing_class=AutoTokenizer.from_pretrained(ref),
-        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"), callbacks=[Budget()],
+        model=AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32),
+        reward_funcs=[accuracy, fmt],
+        args=args,
+        train_dataset=data,
+        processing_class=AutoTokenizer.from_pretrained(ref),
+        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
+        callbacks=[Budget()],
     )
     trainer.train()
     return snaps
@@ -133,10 +172,11 @@ def score_snapshots(root: Path, snaps: list[dict]) -> list[dict]:
     from safetensors.torch import load_file
 
     from pipelines.config import LoraConfig
-    from pipelines.grpo.rollout import generate
-    from pipelines.grpo.rollout_model import RolloutModel
+    from pipelines.generation.rollout import generate
+    from pipelines.generation.sampling_copy import SamplingCopy
+    from pipelines.grpo.policy import add_lora
     from pipelines.io import read_jsonl
-    from pipelines.models import add_lora, load_reference
+    from pipelines.snapshot.loading import load_reference
     from pipelines.verifiers.math_answer import answers_match, strict_answer
 
     rows = read_jsonl(root / "data/validated/eval.jsonl")
@@ -145,7 +185,9 @@ def score_snapshots(root: Path, snaps: list[dict]) -> list[dict]:
         right = 0
         for i in range(0, len(rows), 32):
             chunk = rows[i : i + 32]
-            out = generate(model, tokenizer, [r["prompt"] for r in chunk], num_generations=1, max_new_tokens=48, do_sample=False)
+            out = generate(
+                model, tokenizer, [r["prompt"] for r in chunk], num_generations=1, max_new_tokens=48, do_sample=False
+            )
             right += sum(answers_match(strict_answer(t), r["answer"]) for t, r in zip(out.texts, chunk, strict=True))
         return right / len(rows)
 
@@ -159,7 +201,7 @@ def score_snapshots(root: Path, snaps: list[dict]) -> list[dict]:
             model = add_lora(fresh, LoraConfig(r=16, alpha=32))
             missing = model.load_state_dict(load_file(snap["weights"]), strict=False)
             assert not missing.unexpected_keys
-        merged = RolloutModel(model, torch.float32).model
+        merged = SamplingCopy(model, torch.float32).model
         points.append({"step": snap["step"], "wall_time": snap["wall_time"], "accuracy": accuracy(merged, tokenizer)})
         print(json.dumps(points[-1]), file=sys.stderr, flush=True)
     return points
@@ -173,7 +215,9 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(score_snapshots(args.root, snaps)))
 
 
-def plot(results: dict[str, list[dict]], out: Path, title: str, target: float | None, ceiling: float | None = None) -> None:
+def plot(
+    results: dict[str, list[dict]], out: Path, title: str, target: float | None, ceiling: float | None = None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,12 +228,22 @@ def plot(results: dict[str, list[dict]], out: Path, title: str, target: float | 
         # Steps, not lines: between snapshots an engine's model is its latest snapshot, which is
         # what "at equal wall time" compares (a straight line would draw accuracies never measured).
         ax.plot(
-            [p["wall_time"] / 60 for p in points], [p["accuracy"] for p in points], marker="o", drawstyle="steps-post", label=name
+            [p["wall_time"] / 60 for p in points],
+            [p["accuracy"] for p in points],
+            marker="o",
+            drawstyle="steps-post",
+            label=name,
         )
     if target is not None:
         ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target}")
     if ceiling is not None:
-        ax.axhline(ceiling, color="tab:red", linestyle=":", linewidth=1, label=f"reachable by sharpening {ceiling:.3f} (bench/ceiling.py)")
+        ax.axhline(
+            ceiling,
+            color="tab:red",
+            linestyle=":",
+            linewidth=1,
+            label=f"reachable by sharpening {ceiling:.3f} (bench/archive/ceiling.py)",
+        )
     ax.set_xlabel("training wall time (min, 2 CPU cores)")
     ax.set_ylabel("held-out strict accuracy (greedy)")
     ax.set_title(f"SmolLM2-135M, LoRA r=16, G=8: {title}")
@@ -209,10 +263,19 @@ def main() -> None:
     ap.add_argument("-S", "--set", action="append", default=[], help="override for both engines")
     ap.add_argument("--ours", action="append", default=[], help="override for this engine only (e.g. dynamic sampling)")
     ap.add_argument("--trl-prompts", type=int, default=1, help="prompts per TRL step (TRL's measured setting: 1 x G=8)")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "learning.json")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=results_dir() / "learning.json",
+        help="default: bench/results/<machine>/; the plot beside it",
+    )
     ap.add_argument("--title", default="multiplication 1-digit x 2..19", help="the task, for the plot's title")
     ap.add_argument("--target", type=float, default=0.85, help="a dashed target line on the plot; 0 = none")
-    ap.add_argument("--ceiling", type=float, help="a dotted line: the share of held-out problems bench/ceiling.py found reachable")
+    ap.add_argument(
+        "--ceiling",
+        type=float,
+        help="a dotted line: the share of held-out problems bench/archive/ceiling.py found reachable",
+    )
     ap.add_argument("--replot", action="store_true", help="only redraw the plot from an existing --out file")
     args = ap.parse_args()
     os.environ.update(QUIET)
@@ -220,20 +283,50 @@ def main() -> None:
         child(args)
         return
     if args.replot:
-        plot(json.loads(args.out.read_text())["results"], args.out.with_suffix(".png"), args.title, args.target or None, args.ceiling)
+        plot(
+            json.loads(args.out.read_text())["results"],
+            args.out.with_suffix(".png"),
+            args.title,
+            args.target or None,
+            args.ceiling,
+        )
         return
     root = prepare(Path(tempfile.mkdtemp(prefix="grpo-learn-")), args.set)
     results = {}
     for engine in args.engines:
-        cmd = [sys.executable, __file__, "--child", engine, "--root", str(root), "--minutes", str(args.minutes), "--every", str(args.every)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            engine,
+            "--root",
+            str(root),
+            "--minutes",
+            str(args.minutes),
+            "--every",
+            str(args.every),
+        ]
         cmd += [a for s in args.set for a in ("-S", s)] + [a for s in args.ours for a in ("--ours", s)]
         cmd += ["--trl-prompts", str(args.trl_prompts)]
-        proc = subprocess.run(cmd, env={**os.environ, **QUIET}, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.run(cmd, env={**os.environ, **QUIET}, stdout=subprocess.PIPE, text=True, check=False)
         if proc.returncode != 0:
             raise SystemExit(f"{engine} failed")
         results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(engine, results[engine], flush=True)
-    args.out.write_text(json.dumps({"machine": describe(), "minutes": args.minutes, "overrides": args.set, "ours_only": args.ours, "trl_prompts_per_step": args.trl_prompts, "results": results}, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "machine": describe(),
+                "minutes": args.minutes,
+                "overrides": args.set,
+                "ours_only": args.ours,
+                "trl_prompts_per_step": args.trl_prompts,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     plot(results, args.out.with_suffix(".png"), args.title, args.target or None, args.ceiling)
 
 

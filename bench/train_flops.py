@@ -9,7 +9,7 @@ is useful work per second; sampling is timed separately (decoding is memory-boun
 A profiled pass also gives the matmuls' own time: FLOPs over that time is the rate the pass could
 reach if every other op (norms, rotary, casts, softmax, the optimiser) cost nothing.
 
-    .venv/bin/python bench/train_flops.py --out bench/train_flops.json
+    .venv/bin/python bench/train_flops.py   # -> bench/results/<machine>/train_flops.json
 """
 
 from __future__ import annotations
@@ -27,9 +27,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.bench_vs_trl import OVERRIDES, QUIET, prepare  # noqa: E402
-from bench.machine import describe  # noqa: E402
+from bench.machine import describe, results_dir  # noqa: E402
 
-MATMULS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::matmul", "aten::linear", "aten::_scaled_dot_product_flash_attention_for_cpu"}
+MATMULS = {
+    "aten::mm",
+    "aten::bmm",
+    "aten::addmm",
+    "aten::matmul",
+    "aten::linear",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+}
 
 
 def matmul_peak(n: int = 2048, repeats: int = 8) -> float:
@@ -51,11 +58,12 @@ def train_pass(root: Path, prompts: int, repeats: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from pipelines import config
+    from pipelines.generation.rollout import generate
+    from pipelines.generation.sampling_copy import SamplingCopy
     from pipelines.grpo import policy
+    from pipelines.grpo.logprobs import token_logps
     from pipelines.grpo.loss import grpo_loss
-    from pipelines.grpo.rollout import generate, token_logps
-    from pipelines.grpo.rollout_model import RolloutModel
-    from pipelines.grpo.sampler import PromptSampler
+    from pipelines.grpo.prompt_sampler import PromptSampler
     from pipelines.io import read_jsonl
     from pipelines.paths import Paths
 
@@ -65,11 +73,16 @@ def train_pass(root: Path, prompts: int, repeats: int) -> dict:
     params = policy.trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate)
     rows = PromptSampler(read_jsonl(root / "data/validated/train.jsonl"), t.seed).take(prompts)
-    sampler_model = RolloutModel(model, torch.bfloat16)
+    sampler_model = SamplingCopy(model, torch.bfloat16)
     started = time.perf_counter()
     rollout = generate(
-        sampler_model.model, tokenizer, [r["prompt"] for r in rows], num_generations=t.num_generations,
-        max_new_tokens=t.max_completion_length, do_sample=True, seeds=list(range(prompts)),
+        sampler_model.model,
+        tokenizer,
+        [r["prompt"] for r in rows],
+        num_generations=t.num_generations,
+        max_new_tokens=t.max_completion_length,
+        do_sample=True,
+        seeds=list(range(prompts)),
     )
     sampling = time.perf_counter() - started
     mask = rollout.completion_mask.float()
@@ -77,7 +90,9 @@ def train_pass(root: Path, prompts: int, repeats: int) -> dict:
 
     def step() -> None:
         logp, _ = token_logps(model, rollout, t.bf16, with_entropy=True)
-        loss, _ = grpo_loss(logp, logp.detach(), advantages, mask, loss_type=t.loss_type, max_completion_length=t.max_completion_length)
+        loss, _ = grpo_loss(
+            logp, logp.detach(), advantages, mask, loss_type=t.loss_type, max_completion_length=t.max_completion_length
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
         optimizer.step()
@@ -102,10 +117,16 @@ def train_pass(root: Path, prompts: int, repeats: int) -> dict:
         times.append(time.perf_counter() - started)
     seconds = statistics.median(times)
     return {
-        "prompts": prompts, "completions": int(mask.size(0)), "completion_tokens": int(mask.sum()),
-        "sampling_s": sampling, "train_pass_s": seconds, "train_pass_times": times,
-        "flops": counter.get_total_flops(), "flop_per_s": counter.get_total_flops() / seconds,
-        "matmul_s": matmul_s, "matmul_flop_per_s": counter.get_total_flops() / matmul_s,
+        "prompts": prompts,
+        "completions": int(mask.size(0)),
+        "completion_tokens": int(mask.sum()),
+        "sampling_s": sampling,
+        "train_pass_s": seconds,
+        "train_pass_times": times,
+        "flops": counter.get_total_flops(),
+        "flop_per_s": counter.get_total_flops() / seconds,
+        "matmul_s": matmul_s,
+        "matmul_flop_per_s": counter.get_total_flops() / matmul_s,
     }
 
 
@@ -114,7 +135,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "train_flops.json")
+    ap.add_argument(
+        "--out", type=Path, default=results_dir() / "train_flops.json", help="default: bench/results/<machine>/"
+    )
     args = ap.parse_args()
     os.environ.update(QUIET)
     import torch
@@ -130,13 +153,20 @@ def main() -> None:
         run["matmul_fraction_of_peak"] = run["matmul_flop_per_s"] / peak
         runs.append(run)
         print(
-            f"{prompts} x 8 completions, {run['completion_tokens']} completion tokens: training pass {run['train_pass_s']:.2f} s, "
-            f"{run['flops'] / 1e9:.0f} GFLOP, {run['flop_per_s'] / 1e9:.0f} GFLOP/s = {run['fraction_of_peak']:.0%} of peak "
+            f"{prompts} x 8 completions, {run['completion_tokens']} completion tokens: "
+            f"training pass {run['train_pass_s']:.2f} s, {run['flops'] / 1e9:.0f} GFLOP, "
+            f"{run['flop_per_s'] / 1e9:.0f} GFLOP/s = {run['fraction_of_peak']:.0%} of peak "
             f"(sampling took {run['sampling_s']:.1f} s); its matmuls alone take {run['matmul_s']:.2f} s, "
             f"so with every other op free it would run at {run['matmul_fraction_of_peak']:.0%} of peak",
             flush=True,
         )
-    args.out.write_text(json.dumps({"machine": describe(args.threads), "threads": args.threads, "matmul_peak_flop_per_s": peak, "runs": runs}, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {"machine": describe(args.threads), "threads": args.threads, "matmul_peak_flop_per_s": peak, "runs": runs},
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

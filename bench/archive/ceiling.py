@@ -5,7 +5,9 @@ right is out of reach of a few minutes of RL on *other* problems. This prints, f
 run's task (or any `-S` overrides), the reference's greedy strict accuracy and, per temperature,
 pass@k (some sample right) and mean@k (the average sample right) on the eval split.
 
-    .venv/bin/python bench/ceiling.py --k 16 --temperatures 1.0 0.7 --out bench/ceiling.json
+    .venv/bin/python bench/archive/ceiling.py --k 16 --temperatures 1.0 0.7   # -> bench/results/<machine>/ceiling.json
+
+A one-off probe (bench/RESULTS.md, ideas tried), kept so its numbers can be re-measured.
 """
 
 from __future__ import annotations
@@ -17,32 +19,42 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from bench.bench_vs_trl import QUIET  # noqa: E402
 from bench.learning_run import prepare  # noqa: E402
-from bench.machine import describe  # noqa: E402
+from bench.machine import describe, results_dir  # noqa: E402
 
 
 def measure(root: Path, k: int, temperatures: list[float], max_new_tokens: int, batch: int) -> dict:
     import torch
 
-    from pipelines.grpo.rollout import generate
-    from pipelines.grpo.rollout_model import RolloutModel
+    from pipelines.generation.rollout import generate
+    from pipelines.generation.sampling_copy import SamplingCopy
     from pipelines.io import read_jsonl
-    from pipelines.models import load_reference
+    from pipelines.snapshot.loading import load_reference
     from pipelines.verifiers.math_answer import answers_match, strict_answer
 
     rows = read_jsonl(root / "data/validated/eval.jsonl")
     base, tokenizer = load_reference(root / "models/reference")
     # fp32, as learning_run.py scores its snapshots, so the two greedy figures agree.
-    model = RolloutModel(base, torch.float32).model
-    right = lambda text, row: answers_match(strict_answer(text), row["answer"])  # noqa: E731
+    model = SamplingCopy(base, torch.float32).model
+
+    def right(text: str, row: dict) -> bool:
+        return answers_match(strict_answer(text), row["answer"])
+
     greedy: list[bool] = []
     for i in range(0, len(rows), batch):
         chunk = rows[i : i + batch]
-        out = generate(model, tokenizer, [r["prompt"] for r in chunk], num_generations=1, max_new_tokens=max_new_tokens, do_sample=False)
+        out = generate(
+            model,
+            tokenizer,
+            [r["prompt"] for r in chunk],
+            num_generations=1,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
         greedy += [right(t, r) for t, r in zip(out.texts, chunk, strict=True)]
     result = {"problems": len(rows), "greedy": sum(greedy) / len(rows), "sampled": []}
     print(f"{len(rows)} held-out problems: greedy strict accuracy {result['greedy']:.3f}", flush=True)
@@ -52,12 +64,20 @@ def measure(root: Path, k: int, temperatures: list[float], max_new_tokens: int, 
         for i in range(0, len(rows), per):
             chunk = rows[i : i + per]
             out = generate(
-                model, tokenizer, [r["prompt"] for r in chunk], num_generations=k, max_new_tokens=max_new_tokens,
-                do_sample=True, temperature=temperature, seeds=list(range(i, i + len(chunk))),
+                model,
+                tokenizer,
+                [r["prompt"] for r in chunk],
+                num_generations=k,
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                temperature=temperature,
+                seeds=list(range(i, i + len(chunk))),
             )
             hits += [sum(right(t, r) for t in out.texts[j * k : (j + 1) * k]) for j, r in enumerate(chunk)]
         point = {
-            "temperature": temperature, "k": k, "pass_at_k": sum(h > 0 for h in hits) / len(rows),
+            "temperature": temperature,
+            "k": k,
+            "pass_at_k": sum(h > 0 for h in hits) / len(rows),
             "mean_at_k": sum(hits) / (k * len(rows)),
             "never_right": [r["id"] for r, h, g in zip(rows, hits, greedy, strict=True) if h == 0 and not g],
         }
@@ -85,7 +105,9 @@ def main() -> None:
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.7])
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "ceiling.json")
+    ap.add_argument(
+        "--out", type=Path, default=results_dir() / "ceiling.json", help="default: bench/results/<machine>/"
+    )
     args = ap.parse_args()
     os.environ.update(QUIET)
     import torch
@@ -93,6 +115,7 @@ def main() -> None:
     torch.set_num_threads(2)
     root = prepare(Path(tempfile.mkdtemp(prefix="grpo-ceiling-")), args.set)
     result = measure(root, args.k, args.temperatures, args.max_new_tokens, args.batch)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": describe(2), "overrides": args.set, **result}, indent=2))
 
 

@@ -10,7 +10,9 @@ lm_head alone is 113 MB a token). Two ways to read a quarter of those bytes, mea
 2. The weight-only int8 kernel (`torch._weight_int8pack_mm`, int8 weights with a per-row scale,
    fp32 activations, as gpt-fast uses) on the model's matmul shapes at decoding batch sizes.
 
-    .venv/bin/python bench/int8_sampler.py --out bench/int8-sampler-avx2.json
+    .venv/bin/python bench/archive/int8_sampler.py   # -> bench/results/<machine>/int8-sampler.json
+
+A one-off probe, measured and dropped (bench/RESULTS.md, ideas tried), kept so it can be re-measured.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from bench.bench_vs_trl import QUIET  # noqa: E402
 from bench.learning_run import prepare  # noqa: E402
-from bench.machine import describe  # noqa: E402
+from bench.machine import describe, results_dir  # noqa: E402
 
 
 def _best_ms(fn, repeats: int = 20) -> float:
@@ -52,8 +54,8 @@ def kernels() -> list[dict]:
         w, x = torch.randn(n, k), torch.randn(rows, k)
         scale = w.abs().amax(1) / 127
         wq = (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
-        point = {"rows": rows, "in": k, "out": n, "fp32_ms": _best_ms(lambda: x @ w.t())}
-        point["int8_weight_only_ms"] = _best_ms(lambda: torch._weight_int8pack_mm(x, wq, scale))
+        point = {"rows": rows, "in": k, "out": n, "fp32_ms": _best_ms(lambda x=x, w=w: x @ w.t())}
+        point["int8_weight_only_ms"] = _best_ms(lambda x=x, wq=wq, scale=scale: torch._weight_int8pack_mm(x, wq, scale))
         print(json.dumps(point), flush=True)
         points.append(point)
     return points
@@ -64,17 +66,18 @@ def sampler(repeats: int) -> list[dict]:
     import torch
 
     from pipelines import config
+    from pipelines.generation.lean_decode import prompt_seed
+    from pipelines.generation.rollout import generate
+    from pipelines.generation.sampling_copy import SamplingCopy
     from pipelines.grpo import policy
-    from pipelines.grpo.rollout import generate, token_logps
-    from pipelines.grpo.rollout_model import RolloutModel
-    from pipelines.grpo.sampling import prompt_seed
+    from pipelines.grpo.logprobs import token_logps
     from pipelines.io import read_jsonl
     from pipelines.paths import Paths
 
     root = prepare(Path(tempfile.mkdtemp(prefix="grpo-int8-")), [])
     cfg = config.load(root / "params.yaml", ["train.max_completion_length=48", "train.bf16=false"])
     trained, tokenizer, _ = policy.build(cfg, Paths(root))
-    fp32 = RolloutModel(trained, torch.float32).model
+    fp32 = SamplingCopy(trained, torch.float32).model
     qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
     int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp32), {torch.nn.Linear: qconfig}, dtype=torch.qint8)
     rows = read_jsonl(root / "data/validated/train.jsonl")
@@ -86,8 +89,14 @@ def sampler(repeats: int) -> list[dict]:
             for name, model in (("fp32", fp32), ("int8_dynamic", int8)):
                 started = time.perf_counter()
                 generate(
-                    model, tokenizer, prompts, num_generations=8, max_new_tokens=48, do_sample=True,
-                    seeds=[prompt_seed(0, repeat, i) for i in range(n_prompts)], min_new_tokens=48,
+                    model,
+                    tokenizer,
+                    prompts,
+                    num_generations=8,
+                    max_new_tokens=48,
+                    do_sample=True,
+                    seeds=[prompt_seed(0, repeat, i) for i in range(n_prompts)],
+                    min_new_tokens=48,
                 )
                 point[f"{name}_s"] = min(time.perf_counter() - started, point.get(f"{name}_s", float("inf")))
             if repeat == 0:
@@ -95,7 +104,12 @@ def sampler(repeats: int) -> list[dict]:
                 # log-probs differ from the trained model's by construction.
                 for name, model in (("fp32", fp32), ("int8_dynamic", int8)):
                     out = generate(
-                        model, tokenizer, prompts, num_generations=8, max_new_tokens=48, do_sample=True,
+                        model,
+                        tokenizer,
+                        prompts,
+                        num_generations=8,
+                        max_new_tokens=48,
+                        do_sample=True,
                         seeds=[prompt_seed(0, 0, i) for i in range(n_prompts)],
                     )
                     with torch.no_grad():
@@ -112,13 +126,16 @@ def sampler(repeats: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "int8-sampler.json")
+    ap.add_argument(
+        "--out", type=Path, default=results_dir() / "int8-sampler.json", help="default: bench/results/<machine>/"
+    )
     args = ap.parse_args()
     os.environ.update(QUIET)
     import torch
 
     torch.set_num_threads(2)
     result = {"machine": describe(2), "kernels": kernels(), "sampler": sampler(args.repeats)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
 
 
