@@ -91,7 +91,12 @@ class DataConfig(_Section):
     # (a `numbers` column and an integer target); null = `countdown` for that generator, else `math`.
     verifier: Literal["math", "countdown"] | None = None
     eval_fraction: float = Field(0.2, gt=0, lt=1)
-    max_eval_rows: int = 64
+    max_eval_rows: int = Field(64, ge=1)
+    # The validation split, for training to watch (train.eval_every, train.select): taken from
+    # what is left after the eval (test) split, by another hash of the id, so the test split stays
+    # put whatever these say. 0 = no validation split.
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    max_val_rows: int = Field(64, ge=0)
     split_seed: int = 0
     min_prompt_chars: int = 1
     max_prompt_chars: int = 4000
@@ -102,6 +107,7 @@ class DataConfig(_Section):
     max_prompt_tokens: int = 1024
     min_train_rows: int = 4
     min_eval_rows: int = 2
+    min_val_rows: int = Field(0, ge=0)
     # 0: any bad row refuses the dataset. Above 0: bad rows go to data/validated/rejected.jsonl with
     # their reason, and the stage passes while rejected / all rows stays at most this fraction.
     max_rejected_fraction: float = Field(0.0, ge=0, lt=1)
@@ -164,8 +170,19 @@ class TrainConfig(_Section):
     beta: float = 0.0
     epsilon: float = 0.2
     epsilon_high: float | None = None
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = "dapo"
     importance_sampling_level: Literal["token", "sequence"] = "token"
+    # Two-sided clipping (INTELLECT-2, TRL's delta): cap the importance ratio of tokens with negative
+    # advantage at delta (> 1 + epsilon_high); null = off. The clipped loss types only, as in TRL.
+    delta: float | None = Field(None, gt=1.0)
+    # Train only on the tokens whose entropy is in this top share of the batch's (TRL's
+    # top_entropy_quantile, "Beyond the 80/20 rule": 0.2); 1.0 = every token.
+    top_entropy_quantile: float = Field(1.0, gt=0.0, le=1.0)
+    # Entropy bonus: loss - entropy_coef x mean token entropy (TRL's static entropy_coef); 0 = off.
+    entropy_coef: float = Field(0.0, ge=0.0)
+    # loss_type sapo: the soft gate's temperatures for positive and for other advantages (TRL's defaults).
+    sapo_temperature_pos: float = Field(1.0, gt=0.0)
+    sapo_temperature_neg: float = Field(1.05, gt=0.0)
     num_iterations: int = Field(1, ge=1)
     scale_rewards: Literal["group", "batch", "none"] = "group"
     mask_truncated_completions: bool = False
@@ -209,6 +226,18 @@ class TrainConfig(_Section):
     # Data parallelism: above 1, `grpo train` runs this many processes under torchrun (gloo on CPU,
     # nccl on GPU), each sampling a slice of every step's prompts; the update equals one process's.
     num_processes: int = Field(1, ge=1)
+    # Validation during training (pipelines/grpo/validation.py): greedy accuracy on the validation
+    # split before the first step, every `eval_every` steps and after the last; 0 = only those two.
+    # Needs data.val_fraction > 0; without a validation split nothing is evaluated.
+    eval_every: int = Field(5, ge=0)
+    # Which policy leaves `train`: the evaluated step with the best validation accuracy (ties go to
+    # the earlier step; the reference itself, step 0, is never selected) or the last step.
+    select: Literal["best", "last"] = "best"
+    # Stop after this many evaluations in a row without a better validation accuracy; null = never.
+    early_stopping_patience: int | None = Field(None, ge=1)
+    # The decline alarm: warn when, over this many evaluations, training reward rose while
+    # validation accuracy fell (the policy is learning the reward, not the skill).
+    decline_window: int = Field(3, ge=2)
 
     @field_validator("bf16", mode="before")
     @classmethod
@@ -267,6 +296,9 @@ class RegisterConfig(_Section):
     min_format_rate: float = Field(0.0, ge=0, le=1)
     # The candidate's accuracy must not be below the reference's on the same problems.
     no_regression_vs_reference: bool = True
+    # The candidate's lenient accuracy (the last number in the answer is right, any format) must not
+    # be below the reference's: a gain in format alone must not hide lost skill.
+    no_skill_regression: bool = False
 
 
 class RuntimeConfig(_Section):

@@ -35,6 +35,10 @@ class Paths:
         return self.validated_dir / "train.jsonl"
 
     @property
+    def val_split(self) -> Path:
+        return self.validated_dir / "val.jsonl"
+
+    @property
     def eval_split(self) -> Path:
         return self.validated_dir / "eval.jsonl"
 
@@ -73,6 +77,11 @@ class Paths:
     @property
     def train_plot(self) -> Path:
         return self.root / "plots" / "train.csv"
+
+    @property
+    def val_plot(self) -> Path:
+        """Validation accuracy per evaluated step (what `dvc plots` draws beside the reward)."""
+        return self.root / "plots" / "val.csv"
 
     @property
     def train_curves(self) -> Path:

@@ -99,6 +99,7 @@ def _training_artifacts(paths: Paths) -> None:
         if isinstance(value, (int, float)) and not isinstance(value, bool)
     )
     text = f"## Training\n\n**{final.get('steps', '?')} steps**; final step:\n\n| metric | value |\n|---|---|\n{rows}"
+    text += _validation_text(final)
     if run_id:
         text += f"\nMLflow run: {_mlflow_link(paths.root, run_id)}\n"
     if paths.train_curves.exists():
@@ -109,6 +110,25 @@ def _training_artifacts(paths: Paths) -> None:
             table = [{k: row[k] for k in CURVE_COLUMNS if k in row} for row in csv.DictReader(fh)]
         if table:
             create_table_artifact(table, key="grpo-train-curve", description="reward and friends per training step")
+
+
+def _validation_text(final: dict[str, Any]) -> str:
+    """Which step left `train` and why, and any decline alarm, in words (metrics/train.json's validation)."""
+    v = final.get("validation")
+    if not v:
+        return ""
+    lines = [
+        "",
+        f"**Validation** ({v['evaluations']} evaluations, {v['time_share']:.0%} of training time): reference "
+        f"{v['reference_accuracy']}, best step {v['best_step']} at {v['best_accuracy']}, last step "
+        f"{v['last_step']} at {v['last_accuracy']}; the policy is step **{final.get('selected_step')}** "
+        f"(train.select={final.get('select')}).",
+    ]
+    if v.get("stop_reason"):
+        lines.append(f"\n{v['stop_reason']}.")
+    for alarm in v.get("alarms") or []:
+        lines.append(f"\n> ⚠ {alarm['message']}")
+    return "\n".join(lines) + "\n"
 
 
 def _mlflow_link(root: Path, run_id: str) -> str:

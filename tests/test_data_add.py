@@ -69,7 +69,7 @@ def test_data_add_versions_a_file_pushes_it_and_prints_its_digest(tmp_path, caps
     # The versioned file is what validate reads.
     cfg = config.load(root / "params.yaml", ["data.path=data/raw/mine.jsonl"], preset="smoke")
     result = validate.run(cfg, Paths(root))
-    assert result.train_rows + result.eval_rows == 30
+    assert result.train_rows + result.val_rows + result.eval_rows == 30
     status = subprocess.run(
         [sys.executable, "-m", "dvc", "status", "data/raw/mine.jsonl.dvc"], cwd=root, capture_output=True, text=True
     )

@@ -18,7 +18,8 @@ from tests.conftest import GSM8K
 
 
 def _cfg(project: Path, *overrides: str) -> config.Config:
-    return config.load(project / "params.yaml", list(overrides), preset="smoke")
+    # Two splits, as these tests predict them with split_ids; the validation split has its own tests.
+    return config.load(project / "params.yaml", ["data.val_fraction=0", *overrides], preset="smoke")
 
 
 def _problems(n: int, start: int = 0) -> list[dict]:
@@ -51,7 +52,7 @@ def test_jsonl_with_text_and_chat_prompts(project):
     path = _write_jsonl(project / "mixed.jsonl", rows)
     result = validate.run(_cfg(project, f"data.path={path}"), Paths(project))
     train, held_out, rejected = _outputs(project)
-    assert result.train_rows + result.eval_rows == 24 and not rejected
+    assert result.train_rows + result.val_rows + result.eval_rows == 24 and not rejected
     by_id = {r["id"]: r for r in train + held_out}
     chat = by_id["q0"]["prompt"]
     assert chat == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 0 + 0?"}]
@@ -78,7 +79,7 @@ def test_csv_with_column_mapping_bom_quoted_lines_and_chat_cells(project):
     ]
     result = validate.run(_cfg(project, *overrides), Paths(project))
     train, held_out, _ = _outputs(project)
-    assert result.train_rows + result.eval_rows == 22
+    assert result.train_rows + result.val_rows + result.eval_rows == 22
     by_id = {r["id"]: r for r in train + held_out}
     assert by_id["q0"]["level"] == "easy" and "question_text" not in by_id["q0"] and "uid" not in by_id["q0"]
     assert by_id["multi"]["prompt"][-1]["content"].startswith("A question\nover two lines")
@@ -109,7 +110,7 @@ def test_parquet_with_chat_prompts_and_extra_columns(project):
     pq.write_table(table, path)
     result = validate.run(_cfg(project, f"data.path={path}"), Paths(project))
     train, held_out, _ = _outputs(project)
-    assert result.train_rows + result.eval_rows == 20
+    assert result.train_rows + result.val_rows + result.eval_rows == 20
     row = next(r for r in train + held_out if r["id"] == "q3")
     assert row == {"weight": 0.5, "id": "q3", "prompt": [{"role": "user", "content": "What is 3 + 3?"}], "answer": "6"}
 
@@ -137,7 +138,7 @@ def test_folder_of_mixed_files_reads_them_all_and_names_the_file(project):
     result = validate.run(_cfg(project, f"data.path={folder}"), Paths(project))
     train, held_out, _ = _outputs(project)
     ids = {r["id"] for r in train + held_out}
-    assert result.train_rows + result.eval_rows == 24
+    assert result.train_rows + result.val_rows + result.eval_rows == 24
     assert {"a-1", "sub/b-2", "q200"} <= ids  # generated ids keep the relative path
 
     with (folder / "sub" / "b.csv").open("a", newline="") as fh:
@@ -154,7 +155,7 @@ def test_json_array_file(project):
     path = project / "array.json"
     path.write_text(json.dumps(_problems(20)), encoding="utf-8")
     result = validate.run(_cfg(project, f"data.path={path}"), Paths(project))
-    assert result.train_rows + result.eval_rows == 20
+    assert result.train_rows + result.val_rows + result.eval_rows == 20
 
 
 def test_hugging_face_save_to_disk(project):
@@ -163,7 +164,7 @@ def test_hugging_face_save_to_disk(project):
     folder = project / "data" / "raw" / "hf"
     datasets.Dataset.from_list(rows).save_to_disk(str(folder))
     result = validate.run(_cfg(project, f"data.path={folder}"), Paths(project))
-    assert result.train_rows + result.eval_rows == 20
+    assert result.train_rows + result.val_rows + result.eval_rows == 20
 
     both = project / "data" / "raw" / "hf-dict"
     datasets.DatasetDict(
@@ -172,7 +173,7 @@ def test_hugging_face_save_to_disk(project):
     message = _refusal(project, f"data.path={both}")
     assert "train, test" in message and "data.hf.split" in message
     result = validate.run(_cfg(project, f"data.path={both}", "data.hf.split=test"), Paths(project))
-    assert result.train_rows + result.eval_rows == 20
+    assert result.train_rows + result.val_rows + result.eval_rows == 20
     assert {r["id"] for r in sum(_outputs(project)[:2], [])} == {f"q{i}" for i in range(50, 70)}
 
 
@@ -194,7 +195,7 @@ def test_gsm8k_mapping_on_real_rows(project, explicit):
     sample.write_text("".join(lines), encoding="utf-8")
     mapping = ["data.columns.prompt=question", "data.columns.answer=answer", "data.columns.id=null"] if explicit else []
     result = validate.run(_cfg(project, f"data.path={sample}", *mapping), Paths(project))
-    assert result.train_rows + result.eval_rows == 50
+    assert result.train_rows + result.val_rows + result.eval_rows == 50
     train, held_out, _ = _outputs(project)
     originals = [json.loads(line) for line in lines]
     by_id = {r["id"]: r for r in train + held_out}
@@ -213,7 +214,7 @@ def test_a_missing_mapped_column_names_the_column_and_the_fix(project):
     result = validate.run(
         _cfg(project, f"data.path={path}", "data.columns.prompt=q", "data.columns.answer=a"), Paths(project)
     )
-    assert result.train_rows + result.eval_rows == 10
+    assert result.train_rows + result.val_rows + result.eval_rows == 10
 
 
 def test_countdown_generator_validates_and_its_solutions_score(project):
@@ -222,7 +223,7 @@ def test_countdown_generator_validates_and_its_solutions_score(project):
     cfg = _cfg(project, "data.generator.task=countdown", "data.generator.num_rows=40")
     result = validate.run(cfg, Paths(project))
     train, held_out, _ = _outputs(project)
-    assert result.train_rows + result.eval_rows == 40
+    assert result.train_rows + result.val_rows + result.eval_rows == 40
     report = json.loads(Paths(project).validation_report.read_text())
     assert report["verifier"] == "countdown"
     assert any(e["column"] == "countdown_issue" and e["success"] for e in report["expectations"])
@@ -293,11 +294,11 @@ def test_leakage_between_train_and_eval_is_refused_or_set_aside(project):
     assert leaked and n_eval - len(leaked) >= 2, "the fixture must put some twins on both sides, not all"
     path = _write_jsonl(project / "dupes.jsonl", rows)
     message = _refusal(project, f"data.path={path}")
-    assert "expect_column_values_to_be_in_set(prompt_in_train)" in message and "also in the train split" in message
+    assert "expect_column_values_to_be_in_set(prompt_in_train)" in message and "also in an earlier split" in message
     result = validate.run(_cfg(project, f"data.path={path}", "data.max_rejected_fraction=0.2"), Paths(project))
     train, held_out, rejected = _outputs(project)
     assert {r["row"]["id"] for r in rejected} == leaked
-    assert all("also in the train split" in r["reason"] for r in rejected)
+    assert all("also in an earlier split" in r["reason"] for r in rejected)
     assert not {r["id"] for r in held_out} & leaked and result.rejected_rows == len(leaked)
     assert len(train) + len(held_out) + len(rejected) == len(rows)  # nothing silently dropped
 

@@ -202,10 +202,10 @@ def test_corpus_file_is_accepted_or_refused_clearly(project, case):
         result = validate.run(cfg, paths)
         rows = [
             json.loads(line)
-            for f in (paths.train_split, paths.eval_split)
+            for f in (paths.train_split, paths.val_split, paths.eval_split)
             for line in f.read_text(encoding="utf-8").splitlines()
         ]
-        assert len(rows) == result.train_rows + result.eval_rows == 20
+        assert len(rows) == result.train_rows + result.val_rows + result.eval_rows == 20
         assert all(
             r["answer"] and r["prompt"][-1]["content"].startswith("What is") for r in rows
         )  # no BOM left in a value
@@ -257,7 +257,7 @@ def test_tolerated_corpus_rows_are_set_aside_with_their_raw_text(project):
     cfg = config.load(project / "params.yaml", [f"data.path={path}", "data.max_rejected_fraction=0.1"], preset="smoke")
     result = validate.run(cfg, Paths(project))
     rejected = [json.loads(line) for line in Paths(project).rejected.read_text(encoding="utf-8").splitlines()]
-    assert result.train_rows + result.eval_rows == 40 and result.rejected_rows == 2
+    assert result.train_rows + result.val_rows + result.eval_rows == 40 and result.rejected_rows == 2
     assert [(r["line"], r["raw"]) for r in rejected] == [(11, '{"id": "x", "prompt": "\\xff"}'), (12, "{oops")]
 
 
@@ -271,7 +271,7 @@ def test_a_larger_file_streams_through(project):
     path = project / "many.jsonl"
     _million_rows(path, 50_000)
     result = validate.run(config.load(project / "params.yaml", [f"data.path={path}"], preset="smoke"), Paths(project))
-    assert result.train_rows + result.eval_rows == 50_000 and result.eval_rows == 8
+    assert result.train_rows + result.val_rows + result.eval_rows == 50_000 and result.eval_rows == 8
 
 
 @pytest.mark.slow
@@ -287,7 +287,7 @@ def test_a_million_row_file_is_read_once(project):
         f"cfg = config.load(root / 'params.yaml', ['data.path={path}', 'data.prompt.examples=[]']); "
         "r = validate.run(cfg, Paths(root)); "
         "rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
-        "print(json.dumps({'rows': r.train_rows + r.eval_rows, 'rss_mb': rss}))"
+        "print(json.dumps({'rows': r.train_rows + r.val_rows + r.eval_rows, 'rss_mb': rss}))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", script],

@@ -169,3 +169,18 @@ def test_the_deps_check_fails_when_a_dep_is_left_out():
 @pytest.mark.parametrize("stage", sorted(STAGE_ENTRY))
 def test_stage_entries_exist(stage):
     assert STAGE_ENTRY[stage] in project_modules()
+
+
+def test_every_param_a_stage_declares_is_in_params_yaml():
+    """DVC refuses to commit a stage whose declared params are missing from params.yaml."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    missing = []
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        for key in stage.get("params", []):
+            node = params
+            for part in str(key).split("."):
+                if not isinstance(node, dict) or part not in node:
+                    missing.append(f"{name}: {key}")
+                    break
+                node = node[part]
+    assert not missing, f"add to params.yaml: {missing}"

@@ -78,13 +78,22 @@ def test_bf16_logits_are_as_close_to_exact_as_the_plain_way():
     assert error(new_grad) < 5e-3  # bf16 rounding of the gradient, nothing more
 
 
-def test_entropy_is_a_metric_without_gradient_and_skipped_unless_asked():
-    logits = torch.randn(3, 4, 50, requires_grad=True)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_entropy_gradient_equals_autograd_and_entropy_is_skipped_unless_asked(small_blocks, temperature):
+    """The entropy bonus (train.entropy_coef) trains through this gradient; unused, it costs nothing."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 4, 50, dtype=torch.float64) * 3
     targets = torch.randint(0, 50, (3, 4))
-    chosen, entropy = selected_logps(logits, targets, with_entropy=True)
-    assert not entropy.requires_grad and chosen.requires_grad
+    a, b = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    x = logits.clone().requires_grad_()
+    chosen, entropy = selected_logps(x, targets, temperature, with_entropy=True)
+    ((chosen * a).sum() + (entropy * b).sum()).backward()
+    y = logits.clone().requires_grad_()
+    want_chosen, want_entropy = plain(y, targets, temperature)
+    ((want_chosen * a).sum() + (want_entropy * b).sum()).backward()
+    torch.testing.assert_close(x.grad, y.grad, atol=1e-9, rtol=1e-7)
     assert (entropy >= 0).all() and (entropy <= torch.log(torch.tensor(50.0)) + 1e-5).all()
-    assert selected_logps(logits, targets)[1] is None
+    assert selected_logps(x, targets)[1] is None
 
 
 def test_runs_under_bf16_autocast_in_fp32():

@@ -64,6 +64,21 @@ def test_gate_keeps_a_worse_candidate_and_says_why():
     assert "champion v7" in d.reason and "gain -0.400" in d.reason and "failed min_gain" in d.reason
 
 
+def test_gate_keeps_a_format_only_gain_when_skill_must_not_regress():
+    """Strict accuracy up (format learned) while the last-number reading fell: challenger, and why."""
+    strict = [True] * 12 + [False] * 8
+    evidence = gate.Evidence(
+        strict, [False] * 20, None, 1.0, None, candidate_lenient=[True] * 12 + [False] * 8,
+        reference_lenient=[True] * 14 + [False] * 6,
+    )  # fmt: skip
+    rules = EvaluateConfig(bootstrap_samples=1000)
+    kept = gate.decide(evidence, RegisterConfig(no_skill_regression=True), rules)
+    assert not kept.promote and kept.checks["no_skill_regression"] is False
+    assert "lenient accuracy (last number right) 0.600 vs reference 0.700" in kept.reason
+    assert "format only" in kept.reason
+    assert gate.decide(evidence, RegisterConfig(no_skill_regression=False), rules).promote
+
+
 def test_gate_promotes_a_clearly_better_candidate():
     d = _decide([True] * 18 + [False] * 2, [True] * 6 + [False] * 14)
     assert d.promote and all(d.checks.values())

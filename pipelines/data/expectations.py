@@ -116,7 +116,8 @@ def leakage_suite() -> list[Any]:
             column="prompt_in_train",
             value_set=[False],
             description=(
-                "eval prompt also in the train split (same text once case, spacing and final punctuation are ignored)"
+                "held-out prompt also in an earlier split: a val prompt in train, or an eval prompt in train or val "
+                "(same text once case, spacing and final punctuation are ignored)"
             ),
         )
     ]

@@ -13,7 +13,7 @@ DIGEST_CHARS = 32
 
 
 def log_dataset_input(paths: Paths) -> None:
-    """Log data/validated (train and eval splits) as the active run's dataset input, context
+    """Log data/validated (train, val and eval splits) as the active run's dataset input, context
     "training", named after the source, with the digest reports/validation.json gives those files
     (the first 32 hex digits as MLflow's dataset digest, all 64 in the `dataset_digest` tag).
 
@@ -28,11 +28,11 @@ def log_dataset_input(paths: Paths) -> None:
 
     if mlflow.active_run() is None:
         raise RuntimeError("log_dataset_input needs an active MLflow run (call it inside mlflow.start_run())")
-    if not (paths.train_split.exists() and paths.eval_split.exists()):
+    if not all(p.exists() for p in (paths.train_split, paths.val_split, paths.eval_split)):
         raise DataError(f"{paths.validated_dir}: no validated splits. Fix: run `grpo validate` first.")
     # The digest of the files training reads, computed as validate does: it equals the report's
     # digest, unless a later refused dataset rewrote the report and left these files in place.
-    digest = digest_files(paths.train_split, paths.eval_split)
+    digest = digest_files(paths.train_split, paths.val_split, paths.eval_split)
     report = json.loads(paths.validation_report.read_text(encoding="utf-8")) if paths.validation_report.exists() else {}
     stale = report.get("digest") != digest
     if stale:
@@ -56,6 +56,7 @@ def log_dataset_input(paths: Paths) -> None:
             "dataset_digest": digest,
             "dataset_source": source,
             "train_rows": str(report.get("train_rows", "unknown")),
+            "val_rows": str(report.get("val_rows", "unknown")),
             "eval_rows": str(report.get("eval_rows", "unknown")),
             "rejected_rows": str(report.get("rejected", "unknown")),
             **({"validation_report": "describes another validation (a later refused dataset)"} if stale else {}),

@@ -128,7 +128,7 @@ def markdown_summary(report: dict[str, Any]) -> str:
     ...      "success": True, "unexpected_count": 0, "where": []}]}))
     ## Validation: passed
     <BLANKLINE>
-    Source `x.jsonl`: 3 rows, 0 rejected; train ?, eval ?.
+    Source `x.jsonl`: 3 rows, 0 rejected; train ?, val ?, eval ?.
     <BLANKLINE>
     | table | expectation | column | result | bad rows | first offending rows | meaning |
     |---|---|---|---|---|---|---|
@@ -139,7 +139,8 @@ def markdown_summary(report: dict[str, Any]) -> str:
         f"## Validation: {status}",
         "",
         f"Source `{report.get('source')}`: {report.get('rows', '?')} rows, {report.get('rejected', 0)} rejected; "
-        f"train {report.get('train_rows', '?')}, eval {report.get('eval_rows', '?')}."
+        f"train {report.get('train_rows', '?')}, val {report.get('val_rows', '?')}, "
+        f"eval {report.get('eval_rows', '?')}."
         + (f" Digest `{report['digest'][:16]}`." if report.get("digest") else ""),
         "",
         "| table | expectation | column | result | bad rows | first offending rows | meaning |",

@@ -1,8 +1,8 @@
 """Stage 1, validate: read the dataset (or generate one), run the GX suite, split, write the splits.
 
 The order: read every row once into columns (sources.py) -> row expectations -> set bad rows
-aside (only when data.max_rejected_fraction allows) -> split the rest by id -> leakage and
-row-count expectations -> write train/eval/rejected. Outputs are written atomically: a dataset
+aside (only when data.max_rejected_fraction allows) -> split the rest by id into train, val and
+eval -> leakage and row-count expectations -> write train/val/eval/rejected. Outputs are written atomically: a dataset
 that fails leaves the previous data/validated intact.
 """
 
@@ -25,11 +25,14 @@ from pipelines.data.expectations import GxRun, leakage_suite, rows_suite, split_
 from pipelines.data.prompts import build_messages
 from pipelines.data.report import failure_message, outcome_entry, rejected_rows, row_reasons, unreadable_message
 from pipelines.data.sources import read_source, source_label
-from pipelines.data.split import split_ids
+from pipelines.data.split import three_way
 from pipelines.data.table import Table
 from pipelines.hashing import digest_files
 from pipelines.io import staging_dir, write_json
 from pipelines.paths import Paths
+
+# The splits in the order their bytes enter the dataset digest (hashing.digest_files).
+SPLIT_FILES = ("train", "val", "eval")
 
 
 @dataclass
@@ -39,6 +42,7 @@ class ValidationResult:
     eval_rows: int
     digest: str
     rejected_rows: int = 0
+    val_rows: int = 0
 
 
 def verifier_for(cfg: DataConfig) -> str:
@@ -82,14 +86,24 @@ def run(cfg: Config, paths: Paths) -> ValidationResult:
     # Split only the rows that passed: a rejected row must not decide where its neighbours go.
     kept = [i for i in range(len(table)) if i not in reasons]
     ids = frame["id"].tolist()
-    train_pos, eval_pos = split_ids([ids[i] for i in kept], data.eval_fraction, data.max_eval_rows, data.split_seed)
-    train, held_out = [kept[p] for p in train_pos], [kept[p] for p in eval_pos]
-    leak_outcomes = gx.validate("leakage", _leakage_frame(table, train, held_out), leakage_suite())
+    train_pos, val_pos, eval_pos = three_way(
+        [ids[i] for i in kept],
+        data.eval_fraction,
+        data.max_eval_rows,
+        data.val_fraction,
+        data.max_val_rows,
+        data.split_seed,
+    )
+    train, val, held_out = ([kept[p] for p in part] for part in (train_pos, val_pos, eval_pos))
+    leak_outcomes = gx.validate("leakage", _leakage_frame(table, train, val, held_out), leakage_suite())
     outcomes += leak_outcomes
     leaked = row_reasons(leak_outcomes)
     reasons.update(leaked)
+    val = [i for i in val if i not in leaked]
     held_out = [i for i in held_out if i not in leaked]
     outcomes += gx.validate("train", pd.DataFrame({"_row": train}), split_suite("train", data.min_train_rows))
+    if data.val_fraction > 0:
+        outcomes += gx.validate("val", pd.DataFrame({"_row": val}), split_suite("val", data.min_val_rows))
     outcomes += gx.validate("eval", pd.DataFrame({"_row": held_out}), split_suite("eval", data.min_eval_rows))
     gx.publish(paths.data_docs)
 
@@ -117,11 +131,18 @@ def run(cfg: Config, paths: Paths) -> ValidationResult:
         write_json(paths.validation_report, report)
         raise DataError(failure_message(source, failures, table, rejected, total, data.max_rejected_fraction))
 
-    digest = _write_outputs(table, frame, data, paths, train, held_out, rejected_rows(table, reasons))
-    report |= {"train_rows": len(train), "eval_rows": len(held_out), "digest": digest}
+    digest = _write_outputs(
+        table, frame, data, paths, {"train": train, "val": val, "eval": held_out}, rejected_rows(table, reasons)
+    )
+    report |= {"train_rows": len(train), "val_rows": len(val), "eval_rows": len(held_out), "digest": digest}
     write_json(paths.validation_report, report)
     return ValidationResult(
-        source=source, train_rows=len(train), eval_rows=len(held_out), digest=digest, rejected_rows=rejected
+        source=source,
+        train_rows=len(train),
+        eval_rows=len(held_out),
+        digest=digest,
+        rejected_rows=rejected,
+        val_rows=len(val),
     )
 
 
@@ -132,12 +153,24 @@ def _countdown_issues(frame: pd.DataFrame) -> dict[int, str]:
     return dict(zip(bad["_row"].tolist(), bad["countdown_issue"].tolist(), strict=True))
 
 
-def _leakage_frame(table: Table, train: list[int], held_out: list[int]) -> pd.DataFrame:
-    # Index the (small) eval split and scan train against it: no set of a million train prompts.
-    eval_keys = {prompt_key(table.prompt[i]) for i in held_out}
-    leaked = {key for key in (prompt_key(table.prompt[i]) for i in train) if key in eval_keys}
+def _leakage_frame(table: Table, train: list[int], val: list[int], held_out: list[int]) -> pd.DataFrame:
+    """One row per val and eval row: is its prompt (normalised) also in an earlier split?
+
+    Earlier means train for a val row, and train or val for an eval row, so no prompt is in any
+    two of the three splits once the flagged rows are set aside.
+    """
+    # Index the (small) held-out splits and scan train against them: no set of a million train prompts.
+    val_keys = [prompt_key(table.prompt[i]) for i in val]
+    eval_keys = [prompt_key(table.prompt[i]) for i in held_out]
+    held = set(val_keys) | set(eval_keys)
+    in_train = {key for key in (prompt_key(table.prompt[i]) for i in train) if key in held}
+    earlier_for_eval = in_train | set(val_keys)
     return pd.DataFrame(
-        {"_row": held_out, "prompt_in_train": [prompt_key(table.prompt[i]) in leaked for i in held_out]}
+        {
+            "_row": val + held_out,
+            "split": ["val"] * len(val) + ["eval"] * len(held_out),
+            "prompt_in_train": [k in in_train for k in val_keys] + [k in earlier_for_eval for k in eval_keys],
+        }
     )
 
 
@@ -146,11 +179,10 @@ def _write_outputs(
     frame: pd.DataFrame,
     data: DataConfig,
     paths: Paths,
-    train: list[int],
-    held_out: list[int],
+    splits: dict[str, list[int]],
     rejected: list[dict[str, Any]],
 ) -> str:
-    """Write the three files into a staging folder, then move each into data/validated."""
+    """Write the split files into a staging folder, then move each into data/validated."""
     ids, finals = frame["id"].tolist(), frame["answer_final"].tolist()
 
     def rows(indices: list[int]) -> Iterable[dict[str, Any]]:
@@ -165,13 +197,13 @@ def _write_outputs(
 
     staging = staging_dir(paths.validated_dir)
     try:
-        _stream_jsonl(staging / "train.jsonl", rows(train))
-        _stream_jsonl(staging / "eval.jsonl", rows(held_out))
+        for name, indices in splits.items():
+            _stream_jsonl(staging / f"{name}.jsonl", rows(indices))
         _stream_jsonl(staging / "rejected.jsonl", rejected)
-        digest = digest_files(staging / "train.jsonl", staging / "eval.jsonl")
+        digest = digest_files(*(staging / f"{name}.jsonl" for name in SPLIT_FILES))
         # File by file, not a folder swap: data/validated also holds DVC's .gitignore.
         paths.validated_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("train.jsonl", "eval.jsonl", "rejected.jsonl"):
+        for name in (*(f"{name}.jsonl" for name in splits), "rejected.jsonl"):
             os.replace(staging / name, paths.validated_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -11,22 +11,8 @@ from collections import Counter
 from typing import Any
 
 from pipelines.config import EvaluateConfig
-from pipelines.verifiers.math_answer import answers_match, last_number, parse_number, strict_answer
-
-
-def judge(text: str, expected: str) -> dict[str, Any]:
-    """The verdict on one completion.
-
-    >>> judge("2 + 2 = 4\\n#### 4", "4")["correct"], judge("4", "4")["format"]
-    (True, False)
-    """
-    strict = strict_answer(text)
-    return {
-        "extracted": strict,
-        "correct": answers_match(strict, expected),
-        "format": strict is not None,
-        "last_number_correct": answers_match(last_number(text), expected),
-    }
+from pipelines.verifiers.judge import judge
+from pipelines.verifiers.math_answer import answers_match, parse_number
 
 
 def majority_answer(answers: list[str | None]) -> str | None:

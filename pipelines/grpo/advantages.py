@@ -27,10 +27,14 @@ def group_advantages(
 
     `group` divides by each group's std (DeepSeekMath), `batch` by the whole batch's std,
     `none` keeps raw differences (Dr. GRPO). Groups with equal rewards get advantage 0.
+    A NaN reward (a completion no function scored) is left out of the mean and the std and gets
+    advantage 0, as in TRL; a group with no scored completion has std NaN.
 
     >>> adv, std = group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.5]), 2, "none")
     >>> adv.tolist(), std.tolist()
     ([0.5, -0.5, 0.0, 0.0], [0.7071067690849304, 0.0])
+    >>> group_advantages(torch.tensor([2.0, 1.0, 0.0, float("nan")]), 4, "none")[0].tolist()
+    [1.0, 0.0, -1.0, 0.0]
     """
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
@@ -41,16 +45,21 @@ def group_advantages(
         centred = centred / (group_std.unsqueeze(1) + eps)
     elif scale == "batch":
         centred = centred / (nanstd(rewards) + eps)
-    return centred.reshape(-1), group_std
+    return centred.reshape(-1).nan_to_num(nan=0.0), group_std
 
 
 def combine_rewards(per_function: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted sum over reward functions; NaN (a function's `None`) counts as absent.
 
-    >>> combine_rewards(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), torch.tensor([1.0, 0.5])).tolist()
-    [1.0, 0.5]
+    A completion that no function scored (all NaN) stays NaN, not 0: it is "not scored", and a 0
+    would enter its group's mean and std and give it an advantage (TRL's `unscorable_mask`).
+
+    >>> per_fn = torch.tensor([[1.0, float("nan")], [0.0, 1.0], [float("nan"), float("nan")]])
+    >>> combine_rewards(per_fn, torch.tensor([1.0, 0.5])).tolist()
+    [1.0, 0.5, nan]
     """
-    return (per_function * weights.unsqueeze(0)).nansum(dim=1)
+    combined = (per_function * weights.unsqueeze(0)).nansum(dim=1)
+    return combined.masked_fill(per_function.isnan().all(dim=1), float("nan"))
 
 
 def advantages_from_rewards(
@@ -66,6 +75,10 @@ def advantages_from_rewards(
     `sum_then_normalize`: weighted sum of the functions, then group-relative advantages.
     `normalize_then_sum`: each function normalised within its group first, then the weighted sum,
     then normalised over the batch (so one function with a large scale cannot drown the others).
+
+    A function's None (NaN) is absent from its sums, means and stds; a completion that every
+    function left unscored has combined reward NaN, takes no part in any mean or std, and gets
+    advantage 0, exactly as TRL 1.16 (`_generate_and_score_completions`, `unscorable_mask`).
     """
     rewards = combine_rewards(per_function, weights)
     if aggregation == "sum_then_normalize":
@@ -76,6 +89,6 @@ def advantages_from_rewards(
     n_fn = per_function.size(1)
     grouped = per_function.view(-1, group_size, n_fn)
     normalised = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)) / (nanstd(grouped, dim=1, keepdim=True) + eps)
-    summed = combine_rewards(normalised.view(-1, n_fn), weights)
-    advantages = (summed - torch.nanmean(summed)) / (nanstd(summed) + eps)
+    summed = combine_rewards(normalised.view(-1, n_fn), weights)  # NaN exactly where no function scored
+    advantages = ((summed - torch.nanmean(summed)) / (nanstd(summed) + eps)).nan_to_num(nan=0.0)
     return advantages, rewards, nanstd(rewards.view(-1, group_size), dim=1)

@@ -61,6 +61,34 @@ def latest(folder: Path) -> Path | None:
 
 def load(target: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
     """Restore everything saved in `target` and return its JSON state (step, sampler, history...)."""
+    _restore_trainable(target, model)
+    blob = torch.load(target / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["torch_rng"])
+    return json.loads((target / "state.json").read_text())
+
+
+BEST = "best"
+
+
+def save_best(folder: Path, step: int, model: torch.nn.Module, accuracy: float) -> Path:
+    """The trainable weights of the best validated step, in checkpoints/best (replaced whole)."""
+    target = folder / BEST
+    with staged_dir(target) as staging:
+        save_file(trainable_state(model), str(staging / "trainable.safetensors"))
+        write_json(staging / "best.json", {"step": step, "accuracy": accuracy})
+    return target
+
+
+def load_best(folder: Path, model: torch.nn.Module) -> int:
+    """Put the best validated step's trainable weights into `model`; return that step."""
+    target = folder / BEST
+    _restore_trainable(target, model)
+    return int(json.loads((target / "best.json").read_text())["step"])
+
+
+def _restore_trainable(target: Path, model: torch.nn.Module) -> None:
     weights = load_file(str(target / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = set(weights) ^ {n for n, p in params.items() if p.requires_grad}
@@ -69,8 +97,3 @@ def load(target: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
-    blob = torch.load(target / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["torch_rng"])
-    return json.loads((target / "state.json").read_text())

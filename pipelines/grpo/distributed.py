@@ -168,12 +168,12 @@ def world(train: TrainConfig) -> Iterator[World]:
 def loss_share(loss_type: str, mask: torch.Tensor, world: World) -> float:
     """The factor for this rank's loss so that the sum over ranks is the global batch's loss.
 
-    `grpo` and `dr_grpo` divide by the number of sequences, `bnpo` and `dapo` by the number of
-    completion tokens (in one process both are the whole batch's): a rank's loss, normalised by its
-    own count, is scaled by its own count over the global one.
+    `grpo`, `sapo` and `dr_grpo` divide by the number of sequences, `bnpo`, `dapo` and `cispo` by
+    the number of completion tokens (in one process both are the whole batch's): a rank's loss,
+    normalised by its own count, is scaled by its own count over the global one.
     """
     if world.size == 1:
         return 1.0
-    local = float(mask.sum()) if loss_type in ("bnpo", "dapo") else float(mask.size(0))
+    local = float(mask.sum()) if loss_type in ("bnpo", "dapo", "cispo") else float(mask.size(0))
     total = world.sum(local)
     return local / total if total else 0.0

@@ -83,25 +83,37 @@ class _SelectedLogps(torch.autograd.Function):
                 if with_entropy:
                     # H = -sum p log p = log(total) - sum(e * shifted) / total, with p = e / total.
                     entropy[start:end] = log_total - torch.linalg.vecdot(e, shifted) / total
-        ctx.save_for_backward(logits, targets, lse)
+        ctx.save_for_backward(logits, targets, lse, entropy)
         ctx.temperature = temperature
-        ctx.mark_non_differentiable(entropy)
+        ctx.set_materialize_grads(False)  # an unused output (the entropy, mostly) costs nothing in backward
         return chosen, entropy
 
     @staticmethod
-    def backward(ctx, grad_chosen, _grad_entropy):  # type: ignore[override]
-        logits, targets, lse = ctx.saved_tensors
+    def backward(ctx, grad_chosen, grad_entropy):  # type: ignore[override]
+        logits, targets, lse, entropy = ctx.saved_tensors
+        if grad_chosen is None and grad_entropy is None:
+            return None, None, None, None
         grad = torch.empty_like(logits)
         step = _block_rows(logits.size(-1))
         dtype = _compute_dtype(logits)
-        scale = grad_chosen.to(dtype) / ctx.temperature
-        for start in range(0, logits.size(0), step):
-            end = min(start + step, logits.size(0))
+        rows = logits.size(0)
+        zero = torch.zeros(rows, dtype=dtype, device=logits.device)
+        scale = zero if grad_chosen is None else grad_chosen.to(dtype) / ctx.temperature
+        h_scale = None if grad_entropy is None else grad_entropy.to(dtype) / ctx.temperature
+        for start in range(0, rows, step):
+            end = min(start + step, rows)
             x = logits[start:end].to(dtype)
             if ctx.temperature != 1.0:
                 x = x / ctx.temperature
-            # d chosen / d logits = (onehot(target) - softmax) / temperature
-            block = (x - lse[start:end, None]).exp_().mul_(-scale[start:end, None])
+            log_p = x - lse[start:end, None]
+            if h_scale is None:
+                # d chosen / d logits = (onehot(target) - softmax) / temperature
+                block = log_p.exp_().mul_(-scale[start:end, None])
+            else:
+                # and d entropy / d logits = -softmax * (log softmax + entropy) / temperature
+                block = log_p.exp() * (
+                    -scale[start:end, None] - h_scale[start:end, None] * (log_p + entropy[start:end, None])
+                )
             block.scatter_add_(-1, targets[start:end, None], scale[start:end, None])
             grad[start:end] = block
         return grad, None, None, None

@@ -57,8 +57,9 @@ def step_metrics(
     )
     return {
         "loss": world.sum(loss * share),
-        "reward": float(rewards.mean()),
-        "reward_std": float(group_std.mean()),
+        # (NaN marks a completion no reward function scored, and a group without two scored ones)
+        "reward": float(rewards.nanmean()),
+        "reward_std": float(group_std.nanmean()),
         **{f"rewards/{name}/mean": m for name, m in zip(reward_names, fn_means, strict=True)},
         "frac_reward_zero_std": batch.frac_zero_std,
         "resample_rounds": float(batch.rounds),
@@ -69,6 +70,7 @@ def step_metrics(
         "clip_ratio/high_mean": per_token["high"],
         "clip_ratio/region_mean": per_token["region"],
         "entropy": per_token["entropy"],
+        **_knob_metrics(stats, share, world, weight=tokens),
         **_sampler_metrics(sampler_stats, world, weight=tokens),
         "completions/mean_length": per_completion["length"],
         "completions/clipped_ratio": per_completion["clipped"],
@@ -110,6 +112,17 @@ def truncation_warning(history: list[dict[str, float]], t: Any) -> str | None:
     )
 
 
+def _knob_metrics(stats: LossStats, share: float, world: distributed.World, weight: float) -> dict[str, float]:
+    """TRL's figures for the optional loss terms, only where they are on (the same on every process)."""
+    out: dict[str, float] = {}
+    if stats.cispo_clip is not None:
+        out["cispo_clip_ratio"] = world.average({"c": stats.cispo_clip}, weight=weight)["c"]
+    if stats.policy_loss is not None and stats.entropy_bonus is not None:
+        out["policy_loss"] = world.sum(stats.policy_loss * share)  # the loss before the entropy bonus
+        out["entropy_bonus"] = world.average({"h": stats.entropy_bonus}, weight=weight)["h"]
+    return out
+
+
 def _sampler_metrics(stats: dict[str, float], world: distributed.World, weight: float) -> dict[str, float]:
     """The sampler-mismatch figures over all processes: means weighted by tokens, extremes as extremes."""
     out = world.average({k: v for k, v in stats.items() if k.endswith("/mean")}, weight=weight) if stats else {}
@@ -130,4 +143,17 @@ def history_csv(history: list[dict[str, float]]) -> str:
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
+    return buf.getvalue()
+
+
+def scores_csv(scores: list[Any], history: list[dict[str, float]]) -> str:
+    """plots/val.csv: one row per validation (step, training wall time, accuracies, format rate)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["step", "wall_time", "accuracy", "lenient_accuracy", "format_rate", "reward"])
+    wall = {int(h["step"]): h["wall_time"] for h in history}
+    for s in scores:
+        reward = "" if s.reward is None else f"{s.reward:.6g}"
+        row = [s.step, f"{wall.get(s.step, 0.0):.6g}", f"{s.accuracy:.6g}", f"{s.lenient_accuracy:.6g}"]
+        writer.writerow([*row, f"{s.format_rate:.6g}", reward])
     return buf.getvalue()

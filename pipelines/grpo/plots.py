@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
-def training_curves(history: list[dict[str, float]], out: Path) -> Path | None:
-    """Reward (and each reward function's mean) against training wall time, step time below."""
+def training_curves(history: list[dict[str, float]], out: Path, scores: Sequence[Any] = ()) -> Path | None:
+    """Reward (and each reward function's mean) against training wall time, with validation accuracy
+    (strict and lenient, grpo/validation.py) where it was measured; step time below."""
     if not history:
         return None
     import matplotlib
@@ -20,7 +23,13 @@ def training_curves(history: list[dict[str, float]], out: Path) -> Path | None:
     top.plot(steps, [h["reward"] for h in history], label="reward (weighted sum)", linewidth=2)
     for key in sorted(k for k in history[0] if k.startswith("rewards/")):
         top.plot(steps, [h[key] for h in history], label=key.removeprefix("rewards/").removesuffix("/mean"), alpha=0.8)
-    top.set_ylabel("mean reward")
+    if scores:
+        # Reward rising while these fall is the decline the alarm is about: one picture shows both.
+        wall = {int(h["step"]): h.get("wall_time", h["step"]) / 60 for h in history}
+        at = [wall.get(s.step, 0.0) for s in scores]
+        top.plot(at, [s.accuracy for s in scores], "o-", color="black", label="validation accuracy")
+        top.plot(at, [s.lenient_accuracy for s in scores], "o--", color="grey", label="validation, last number")
+    top.set_ylabel("mean reward / accuracy")
     top.legend(loc="lower right")
     top.grid(alpha=0.3)
     bottom.plot(steps, [h["step_time"] for h in history], color="grey")

@@ -64,6 +64,19 @@ class RunLogger:
                     artifact_file="completions.json",
                 )
 
+    def metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Metrics outside a training step's (validation's), at `step`."""
+        if self.enabled:
+            import mlflow
+
+            mlflow.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)}, step=step)
+
+    def tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.set_tags(tags)
+
     def fail(self, interrupted: bool) -> None:
         if self.enabled:
             import mlflow

@@ -25,11 +25,12 @@ from pipelines.grpo.advantages import advantages_from_rewards
 from pipelines.grpo.batch import sample_batch
 from pipelines.grpo.logprobs import token_logps
 from pipelines.grpo.loss import grpo_loss
-from pipelines.grpo.metrics import flat_groups_warning, history_csv, step_metrics, truncation_warning
+from pipelines.grpo.metrics import flat_groups_warning, history_csv, scores_csv, step_metrics, truncation_warning
 from pipelines.grpo.plots import training_curves
 from pipelines.grpo.prompt_sampler import PromptSampler
 from pipelines.grpo.run_logger import RunLogger
 from pipelines.grpo.sampling_correction import importance_weights
+from pipelines.grpo.validation import Watch, mean_reward_since, score_split
 from pipelines.io import read_jsonl, staged_dir, write_json, write_text
 from pipelines.paths import Paths
 from pipelines.snapshot.manifest import verify
@@ -50,6 +51,7 @@ class Progress:
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     run_id: str | None = None
+    validation: dict[str, Any] | None = None  # Watch.state_dict(): evaluations, best, alarms
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, t: Any) -> torch.optim.lr_scheduler.LambdaLR:
@@ -73,6 +75,10 @@ def lr_schedule(optimizer: torch.optim.Optimizer, t: Any) -> torch.optim.lr_sche
     return get_scheduler(
         name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.steps * t.num_iterations
     )
+
+
+def _bytes(path: Any) -> bytes:
+    return path.read_bytes() if path.exists() else b""
 
 
 def fingerprint(cfg: Config, reference_sha: str, train_bytes: bytes) -> str:
@@ -112,7 +118,7 @@ def resume_or_start(
         copy.sync()
         if world.is_main:
             print(f"resuming from {saved} (step {state['step']} of {cfg.train.steps})", file=sys.stderr)
-        return Progress(int(state["step"]), state["history"], state.get("run_id"))
+        return Progress(int(state["step"]), state["history"], state.get("run_id"), state.get("validation"))
     if paths.checkpoints_dir.exists() and world.is_main:
         shutil.rmtree(paths.checkpoints_dir)  # checkpoints of another config or data: not resumable
     return Progress()
@@ -129,9 +135,16 @@ def save_checkpoint(
     sampler: PromptSampler,
     history: list[dict[str, float]],
     run_id: str | None,
+    watch: Watch,
 ) -> None:
     """Everything exact resume needs, in checkpoints/step-N (rank 0 only)."""
-    state = {"fingerprint": key, "sampler": sampler.state_dict(), "history": history, "run_id": run_id}
+    state = {
+        "fingerprint": key,
+        "sampler": sampler.state_dict(),
+        "history": history,
+        "run_id": run_id,
+        "validation": watch.state_dict(),
+    }
     checkpoint.save(paths.checkpoints_dir, step, model, optimizer, scheduler, state, keep=cfg.train.keep_checkpoints)
 
 
@@ -157,18 +170,44 @@ def train(
     )
     weights = torch.tensor([s.weight for s in t.rewards])
     eps_high = t.epsilon if t.epsilon_high is None else t.epsilon_high
-    key = fingerprint(cfg, manifest["sha256"], paths.train_split.read_bytes())
+    val_rows = read_jsonl(paths.val_split) if paths.val_split.exists() else []
+    key = fingerprint(cfg, manifest["sha256"], paths.train_split.read_bytes() + _bytes(paths.val_split))
     progress = resume_or_start(cfg, paths, key, world, model, optimizer, scheduler, sampler, copy)
     start, history = progress.step, progress.history
+    watch = Watch.from_state(progress.validation, t.decline_window)
 
     # Only rank 0 writes: MLflow, checkpoints, metrics, the adapter.
     logger = RunLogger(paths, cfg, enabled=log_to_mlflow and world.is_main, run_id=progress.run_id)
     bar = tqdm(range(start, t.steps), desc="GRPO", unit="step", initial=start, total=t.steps, disable=not world.is_main)
+
+    def validate(step: int) -> None:
+        """Score the validation split now (every process, so all agree on stopping); rank 0 logs and
+        keeps the best weights."""
+        previous = watch.scores[-1].step if watch.scores else 0
+        score = score_split(
+            copy.model, tokenizer, val_rows, step=step, max_new_tokens=cfg.evaluate.max_new_tokens,
+            batch_size=cfg.evaluate.batch_size, backend=cfg.runtime.rollout_backend,
+        )  # fmt: skip
+        score.reward = mean_reward_since(history, previous) if step > 0 else None
+        alarms = watch.add(score)
+        if not world.is_main:
+            return
+        logger.metrics(step, score.metrics())
+        for message in alarms:
+            bar.write(message)
+            logger.tags({"decline_alarm": "true", "decline_alarm_message": message[:5000]})
+        if watch.best is score:
+            checkpoint.save_best(paths.checkpoints_dir, step, model, score.accuracy)
+
     try:
+        if val_rows and not watch.scores:
+            validate(0)  # the reference's score: the baseline every later evaluation is judged against
         for step in bar:
             if t.time_budget_s is not None and history and history[-1]["wall_time"] >= t.time_budget_s:
                 if world.is_main:
                     bar.write(f"stopping after step {step}: train.time_budget_s={t.time_budget_s:g} s used")
+                break
+            if watch.stop_reason:  # a resumed run that had already stopped early
                 break
             started = time.perf_counter()
 
@@ -235,6 +274,14 @@ def train(
                     importance_sampling_level=t.importance_sampling_level,
                     max_completion_length=t.max_completion_length,
                     is_weight=is_weight,
+                    delta=t.delta,
+                    entropy=entropy,
+                    top_entropy_quantile=t.top_entropy_quantile,
+                    # the quantile is over the whole batch's tokens, on every process (as TRL gathers them)
+                    entropy_pool=world.gather(entropy.detach()[mask.bool()]) if t.top_entropy_quantile < 1.0 else None,
+                    entropy_coef=t.entropy_coef,
+                    sapo_temperature_pos=t.sapo_temperature_pos,
+                    sapo_temperature_neg=t.sapo_temperature_neg,
                 )
                 (loss * share).backward()
                 world.all_reduce_grads(params)
@@ -277,9 +324,22 @@ def train(
                         bar.write(warning)
             logger.step(step + 1, metrics, batch.rows, rollout.texts, rewards[batch.local])
 
-            # 5. Checkpoint for exact resume.
+            # 5. Validation: the held-out skill, not the reward (validation.py says why).
+            stop = False
+            if val_rows and t.eval_every and (step + 1) % t.eval_every == 0:
+                validate(step + 1)
+                stop = watch.should_stop(t.early_stopping_patience)  # decided before the checkpoint keeps it
+                if stop and world.is_main:
+                    bar.write(watch.stop_reason or "")
+                    logger.tags({"stop_reason": watch.stop_reason or ""})
+
+            # 6. Checkpoint for exact resume.
             if world.is_main and t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.steps:
-                save_checkpoint(paths, cfg, step + 1, key, model, optimizer, scheduler, sampler, history, logger.run_id)
+                save_checkpoint(
+                    paths, cfg, step + 1, key, model, optimizer, scheduler, sampler, history, logger.run_id, watch
+                )
+            if stop:
+                break
     except BaseException as exc:
         logger.fail(isinstance(exc, KeyboardInterrupt))
         raise
@@ -288,11 +348,37 @@ def train(
 
     done = int(history[-1]["step"]) if history else start
     final = {k: v for k, v in history[-1].items() if k != "step"} if history else {}
+    if val_rows and (not watch.scores or watch.scores[-1].step != done):
+        validate(done)
     if world.is_main:
-        save_checkpoint(paths, cfg, done, key, model, optimizer, scheduler, sampler, history, logger.run_id)
+        save_checkpoint(paths, cfg, done, key, model, optimizer, scheduler, sampler, history, logger.run_id, watch)
+        # The policy that leaves `train`: the best validated step's weights, or the last step's.
+        selected = done
+        if t.select == "best" and watch.best is not None and watch.best.step != done:
+            selected = checkpoint.load_best(paths.checkpoints_dir, model)
+            print(
+                f"selected step {selected} (validation accuracy {watch.best.accuracy:.3f}) over the last step "
+                f"{done} ({watch.scores[-1].accuracy:.3f}); train.select=last keeps the last",
+                file=sys.stderr,
+            )
         with staged_dir(paths.policy_dir) as staging:
             policy.save(model, tokenizer, staging)
-        write_json(paths.train_metrics, {**final, "steps": done, "mlflow_run_id": logger.run_id})
+        spent = sum(h["step_time"] for h in history)
+        validation = watch.summary(spent) if watch.scores else None
+        write_json(
+            paths.train_metrics,
+            {
+                **final,
+                "steps": done,
+                "select": t.select,
+                "selected_step": selected,
+                "validation": validation,
+                "mlflow_run_id": logger.run_id,
+            },
+        )
         write_text(paths.train_plot, history_csv(history))
-        logger.finish(training_curves(history, paths.train_curves))
+        write_text(paths.val_plot, scores_csv(watch.scores, history))
+        if validation:
+            logger.tags({"selected_step": str(selected), "validation_time_share": f"{validation['time_share']:.3f}"})
+        logger.finish(training_curves(history, paths.train_curves, watch.scores))
     return TrainResult(steps=done, final_reward=final.get("reward", math.nan), run_id=logger.run_id, resumed_from=start)

@@ -25,6 +25,9 @@ class Evidence:
     champion: Sequence[bool] | None  # None: there is no champion yet
     candidate_format_rate: float
     champion_version: str | None = None
+    # Lenient outcomes (the last number in the answer is right, any format), for no_skill_regression.
+    candidate_lenient: Sequence[bool] | None = None
+    reference_lenient: Sequence[bool] | None = None
 
 
 @dataclass
@@ -68,6 +71,20 @@ def decide(evidence: Evidence, rules: RegisterConfig, stats: EvaluateConfig) -> 
             f"accuracy {vs_reference['candidate']:.3f} vs reference {vs_reference['other']:.3f} "
             f"({'no regression' if checks['no_regression_vs_reference'] else 'regression'})"
         )
+
+    if rules.no_skill_regression:
+        if evidence.candidate_lenient is None or evidence.reference_lenient is None:
+            checks["no_skill_regression"] = False
+            notes.append("no lenient outcomes to judge skill by: run `grpo evaluate` again")
+        else:
+            cand = sum(evidence.candidate_lenient) / n
+            ref = sum(evidence.reference_lenient) / n
+            checks["no_skill_regression"] = cand >= ref
+            figures["lenient_accuracy"] = cand
+            notes.append(
+                f"lenient accuracy (last number right) {cand:.3f} vs reference {ref:.3f} "
+                f"({'no skill lost' if cand >= ref else 'skill lost: the gain is format only'})"
+            )
 
     if evidence.champion is None:
         verdict = all(checks.values())

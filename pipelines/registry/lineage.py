@@ -48,6 +48,7 @@ def dvc_hashes(root: Path) -> dict[str, str]:
 # dvc.lock outs -> version tags: the data the policy was trained and judged on, the checkpoint, the base.
 DVC_TAGS = (
     ("data/validated/train.jsonl", "dvc_train_data_md5"),
+    ("data/validated/val.jsonl", "dvc_val_data_md5"),
     ("data/validated/eval.jsonl", "dvc_eval_data_md5"),
     ("models/policy", "dvc_policy_md5"),
     ("models/reference", "dvc_reference_md5"),

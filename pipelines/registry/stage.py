@@ -107,8 +107,10 @@ def load_evidence(paths: Paths, evaluation: dict[str, Any], champion_now: str | 
             "the gate compares both on the same problems"
         )
     by_model: dict[str, dict[str, bool]] = {}
+    lenient: dict[str, dict[str, bool]] = {}
     for row in read_jsonl(paths.eval_samples):
         by_model.setdefault(row["model"], {})[row["id"]] = bool(row["correct"])
+        lenient.setdefault(row["model"], {})[row["id"]] = bool(row.get("last_number_correct", False))
     ids = list(by_model.get("policy", {}))
     try:
         return gate.Evidence(
@@ -117,6 +119,8 @@ def load_evidence(paths: Paths, evaluation: dict[str, Any], champion_now: str | 
             champion=[by_model["champion"][i] for i in ids] if champion_now is not None else None,
             candidate_format_rate=float(evaluation["policy"]["format_rate"]),
             champion_version=champion_now,
+            candidate_lenient=[lenient["policy"][i] for i in ids],
+            reference_lenient=[lenient["reference"][i] for i in ids],
         )
     except KeyError as exc:
         raise RegistryError(f"{paths.eval_samples} lacks outcomes for {exc}; run `grpo evaluate` again") from exc

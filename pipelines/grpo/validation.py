@@ -1,0 +1,196 @@
+"""Validation during training: is the policy getting better at the task, or only at the reward?
+
+Reward curves rise while held-out skill can fall (the policy learns the answer format, then loses
+arithmetic). So training scores the validation split (data/validated/val.jsonl) greedily before
+the first step, every `train.eval_every` steps and after the last, on the sampling copy (batched,
+no gradients), and keeps:
+- the best step (strict accuracy, ties to the earlier one; step 0, the reference, is the baseline
+  and never "best"), whose trainable weights wait in checkpoints/best/ for `train.select: best`;
+- the evaluations without improvement since, for `train.early_stopping_patience`;
+- a decline alarm when training reward rose while validation accuracy fell over
+  `train.decline_window` evaluations, or when lenient accuracy (the last number is right, any
+  format) falls below the reference's.
+The judge is evaluation's (verifiers/judge.py), with evaluation's decoding length, so validation
+predicts what `evaluate` will see on the test split.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipelines.generation.rollout import generate
+from pipelines.verifiers.judge import judge
+
+
+@dataclass
+class Score:
+    """One evaluation of the policy on the validation split."""
+
+    step: int
+    accuracy: float  # greedy, strict `#### N`
+    lenient_accuracy: float  # the last number in the text is right
+    format_rate: float
+    seconds: float
+    reward: float | None = None  # mean training reward over the steps since the previous evaluation
+
+    def metrics(self) -> dict[str, float]:
+        """As logged to MLflow (TRL's `eval/` prefix)."""
+        return {
+            "eval/accuracy": self.accuracy,
+            "eval/lenient_accuracy": self.lenient_accuracy,
+            "eval/format_rate": self.format_rate,
+            "eval/seconds": self.seconds,
+        }
+
+
+def score_split(
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    *,
+    step: int,
+    max_new_tokens: int,
+    batch_size: int,
+    backend: str = "lean",
+) -> Score:
+    """Greedy answers to every row, judged strict, lenient and for format."""
+    started = time.perf_counter()
+    correct = lenient = formatted = 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        rollout = generate(
+            model, tokenizer, [r["prompt"] for r in chunk], num_generations=1, max_new_tokens=max_new_tokens,
+            do_sample=False, backend=backend,
+        )  # fmt: skip
+        for row, text in zip(chunk, rollout.texts, strict=True):
+            verdict = judge(text, str(row["answer"]))
+            correct += verdict["correct"]
+            lenient += verdict["last_number_correct"]
+            formatted += verdict["format"]
+    n = max(len(rows), 1)
+    return Score(step, correct / n, lenient / n, formatted / n, time.perf_counter() - started)
+
+
+@dataclass
+class Watch:
+    """The evaluations so far and what follows from them; checkpointed with the trainer's state."""
+
+    window: int = 3
+    scores: list[Score] = field(default_factory=list)
+    alarms: list[dict[str, Any]] = field(default_factory=list)
+    stop_reason: str | None = None
+
+    @property
+    def best(self) -> Score | None:
+        """The trained step with the best accuracy; the earlier one on a tie."""
+        trained = [s for s in self.scores if s.step > 0]
+        return max(trained, key=lambda s: (s.accuracy, -s.step)) if trained else None
+
+    @property
+    def reference(self) -> Score | None:
+        return self.scores[0] if self.scores and self.scores[0].step == 0 else None
+
+    def since_best(self) -> int:
+        """Evaluations after the best one (0 when the latest is the best)."""
+        best = self.best
+        return 0 if best is None else sum(1 for s in self.scores if s.step > best.step)
+
+    def add(self, score: Score) -> list[str]:
+        """Record a score; return the alarms it raises (each said once when its condition starts)."""
+        self.scores.append(score)
+        said = []
+        previous = self._previous_step()
+        for kind, message in (("reward_up_accuracy_down", self._decline()), ("lenient_below_reference", self._lost())):
+            was_on = any(a["kind"] == kind and a["step"] == previous for a in self.alarms)
+            if message:
+                self.alarms.append({"step": score.step, "kind": kind, "message": message})
+                if not was_on:
+                    said.append(message)
+        return said
+
+    def should_stop(self, patience: int | None) -> bool:
+        if patience is None or self.best is None or self.since_best() < patience:
+            return False
+        best = self.best
+        self.stop_reason = (
+            f"early stop at step {self.scores[-1].step}: validation accuracy has not beaten step {best.step}'s "
+            f"{best.accuracy:.3f} in {patience} evaluations (train.early_stopping_patience={patience})"
+        )
+        return True
+
+    def _previous_step(self) -> int | None:
+        return self.scores[-2].step if len(self.scores) > 1 else None
+
+    def _decline(self) -> str | None:
+        recent = [s for s in self.scores if s.reward is not None][-self.window :]
+        if len(recent) < self.window:
+            return None
+        first, last = recent[0], recent[-1]
+        if not (last.reward > first.reward and last.accuracy < first.accuracy):  # type: ignore[operator]
+            return None
+        return (
+            f"decline alarm at step {last.step}: over the last {self.window} evaluations (steps {first.step}-"
+            f"{last.step}) training reward rose {first.reward:.3f} -> {last.reward:.3f} while validation accuracy "
+            f"fell {first.accuracy:.3f} -> {last.accuracy:.3f}: the policy is learning the reward, not the task. "
+            "train.select=best keeps the best step; lower train.learning_rate or raise train.beta to keep the gains"
+        )
+
+    def _lost(self) -> str | None:
+        ref, last = self.reference, self.scores[-1]
+        if ref is None or last.step == 0 or last.lenient_accuracy >= ref.lenient_accuracy:
+            return None
+        return (
+            f"decline alarm at step {last.step}: lenient validation accuracy (the last number is right) "
+            f"{last.lenient_accuracy:.3f} is below the reference's {ref.lenient_accuracy:.3f}: the policy has lost "
+            "skill the base model had; lower train.learning_rate or raise train.beta"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "window": self.window,
+            "scores": [asdict(s) for s in self.scores],
+            "alarms": self.alarms,
+            "stop_reason": self.stop_reason,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None, window: int) -> Watch:
+        if not state:
+            return cls(window=window)
+        return cls(
+            window=window,
+            scores=[Score(**s) for s in state["scores"]],
+            alarms=list(state["alarms"]),
+            stop_reason=state.get("stop_reason"),
+        )
+
+    def summary(self, total_step_seconds: float) -> dict[str, Any]:
+        """What metrics/train.json says about validation."""
+        spent = sum(s.seconds for s in self.scores)
+        best, ref = self.best, self.reference
+        return {
+            "evaluations": len(self.scores),
+            "best_step": best.step if best else None,
+            "best_accuracy": best.accuracy if best else None,
+            "last_step": self.scores[-1].step if self.scores else None,
+            "last_accuracy": self.scores[-1].accuracy if self.scores else None,
+            "reference_accuracy": ref.accuracy if ref else None,
+            "reference_lenient_accuracy": ref.lenient_accuracy if ref else None,
+            "seconds": spent,
+            # Validation's cost against training's: what `eval_every` buys its curve with.
+            "time_share": spent / (spent + total_step_seconds) if spent + total_step_seconds > 0 else 0.0,
+            "alarms": self.alarms,
+            "stop_reason": self.stop_reason,
+        }
+
+
+def mean_reward_since(history: list[dict[str, float]], step: int) -> float | None:
+    """Mean training reward of the steps after `step` (None when there are none).
+
+    >>> mean_reward_since([{"step": 1, "reward": 0.2}, {"step": 2, "reward": 0.4}], 1)
+    0.4
+    """
+    rewards = [h["reward"] for h in history if h["step"] > step]
+    return sum(rewards) / len(rewards) if rewards else None
