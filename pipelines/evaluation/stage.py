@@ -106,38 +106,25 @@ def _decoder(model: Any, bf16: bool) -> Any:
 
 
 def run(cfg: Config, paths: Paths) -> EvalResult:
-    from peft import PeftModel
-
     from pipelines.env import set_threads
     from pipelines.evaluation import champion as registry_champion
-    from pipelines.snapshot.loading import load_reference
     from pipelines.snapshot.manifest import verify
 
     e = cfg.evaluate
     set_threads(cfg.runtime.num_threads)
     manifest = verify(paths.reference_dir)
     rows = read_jsonl(paths.eval_split)
-    outcomes: dict[str, list[dict[str, Any]]] = {}
-
-    decode = e.model_copy(update={"bf16": False})  # the decoding copies below already hold bf16 weights
-    base, tokenizer = load_reference(paths.reference_dir, cfg.snapshot.trust_remote_code)
-    outcomes["reference"] = answer_problems(_decoder(base, e.bf16), tokenizer, rows, decode, "reference")
-    policy = PeftModel.from_pretrained(base, paths.policy_dir).eval()  # wraps `base` in place
-    outcomes["policy"] = answer_problems(_decoder(policy, e.bf16), tokenizer, rows, decode, "policy")
-    del policy, base
-
-    champion = None
     with tempfile.TemporaryDirectory(prefix="grpo-champion-") as tmp:
-        if e.champion:
-            champion = registry_champion.fetch(cfg.registry.model_name, paths.root, manifest["sha256"], Path(tmp))
-        if champion is not None:
-            champ_base, champ_tokenizer = load_reference(
-                champion.base_dir or paths.reference_dir, cfg.snapshot.trust_remote_code
-            )
-            champ = PeftModel.from_pretrained(champ_base, champion.adapter_dir).eval()
-            scored = answer_problems(_decoder(champ, e.bf16), champ_tokenizer, rows, decode, "champion")
-            outcomes["champion"] = [dict(o, version=champion.version) for o in scored]
-
+        # Fetched first: a registry that cannot be reached fails the stage before any scoring.
+        champion = (
+            registry_champion.fetch(cfg.registry.model_name, paths.root, manifest["sha256"], Path(tmp))
+            if e.champion
+            else None
+        )
+        if cfg.runtime.rollout_backend == "vllm":
+            outcomes = _score_on_vllm(cfg, paths, rows, champion)
+        else:
+            outcomes = _score_locally(cfg, paths, rows, champion)
     return write_outputs(
         paths,
         e,
@@ -147,3 +134,75 @@ def run(cfg: Config, paths: Paths) -> EvalResult:
         candidate_sha256=folder_sha256(paths.policy_dir),
         reference_sha256=manifest["sha256"],
     )
+
+
+def _score_locally(
+    cfg: Config, paths: Paths, rows: list[dict[str, Any]], champion: Any
+) -> dict[str, list[dict[str, Any]]]:
+    """Reference, policy and champion, each on a decoding copy in this process."""
+    from peft import PeftModel
+
+    from pipelines.snapshot.loading import load_reference
+
+    e = cfg.evaluate
+    backend = cfg.runtime.rollout_backend
+    decode = e.model_copy(update={"bf16": False})  # the decoding copies below already hold bf16 weights
+    outcomes: dict[str, list[dict[str, Any]]] = {}
+    base, tokenizer = load_reference(paths.reference_dir, cfg.snapshot.trust_remote_code)
+    outcomes["reference"] = answer_problems(_decoder(base, e.bf16), tokenizer, rows, decode, "reference", backend)
+    policy = PeftModel.from_pretrained(base, paths.policy_dir).eval()  # wraps `base` in place
+    outcomes["policy"] = answer_problems(_decoder(policy, e.bf16), tokenizer, rows, decode, "policy", backend)
+    del policy, base
+    if champion is not None:
+        champ_base, champ_tokenizer = load_reference(
+            champion.base_dir or paths.reference_dir, cfg.snapshot.trust_remote_code
+        )
+        champ = PeftModel.from_pretrained(champ_base, champion.adapter_dir).eval()
+        scored = answer_problems(_decoder(champ, e.bf16), champ_tokenizer, rows, decode, "champion", backend)
+        outcomes["champion"] = [dict(o, version=champion.version) for o in scored]
+    return outcomes
+
+
+def _score_on_vllm(
+    cfg: Config, paths: Paths, rows: list[dict[str, Any]], champion: Any
+) -> dict[str, list[dict[str, Any]]]:
+    """Reference, policy and champion on one vLLM server: the base model and two adapters on it."""
+    import json
+    import uuid
+
+    from transformers import AutoTokenizer
+
+    from pipelines.config import ConfigError
+    from pipelines.generation.vllm_backend import RemoteModel
+    from pipelines.generation.vllm_server import vllm_session
+
+    if champion is not None and champion.base_dir is not None:
+        raise ConfigError(
+            f"champion v{champion.version} was trained on another base model than this reference, and the vLLM "
+            "server serves this reference only: score it with runtime.rollout_backend=lean, or set "
+            "evaluate.champion=false"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(paths.reference_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    adapters = {"policy": paths.policy_dir, **({"champion": champion.adapter_dir} if champion else {})}
+    rank = max(int(json.loads((d / "adapter_config.json").read_text())["r"]) for d in adapters.values())
+    with vllm_session(cfg.runtime.vllm, paths.root, paths.reference_dir, rank, cfg.evaluate.seed) as (client, base):
+        models = {"reference": RemoteModel(client, base)}
+        run = uuid.uuid4().hex[:8]
+        for label, folder in adapters.items():
+            name = f"eval-{label}-{run}"
+            client.load_adapter(name, str(Path(folder).resolve()))
+            models[label] = RemoteModel(client, name)
+        try:
+            outcomes = {
+                label: answer_problems(model, tokenizer, rows, cfg.evaluate, label, "vllm")
+                for label, model in models.items()
+            }
+        finally:
+            for label, model in models.items():
+                if label != "reference":
+                    client.unload_adapter(model.name)
+    if champion is not None:
+        outcomes["champion"] = [dict(o, version=champion.version) for o in outcomes["champion"]]
+    return outcomes

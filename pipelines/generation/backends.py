@@ -7,7 +7,7 @@ padding, completion masks, decoding — and hands a backend only the part that d
 - `lean` (default): our KV-cached loop (lean_decode.py), fastest for small models on CPU, and the
   only one that honours a seed per prompt (what data-parallel training needs to match one process).
 - `hf`: `model.generate` from transformers, the reference behaviour.
-- `vllm`: for GPUs; a placeholder until the adapter is written (see `VLLMBackend`).
+- `vllm`: a vLLM server (vllm_backend.py, vllm_server.py): what people scale to on GPUs; LoRA only.
 
 To add a backend, write a class with a `completions` method of the `RolloutBackend` protocol,
 add it to `BACKENDS`, and add its name to `RuntimeConfig.rollout_backend` in pipelines/config.py.
@@ -15,7 +15,6 @@ add it to `BACKENDS`, and add its name to `RuntimeConfig.rollout_backend` in pip
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -158,14 +157,8 @@ class HFGenerateBackend:
 
 
 class VLLMBackend:
-    """Placeholder for vLLM on GPUs.
-
-    What the adapter has to do: keep a `vllm.LLM` engine on the reference model, load the policy's
-    current weights into it after every optimiser step (LoRA: a `LoRARequest` on the saved adapter,
-    or merged weights through the engine's `load_weights`), sample `n = num_generations` per prompt
-    from the token ids (`TokensPrompt`) with `SamplingParams(seed=..., logprobs=0)` per prompt, and
-    return the ids and their log-probs laid out as `RolloutBackend` says.
-    """
+    """A vLLM server over its OpenAI-compatible API (vllm_backend.py); `model` is a RemoteModel that
+    names the adapter to sample from. Seeds per prompt; the sampler's log-probs."""
 
     def completions(
         self,
@@ -175,16 +168,15 @@ class VLLMBackend:
         attention_mask: torch.Tensor,
         request: SamplingRequest,
     ) -> Sampled:
-        if importlib.util.find_spec("vllm") is None:
+        from pipelines.generation.vllm_backend import RemoteModel, sample
+
+        if not isinstance(model, RemoteModel):
             raise BackendUnavailable(
-                "runtime.rollout_backend=vllm needs the `vllm` package and a CUDA GPU: `pip install vllm` on the "
-                "GPU machine, or use runtime.rollout_backend=lean (CPU, the default) or hf"
+                "runtime.rollout_backend=vllm samples from a vLLM server, but this caller passed a local model: "
+                "open a vLLM session first (pipelines/generation/vllm_server.py)"
             )
-        raise BackendUnavailable(
-            "runtime.rollout_backend=vllm is not implemented yet (vllm is installed, the adapter is not): "
-            "write VLLMBackend.completions in pipelines/generation/backends.py as its docstring says, "
-            "or use runtime.rollout_backend=lean or hf"
-        )
+        ids, logps = sample(model, tokenizer, input_ids, attention_mask, request)
+        return Sampled(ids, logps if request.do_sample else None)
 
 
 BACKENDS: dict[str, RolloutBackend] = {"lean": LeanBackend(), "hf": HFGenerateBackend(), "vllm": VLLMBackend()}

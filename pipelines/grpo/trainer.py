@@ -12,6 +12,7 @@ import math
 import shutil
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 
 from pipelines.config import Config
 from pipelines.env import set_threads
-from pipelines.generation.sampling_copy import SamplingCopy
+from pipelines.generation.policy_sampler import policy_sampler
 from pipelines.grpo import checkpoint, distributed, launcher, policy
 from pipelines.grpo.advantages import advantages_from_rewards
 from pipelines.grpo.batch import sample_batch
@@ -106,7 +107,6 @@ def resume_or_start(
     optimizer: Any,
     scheduler: Any,
     sampler: PromptSampler,
-    copy: SamplingCopy,
 ) -> Progress:
     """Restore the newest checkpoint of this exact config and data, or clear stale ones and start at 0."""
     saved = checkpoint.latest(paths.checkpoints_dir) if cfg.train.resume else None
@@ -115,7 +115,6 @@ def resume_or_start(
     if saved is not None and resumable:
         state = checkpoint.load(saved, model, optimizer, scheduler)
         sampler.load_state_dict(state["sampler"])
-        copy.sync()
         if world.is_main:
             print(f"resuming from {saved} (step {state['step']} of {cfg.train.steps})", file=sys.stderr)
         return Progress(int(state["step"]), state["history"], state.get("run_id"), state.get("validation"))
@@ -161,8 +160,6 @@ def train(
     model, tokenizer, reference = policy.build(cfg, paths)
     params = policy.trainable_parameters(model)
     world.broadcast(params)  # every process starts from rank 0's weights
-    # Sampling runs on a merged copy (bf16 when train.bf16): generation/sampling_copy.py says why.
-    copy = SamplingCopy(model, torch.bfloat16 if t.bf16 else torch.float32)
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = lr_schedule(optimizer, t)
     sampler = PromptSampler(
@@ -172,9 +169,13 @@ def train(
     eps_high = t.epsilon if t.epsilon_high is None else t.epsilon_high
     val_rows = read_jsonl(paths.val_split) if paths.val_split.exists() else []
     key = fingerprint(cfg, manifest["sha256"], paths.train_split.read_bytes() + _bytes(paths.val_split))
-    progress = resume_or_start(cfg, paths, key, world, model, optimizer, scheduler, sampler, copy)
+    progress = resume_or_start(cfg, paths, key, world, model, optimizer, scheduler, sampler)
     start, history = progress.step, progress.history
     watch = Watch.from_state(progress.validation, t.decline_window)
+    # What rollouts sample from: a merged copy of the policy (bf16 when train.bf16; sampling_copy.py
+    # says why), or the adapter on a vLLM server (vllm_backend.py). Closed (server stopped) at the end.
+    samplers = ExitStack()
+    copy = samplers.enter_context(policy_sampler(cfg, model, paths))
 
     # Only rank 0 writes: MLflow, checkpoints, metrics, the adapter.
     logger = RunLogger(paths, cfg, enabled=log_to_mlflow and world.is_main, run_id=progress.run_id)
@@ -340,16 +341,17 @@ def train(
                 )
             if stop:
                 break
+        done = int(history[-1]["step"]) if history else start
+        if val_rows and (not watch.scores or watch.scores[-1].step != done):
+            validate(done)
     except BaseException as exc:
         logger.fail(isinstance(exc, KeyboardInterrupt))
         raise
     finally:
         bar.close()
+        samplers.close()
 
-    done = int(history[-1]["step"]) if history else start
     final = {k: v for k, v in history[-1].items() if k != "step"} if history else {}
-    if val_rows and (not watch.scores or watch.scores[-1].step != done):
-        validate(done)
     if world.is_main:
         save_checkpoint(paths, cfg, done, key, model, optimizer, scheduler, sampler, history, logger.run_id, watch)
         # The policy that leaves `train`: the best validated step's weights, or the last step's.

@@ -1,0 +1,42 @@
+"""What training samples from: a local sampling copy of the policy, or the policy on a vLLM server.
+
+Both answer the same two questions the trainer asks: `.model` (what `generate()` samples from) and
+`.sync()` (after every optimiser step: the next rollout must come from the updated policy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from pipelines.config import Config, ConfigError
+from pipelines.generation.sampling_copy import SamplingCopy
+from pipelines.paths import Paths
+
+
+@contextmanager
+def policy_sampler(cfg: Config, policy: Any, paths: Paths) -> Iterator[Any]:
+    """A SamplingCopy for the local backends; for `vllm`, a server session with the adapter pushed to it."""
+    if cfg.runtime.rollout_backend != "vllm":
+        yield SamplingCopy(policy, torch.bfloat16 if cfg.train.bf16 else torch.float32)
+        return
+    from pipelines.generation.vllm_backend import RemotePolicy
+    from pipelines.generation.vllm_server import vllm_session
+
+    if cfg.train.num_processes > 1:
+        raise ConfigError(
+            "runtime.rollout_backend=vllm runs one trainer process against the server; set train.num_processes=1 "
+            "(the server batches every prompt of a step itself)"
+        )
+    with vllm_session(cfg.runtime.vllm, paths.root, paths.reference_dir, cfg.train.lora.r, cfg.train.seed) as (
+        client,
+        base,
+    ):
+        remote = RemotePolicy(policy, client, base, paths.root / ".vllm" / "adapters")
+        try:
+            yield remote
+        finally:
+            remote.close()
