@@ -29,8 +29,9 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/grpo run
 
-test: install lint
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
+# The default suite plus the vllm backend's tests against a real vLLM CPU server (`make vllm`).
+test: install lint vllm
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -m "not slow and not infra"
 
 # The project's ruff settings (pyproject.toml): lint rules and the formatter, checked, never rewritten here.
 lint: install

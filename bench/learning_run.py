@@ -64,7 +64,7 @@ def prepare(workdir: Path, overrides: list[str]) -> Path:
     return root
 
 
-def train_ours(root: Path, seconds: float, every: int, overrides: list[str]) -> list[dict]:
+def train_ours(root: Path, seconds: float, every: int, overrides: list[str], name: str = "ours") -> list[dict]:
     from pipelines import config
     from pipelines.grpo import trainer
     from pipelines.paths import Paths
@@ -73,19 +73,32 @@ def train_ours(root: Path, seconds: float, every: int, overrides: list[str]) -> 
         root / "params.yaml",
         [*TASK, *ENGINE, f"train.time_budget_s={seconds}", f"train.checkpoint_every={every}", *overrides],
     )
-    paths = Paths(root / "ours")
+    paths = Paths(root / name)
     paths.root.mkdir()
     for name in ("data", "models"):
         os.symlink(root / name, paths.root / name)
     trainer.run(cfg, paths, log_to_mlflow=False)
     snaps = []
+    wall = {}
     for folder in sorted(paths.checkpoints_dir.glob("step-*")):
         state = json.loads((folder / "state.json").read_text())
+        wall = {int(h["step"]): h["wall_time"] for h in state["history"]}
         snaps.append(
             {
                 "step": state["step"],
                 "wall_time": state["history"][-1]["wall_time"],
                 "weights": str(folder / "trainable.safetensors"),
+            }
+        )
+    best = paths.checkpoints_dir / "best"
+    if (best / "best.json").exists():  # what train.select=best hands to `evaluate`: scored on the test split too
+        step = json.loads((best / "best.json").read_text())["step"]
+        snaps.append(
+            {
+                "step": step,
+                "wall_time": wall.get(step, 0.0),
+                "weights": str(best / "trainable.safetensors"),
+                "selected": True,
             }
         )
     return snaps
@@ -177,22 +190,25 @@ def score_snapshots(root: Path, snaps: list[dict]) -> list[dict]:
     from pipelines.grpo.policy import add_lora
     from pipelines.io import read_jsonl
     from pipelines.snapshot.loading import load_reference
-    from pipelines.verifiers.math_answer import answers_match, strict_answer
+    from pipelines.verifiers.judge import judge
 
     rows = read_jsonl(root / "data/validated/eval.jsonl")
 
-    def accuracy(model, tokenizer) -> float:
-        right = 0
-        for i in range(0, len(rows), 32):
-            chunk = rows[i : i + 32]
+    def accuracy(model, tokenizer) -> dict[str, float]:
+        right = lenient = 0
+        for i in range(0, len(rows), 64):
+            chunk = rows[i : i + 64]
             out = generate(
                 model, tokenizer, [r["prompt"] for r in chunk], num_generations=1, max_new_tokens=48, do_sample=False
             )
-            right += sum(answers_match(strict_answer(t), r["answer"]) for t, r in zip(out.texts, chunk, strict=True))
-        return right / len(rows)
+            for text, row in zip(out.texts, chunk, strict=True):
+                verdict = judge(text, row["answer"])
+                right += verdict["correct"]
+                lenient += verdict["last_number_correct"]
+        return {"accuracy": right / len(rows), "lenient_accuracy": lenient / len(rows), "problems": len(rows)}
 
     base, tokenizer = load_reference(root / "models/reference")
-    points = [{"step": 0, "wall_time": 0.0, "accuracy": accuracy(base, tokenizer)}]
+    points = [{"step": 0, "wall_time": 0.0, **accuracy(base, tokenizer)}]
     for snap in snaps:
         fresh, _ = load_reference(root / "models/reference")
         if "adapter" in snap:
@@ -202,7 +218,8 @@ def score_snapshots(root: Path, snaps: list[dict]) -> list[dict]:
             missing = model.load_state_dict(load_file(snap["weights"]), strict=False)
             assert not missing.unexpected_keys
         merged = SamplingCopy(model, torch.float32).model
-        points.append({"step": snap["step"], "wall_time": snap["wall_time"], "accuracy": accuracy(merged, tokenizer)})
+        point = {"step": snap["step"], "wall_time": snap["wall_time"], **accuracy(merged, tokenizer)}
+        points.append({**point, "selected": True} if snap.get("selected") else point)
         print(json.dumps(points[-1]), file=sys.stderr, flush=True)
     return points
 
@@ -210,6 +227,9 @@ def score_snapshots(root: Path, snaps: list[dict]) -> list[dict]:
 def child(args: argparse.Namespace) -> None:
     if args.child == "ours":
         snaps = train_ours(args.root, args.minutes * 60, args.every, args.set + args.ours)
+    elif args.child == "ours-vllm":  # the same engine, rollouts on a vLLM CPU server (`make vllm`)
+        vllm = ["runtime.rollout_backend=vllm", f"runtime.vllm.python={REPO / '.venv-vllm/bin/python'}"]
+        snaps = train_ours(args.root, args.minutes * 60, args.every, args.set + args.ours + vllm, "ours-vllm")
     else:
         snaps = train_trl(args.root, args.minutes * 60, args.every, args.set, args.trl_prompts)
     print(json.dumps(score_snapshots(args.root, snaps)))
@@ -227,6 +247,7 @@ def plot(
     for name, points in results.items():
         # Steps, not lines: between snapshots an engine's model is its latest snapshot, which is
         # what "at equal wall time" compares (a straight line would draw accuracies never measured).
+        points = [p for p in points if not p.get("selected")]
         ax.plot(
             [p["wall_time"] / 60 for p in points],
             [p["accuracy"] for p in points],
@@ -259,7 +280,7 @@ def main() -> None:
     ap.add_argument("--root", type=Path)
     ap.add_argument("--minutes", type=float, default=4.0)
     ap.add_argument("--every", type=int, default=5, help="snapshot every N steps")
-    ap.add_argument("--engines", nargs="+", default=["ours", "trl"])
+    ap.add_argument("--engines", nargs="+", default=["ours", "trl"], help="ours, ours-vllm, trl")
     ap.add_argument("-S", "--set", action="append", default=[], help="override for both engines")
     ap.add_argument("--ours", action="append", default=[], help="override for this engine only (e.g. dynamic sampling)")
     ap.add_argument("--trl-prompts", type=int, default=1, help="prompts per TRL step (TRL's measured setting: 1 x G=8)")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from pipelines.stages import STAGES
 
 if TYPE_CHECKING:
+    from pipelines.config import Config
     from pipelines.paths import Paths
 
 
@@ -170,11 +171,51 @@ def _serve_command(args: argparse.Namespace, paths: Paths) -> int:
     return 0
 
 
+# The commands that talk to the MLflow server (train logs its run there); `evaluate` too when it
+# re-scores the champion. Each checks first, so a server that is down costs seconds, not a scoring pass.
+MLFLOW_COMMANDS = ("train", "register", "run", *REGISTRY_COMMANDS)
+
+
+def _check_servers(command: str, cfg: Config, root: Path) -> None:
+    """A StoreError, before any work, when a server the command needs does not answer."""
+    from pipelines.mlflow_store import StoreError, check_reachable
+
+    if command in MLFLOW_COMMANDS or (command == "evaluate" and cfg.evaluate.champion):
+        check_reachable(root)
+    if command == "run":
+        from pipelines.data.events import api_url, prefect_problem, unreachable
+
+        url = api_url()  # unset: Prefect starts a temporary local server itself
+        problem = prefect_problem(url) if url else None
+        if problem is not None:
+            raise StoreError(unreachable(url, problem))
+
+
+def _unreachable_line(exc: BaseException, root: Path) -> str | None:
+    """The one line for an error that is a server not answering (Prefect's or MLflow's), else None."""
+    from pipelines.data.events import api_url, unreachable
+    from pipelines.mlflow_store import connection_failure, tracking_uri
+    from pipelines.mlflow_store import unreachable as mlflow_unreachable
+
+    reason = connection_failure(exc)
+    if reason is None:
+        return None
+    chain, link = [], exc
+    while link is not None and link not in chain:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    if any(type(e).__module__.startswith(("httpx", "httpcore", "prefect", "websockets")) for e in chain):
+        return unreachable(api_url() or "PREFECT_API_URL", reason)
+    return mlflow_unreachable(tracking_uri(root), reason)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from pipelines.env import quiet_telemetry
+    from pipelines.mlflow_store import StoreError, bound_http_waits
 
     quiet_telemetry()
+    bound_http_waits()  # a server that is down fails a command in seconds, not minutes (a user's setting wins)
     from pipelines import config
     from pipelines.data.sources import DataError
     from pipelines.paths import Paths
@@ -187,15 +228,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return _serve_command(args, paths)
         if args.command == "run":
+            cfg = config.load(paths.params, args.overrides, args.preset)  # fail fast, before Prefect starts
+            _check_servers(args.command, cfg, paths.root)
             from flows.pipeline import training_pipeline
 
-            config.load(paths.params, args.overrides, args.preset)  # fail fast, before Prefect starts
             results = training_pipeline(
                 project=str(paths.root), preset=args.preset, overrides=args.overrides, force=args.force
             )
             print(json.dumps(results, indent=2, default=str))
             return 0
         cfg = config.load(paths.params, args.overrides, args.preset)
+        _check_servers(args.command, cfg, paths.root)
         if args.command in REGISTRY_COMMANDS:
             return _registry_command(args, cfg.registry.model_name, paths.root)
         from pipelines.stages import run_stage
@@ -203,8 +246,14 @@ def main(argv: list[str] | None = None) -> int:
         result = run_stage(args.command, cfg, paths)
         print(json.dumps(result, indent=2, default=str))
         return 0
-    except (config.ConfigError, DataError, SnapshotError) as exc:
+    except (config.ConfigError, DataError, SnapshotError, StoreError) as exc:
         print(f"grpo {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a server lost mid-command: one line, not a library's traceback
+        line = _unreachable_line(exc, paths.root)
+        if line is None:
+            raise
+        print(f"grpo {args.command}: error: {line}", file=sys.stderr)
         return 1
 
 

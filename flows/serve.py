@@ -96,7 +96,7 @@ def check_server() -> str:
     """The API URL of a reachable Prefect server, or a ServeError that says how to get one."""
     from prefect.client.orchestration import get_client
 
-    from pipelines.data.events import api_url
+    from pipelines.data.events import api_url, prefect_problem, unreachable
 
     url = api_url()
     if not url:
@@ -104,6 +104,9 @@ def check_server() -> str:
             "no Prefect server configured: run `prefect server start` and "
             "`export PREFECT_API_URL=http://127.0.0.1:4200/api` (events and schedules need a server)"
         )
+    problem = prefect_problem(url)  # within seconds: the client below retries a silent host for minutes
+    if problem is not None:
+        raise ServeError(unreachable(url, problem))
     with get_client(sync_client=True) as client:
         problem = client.api_healthcheck()
     if problem is not None:

@@ -330,7 +330,8 @@ class VLLMConfig(_Section):
     python: str = ".venv-vllm/bin/python"
     # The base model's name on a running server; null = the first model it lists.
     served_model_name: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    # auto = bf16 where the stage computes in bf16 (train.bf16 / evaluate.bf16), else float32.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_model_len: int = Field(1024, ge=16)
     # LoRA rank the server accepts; null = train.lora.r (vLLM wants one of 8, 16, 32, 64, ...; rounded up).
     max_lora_rank: int | None = Field(None, ge=1)

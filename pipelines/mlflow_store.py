@@ -6,12 +6,36 @@ The store is MLFLOW_TRACKING_URI when set, else local SQLite beside params.yaml.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 
 def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+
+
+# MLflow's HTTP client, left to its defaults, retries a refused connection 7 times with backoff
+# (about 4 minutes) and waits up to 120 s for each answer: a command would sit silent that long
+# before saying the server is down. For `grpo` commands: 2 retries (about 3 s in all) and 20 s per
+# answer. Transient trouble during a long run is retried again, with logging, by tasks/retry.py.
+HTTP_SETTINGS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+# How long the up-front check waits for the server to answer at all.
+REACH_TIMEOUT_S = 5.0
+
+
+def bound_http_waits() -> None:
+    """Set HTTP_SETTINGS in the environment where the user has not set them (their own setting wins).
+
+    MLflow reads them at each request, and child processes (torchrun ranks, served flow runs) inherit them.
+    """
+    for name, value in HTTP_SETTINGS.items():
+        os.environ.setdefault(name, value)
 
 
 # The aliases the pipeline moves (registry/promotion.py); evaluation looks `champion` up to re-score it.
@@ -24,6 +48,90 @@ _ABSENT = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
 
 class StoreError(RuntimeError):
     """The MLflow store cannot answer what was asked; the message says what to do."""
+
+
+def unreachable(uri: str, reason: str) -> str:
+    """The one line a command prints when the tracking server does not answer."""
+    return f"cannot reach the MLflow server at {uri} ({reason}): start it or fix MLFLOW_TRACKING_URI"
+
+
+def check_reachable(root: Path, timeout: float = REACH_TIMEOUT_S) -> None:
+    """A StoreError, within `timeout` seconds, when the tracking URI is a server that does not answer.
+
+    Any HTTP answer counts as reachable (a proxy that does not route /health still answers),
+    except a gateway's 502/503/504, which says the server behind it is down. Local stores pass.
+    """
+    uri = tracking_uri(root)
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        response = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout, allow_redirects=False)
+    except requests.Timeout:
+        raise StoreError(unreachable(uri, f"no answer within {timeout:g} s")) from None
+    except requests.RequestException as exc:
+        raise StoreError(unreachable(uri, connection_failure(exc) or type(exc).__name__)) from None
+    if response.status_code in (502, 503, 504):
+        raise StoreError(unreachable(uri, f"HTTP {response.status_code} {response.reason}".strip()))
+
+
+# What MLflow's client (requests/urllib3) says when it cannot talk to the server at all.
+_CONNECTION_FAILURES = (
+    "connection refused",
+    "failed to establish a new connection",
+    "max retries exceeded",
+    "name or service not known",
+    "temporary failure in name resolution",
+    "no route to host",
+    "network is unreachable",
+    "connection reset",
+    "connection aborted",
+    "remote end closed connection",
+    "read timed out",
+    "connect timeout",
+    "timed out",
+)
+
+
+def connection_failure(exc: BaseException) -> str | None:
+    """A short reason ("[Errno 111] Connection refused") when `exc`, or what caused it, is a failure to
+    reach a server through an HTTP client (MLflow's or Prefect's); None for any other error.
+
+    >>> connection_failure(ConnectionRefusedError(111, "Connection refused"))
+    '[Errno 111] Connection refused'
+    >>> connection_failure(ValueError("no such model")) is None
+    True
+    """
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    for link in chain:
+        if isinstance(link, (ConnectionError, TimeoutError)) and not isinstance(link, BrokenPipeError):
+            return _short_reason(str(link)) or type(link).__name__
+    if not any(type(link).__module__.startswith(_HTTP_MODULES) for link in chain):
+        return None
+    text = " ".join(f"{type(link).__name__}: {link}" for link in chain).lower()
+    if not any(fragment in text for fragment in _CONNECTION_FAILURES):
+        return None
+    if "timed out" in text or "timeout" in text:
+        return "no answer in time"
+    return _short_reason(" ".join(str(link) for link in chain)) or "connection failed"
+
+
+# Where the errors of HTTP clients come from: MLflow's (requests, urllib3) and Prefect's (httpx).
+_HTTP_MODULES = ("requests", "urllib3", "mlflow", "http.client", "httpx", "httpcore")
+
+
+def _short_reason(text: str) -> str:
+    """`[Errno 111] Connection refused` out of urllib3's long sentences; else the first line, cut short."""
+    found = re.search(r"\[Errno -?\d+\] [^'\")\]]+", text)
+    if found:
+        return found.group(0).strip().rstrip(".")
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line[:200]
 
 
 def store_exists(root: Path) -> bool:

@@ -7,6 +7,7 @@ locked SQLite store usually passes a few seconds later.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from prefect.tasks import exponential_backoff
@@ -40,12 +41,38 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect `retry_condition_fn`: retry only when the failure is transient."""
+    """Prefect `retry_condition_fn`: retry only when the failure is transient, and say which it is
+    (Prefect itself logs the retry's number and delay, and when retries are exhausted)."""
     exc = state.result(raise_on_failure=False)
-    return isinstance(exc, BaseException) and is_transient(exc)
+    retry = isinstance(exc, BaseException) and is_transient(exc)
+    if isinstance(exc, BaseException):
+        name = getattr(task_run, "name", None) or getattr(task, "name", None) or "task"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        _logger().log(
+            logging.WARNING if retry else logging.INFO,
+            "%s: %s error, %s: %s",
+            name,
+            "transient" if retry else "lasting",
+            "retrying while retries remain" if retry else "not retried",
+            first,
+        )
+    return retry
 
 
-# Keyword arguments for `@task(...)`/`.with_options(...)`: up to 3 retries after 2, 4 and 8 seconds.
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    """The task run's logger (the Prefect UI shows it), or a plain one outside a run."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("grpo.retry")
+
+
+# Keyword arguments for `@task(...)`/`.with_options(...)`: up to 3 retries after 2, 4 and 8 seconds,
+# so a lasting outage costs at most 14 s of waiting on top of the attempts, each bounded by the MLflow
+# HTTP settings the `grpo` command sets (pipelines/mlflow_store.py HTTP_SETTINGS: about 3 s when refused).
 SERVER_RETRIES: dict[str, Any] = {
     "retries": 3,
     "retry_delay_seconds": exponential_backoff(backoff_factor=2),

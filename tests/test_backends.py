@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import typing
 
 import pytest
@@ -23,12 +22,18 @@ def test_unknown_backend_names_the_choices():
         get_backend("tensorrt")
 
 
-def test_vllm_without_the_package_says_how_to_get_it(monkeypatch):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+def test_vllm_backend_wants_a_server_session_and_says_how_to_get_one(tmp_path):
+    """A local model handed to the vllm backend is refused with the fix; a missing vLLM environment
+    names `make vllm` (the server-backed tests themselves are in tests/test_vllm.py)."""
+    from pipelines.config import ConfigError, VLLMConfig
+    from pipelines.generation import vllm_server
+
     request = SamplingRequest(num_generations=2, max_new_tokens=4, do_sample=True)
-    with pytest.raises(BackendUnavailable, match="pip install vllm.*runtime.rollout_backend=lean"):
+    with pytest.raises(BackendUnavailable, match="open a vLLM session first"):
         get_backend("vllm").completions(None, None, torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3), request)
+    with pytest.raises(ConfigError, match=r"make vllm.*runtime.vllm.url"):
+        with vllm_server.vllm_session(VLLMConfig(python="no-such/python"), tmp_path, tmp_path, 16):
+            pass
 
 
 class _Fixed:

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import re
+import stat
+import time
+import typing
+from typing import Any
+
 import pytest
+import yaml
+from annotated_types import Ge, Gt, Le, Lt
 
 from pipelines import config
 from pipelines.config import ConfigError
@@ -106,3 +115,257 @@ def test_native_bf16_agrees_with_the_kernels_cpu_flags():
         pytest.skip("no /proc/cpuinfo to compare with")
     flags = set(next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "").split())
     assert native_bf16() is bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+# ---- Every numeric knob has bounds (issue "Hardening", item 2) ----
+
+# Numeric fields that take any value, with the reason. A new int/float field without a bound fails
+# test_every_numeric_field_has_bounds until it gets one (pydantic Field gt/ge/lt/le) or a line here.
+ANY_VALUE = {
+    "data.generator.a_min": "operand range: negative operands are problems too (a_min <= a_max is checked)",
+    "data.generator.a_max": "operand range (a_min <= a_max is checked)",
+    "data.generator.b_min": "operand range (b_min <= b_max is checked)",
+    "data.generator.b_max": "operand range (b_min <= b_max is checked)",
+    "data.generator.seed": "a seed",
+    "data.split_seed": "a seed",
+    "snapshot.tiny.seed": "a seed",
+    "train.seed": "a seed",
+    "evaluate.seed": "a seed",
+    "train.rewards.weight": "a negative weight makes a reward a penalty",
+}
+# Numeric fields bounded by a validator rather than Field bounds: a value the validator must refuse.
+BY_VALIDATOR = {"train.dynamic_sampling_oversample": 0.5}
+
+
+def _numeric_fields(model: type, prefix: str = "") -> list[tuple[str, type, list[Any]]]:
+    """(dotted key, int or float, bound constraints) for every numeric field, nested models included."""
+    from pydantic import BaseModel
+
+    found = []
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{name}"
+        kinds, models = set(), []
+        for arg in _flat_args(info.annotation):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                models.append(arg)
+            elif arg in (int, float):
+                kinds.add(arg)
+        for sub in models:
+            found += _numeric_fields(sub, f"{key}.")
+        if kinds:
+            bounds = [m for m in info.metadata if isinstance(m, (Gt, Ge, Lt, Le))]
+            found.append((key, float if float in kinds else int, bounds))
+    return found
+
+
+def _flat_args(annotation: Any) -> list[Any]:
+    """The types inside `X | None`, `list[X]`, `Literal[...] | float`, ... (bool is not a number here)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return []
+    if not args:
+        return [] if annotation is bool else [annotation]
+    return [leaf for arg in args for leaf in _flat_args(arg)]
+
+
+def _violations(kind: type, bounds: list[Any]) -> list[Any]:
+    """One value just outside each bound."""
+    step = 1 if kind is int else 0.5
+    values = []
+    for b in bounds:
+        if isinstance(b, Gt):
+            values.append(b.gt)
+        elif isinstance(b, Ge):
+            values.append(b.ge - step)
+        elif isinstance(b, Lt):
+            values.append(b.lt)
+        elif isinstance(b, Le):
+            values.append(b.le + step)
+    return [kind(v) if kind is int else v for v in values]
+
+
+def _override(key: str, value: Any) -> str:
+    """`-S` text setting `key` to `value`; a field of a list of sections goes into the default list's first item."""
+    if key.startswith("train.rewards."):
+        item = {**config.TrainConfig().rewards[0].model_dump(), key.rsplit(".", 1)[1]: value}
+        return f"train.rewards=[{yaml.safe_dump(item, default_flow_style=True).strip()}]"
+    return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+
+
+NUMERIC = _numeric_fields(config.Config)
+
+
+def test_the_walk_sees_every_section():
+    keys = {key for key, _, _ in NUMERIC}
+    assert {"train.steps", "train.lora.r", "train.rewards.weight", "data.generator.countdown.count"} <= keys
+    assert {"snapshot.tiny.hidden_size", "evaluate.k", "registry.min_gain", "orchestration.watch_every_s"} <= keys
+    assert len(keys) > 80
+
+
+@pytest.mark.parametrize(("key", "kind", "bounds"), NUMERIC, ids=[key for key, _, _ in NUMERIC])
+def test_every_numeric_field_has_bounds(key, kind, bounds):
+    if key in ANY_VALUE or key in BY_VALIDATOR:
+        assert not bounds or key in BY_VALIDATOR, f"{key} has bounds now: take it off the allow-list"
+        bad = [BY_VALIDATOR[key]] if key in BY_VALIDATOR else []
+    else:
+        assert bounds, f"{key} ({kind.__name__}) has no bound: give it Field(ge=/gt=/le=/lt=) or list it in ANY_VALUE"
+        bad = _violations(kind, bounds)
+    if kind is float:
+        bad += [float("inf"), float("nan")]  # never a setting
+    for value in bad:
+        with pytest.raises(ConfigError) as refused:
+            config.resolve({}, [_override(key, value)])
+        message = str(refused.value)
+        assert key.replace("train.rewards.", "train.rewards.0.") in message, message
+        assert "\n" not in message  # the CLI prints it as one line
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.steps=-1",
+        "train.steps=0",
+        "train.prompts_per_step=0",
+        "train.max_completion_length=0",
+        "train.temperature=-1",
+        "train.top_p=2",
+        "train.learning_rate=-1",
+        "train.lora.r=0",
+        "train.beta=-1",
+        "train.epsilon=-1",
+        "train.max_grad_norm=-1",
+        "train.time_budget_s=-5",
+    ],
+)
+def test_the_reviewers_nonsense_is_refused_with_the_key(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^invalid configuration [^\n]*{re.escape(key)}: [^\n]*$"):
+        config.resolve({}, [override])
+
+
+def test_the_defaults_and_the_smoke_preset_are_within_bounds(project):
+    config.resolve({})
+    config.load(project / "params.yaml")
+    config.load(project / "params.yaml", preset="smoke")
+
+
+def test_an_empty_operand_range_is_refused():
+    with pytest.raises(ConfigError, match="data.generator.*a_min \\(50\\) is above a_max"):
+        config.resolve({}, ["data.generator.a_min=50"])
+
+
+def test_grpo_run_with_a_bad_value_fails_at_once_and_leaves_params_alone(project, capsys):
+    from flows.cli import main
+
+    before = (project / "params.yaml").read_bytes()
+    started = time.monotonic()
+    code = main(["run", "-S", "train.steps=-1", "--project", str(project)])
+    err = capsys.readouterr().err
+    assert code == 1 and time.monotonic() - started < 10
+    assert err.count("\n") == 1 and err.startswith("grpo run: error: ") and "train.steps" in err, err
+    assert (project / "params.yaml").read_bytes() == before
+
+
+# ---- params.yaml written atomically, as written (item 3) ----
+
+
+def test_write_params_without_overrides_leaves_the_file_byte_identical(project):
+    path = project / "params.yaml"
+    before = path.read_bytes()
+    config.write_params(path, [], preset=None)
+    assert path.read_bytes() == before
+    assert "null" in before.decode() and '"0 2 * * *"' in before.decode()  # what the rewrite used to lose
+
+
+@pytest.mark.parametrize(
+    ("override", "old", "new"),
+    [
+        ("train.steps=3", "  steps: 30", "  steps: 3"),
+        ("train.epsilon_high=0.28", "  epsilon_high: null     # clip", "  epsilon_high: 0.28     # clip"),
+        ("orchestration.cron=null", '  cron: "0 2 * * *"         # the', "  cron: null                # the"),
+        ("evaluate.batch_size=32", "  batch_size: 64         # sequences", "  batch_size: 32         # sequences"),
+        ("data.generator.operators=[+]", '    operators: ["+", "*"]', "    operators: [+]"),
+        (
+            "orchestration.watch=[new.jsonl]",
+            "  watch: []                 # files",
+            "  watch: [new.jsonl]        # files",
+        ),
+    ],
+)
+def test_one_override_changes_exactly_one_line(project, override, old, new):
+    path = project / "params.yaml"
+    before = path.read_text().splitlines()
+    config.write_params(path, [override], preset=None)
+    after = path.read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
+    assert len(changed) == 1 and changed[0][0].startswith(old) and changed[0][1].startswith(new), changed
+    key, _, value = override.partition("=")
+    assert config.load(path).model_dump(mode="json") == config.resolve(config.read_params(path)).model_dump(mode="json")
+    assert _dotted(config.load(path), key) == yaml.safe_load(value)
+
+
+def _dotted(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def test_replacing_a_list_or_adding_a_key_keeps_the_comments_around_it(project):
+    path = project / "params.yaml"
+    before = path.read_text()
+    config.write_params(path, ["train.rewards=[{name: accuracy, weight: 2}]", "train.delta=1.5"], preset=None)
+    after = path.read_text()
+    # Every comment line survives, in order, and nothing else moved.
+    comments = lambda text: [line for line in text.splitlines() if line.strip().startswith("#")]  # noqa: E731
+    assert comments(after) == comments(before)
+    assert "    - name: accuracy\n      weight: 2\n  # DAPO dynamic sampling" in after
+    # The new key goes at the end of its section, before the blank line that ends it.
+    assert "  decline_window: 3" in after and "\n  delta: 1.5\n\nevaluate:\n" in after
+    cfg = config.load(path)
+    assert cfg.train.delta == 1.5 and [(r.name, r.weight) for r in cfg.train.rewards] == [("accuracy", 2.0)]
+
+
+def test_write_params_keeps_the_files_permissions(project):
+    path = project / "params.yaml"
+    path.chmod(0o640)
+    config.write_params(path, ["train.steps=4"], preset=None)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+class _Interrupted(KeyboardInterrupt):
+    pass
+
+
+@pytest.mark.parametrize("where", ["while writing", "before the rename"])
+def test_an_interrupted_write_leaves_the_old_file_whole(project, monkeypatch, where):
+    path = project / "params.yaml"
+    before = path.read_bytes()
+    real_fdopen = os.fdopen
+
+    class HalfWriter:
+        """A file that writes half of what it is given, then is interrupted (Ctrl-C mid-write)."""
+
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, text):
+            self.fh.write(text[: len(text) // 2])
+            self.fh.flush()
+            raise _Interrupted
+
+    if where == "while writing":
+        monkeypatch.setattr(config.os, "fdopen", lambda *a, **k: HalfWriter(real_fdopen(*a, **k)))
+    else:
+        monkeypatch.setattr(config.os, "replace", lambda *a: (_ for _ in ()).throw(_Interrupted()))
+    with pytest.raises(_Interrupted):
+        config.write_params(path, ["train.steps=3"], preset="smoke")
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in project.iterdir() if p.name.startswith(".params.yaml")) == []  # no temp left
+    assert config.load(path).train.steps == 30

@@ -147,3 +147,83 @@ def test_log_dataset_input_puts_the_digest_on_the_training_run(project, smoke_cf
     )
     stale_tags = {t.key: t.value for t in stale.tags}
     assert stale.dataset.digest == dataset.digest and "another validation" in stale_tags["validation_report"]
+
+
+# ---- Sources that must not be copied as they are (issue "Hardening", item 5) ----
+
+
+def _fake_dvc_project(root: Path) -> Path:
+    """A project that passes the `.dvc` check: enough for refusals, which come before DVC runs."""
+    make_project(root)
+    (root / ".dvc").mkdir()
+    return root
+
+
+def _raw_entries(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "data" / "raw").iterdir())
+
+
+@pytest.mark.parametrize("source", ["data", ".", "data/raw", "data/validated", "data/validated/train.jsonl"])
+def test_data_add_refuses_the_projects_own_data_folders(tmp_path, capsys, source):
+    root = _fake_dvc_project(tmp_path / "project")
+    (root / "data" / "raw" / "old.jsonl").write_text(_problems(3))
+    (root / "data" / "validated").mkdir()
+    (root / "data" / "validated" / "train.jsonl").write_text(_problems(3))
+    code, _, err = _add(root, root / source, capsys)
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("grpo data: error:") and "Fix:" in err
+    assert ("data/raw" in err) or ("data/validated" in err)
+    assert _raw_entries(root) == [".gitkeep", "old.jsonl"]  # nothing copied, not even half a copy
+
+
+def test_data_add_refuses_a_folder_deeper_in_data_raw(tmp_path, capsys):
+    root = _fake_dvc_project(tmp_path / "project")
+    (root / "data" / "raw" / "batch").mkdir()
+    (root / "data" / "raw" / "batch" / "a.jsonl").write_text(_problems(3))
+    code, _, err = _add(root, root / "data" / "raw" / "batch" / "a.jsonl", capsys)
+    assert code == 1 and "already inside data/raw" in err and "Fix:" in err
+
+
+def test_data_add_refuses_a_link_out_of_the_folder_and_names_it(tmp_path, capsys):
+    root = _fake_dvc_project(tmp_path / "project")
+    secret = tmp_path / "elsewhere" / "secret.jsonl"
+    secret.parent.mkdir()
+    secret.write_text(_problems(2))
+    folder = tmp_path / "batch"
+    (folder / "part").mkdir(parents=True)
+    (folder / "a.jsonl").write_text(_problems(3))
+    (folder / "part" / "leak.jsonl").symlink_to(secret)
+    code, _, err = _add(root, folder, capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"{folder / 'part' / 'leak.jsonl'}: a symlink to {secret}, outside {folder}" in err and "Fix:" in err
+    assert _raw_entries(root) == [".gitkeep"]
+    # A link to a folder outside, a dangling link and a link that loops are refused the same way.
+    (folder / "part" / "leak.jsonl").unlink()
+    for name, target in [("out", secret.parent), ("gone.jsonl", tmp_path / "missing"), ("loop", folder)]:
+        (folder / name).symlink_to(target)
+        code, _, err = _add(root, folder, capsys)
+        assert code == 1 and f"{folder / name}: a symlink to" in err and "Fix:" in err, err
+        (folder / name).unlink()
+    assert _raw_entries(root) == [".gitkeep"]
+
+
+def test_data_add_keeps_the_name_the_user_gave_and_links_inside_the_folder(tmp_path, capsys):
+    root = make_project(tmp_path / "project", dvc=True)
+    real = tmp_path / "store" / "2024-06-01-export.jsonl"
+    real.parent.mkdir()
+    real.write_text(_problems(5))
+    link = tmp_path / "file.jsonl"
+    link.symlink_to(real)
+    code, added, _ = _add(root, link, capsys, "--no-push")
+    assert code == 0 and added["path"] == "data/raw/file.jsonl" and added["dvc_file"] == "data/raw/file.jsonl.dvc"
+    stored = root / "data" / "raw" / "file.jsonl"
+    assert not stored.is_symlink() and stored.read_bytes() == real.read_bytes()
+    assert not (root / "data" / "raw" / real.name).exists()
+    # Within a folder, a link to a file of the same folder is fine: stored as that file's content.
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(_problems(3))
+    (folder / "latest.jsonl").symlink_to("a.jsonl")
+    code, added, _ = _add(root, folder, capsys, "--no-push")
+    copied = root / "data" / "raw" / "batch" / "latest.jsonl"
+    assert code == 0 and not copied.is_symlink() and copied.read_text() == _problems(3)

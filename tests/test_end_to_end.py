@@ -24,7 +24,10 @@ def test_grpo_run_smoke_end_to_end(tmp_path):
     out = _run(root, *grpo, "run", "--preset", "smoke")
     results = json.loads(out.stdout[out.stdout.index("{") :])
     assert list(results) == ["validate", "snapshot", "train", "evaluate", "register"]
-    assert results["register"]["promoted"] and results["register"]["version"] == "1"
+    # The tiny random model scores 0, as its reference does: no gain, so v1 stays challenger.
+    register = results["register"]
+    assert not register["promoted"] and register["version"] == "1"
+    assert register["reason"].startswith("no champion yet, so the candidate must beat the reference: failed min_gain")
     assert "preset: smoke" in (root / "params.yaml").read_text()
 
     # Everything the flow made is recorded: nothing stale, nothing for `dvc repro` to do.
@@ -42,7 +45,10 @@ def test_grpo_run_smoke_end_to_end(tmp_path):
     again = json.loads((o := _run(root, *grpo, "run")).stdout[o.stdout.index("{") :])
     assert all(r == {"reused": True} for r in again.values())
 
-    # The registered champion loads in a fresh process with only transformers + peft + mlflow.
+    # Made champion by hand (the path the gate does not block), it loads in a fresh process with
+    # only transformers + peft + mlflow.
+    promoted = _run(root, *grpo, "promote", "1", "--reason", "end-to-end check")
+    assert "v1 is champion" in promoted.stdout
     loader = f"""
 import mlflow
 from mlflow import MlflowClient

@@ -104,6 +104,239 @@ def test_security_settings_are_on():
         assert subprocess.run(["sh", "-n", str(INFRA / script)]).returncode == 0, script
 
 
+def _pulled_images() -> dict[str, str]:
+    """Each compose service's image that is pulled rather than built here, as it runs by default
+    (`${VAR:-default}` read as the default)."""
+    compose = yaml.safe_load((INFRA / "docker-compose.yml").read_text())
+    return {
+        name: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", service["image"])
+        for name, service in compose["services"].items()
+        if "image" in service and "build" not in service
+    }
+
+
+def test_images_are_pinned_to_release_tags():
+    images = _pulled_images()
+    assert {"secrets-check", "postgres", "minio", "buckets", "prefect-server"} <= set(images)
+    for name, image in images.items():
+        repository, _, tag = image.rpartition(":")
+        assert repository and "/" not in tag, f"{name}: {image} has no tag"
+        assert tag != "latest" and re.search(r"\d", tag), f"{name}: {image} is not pinned to a release"
+        assert "${" not in image, f"{name}: {image}"
+    assert images["minio"].startswith("minio/minio:RELEASE.") and images["buckets"].startswith("minio/mc:RELEASE.")
+    assert ":latest" not in (INFRA / "docker-compose.yml").read_text()
+    # The images built here (mlflow, worker) start from tagged bases.
+    for dockerfile in (INFRA / "Dockerfile", INFRA / "mlflow" / "Dockerfile"):
+        for line in dockerfile.read_text().splitlines():
+            if line.startswith("FROM "):
+                image = line.split()[1]
+                assert ":" in image and not image.endswith(":latest"), f"{dockerfile}: {line}"
+
+
+def _refs(service: dict) -> set[str]:
+    """The variables a service's environment is made of."""
+    return {
+        var for value in (service.get("environment") or {}).values() for var in re.findall(r"\$\{(\w+)", str(value))
+    }
+
+
+def test_each_service_gets_only_its_own_credentials():
+    compose = yaml.safe_load((INFRA / "docker-compose.yml").read_text())
+    services = compose["services"]
+    root_keys = {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"}
+    # MinIO's root keys: MinIO itself and the one-shot that makes the per-service users (and the
+    # one-shot that refuses placeholders, which runs nothing else), nobody else.
+    assert {n for n, s in services.items() if _refs(s) & root_keys} == {"minio", "buckets", "secrets-check"}
+    # The MLflow admin password: the server, the one-shot that makes the worker's user, and the check.
+    assert {n for n, s in services.items() if "MLFLOW_ADMIN_PASSWORD" in _refs(s)} == {
+        "mlflow",
+        "mlflow-users",
+        "secrets-check",
+    }
+    worker, mlflow = services["worker"]["environment"], services["mlflow"]["environment"]
+    assert not _refs(services["worker"]) & (root_keys | {"MLFLOW_ADMIN_PASSWORD", "MLFLOW_ADMIN_USER"})
+    assert (
+        "WORKER_S3_ACCESS_KEY" in worker["AWS_ACCESS_KEY_ID"]
+        and "WORKER_S3_SECRET_KEY" in worker["AWS_SECRET_ACCESS_KEY"]
+    )
+    assert "MLFLOW_WORKER_USER" in worker["MLFLOW_TRACKING_USERNAME"]
+    assert "MLFLOW_WORKER_PASSWORD" in worker["MLFLOW_TRACKING_PASSWORD"]
+    assert (
+        "MLFLOW_S3_ACCESS_KEY" in mlflow["AWS_ACCESS_KEY_ID"]
+        and "MLFLOW_S3_SECRET_KEY" in mlflow["AWS_SECRET_ACCESS_KEY"]
+    )
+    assert services["worker"]["depends_on"]["mlflow-users"] == {"condition": "service_completed_successfully"}
+    # The init script gives each of those users one policy: its own bucket, objects and listing only.
+    init = (INFRA / "minio" / "init.sh").read_text()
+    assert "mc admin user add" in init and "mc admin policy attach" in init and "s3:*" not in init
+    assert re.findall(r'"Resource": \["([^"]+)"\]', init) == ["arn:aws:s3:::$2", "arn:aws:s3:::$2/*"]
+    assert 'bucket_user grpo-dvc "$DVC_BUCKET" "$WORKER_S3_ACCESS_KEY"' in init
+    assert 'bucket_user grpo-mlflow-artifacts "$MLFLOW_BUCKET" "$MLFLOW_S3_ACCESS_KEY"' in init
+    assert services["buckets"]["volumes"] == ["./minio/init.sh:/usr/local/bin/minio-init.sh:ro"]
+    # git in the image trusts the project's path only, not every repository on the machine.
+    dockerfile = (INFRA / "Dockerfile").read_text()
+    assert "safe.directory /workspace" in dockerfile and "safe.directory '*'" not in dockerfile
+    assert "TLS" in (INFRA / "README.md").read_text()
+
+
+def _secrets(compose: dict) -> set[str]:
+    """Every variable the compose file requires (`${VAR:?message}`) that names a secret."""
+    return {
+        var
+        for service in compose["services"].values()
+        for value in (service.get("environment") or {}).values()
+        for var in re.findall(r"\$\{(\w+):\?", str(value))
+        if SECRET_KEY.search(var) and var != "MINIO_ROOT_USER" and not var.endswith("ACCESS_KEY")
+    }
+
+
+def test_placeholder_secrets_stop_the_stack(tmp_path):
+    """A secret left as .env.example's CHANGE_ME (or empty) stops compose, up.sh and each service's own script."""
+    compose = yaml.safe_load((INFRA / "docker-compose.yml").read_text())
+    check = compose["services"]["secrets-check"]
+    assert set(check["environment"]) == _secrets(compose)  # it sees every secret the stack uses
+    for root in ("postgres", "minio"):  # everything else starts after one of these
+        assert compose["services"][root]["depends_on"]["secrets-check"] == {
+            "condition": "service_completed_successfully"
+        }
+    script = check["command"][0].replace("$$", "$")
+    good = {"PATH": os.environ["PATH"], **{k: secrets.token_hex(8) for k in check["environment"]}}
+    assert subprocess.run(["sh", "-c", script], env=good, capture_output=True).returncode == 0
+    bad = {**good, "MLFLOW_WORKER_PASSWORD": "CHANGE_ME", "PREFECT_AUTH_STRING": "admin:CHANGE_ME"}
+    refused = subprocess.run(["sh", "-c", script], env=bad, capture_output=True, text=True)
+    assert refused.returncode == 1 and "MLFLOW_WORKER_PASSWORD" in refused.stderr
+    assert "PREFECT_AUTH_STRING" in refused.stderr
+
+    # The services' own scripts refuse it too (before starting anything).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("mc", "mlflow"):
+        (bin_dir / tool).write_text(f"#!/bin/sh\necho {tool} ran >&2\nexit 0\n")
+        (bin_dir / tool).chmod(0o755)
+    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    minio_env = {
+        "PATH": path,
+        "MINIO_ROOT_USER": "root",
+        "MINIO_ROOT_PASSWORD": secrets.token_hex(8),
+        "WORKER_S3_ACCESS_KEY": "grpo-worker",
+        "WORKER_S3_SECRET_KEY": "CHANGE_ME",
+        "MLFLOW_S3_ACCESS_KEY": "grpo-mlflow",
+        "MLFLOW_S3_SECRET_KEY": secrets.token_hex(8),
+        "MLFLOW_BUCKET": "mlflow-artifacts",
+        "DVC_BUCKET": "dvc",
+    }
+    done = subprocess.run(["sh", str(INFRA / "minio" / "init.sh")], env=minio_env, capture_output=True, text=True)
+    assert done.returncode == 1 and "WORKER_S3_SECRET_KEY" in done.stderr and "mc ran" not in done.stderr
+    done = subprocess.run(
+        ["sh", str(INFRA / "minio" / "init.sh")],
+        env={**minio_env, "WORKER_S3_SECRET_KEY": secrets.token_hex(8)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0 and "mc ran" in done.stderr, done.stderr
+    mlflow_env = {
+        "PATH": path,
+        "MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg2://mlflow:x@postgres:5432/mlflow",
+        "MLFLOW_AUTH_DATABASE_URI": "postgresql+psycopg2://mlflow:x@postgres:5432/mlflow_auth",
+        "MLFLOW_ARTIFACTS_DESTINATION": "s3://mlflow-artifacts/",
+        "MLFLOW_ALLOWED_HOSTS": "mlflow",
+        "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": "CHANGE_ME",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(8),
+        "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth" / "basic_auth.ini"),
+    }
+    done = subprocess.run(
+        ["sh", str(INFRA / "mlflow" / "entrypoint.sh")], env=mlflow_env, capture_output=True, text=True
+    )
+    assert done.returncode == 1 and "CHANGE_ME" in done.stderr and "mlflow ran" not in done.stderr
+    users = _load_users_script()
+    with pytest.raises(SystemExit, match="MLFLOW_WORKER_PASSWORD"):
+        users.service_users({"MLFLOW_WORKER_USER": "worker", "MLFLOW_WORKER_PASSWORD": "CHANGE_ME"})
+    with pytest.raises(SystemExit, match="MLFLOW_WORKER_PASSWORD"):
+        users.service_users({"MLFLOW_WORKER_USER": "worker"})
+    with pytest.raises(SystemExit, match="at least 12 characters"):
+        users.service_users({"MLFLOW_WORKER_USER": "worker", "MLFLOW_WORKER_PASSWORD": "short"})
+    assert users.service_users({"MLFLOW_WORKER_USER": "worker", "MLFLOW_WORKER_PASSWORD": "s3cret-s3cret"}) == [
+        ("worker", "s3cret-s3cret")
+    ]
+
+
+def test_the_workers_mlflow_grants_name_what_the_pipeline_uses():
+    """users.py runs in the MLflow image without this project: its copy of the names must match."""
+    from pipelines.config import RegisterConfig
+    from pipelines.registry.promotion import lock_name
+    from pipelines.registry.stage import reference_name
+
+    users = _load_users_script()
+    experiments, models = users.resources({}, "WORKER")
+    assert experiments == [RegisterConfig().experiment] and models == [RegisterConfig().model_name]
+    name = RegisterConfig().model_name
+    assert users.model_grants(name) == {name: "EDIT", reference_name(name): "EDIT", lock_name(name): "MANAGE"}
+    assert users.resources({"MLFLOW_WORKER_MODELS": "a, b"}, "WORKER")[1] == ["a", "b"]
+
+
+def _load_users_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mlflow_users", INFRA / "mlflow" / "users.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _up(folder: Path) -> subprocess.CompletedProcess:
+    """infra/up.sh from a copy of infra/ in `folder`, with a `docker` that only records its arguments."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "docker").write_text(f'#!/bin/sh\necho "$@" > {folder}/docker-args\n')
+    (bin_dir / "docker").chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HOME": str(folder)}
+    return subprocess.run(["sh", str(folder / "infra" / "up.sh")], env=env, capture_output=True, text=True)
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
+
+
+def test_up_writes_random_secrets_and_refuses_placeholders(tmp_path):
+    infra = tmp_path / "infra"
+    infra.mkdir()
+    for name in ("up.sh", ".env.example", "docker-compose.yml"):
+        shutil.copy(INFRA / name, infra / name)
+    placeholders = [k for k, v in _env_file(INFRA / ".env.example").items() if "CHANGE_ME" in v]
+    assert {"MLFLOW_WORKER_PASSWORD", "WORKER_S3_SECRET_KEY", "MLFLOW_S3_SECRET_KEY"} <= set(placeholders)
+
+    # First run: .env with a fresh random value for every placeholder, private, then compose up.
+    done = _up(tmp_path)
+    assert done.returncode == 0, done.stderr
+    written = _env_file(infra / ".env")
+    assert "CHANGE_ME" not in (infra / ".env").read_text() and (infra / ".env").stat().st_mode & 0o077 == 0
+    assert len({written[k] for k in placeholders if k != "PREFECT_AUTH_STRING"}) == len(placeholders) - 1
+    assert "compose -p grpo --env-file" in (tmp_path / "docker-args").read_text()
+
+    # A secret put back to the placeholder, or emptied: refused, by name, and compose is not run.
+    for key, value in (
+        ("MLFLOW_WORKER_PASSWORD", "CHANGE_ME"),
+        ("MINIO_ROOT_PASSWORD", ""),
+        ("PREFECT_AUTH_STRING", "admin:"),
+    ):
+        (tmp_path / "docker-args").unlink(missing_ok=True)
+        text = "".join(f"{k}={value if k == key else v}\n" for k, v in written.items())
+        (infra / ".env").write_text(text)
+        refused = _up(tmp_path)
+        assert refused.returncode == 1 and key in refused.stderr and "refusing to start" in refused.stderr
+        assert not (tmp_path / "docker-args").exists()
+
+    # An .env from before the per-service credentials: the new settings are added, secrets random.
+    old = {k: v for k, v in written.items() if not k.startswith(("WORKER_S3_", "MLFLOW_S3_", "MLFLOW_WORKER_"))}
+    (infra / ".env").write_text("".join(f"{k}={v}\n" for k, v in old.items()))
+    done = _up(tmp_path)
+    assert done.returncode == 0 and "added WORKER_S3_SECRET_KEY" in done.stdout, done.stderr
+    upgraded = _env_file(infra / ".env")
+    assert {k: upgraded[k] for k in old} == old and upgraded["WORKER_S3_ACCESS_KEY"] == "grpo-worker"
+    assert "CHANGE_ME" not in (infra / ".env").read_text()
+
+
 def test_kubernetes_pool_requests_gpus_and_declares_its_variables():
     template = json.loads((INFRA / "k8s" / "gpu-job-template.json").read_text())
     container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
@@ -281,6 +514,7 @@ def s3(tmp_path_factory) -> Iterator[S3]:
 class Service:
     url: str
     env: dict[str, str]  # what a client needs to reach it
+    worker_env: dict[str, str] | None = None  # MLflow: the worker's own (non-admin) user, as compose makes it
 
 
 @pytest.fixture(scope="module")
@@ -351,8 +585,29 @@ def mlflow_server(postgres, s3, tmp_path_factory) -> Iterator[Service]:
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_http(f"{url}/health", proc, log)
+        admin = {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
+        # The worker's user, made as compose's `mlflow-users` makes it (twice: the second run only sets the password).
+        worker = {"MLFLOW_WORKER_USER": "worker", "MLFLOW_WORKER_PASSWORD": secrets.token_hex(12)}
+        said = []
+        for _ in range(2):
+            made = subprocess.run(
+                [sys.executable, str(INFRA / "mlflow" / "users.py")],
+                env={**cli_env(), **admin, **worker},
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert made.returncode == 0, made.stdout + made.stderr
+            said.append(made.stdout)
+        assert "created worker" in said[0] and "password set from the environment" in said[1], said
         yield Service(
-            url, {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
+            url,
+            admin,
+            {
+                "MLFLOW_TRACKING_URI": url,
+                "MLFLOW_TRACKING_USERNAME": "worker",
+                "MLFLOW_TRACKING_PASSWORD": worker["MLFLOW_WORKER_PASSWORD"],
+            },
         )
     finally:
         _stop(proc)
@@ -374,6 +629,13 @@ def test_servers_refuse_strangers(prefect_server, mlflow_server):
     assert _status(search, {"Authorization": f"Basic {login}"}) == 200
     assert _status(search) == 401  # basic auth
     assert _status(search, {"Authorization": f"Basic {login}", "Host": "evil.example"}) == 403  # --allowed-hosts
+    # The worker's user logs in with its own password, and is no admin: it may not make users.
+    worker = base64.b64encode(f"worker:{mlflow_server.worker_env['MLFLOW_TRACKING_PASSWORD']}".encode()).decode()
+    assert _status(search, {"Authorization": f"Basic {worker}"}) == 200
+    create_user = f"{mlflow_server.url}/api/2.0/mlflow/users/create"
+    body = json.dumps({"username": "mallory", "password": secrets.token_hex(8)}).encode()
+    as_worker = {"Authorization": f"Basic {worker}", "Content-Type": "application/json"}
+    assert _status(create_user, as_worker, body) == 403
     flows = f"{prefect_server.url}/flows/filter"
     assert _status(flows, {"Content-Type": "application/json"}, b"{}") == 401
     token = base64.b64encode(prefect_server.env["PREFECT_API_AUTH_STRING"].encode()).decode()
@@ -386,7 +648,8 @@ def test_smoke_pipeline_against_the_stack(tmp_path, postgres, s3, prefect_server
     """`grpo run --preset smoke` with only environment and DVC config changed: everything lands on the servers."""
     pytest.importorskip("dvc_s3", reason="dvc-s3 is not installed: `make test-infra` installs it")
     root = make_project(tmp_path / "project", dvc=True)
-    env = {**cli_env(), **s3.env, **prefect_server.env, **mlflow_server.env}
+    # As the compose worker runs: its own MLflow user, not the admin.
+    env = {**cli_env(), **s3.env, **prefect_server.env, **mlflow_server.worker_env}
 
     def run(*args: str) -> subprocess.CompletedProcess:
         done = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=600)
@@ -398,12 +661,17 @@ def test_smoke_pipeline_against_the_stack(tmp_path, postgres, s3, prefect_server
     run(*dvc, "remote", "modify", "stack", "endpointurl", s3.url)
     out = run(sys.executable, "-m", "flows.cli", "run", "--preset", "smoke")
     results = json.loads(out.stdout[out.stdout.index("{") :])
-    assert results["register"]["promoted"] and results["register"]["version"] == "1"
+    # The tiny model scores 0 like its reference: no gain, so v1 is challenger. Promoted by hand,
+    # through the server (and the registry-held lock on champion moves).
+    assert not results["register"]["promoted"] and results["register"]["version"] == "1"
+    assert "must beat the reference" in results["register"]["reason"]
+    run(sys.executable, "-m", "flows.cli", "promote", "1", "--reason", "infra smoke test")
 
     # MLflow: runs and registry in Postgres, artifacts in S3, nothing local.
     assert not (root / "mlflow.db").exists() and not (root / "mlartifacts").exists()
     assert int(postgres.query("mlflow", "select count(*) from runs")) >= 1
     assert postgres.query("mlflow", "select alias from registered_model_aliases where alias = 'champion'") == "champion"
+    assert postgres.query("mlflow", "select name from registered_models where name like '%.champion-lock'") == ""
     assert any(k.endswith("adapter_model.safetensors") for k in s3.keys("mlflow-artifacts"))
 
     # Prefect: the flow run, completed, in Postgres.

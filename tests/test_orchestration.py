@@ -168,6 +168,8 @@ def test_serve_retrains_on_new_data_once_and_promotion_waits_for_approval(tmp_pa
             "grpo-retrain",
         } <= set(shown)
         assert "registered v1" in shown["grpo-retrain"] and "MLflow run" in shown["grpo-train"]
+        # No gain over the reference (the tiny model scores 0 like it): kept, and the reason says so.
+        assert "kept as challenger (no champion yet, so the candidate must beat the reference" in shown["grpo-retrain"]
         assert config.load(root / "params.yaml").data.path == "data/raw/new.jsonl"  # written as `grpo run -S` would
         assert _versions(root) == ["1"]
         # The run held the workspace through a one-slot global concurrency limit named after the project.

@@ -101,12 +101,40 @@ def test_gate_wants_the_interval_above_zero_unless_told_otherwise():
 def test_gate_format_rate_and_reference_regression():
     better = ([True] * 18 + [False] * 2, [False] * 20)
     assert not _decide(*better, fmt=0.5, min_format_rate=0.9).promote
-    # No champion yet: the candidate must still not fall below the reference.
+    # No champion yet: the candidate must still not fall below the reference...
     d = _decide([True] * 5 + [False] * 15, None, reference=[True] * 10 + [False] * 10)
-    assert not d.promote and d.reason.startswith("no champion yet: failed no_regression_vs_reference")
-    assert _decide(
-        [True] * 5 + [False] * 15, None, reference=[True] * 10 + [False] * 10, no_regression_vs_reference=False
-    ).promote
+    assert not d.promote and d.checks["no_regression_vs_reference"] is False
+    assert d.reason.startswith(f"{FIRST}: failed no_regression_vs_reference, min_gain, ci_above_zero")
+    # ...and without that rule it is still below the reference, so still no gain to promote on.
+    d = _decide([True] * 5 + [False] * 15, None, reference=[True] * 10 + [False] * 10, no_regression_vs_reference=False)
+    assert not d.promote and d.reason.startswith(f"{FIRST}: failed min_gain, ci_above_zero")
+
+
+FIRST = "no champion yet, so the candidate must beat the reference"
+
+
+def test_a_first_version_no_better_than_its_reference_stays_challenger():
+    """With no champion the reference is the bar, by the same rules: equal to it is no gain at all."""
+    for same in ([False] * 20, [True] * 7 + [False] * 13):  # 0.000 vs 0.000 (the smoke runs), 0.350 vs 0.350
+        d = _decide(same, None, reference=same)
+        assert not d.promote and d.checks["min_gain"] is False and d.checks["ci_above_zero"] is False
+        assert d.checks["no_regression_vs_reference"] is True  # not worse, which alone used to be enough
+        rate = f"{sum(same) / 20:.3f}"
+        assert d.reason.startswith(f"{FIRST}: failed min_gain, ci_above_zero; accuracy {rate} vs reference {rate}")
+        assert "gain +0.000 (needs > 0 and >= 0.0)" in d.reason
+    # A clear gain over the reference promotes the first version; a slight one needs its interval above zero.
+    clear = _decide([True] * 15 + [False] * 5, None, reference=[True] * 5 + [False] * 15)
+    assert clear.promote and clear.reason.startswith(f"{FIRST}: all gate rules hold")
+    assert clear.figures["gain_vs_reference"] == pytest.approx(0.5) and clear.figures["gain_ci_low"] > 0
+    slight = ([True] * 6 + [False] * 14, None, [True] * 5 + [False] * 15)
+    assert not _decide(*slight).promote and _decide(*slight, require_ci_above_zero=False).promote
+    assert not _decide(*slight, require_ci_above_zero=False, min_gain=0.1).promote
+    # The absolute floor, with or without a champion.
+    floor = _decide([True] * 15 + [False] * 5, None, reference=[True] * 5 + [False] * 15, min_accuracy=0.8)
+    assert not floor.promote and floor.reason.startswith(f"{FIRST}: failed min_accuracy")
+    assert "accuracy 0.750 < floor 0.8" in floor.reason
+    assert not _decide([True] * 18 + [False] * 2, [True] * 6 + [False] * 14, min_accuracy=0.95).promote
+    assert _decide([True] * 18 + [False] * 2, [True] * 6 + [False] * 14, min_accuracy=0.9).promote
 
 
 def test_a_degraded_candidate_never_takes_champion():
@@ -206,11 +234,21 @@ def test_register_gate_rollback_and_manual_promotion(sqlite_project, monkeypatch
     from flows.cli import main
 
     cfg, paths = sqlite_project
-    # v1: a real evaluation, no champion yet -> champion.
+    # v1: a real evaluation, no champion yet. The tiny random model scores as its reference does
+    # (nothing right), so it does not beat it: challenger, and the reason says why.
     evaluate.run(cfg, paths)
     first = registry.run(cfg, paths)
     client = mlflow_store.registry_client(paths.root)
-    assert first.promoted and first.version == "1" and _champion(client) == "1"
+    assert not first.promoted and first.version == "1" and first.champion is None
+    assert first.reason.startswith(f"{FIRST}: failed min_gain, ci_above_zero; accuracy 0.000 vs reference 0.000")
+    assert promotion.current_champion(client, NAME) is None
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "1"
+    assert client.get_model_version(NAME, "1").tags["promotion_decision"] == "kept"
+    # A person makes it champion by hand (the gate does not block the manual path).
+    monkeypatch.setenv("USER", "alice")
+    assert main(["promote", "1", "--project", str(paths.root), "--reason", "baseline to compare against"]) == 0
+    assert _champion(client) == "1" and "previous_champion" not in client.get_model_version(NAME, "1").tags
+    capsys.readouterr()
 
     # A real evaluation again: the champion v1 is fetched from the registry and re-scored on the same problems.
     result = evaluate.run(cfg, paths)
@@ -255,7 +293,6 @@ def test_register_gate_rollback_and_manual_promotion(sqlite_project, monkeypatch
     assert v4["eval_champion_version"] == "1" and float(v4["eval_gain_vs_champion"]) == pytest.approx(0.75)
 
     # Rollback: champion back to v1, the demoted version says by whom.
-    monkeypatch.setenv("USER", "alice")
     assert main(["rollback", "--project", str(paths.root), "--reason", "bad answers in prod"]) == 0
     assert _champion(client) == "1" and "v1 is champion again" in capsys.readouterr().out
     assert client.get_model_version(NAME, "4").tags["rolled_back_by"] == "alice"
@@ -302,9 +339,9 @@ def test_ask_answers_as_plain_transformers_and_peft_do(sqlite_project, tmp_path,
 
     cfg, paths = sqlite_project
     client = mlflow_store.registry_client(paths.root)
-    if promotion.current_champion(client, NAME) is None:  # this test alone: register one
+    if promotion.current_champion(client, NAME) is None:  # this test alone: register one, promote it by hand
         evaluate.run(cfg, paths)
-        registry.run(cfg, paths)
+        promotion.promote(client, NAME, registry.run(cfg, paths).version, "to ask it", user="test")
 
     # Plain transformers + peft from the downloaded artifacts: the README's recipe.
     base_dir, adapter_dir = download_version(NAME, "champion", tmp_path / "dl")

@@ -11,6 +11,7 @@ from pipelines.data import validate
 from pipelines.evaluation import stage as evaluate
 from pipelines.grpo import trainer
 from pipelines.paths import Paths
+from pipelines.registry import promotion
 from pipelines.registry import stage as registry
 from pipelines.snapshot import manifest as pin
 from pipelines.snapshot import stage as snapshot
@@ -79,8 +80,15 @@ def test_train_evaluate_register_in_order(staged, smoke_cfg, tmp_path):
     assert len(paths.eval_samples.read_text().splitlines()) == 16
 
     first = registry.run(smoke_cfg, paths)
-    assert first.promoted and first.version == "1"
+    # No champion yet, so the candidate must beat the reference; the tiny random model scores 0 like
+    # its reference, so v1 stays challenger and the reason says why.
+    assert not first.promoted and first.version == "1"
+    assert first.reason.startswith("no champion yet, so the candidate must beat the reference: failed min_gain")
     client = MlflowClient()
+    assert str(client.get_model_version_by_alias("grpo-policy", "challenger").version) == "1"
+    assert promotion.current_champion(client, "grpo-policy") is None
+    # The rest is about a champion: make v1 one by hand, the path the gate does not block.
+    promotion.promote(client, "grpo-policy", "1", "baseline for the next candidate", user="test")
     assert str(client.get_model_version_by_alias("grpo-policy", "champion").version) == "1"
     run = client.get_run(first.run_id)
     assert run.info.run_id == result.run_id  # one MLflow run: training metrics and registration

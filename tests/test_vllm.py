@@ -53,6 +53,7 @@ def _project(root: Path, reference: Path, *overrides: str) -> config.Config:
             # A reward that varies between completions of a random model, so the adapter really moves.
             "train.rewards=[{name: length, weight: 1.0, params: {target_chars: 30}}]",
             "train.bf16=false",
+            "evaluate.bf16=false",
             "data.max_val_rows=4",
             *overrides,
         ],

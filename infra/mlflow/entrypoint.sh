@@ -15,6 +15,10 @@ set -eu
 : "${MLFLOW_AUTH_ADMIN_PASSWORD:?set MLFLOW_AUTH_ADMIN_PASSWORD}"
 # The basic-auth app signs its CSRF tokens with this; every server replica needs the same one.
 : "${MLFLOW_FLASK_SERVER_SECRET_KEY:?set MLFLOW_FLASK_SERVER_SECRET_KEY (a long random string)}"
+# .env.example's placeholder is not a secret.
+for value in "$MLFLOW_AUTH_ADMIN_PASSWORD" "$MLFLOW_FLASK_SERVER_SECRET_KEY" "$MLFLOW_BACKEND_STORE_URI" "$MLFLOW_AUTH_DATABASE_URI"; do
+  case "$value" in *CHANGE_ME*) echo "mlflow-entrypoint: a secret is still CHANGE_ME (infra/.env); refusing to start" >&2; exit 1 ;; esac
+done
 
 config="${MLFLOW_AUTH_CONFIG_PATH:-/tmp/mlflow-auth/basic_auth.ini}"
 mkdir -p "$(dirname "$config")"

@@ -48,6 +48,41 @@ def api_url() -> str | None:
     return PREFECT_API_URL.value() or None
 
 
+# How long a reachability probe waits for the Prefect server to answer at all.
+REACH_TIMEOUT_S = 5.0
+
+
+def unreachable(url: str, reason: str) -> str:
+    """The one line a command prints when the Prefect server does not answer."""
+    return (
+        f"cannot reach the Prefect server at {url} ({reason}): start it (`prefect server start`) or fix PREFECT_API_URL"
+    )
+
+
+def prefect_problem(url: str, timeout: float = REACH_TIMEOUT_S) -> str | None:
+    """None when something answers HTTP at `url`/health within `timeout` seconds, else a short reason.
+
+    Prefect's own client retries a connect timeout several times over its 60 s request timeout; this
+    probe fails within `timeout`. Any HTTP answer counts (a workspace URL may not route /health) except
+    a gateway's 502/503/504; certificates are not checked (nothing is sent, and the client checks them).
+    """
+    import re
+
+    import httpx
+
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/health", timeout=timeout, verify=False)
+    except httpx.TimeoutException:
+        return f"no answer within {timeout:g} s"
+    except httpx.HTTPError as exc:
+        text = str(exc) or type(exc).__name__
+        found = re.search(r"\[Errno -?\d+\] [^'\")\]]+", text)
+        return found.group(0).strip() if found else text.splitlines()[0][:200]
+    if response.status_code in (502, 503, 504):
+        return f"HTTP {response.status_code} {response.reason_phrase}".strip()
+    return None
+
+
 def emit_dataset_updated(root: Path, path: str, digest: str, **extra: Any) -> Sent:
     """Send `grpo.dataset.updated` and wait until it is on the wire; never raises.
 
@@ -58,6 +93,11 @@ def emit_dataset_updated(root: Path, path: str, digest: str, **extra: Any) -> Se
     if not url:
         return Sent(
             False, f"no Prefect server configured (PREFECT_API_URL): {DATASET_UPDATED} not sent, nothing retrains"
+        )
+    problem = prefect_problem(url)
+    if problem is not None:  # say so in one line, before the events client prints its own warnings
+        return Sent(
+            False, f"{DATASET_UPDATED} not sent to {url} ({problem}); start the server, or retrain with `grpo run`"
         )
     import asyncio
 

@@ -21,10 +21,11 @@ import pandas as pd
 
 from pipelines.config import DataConfig
 from pipelines.data.checks import ANSWER_TYPES, ID_TYPES
+from pipelines.io import staged_dir
 
 # A number the math verifier reads (verifiers/math_answer.parse_number): `1,234`, `-3.5`, `$5`,
 # `3/4`; bounded so that every match stays within parse_number's 64 characters.
-NUMERIC = r"^\s*-?\$?\d[\d,]{0,23}(?:\.\d{1,16})?(?:\s*/\s*[1-9]\d{0,15})?\s*$"
+NUMERIC = r"^\s*-?\$?[0-9][0-9,]{0,23}(?:\.[0-9]{1,16})?(?:\s*/\s*[1-9][0-9]{0,15})?\s*$"
 SUITE = "grpo_dataset"
 ROW_TABLES = ("rows", "leakage")  # tables whose failures are rows (and can be rejected one by one)
 
@@ -189,13 +190,13 @@ class GxRun:
         return outcomes
 
     def publish(self, docs_dir: Path) -> None:
-        """Build the data docs and copy them to `docs_dir` (reports/data-docs)."""
+        """Build the data docs and swap them in for `docs_dir` (reports/data-docs) as one folder: a
+        reader (or a crash) never meets half a site, and the old site stays until the new one is whole."""
         self.context.build_data_docs()
         site = self.root / "gx" / "uncommitted" / "data_docs" / "local_site"
         if site.exists():
-            if docs_dir.exists():
-                shutil.rmtree(docs_dir)
-            shutil.copytree(site, docs_dir)
+            with staged_dir(docs_dir) as staging:
+                shutil.copytree(site, staging, dirs_exist_ok=True)
 
 
 def _detail(kwargs: dict[str, Any], result: dict[str, Any]) -> str:

@@ -9,7 +9,6 @@ that fails leaves the previous data/validated intact.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from pipelines.data.sources import read_source, source_label
 from pipelines.data.split import three_way
 from pipelines.data.table import Table
 from pipelines.hashing import digest_files
-from pipelines.io import staging_dir, write_json
+from pipelines.io import carry_over, recover_dir, replace_dir, staging_dir, write_json
 from pipelines.paths import Paths
 
 # The splits in the order their bytes enter the dataset digest (hashing.digest_files).
@@ -182,7 +181,13 @@ def _write_outputs(
     splits: dict[str, list[int]],
     rejected: list[dict[str, Any]],
 ) -> str:
-    """Write the split files into a staging folder, then move each into data/validated."""
+    """Write the split files into a staging folder, then swap that whole folder in for data/validated.
+
+    A reader sees the old set of files or the new set, never a mix (pipelines/io.py `replace_dir`).
+    DVC keeps a .gitignore in data/validated: it (and anything else there the stage does not write)
+    is carried into the staged folder before the swap. A crash between the swap's two renames is
+    undone by the next run (pipelines/io.py `recover_dir`).
+    """
     ids, finals = frame["id"].tolist(), frame["answer_final"].tolist()
 
     def rows(indices: list[int]) -> Iterable[dict[str, Any]]:
@@ -201,10 +206,9 @@ def _write_outputs(
             _stream_jsonl(staging / f"{name}.jsonl", rows(indices))
         _stream_jsonl(staging / "rejected.jsonl", rejected)
         digest = digest_files(*(staging / f"{name}.jsonl" for name in SPLIT_FILES))
-        # File by file, not a folder swap: data/validated also holds DVC's .gitignore.
-        paths.validated_dir.mkdir(parents=True, exist_ok=True)
-        for name in (*(f"{name}.jsonl" for name in splits), "rejected.jsonl"):
-            os.replace(staging / name, paths.validated_dir / name)
+        recover_dir(paths.validated_dir)  # an interrupted swap's old set first, so its .gitignore is carried
+        carry_over(paths.validated_dir, staging)
+        replace_dir(staging, paths.validated_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return digest

@@ -32,11 +32,19 @@ def raw_dir(paths: Paths) -> Path:
 
 def add_raw(paths: Paths, source: Path, push: bool = True) -> Added:
     """Copy `source` into data/raw/ (replacing an earlier version of the same name), `dvc add` it,
-    `dvc push` it, and return its digest. A path already inside data/raw is versioned in place."""
-    source = source.expanduser().resolve()
+    `dvc push` it, and return its digest. A path directly in data/raw is versioned in place.
+
+    The copy keeps the name the user gave (a symlink's own name, not its target's). Refused: a source
+    that holds or lies in the project's data folders (data/raw, data/validated), and a folder with a
+    symlink that leads outside it (its content would be versioned and pushed as if it were the folder's).
+    """
+    source = Path(os.path.abspath(source.expanduser()))  # absolute, symlinks kept: the name is the user's
     if not source.exists():
         raise DataError(f"{source}: not found. Fix: give `grpo data add` an existing file or folder.")
-    if source.is_dir() and not any(p.is_file() for p in source.rglob("*")):
+    real = source.resolve()
+    if not (real.is_file() or real.is_dir()):
+        raise DataError(f"{source}: not a regular file or a folder. Fix: give `grpo data add` a data file or folder.")
+    if real.is_dir() and not any(p.is_file() for p in real.rglob("*")):
         raise DataError(f"{source}: the folder is empty. Fix: add data files to it first.")
     if not (paths.root / ".dvc").is_dir():
         raise DataError(
@@ -44,12 +52,11 @@ def add_raw(paths: Paths, source: Path, push: bool = True) -> Added:
         )
     raw = raw_dir(paths).resolve()
     target = raw / source.name
-    if source != target:
-        if raw in source.parents:
-            raise DataError(
-                f"{source}: already inside data/raw under another folder. Fix: add {target.parent} or move it."
-            )
-        _copy(source, target)
+    _refuse_project_data(paths, source, real, target)
+    if real.is_dir():
+        _refuse_links_out(source, real)
+    if real != target:
+        _copy(real, target)
     digest = content_digest(target)
     rel = target.relative_to(paths.root.resolve()).as_posix()
     _run(paths.root, "add", rel)
@@ -57,6 +64,62 @@ def add_raw(paths: Paths, source: Path, push: bool = True) -> Added:
     if push:
         _run(paths.root, "push", dvc_file)
     return Added(path=rel, digest=digest, dvc_file=dvc_file, pushed=push)
+
+
+def _refuse_project_data(paths: Paths, source: Path, real: Path, target: Path) -> None:
+    """A DataError for a source that holds data/raw or data/validated, or lies inside one of them
+    (except a file or folder directly in data/raw, which is versioned in place)."""
+    root = paths.root.resolve()
+    raw = raw_dir(paths).resolve()
+    validated = paths.validated_dir.resolve()
+    for folder in (raw, validated):
+        if folder == real or folder.is_relative_to(real):
+            raise DataError(
+                f"{source}: holds the project's {folder.relative_to(root).as_posix()}, so it would be copied into "
+                "data/raw, itself included. Fix: put the new data in a folder of its own and add that folder "
+                "(or add each file)."
+            )
+    if real.is_relative_to(validated):
+        raise DataError(
+            f"{source}: lies in data/validated, the validate stage's output, not raw data. Fix: add the original "
+            "data file or folder."
+        )
+    if source.is_symlink() and source.parent.resolve() == raw:
+        raise DataError(
+            f"{source}: a symlink in data/raw (to {real}); DVC versions files, not links. Fix: add {real} itself, "
+            "or put the file in place of the link."
+        )
+    if real.is_relative_to(raw) and real != target:
+        raise DataError(
+            f"{source}: already inside data/raw under another folder or name. Fix: add "
+            f"{raw / real.relative_to(raw).parts[0]} or move it."
+        )
+
+
+def _refuse_links_out(source: Path, real: Path) -> None:
+    """A DataError naming the first symlink in the folder that leads outside it, points nowhere, or loops;
+    links within the folder are copied as the files they point to."""
+    for folder, dirs, files in os.walk(real):
+        for name in dirs + files:
+            link = Path(folder) / name
+            if not link.is_symlink():
+                if name in files and not link.is_file():
+                    raise DataError(
+                        f"{source / link.relative_to(real)}: not a regular file (a pipe, socket or device). "
+                        "Fix: remove it from the folder."
+                    )
+                continue
+            shown = source / link.relative_to(real)
+            to = Path(os.path.realpath(link))
+            if not to.exists():
+                raise DataError(f"{shown}: a symlink to {os.readlink(link)}, which does not exist. Fix: remove it.")
+            if not to.is_relative_to(real):
+                raise DataError(
+                    f"{shown}: a symlink to {to}, outside {source}; its content would be versioned and pushed as "
+                    "part of the folder. Fix: copy the file into the folder, or remove the link."
+                )
+            if to.is_dir() and link.parent.resolve().is_relative_to(to):
+                raise DataError(f"{shown}: a symlink to {to}, a folder that holds it (a loop). Fix: remove it.")
 
 
 def _copy(source: Path, target: Path) -> None:

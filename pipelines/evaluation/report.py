@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import EvaluateConfig
+from pipelines.io import replaced_file
 
 MODELS = ("reference", "champion", "policy")
 
@@ -146,7 +147,7 @@ def chart(evaluation: dict[str, Any], out: Path) -> Path:
     diffs.grid(axis="x", alpha=0.3)
     fig.suptitle(f"Held-out evaluation, {int(evaluation['policy']['problems'])} problems")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    with replaced_file(out) as tmp:  # beside it, then one rename: a reader never sees half a PNG
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return out

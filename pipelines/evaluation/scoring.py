@@ -11,7 +11,7 @@ from collections import Counter
 from typing import Any
 
 from pipelines.config import EvaluateConfig
-from pipelines.verifiers.judge import judge
+from pipelines.verifiers.judge import judge_all
 from pipelines.verifiers.math_answer import answers_match, parse_number
 
 
@@ -42,7 +42,7 @@ def _vote_key(answer: str | None) -> str | None:
 
 
 def answer_problems(
-    model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: EvaluateConfig, label: str
+    model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: EvaluateConfig, label: str, backend: str = "lean"
 ) -> list[dict[str, Any]]:
     """One outcome per row: the greedy answer's verdict, and k sampled answers with pass/mean/maj@k."""
     import torch
@@ -61,11 +61,12 @@ def answer_problems(
             max_new_tokens=cfg.max_new_tokens,
             do_sample=False,
             bf16=cfg.bf16,
+            backend=backend,
         )
-        for row, text, length, truncated in zip(
-            chunk, rollout.texts, rollout.lengths.tolist(), rollout.truncated.tolist(), strict=True
+        verdicts = judge_all(rollout.texts, [r["answer"] for r in chunk], timeout=cfg.judge_timeout)
+        for row, text, length, truncated, verdict in zip(
+            chunk, rollout.texts, rollout.lengths.tolist(), rollout.truncated.tolist(), verdicts, strict=True
         ):
-            verdict = judge(text, row["answer"])
             outcomes.append(
                 {
                     "model": label,
@@ -95,13 +96,18 @@ def answer_problems(
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             bf16=cfg.bf16,
+            backend=backend,
+            # A server samples from no shared random stream: seed each problem, the same for every model.
+            seeds=[cfg.seed * 1_000_003 + start + i for i in range(len(chunk))] if backend == "vllm" else None,
         )
         lengths, truncated = rollout.lengths.tolist(), rollout.truncated.tolist()
+        answers = [r["answer"] for r in chunk for _ in range(cfg.k)]  # generate lays completions out group after group
+        verdicts = judge_all(rollout.texts, answers, timeout=cfg.judge_timeout)
         for i, row in enumerate(chunk):
             group = range(i * cfg.k, (i + 1) * cfg.k)  # generate lays completions out group after group
             samples = []
             for j in group:
-                verdict = judge(rollout.texts[j], row["answer"])
+                verdict = verdicts[j]
                 samples.append(
                     {
                         "completion": rollout.texts[j],

@@ -114,6 +114,10 @@ def run(cfg: Config, paths: Paths) -> EvalResult:
     set_threads(cfg.runtime.num_threads)
     manifest = verify(paths.reference_dir)
     rows = read_jsonl(paths.eval_split)
+    if e.champion:
+        from pipelines.mlflow_store import check_reachable
+
+        check_reachable(paths.root)  # a server that is down fails the stage in seconds, before any scoring
     with tempfile.TemporaryDirectory(prefix="grpo-champion-") as tmp:
         # Fetched first: a registry that cannot be reached fails the stage before any scoring.
         champion = (
@@ -187,7 +191,10 @@ def _score_on_vllm(
         tokenizer.pad_token = tokenizer.eos_token
     adapters = {"policy": paths.policy_dir, **({"champion": champion.adapter_dir} if champion else {})}
     rank = max(int(json.loads((d / "adapter_config.json").read_text())["r"]) for d in adapters.values())
-    with vllm_session(cfg.runtime.vllm, paths.root, paths.reference_dir, rank, cfg.evaluate.seed) as (client, base):
+    session = vllm_session(
+        cfg.runtime.vllm, paths.root, paths.reference_dir, rank, cfg.evaluate.seed, bf16=cfg.evaluate.bf16
+    )
+    with session as (client, base):
         models = {"reference": RemoteModel(client, base)}
         run = uuid.uuid4().hex[:8]
         for label, folder in adapters.items():

@@ -31,10 +31,10 @@ def policy_sampler(cfg: Config, policy: Any, paths: Paths) -> Iterator[Any]:
             "runtime.rollout_backend=vllm runs one trainer process against the server; set train.num_processes=1 "
             "(the server batches every prompt of a step itself)"
         )
-    with vllm_session(cfg.runtime.vllm, paths.root, paths.reference_dir, cfg.train.lora.r, cfg.train.seed) as (
-        client,
-        base,
-    ):
+    session = vllm_session(
+        cfg.runtime.vllm, paths.root, paths.reference_dir, cfg.train.lora.r, cfg.train.seed, bf16=cfg.train.bf16
+    )
+    with session as (client, base):
         remote = RemotePolicy(policy, client, base, paths.root / ".vllm" / "adapters")
         try:
             yield remote

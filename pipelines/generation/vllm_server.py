@@ -29,7 +29,7 @@ LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 @contextmanager
 def vllm_session(
-    cfg: VLLMConfig, root: Path, reference_dir: Path, lora_rank: int, seed: int = 0
+    cfg: VLLMConfig, root: Path, reference_dir: Path, lora_rank: int, seed: int = 0, bf16: bool = False
 ) -> Iterator[tuple[VLLMClient, str]]:
     """(client, name of the base model) for one stage; a server this started is stopped after."""
     if cfg.url:
@@ -50,6 +50,8 @@ def vllm_session(
         finally:
             client.close()
         return
+    if cfg.dtype == "auto":
+        cfg = cfg.model_copy(update={"dtype": "bfloat16" if bf16 else "float32"})
     process, client = start(cfg, root, reference_dir, lora_rank, seed)
     try:
         yield client, SERVED_NAME

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipelines.io import replaced_file
+
 
 def training_curves(history: list[dict[str, float]], out: Path, scores: Sequence[Any] = ()) -> Path | None:
     """Reward (and each reward function's mean) against training wall time, with validation accuracy
@@ -38,7 +40,7 @@ def training_curves(history: list[dict[str, float]], out: Path, scores: Sequence
     bottom.grid(alpha=0.3)
     fig.suptitle("GRPO training")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    with replaced_file(out) as tmp:  # beside it, then one rename: a reader never sees half a PNG
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return out

@@ -188,6 +188,7 @@ def train(
         score = score_split(
             copy.model, tokenizer, val_rows, step=step, max_new_tokens=cfg.evaluate.max_new_tokens,
             batch_size=cfg.evaluate.batch_size, backend=cfg.runtime.rollout_backend,
+            judge_timeout=cfg.evaluate.judge_timeout,
         )  # fmt: skip
         score.reward = mean_reward_since(history, previous) if step > 0 else None
         alarms = watch.add(score)

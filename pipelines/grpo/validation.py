@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipelines.generation.rollout import generate
-from pipelines.verifiers.judge import judge
+from pipelines.verifiers.judge import judge_all
 
 
 @dataclass
@@ -54,6 +54,7 @@ def score_split(
     max_new_tokens: int,
     batch_size: int,
     backend: str = "lean",
+    judge_timeout: float = 30.0,
 ) -> Score:
     """Greedy answers to every row, judged strict, lenient and for format."""
     started = time.perf_counter()
@@ -64,8 +65,9 @@ def score_split(
             model, tokenizer, [r["prompt"] for r in chunk], num_generations=1, max_new_tokens=max_new_tokens,
             do_sample=False, backend=backend,
         )  # fmt: skip
-        for row, text in zip(chunk, rollout.texts, strict=True):
-            verdict = judge(text, str(row["answer"]))
+        # In the verifier worker, under evaluation's limit: model output is hostile text.
+        verdicts = judge_all(rollout.texts, [str(r["answer"]) for r in chunk], timeout=judge_timeout)
+        for verdict in verdicts:
             correct += verdict["correct"]
             lenient += verdict["last_number_correct"]
             formatted += verdict["format"]

@@ -2,8 +2,10 @@
 
 The evidence is paired: the candidate, the champion and the reference answered the same held-out
 problems (pipelines/evaluation/stage.py), so the gain over the champion is judged with a bootstrap interval
-over problems, not against a score the champion once got on other problems. Every rule in
-`registry:` (params.yaml) must hold; the reason names each one that failed.
+over problems, not against a score the champion once got on other problems. With no champion yet,
+the reference stands in for it: a first version must beat the model it was trained from by the same
+rules (gain, interval), never take `champion` merely by not being worse. Every rule in `registry:`
+(params.yaml) must hold; the reason names each one that failed.
 """
 
 from __future__ import annotations
@@ -86,36 +88,60 @@ def decide(evidence: Evidence, rules: RegisterConfig, stats: EvaluateConfig) -> 
                 f"({'no skill lost' if cand >= ref else 'skill lost: the gain is format only'})"
             )
 
+    if rules.min_accuracy > 0:
+        checks["min_accuracy"] = vs_reference["candidate"] >= rules.min_accuracy
+        notes.append(
+            f"accuracy {vs_reference['candidate']:.3f} {'>=' if checks['min_accuracy'] else '<'} "
+            f"floor {rules.min_accuracy}"
+        )
+
     if evidence.champion is None:
+        # No champion to beat: the reference is the bar, by the rules a champion would set.
+        _gain_checks(vs_reference, "reference", n, rules, stats, checks, notes)
+        figures.update(_gain_figures(vs_reference))
         verdict = all(checks.values())
-        head = "no champion yet"
+        head = "no champion yet, so the candidate must beat the reference"
         return Decision(verdict, _reason(verdict, head, checks, notes), checks, figures)
 
     vs_champion = paired_comparison(evidence.candidate, evidence.champion, **settings)
-    gain, low, high = vs_champion["diff"], vs_champion["ci_low"], vs_champion["ci_high"]
-    figures.update(
-        {
-            "champion_accuracy": vs_champion["other"],
-            "gain_vs_champion": gain,
-            "gain_ci_low": low,
-            "gain_ci_high": high,
-            "mcnemar_p": vs_champion["mcnemar"]["p_value"],
-        }
-    )
-    checks["min_gain"] = gain > 0 and gain >= rules.min_gain
-    notes.insert(
-        0,
-        f"accuracy {vs_champion['candidate']:.3f} vs champion v{evidence.champion_version} {vs_champion['other']:.3f} "
-        f"on the same {n} problems: gain {gain:+.3f} (needs > 0 and >= {rules.min_gain}), "
-        f"{stats.confidence:.0%} interval [{low:+.3f}, {high:+.3f}], McNemar p={vs_champion['mcnemar']['p_value']:.3g}",
-    )
-    if rules.require_ci_above_zero:
-        checks["ci_above_zero"] = low > 0
-        notes.insert(1, f"interval lower end {low:+.3f} {'>' if checks['ci_above_zero'] else '<='} 0")
+    figures.update({"champion_accuracy": vs_champion["other"], "gain_vs_champion": vs_champion["diff"]})
+    figures.update(_gain_figures(vs_champion))
+    _gain_checks(vs_champion, f"champion v{evidence.champion_version}", n, rules, stats, checks, notes)
     verdict = all(checks.values())
     return Decision(
         verdict, _reason(verdict, f"vs champion v{evidence.champion_version}", checks, notes), checks, figures
     )
+
+
+def _gain_figures(comparison: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "gain_ci_low": comparison["ci_low"],
+        "gain_ci_high": comparison["ci_high"],
+        "mcnemar_p": comparison["mcnemar"]["p_value"],
+    }
+
+
+def _gain_checks(
+    comparison: dict[str, Any],
+    bar: str,
+    n: int,
+    rules: RegisterConfig,
+    stats: EvaluateConfig,
+    checks: dict[str, bool],
+    notes: list[str],
+) -> None:
+    """`min_gain` and `ci_above_zero` against `bar` (the champion, or the reference when there is none)."""
+    gain, low, high = comparison["diff"], comparison["ci_low"], comparison["ci_high"]
+    checks["min_gain"] = gain > 0 and gain >= rules.min_gain
+    notes.insert(
+        0,
+        f"accuracy {comparison['candidate']:.3f} vs {bar} {comparison['other']:.3f} on the same {n} problems: "
+        f"gain {gain:+.3f} (needs > 0 and >= {rules.min_gain}), {stats.confidence:.0%} interval "
+        f"[{low:+.3f}, {high:+.3f}], McNemar p={comparison['mcnemar']['p_value']:.3g}",
+    )
+    if rules.require_ci_above_zero:
+        checks["ci_above_zero"] = low > 0
+        notes.insert(1, f"interval lower end {low:+.3f} {'>' if checks['ci_above_zero'] else '<='} 0")
 
 
 def _reason(verdict: bool, head: str, checks: dict[str, bool], notes: list[str]) -> str:

@@ -5,6 +5,13 @@ version before and after it: a crash never leaves two champions or none. The his
 version tags: a version that takes `champion` first records the one it replaces as
 `previous_champion`, which is where `grpo rollback` returns to (and rolling back again goes one
 further, like popping a stack). Who moved it, when and why are tags too.
+
+A move reads the champion, writes tags, then moves the alias; two writers doing that at once (two
+workspaces, a person promoting while a retrain registers) could each record the same predecessor
+and lose a move. MLflow has no compare-and-set, so every move runs under `champion_lock`, a lock
+held in the registry itself (it works for every driver: CLI, DVC, Prefect, any machine), and is
+read back afterwards: should the alias or its `previous_champion` not be what this writer left (a
+writer that bypassed the lock, a lease that ran out), the move fails with `ChampionMoved`.
 """
 
 from __future__ import annotations
@@ -12,15 +19,31 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pipelines.mlflow_store import CHAMPION, StoreError, alias_version, is_absent
 
 PREVIOUS = "previous_champion"
 
+# The lock on champion moves: how long a holder may keep it before others may break it (a move is a
+# handful of registry calls; a crashed holder blocks others at most this long), and how long a
+# writer waits for it before giving up with a message.
+LOCK_LEASE_S = 120.0
+LOCK_WAIT_S = 300.0
+
 
 class PromotionError(StoreError):
     """A promotion, rollback or registry query that cannot be done; the message says what to do."""
+
+
+class ChampionMoved(PromotionError):
+    """After a move, the alias or its history is not what this writer left: another writer moved it."""
 
 
 def who() -> str:
@@ -51,8 +74,107 @@ def get_version(client: Any, name: str, version: str) -> Any:
         raise
 
 
+def lock_name(name: str) -> str:
+    """The registered model whose existence is the lock on `name`'s champion moves."""
+    return f"{name}.champion-lock"
+
+
+@contextmanager
+def champion_lock(
+    client: Any, name: str, *, lease_s: float = LOCK_LEASE_S, wait_s: float = LOCK_WAIT_S, poll_s: float = 0.2
+) -> Iterator[str]:
+    """Hold the registry-wide lock on moving `name`'s `champion`; yields this holder's id.
+
+    Creating a registered model is atomic where nothing else in the registry is (its name is a unique
+    key of the store, SQLite or the server's database), so the lock is the registered model
+    `<name>.champion-lock`: the writer whose create succeeds holds it, and its tags, written in the
+    same call, say who holds it and until when (a lease). Others poll until it is deleted, or break
+    it once the lease has run out (its holder died). Released by deleting it, only by its holder.
+    """
+    import mlflow
+
+    owner = f"{who()}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    lock = lock_name(name)
+    deadline = time.monotonic() + wait_s
+    while True:
+        expires = time.time() + lease_s
+        try:
+            client.create_registered_model(
+                lock,
+                tags={"owner": owner, "expires_at": f"{expires:.3f}", "expires": _stamp(expires)},
+                description=f"Lock on moving {name}@{CHAMPION} (pipelines/registry/promotion.py); gone after the move.",
+            )
+            break
+        except mlflow.exceptions.MlflowException as exc:
+            # Taken (or released between the insert and the error's own look-up): wait and try again.
+            if getattr(exc, "error_code", None) not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+                raise
+        holder = _lock_holder(client, lock)
+        if holder is not None and holder[1] < time.time():
+            _break_lock(client, lock, holder[0])
+            continue
+        if time.monotonic() > deadline:
+            who_, until = holder if holder is not None else ("?", 0.0)
+            raise PromotionError(
+                f"{name}@{CHAMPION} is being moved by {who_} (lock {lock!r}, lease until {_stamp(until)}); waited "
+                f"{wait_s:g}s. Try again later; if that process is gone, the lease runs out by itself"
+            )
+        time.sleep(poll_s * random.uniform(0.5, 1.5))
+    try:
+        yield owner
+        if time.time() > expires:
+            # Too slow: another writer may have broken the lock meanwhile. The read-back already
+            # passed, so the move itself stands; say so rather than trust the lease silently.
+            raise ChampionMoved(
+                f"the lock on {name}@{CHAMPION} ran out ({lease_s:.0f}s lease) before the move finished; "
+                "check `grpo models` before moving it again"
+            )
+    finally:
+        holder = _lock_holder(client, lock)
+        if holder is not None and holder[0] == owner:
+            _delete_lock(client, lock)
+
+
+def _lock_holder(client: Any, lock: str) -> tuple[str, float] | None:
+    """(owner, lease end in epoch seconds) of the lock, or None when nobody holds it."""
+    import mlflow
+
+    try:
+        tags = client.get_registered_model(lock).tags or {}
+    except mlflow.exceptions.MlflowException as exc:
+        if is_absent(exc):
+            return None
+        raise
+    try:
+        return tags.get("owner", "?"), float(tags.get("expires_at", "0"))
+    except ValueError:
+        return tags.get("owner", "?"), 0.0  # an unreadable lease counts as run out
+
+
+def _break_lock(client: Any, lock: str, stale_owner: str) -> None:
+    """Delete a lock whose lease ran out, if it is still that holder's (checked just before)."""
+    holder = _lock_holder(client, lock)
+    if holder is not None and holder[0] == stale_owner and holder[1] < time.time():
+        _delete_lock(client, lock)
+
+
+def _delete_lock(client: Any, lock: str) -> None:
+    import mlflow
+
+    try:
+        client.delete_registered_model(lock)
+    except mlflow.exceptions.MlflowException as exc:
+        if not is_absent(exc):
+            raise
+
+
+def _stamp(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat(timespec="seconds")
+
+
 def move_champion(client: Any, name: str, version: str, previous: str | None, tags: dict[str, str]) -> None:
-    """Tag `version` with its evidence and the champion it replaces, then move the alias in one call.
+    """Tag `version` with its evidence and the champion it replaces, move the alias in one call, and
+    check that both landed. Call it holding `champion_lock`, with `previous` read under that lock.
 
     The tags go first: should the process die in between, the old champion stays champion and the
     new version merely carries tags about a move that did not happen.
@@ -69,6 +191,26 @@ def move_champion(client: Any, name: str, version: str, previous: str | None, ta
         except mlflow.exceptions.MlflowException:
             pass
     client.set_registered_model_alias(name, CHAMPION, version)
+    verify_champion(client, name, version, previous)
+
+
+def verify_champion(client: Any, name: str, version: str, previous: str | None, *, check_previous: bool = True) -> None:
+    """Read the alias back: it must be `version`, and (for a promotion) record `previous` as its predecessor."""
+    now = current_champion(client, name)
+    found = str(now.version) if now is not None else None
+    if found != str(version):
+        raise ChampionMoved(
+            f"{name}@{CHAMPION} should be v{version} after this move but is {'v' + found if found else 'unset'}: "
+            "another writer moved it at the same time, outside the registry lock. Check `grpo models`, then set "
+            "it with `grpo promote VERSION --reason TEXT`"
+        )
+    recorded = now.tags.get(PREVIOUS) or None
+    if check_previous and recorded != (str(previous) if previous is not None else None):
+        raise ChampionMoved(
+            f"{name} v{version} took {CHAMPION} from {'v' + previous if previous else 'no champion'}, but its "
+            f"{PREVIOUS} tag says {'v' + recorded if recorded else 'none'}: another writer moved it at the same "
+            "time, so the rollback history is not what this move recorded. Check `grpo models` and fix the tag"
+        )
 
 
 def promote(client: Any, name: str, version: str, reason: str, user: str | None = None) -> dict[str, Any]:
@@ -76,46 +218,53 @@ def promote(client: Any, name: str, version: str, reason: str, user: str | None 
     if not reason.strip():
         raise PromotionError("say why: grpo promote VERSION --reason 'TEXT'")
     target = get_version(client, name, version)
-    champion = current_champion(client, name)
-    if champion is not None and str(champion.version) == str(target.version):
-        raise PromotionError(f"{name} v{target.version} is already champion")
     user = user or who()
-    previous = str(champion.version) if champion is not None else None
-    move_champion(
-        client,
-        name,
-        str(target.version),
-        previous,
-        {
-            "promotion": f"promoted manually by {user}: {reason}",
-            "promotion_decision": "promoted (manual)",
-            "promotion_reason": reason,
-            "promoted_by": user,
-            "promoted_at": now(),
-        },
-    )
+    with champion_lock(client, name):
+        champion = current_champion(client, name)  # read under the lock: this is the predecessor recorded
+        if champion is not None and str(champion.version) == str(target.version):
+            raise PromotionError(f"{name} v{target.version} is already champion")
+        previous = str(champion.version) if champion is not None else None
+        move_champion(
+            client,
+            name,
+            str(target.version),
+            previous,
+            {
+                "promotion": f"promoted manually by {user}: {reason}",
+                "promotion_decision": "promoted (manual)",
+                "promotion_reason": reason,
+                "promoted_by": user,
+                "promoted_at": now(),
+            },
+        )
     return {"name": name, "champion": str(target.version), "previous_champion": previous, "by": user, "reason": reason}
 
 
 def rollback(client: Any, name: str, reason: str = "", user: str | None = None) -> dict[str, Any]:
     """Move `champion` back to the version it replaced (the champion's `previous_champion` tag)."""
-    champion = current_champion(client, name)
-    if champion is None:
-        raise PromotionError(f"{name} has no champion to roll back")
-    previous = champion.tags.get(PREVIOUS)
-    if not previous:
-        raise PromotionError(
-            f"{name} v{champion.version} has no previous champion recorded; choose one with "
-            "`grpo promote VERSION --reason TEXT` (`grpo models` lists them)"
-        )
-    get_version(client, name, previous)  # refuse before touching anything if it was deleted
     user = user or who()
-    stamp = now()
-    for key, value in {"rolled_back_by": user, "rolled_back_at": stamp, "rolled_back_reason": reason or "-"}.items():
-        client.set_model_version_tag(name, champion.version, key, value)
-    client.set_model_version_tag(name, previous, "restored_by", user)
-    client.set_model_version_tag(name, previous, "restored_at", stamp)
-    client.set_registered_model_alias(name, CHAMPION, previous)
+    with champion_lock(client, name):
+        champion = current_champion(client, name)
+        if champion is None:
+            raise PromotionError(f"{name} has no champion to roll back")
+        previous = champion.tags.get(PREVIOUS)
+        if not previous:
+            raise PromotionError(
+                f"{name} v{champion.version} has no previous champion recorded; choose one with "
+                "`grpo promote VERSION --reason TEXT` (`grpo models` lists them)"
+            )
+        get_version(client, name, previous)  # refuse before touching anything if it was deleted
+        stamp = now()
+        for key, value in {
+            "rolled_back_by": user,
+            "rolled_back_at": stamp,
+            "rolled_back_reason": reason or "-",
+        }.items():
+            client.set_model_version_tag(name, champion.version, key, value)
+        client.set_model_version_tag(name, previous, "restored_by", user)
+        client.set_model_version_tag(name, previous, "restored_at", stamp)
+        client.set_registered_model_alias(name, CHAMPION, previous)
+        verify_champion(client, name, previous, None, check_previous=False)
     return {"name": name, "champion": str(previous), "rolled_back": str(champion.version), "by": user, "reason": reason}
 
 

@@ -6,8 +6,9 @@ pipelines/registry/pyfunc_model.py, for `mlflow.pyfunc.load_model`); its base is
 registered once per sha256 as `<name>-reference`. Neither way of loading needs this project.
 
 Every new version gets `challenger`. `champion` moves only when the promotion gate
-(pipelines/registry/gate.py) holds on the paired evaluation of metrics/eval.json; see pipelines/registry/promotion.py
-for how the alias moves and how it is rolled back.
+(pipelines/registry/gate.py) holds on the paired evaluation of metrics/eval.json (with no champion
+yet, the candidate must beat the reference); see pipelines/registry/promotion.py for how the alias
+moves (under a registry-wide lock, read back afterwards) and how it is rolled back.
 """
 
 from __future__ import annotations
@@ -235,27 +236,36 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
     client.set_registered_model_alias(name, CHALLENGER, v)
     promoted = decision.promote
     reason = decision.reason
+
+    def decision_tags() -> dict[str, str]:
+        return {
+            "promotion": (("promoted: " if promoted else "kept: ") + reason)[:4000],
+            "promotion_decision": "promoted" if promoted else "kept",
+            "promotion_reason": reason[:4000],
+            "promotion_checks": json.dumps(decision.checks, sort_keys=True),
+        }
+
     if promoted:
-        # The gate judged against `champion_before`; if another run moved the alias meanwhile, that
-        # judgement no longer applies.
-        now = promotion.current_champion(client, name)
-        if (str(now.version) if now is not None else None) != champion_before:
-            promoted, reason = (
-                False,
-                f"champion moved to v{now.version if now else '-'} during registration; evaluate again",
-            )
-    decision_tags = {
-        "promotion": (("promoted: " if promoted else "kept: ") + reason)[:4000],
-        "promotion_decision": "promoted" if promoted else "kept",
-        "promotion_reason": reason[:4000],
-        "promotion_checks": json.dumps(decision.checks, sort_keys=True),
-    }
-    if promoted:
-        promotion.move_champion(
-            client, name, v, champion_before, {**decision_tags, "promoted_by": "gate", "promoted_at": promotion.now()}
-        )
-    else:
-        for key, value in decision_tags.items():
+        # Under the registry-wide lock (another workspace, or a person, may be moving it too): the
+        # gate judged against `champion_before`; if the alias moved meanwhile, that judgement no
+        # longer applies.
+        with promotion.champion_lock(client, name):
+            now = promotion.current_champion(client, name)
+            if (str(now.version) if now is not None else None) != champion_before:
+                promoted, reason = (
+                    False,
+                    f"champion moved to v{now.version if now else '-'} during registration; evaluate again",
+                )
+            else:
+                promotion.move_champion(
+                    client,
+                    name,
+                    v,
+                    champion_before,
+                    {**decision_tags(), "promoted_by": "gate", "promoted_at": promotion.now()},
+                )
+    if not promoted:
+        for key, value in decision_tags().items():
             client.set_model_version_tag(name, v, key, value)
     result = RegisterResult(
         name=name,

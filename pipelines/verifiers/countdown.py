@@ -4,6 +4,10 @@ Model output is untrusted text, so the expression is never evaluated by Python: 
 and a recursive-descent parser accept only integers, + - * / and parentheses, and compute with
 exact fractions. Length, nesting depth and the numbers themselves are bounded, so a check takes
 microseconds whatever the model writes.
+
+Numbers are ASCII digits only, as everywhere in the verifiers (math_answer.py): `٣ + ٤` (Arabic-Indic),
+fullwidth or mathematical bold digits are refused, as are underscores (`1_0`), signs and exponents.
+The target is compared exactly (fractions, never floats).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pipelines.verifiers.math_answer import reference_answer
 
 MAX_CHARS = 256
 MAX_DEPTH = 32
-_TOKEN = re.compile(r"\s*(?:(\d+)|(.))")
+_TOKEN = re.compile(r"\s*+(?:([0-9]++)|(.))")  # ASCII digits only: `\d` matches any script's digits
 # Operators as models and people write them; everything else is refused.
 _OPERATORS = {"+": "+", "-": "-", "−": "-", "*": "*", "×": "*", "x": "*", "/": "/", "÷": "/"}
 
@@ -38,6 +42,10 @@ def tokenize(text: str) -> list[str | int]:
 
     >>> tokenize("(3 + 4) × 2")
     ['(', 3, '+', 4, ')', '*', 2]
+    >>> tokenize("٣ + 4")
+    Traceback (most recent call last):
+    ...
+    pipelines.verifiers.countdown.ExpressionError: unexpected character '٣'
     """
     if len(text) > MAX_CHARS:
         raise ExpressionError(f"longer than {MAX_CHARS} characters")
@@ -163,15 +171,15 @@ def solves(answer: str | None, numbers: Iterable[int], target: int | Fraction) -
 def countdown_target(answer: object) -> int | None:
     """The integer target in a row's `answer` (a bare number or after `####`); None otherwise.
 
-    >>> countdown_target("65"), countdown_target("#### 65"), countdown_target("six")
-    (65, 65, None)
+    >>> countdown_target("65"), countdown_target("#### 65"), countdown_target("six"), countdown_target("６５")
+    (65, 65, None, None)
     """
     if isinstance(answer, bool) or answer is None:
         return None
     if isinstance(answer, int):
         return answer
     text = reference_answer(str(answer)).strip()
-    return int(text) if re.fullmatch(r"-?\d{1,18}", text) else None
+    return int(text) if re.fullmatch(r"-?[0-9]{1,18}", text) else None
 
 
 def problem_issue(numbers: object, answer: object, solution: object = None) -> str | None:

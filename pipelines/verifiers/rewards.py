@@ -2,6 +2,10 @@
 
 Extra dataset columns (here `answer`) arrive as keyword arguments, one value per completion.
 `None` means "not applicable to this row" and is skipped when rewards are combined.
+
+Answers are read and compared by math_answer.py's rules (its docstring): the last 16 KiB of a
+completion, ASCII digits only, integers compared exactly. Training runs these functions in the
+verifier worker process (runner.py), which is killed when one overruns `train.reward_timeout`.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ def _text(completion: Any) -> str:
 
 
 def accuracy_reward(prompts: list[Any], completions: list[Any], answer: list[str], **_: Any) -> list[float | None]:
-    """1.0 when the marked final answer equals the reference answer (numeric tolerance), else 0.0.
+    """1.0 when the marked final answer equals the reference answer, else 0.0. Numbers compare as
+    `math_answer.answers_match` says: integers exactly, decimals forgiven only their rounding.
 
     >>> accuracy_reward(["q"], ["2 + 2 = 4\\n#### 4"], answer=["4"])
     [1.0]
-    >>> accuracy_reward(["q"], ["I think 5"], answer=["#### 4"])
-    [0.0]
+    >>> accuracy_reward(["q"] * 3, ["I think 5", "#### 1000001", "#### 1,000,000.0"], answer=["#### 1000000"] * 3)
+    [0.0, 0.0, 1.0]
     """
     return [
         1.0 if answers_match(extract_final_answer(_text(c)), reference_answer(a)) else 0.0

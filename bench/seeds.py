@@ -1,0 +1,179 @@
+"""Learning over seeds, side by side: accuracy at fixed training times as mean ± sd, the area under
+the curve, and the selected model against the last step, for each engine, in one command.
+
+Each (engine, seed) is one bench/learning_run.py run on the same data and held-out problems (the
+seed is the training seed; the split stays fixed so that runs are paired), run one after another
+on the same machine. Accuracy at time t is the engine's latest snapshot at or before t (what a
+user stopping at t would have); the area is the mean of that step function over [0, T].
+
+    .venv/bin/python bench/seeds.py --task demo --seeds 0 1 2 3 4 --engines ours trl --minutes 8
+
+writes bench/results/<machine>/seeds-<task>.json (every run's points, then the table) and the plot
+beside it. `--table-only` redraws both from that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.machine import describe, results_dir  # noqa: E402
+
+# Held-out sets of 256 problems need more problems than the demo's ranges hold (2 x 10 x 18 = 360),
+# so the tasks widen the second operand; the prompt, the format and the reward are the demo's.
+TASKS = {
+    "demo": [
+        "data.generator.operators=['+', '*']",
+        "data.generator.a_min=0",
+        "data.generator.a_max=9",
+        "data.generator.b_min=2",
+        "data.generator.b_max=99",
+        "data.generator.num_rows=1960",
+        "data.eval_fraction=0.2",
+        "data.max_eval_rows=256",
+        "train.beta=0.04",
+    ],
+    "mul": [
+        "data.generator.operators=['*']",
+        "data.generator.a_min=1",
+        "data.generator.a_max=9",
+        "data.generator.b_min=2",
+        "data.generator.b_max=99",
+        "data.generator.num_rows=882",
+        "data.eval_fraction=0.35",
+        "data.max_eval_rows=256",
+        "data.prompt.examples=[{question: 'What is 4 * 23?', answer: \"4 * 23 = 92\\n#### 92\"}]",
+    ],
+}
+
+
+def at(points: list[dict], t: float, key: str = "accuracy") -> float:
+    """The latest snapshot's value at or before `t` seconds (the reference before the first).
+
+    >>> at([{"wall_time": 0, "accuracy": 0.1}, {"wall_time": 50, "accuracy": 0.5}], 60)
+    0.5
+    """
+    curve = sorted((p for p in points if not p.get("selected")), key=lambda p: p["wall_time"])
+    return [p[key] for p in curve if p["wall_time"] <= t][-1]
+
+
+def area(points: list[dict], horizon: float, key: str = "accuracy") -> float:
+    """Mean of the step function over [0, horizon] seconds.
+
+    >>> area([{"wall_time": 0, "accuracy": 0.0}, {"wall_time": 50, "accuracy": 1.0}], 100)
+    0.5
+    """
+    curve = sorted((p for p in points if not p.get("selected")), key=lambda p: p["wall_time"])
+    total = 0.0
+    for p, nxt in zip(curve, [*curve[1:], None], strict=True):
+        end = min(horizon, nxt["wall_time"] if nxt else horizon)
+        total += p[key] * max(0.0, end - min(p["wall_time"], horizon))
+    return total / horizon
+
+
+def mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def table(runs: dict[str, dict[int, list[dict]]], minutes: list[float], horizon: float) -> str:
+    lines = [
+        "| engine | seeds | "
+        + " | ".join(f"{m:g} min" for m in minutes)
+        + " | area (0-T) | lenient at T | selected | last |",
+        "|---" * (len(minutes) + 7) + "|",
+    ]
+    for engine, by_seed in runs.items():
+        seeds = sorted(by_seed)
+        cells = [mean_sd([at(by_seed[s], m * 60) for s in seeds]) for m in minutes]
+        lenient = mean_sd([at(by_seed[s], horizon, "lenient_accuracy") for s in seeds])
+        selected = [next((p["accuracy"] for p in by_seed[s] if p.get("selected")), None) for s in seeds]
+        chosen = mean_sd([x for x in selected if x is not None]) if all(x is not None for x in selected) else "-"
+        last = mean_sd([[p for p in by_seed[s] if not p.get("selected")][-1]["accuracy"] for s in seeds])
+        auc = mean_sd([area(by_seed[s], horizon) for s in seeds])
+        lines.append(
+            f"| {engine} | {len(seeds)} | " + " | ".join(cells) + f" | {auc} | {lenient} | {chosen} | {last} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(runs: dict[str, dict[int, list[dict]]], out: Path, horizon: float, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    grid = [horizon * i / 100 for i in range(101)]
+    for engine, by_seed in runs.items():
+        curves = [[at(points, t) for t in grid] for points in by_seed.values()]
+        mean = [statistics.mean(c) for c in zip(*curves, strict=True)]
+        sd = [statistics.stdev(c) if len(c) > 1 else 0.0 for c in zip(*curves, strict=True)]
+        xs = [t / 60 for t in grid]
+        ax.plot(xs, mean, label=f"{engine} (mean of {len(curves)} seeds)")
+        ax.fill_between(
+            xs,
+            [m - s for m, s in zip(mean, sd, strict=True)],
+            [m + s for m, s in zip(mean, sd, strict=True)],
+            alpha=0.2,
+        )
+    ax.set_xlabel("training wall time (min, 2 CPU cores)")
+    ax.set_ylabel("held-out strict accuracy (greedy), mean ± sd")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--task", choices=sorted(TASKS), default="demo")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--engines", nargs="+", default=["ours", "trl"])
+    ap.add_argument("--minutes", type=float, default=8.0)
+    ap.add_argument("--points", type=float, nargs="+", default=[1, 2, 4, 8], help="minutes at which to tabulate")
+    ap.add_argument("--every", type=int, default=5, help="snapshot every N steps")
+    ap.add_argument("-S", "--set", action="append", default=[], help="override for every run")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    out = args.out or results_dir() / f"seeds-{args.task}.json"
+    points = [m for m in args.points if m <= args.minutes]
+    if args.table_only:
+        saved = json.loads(out.read_text())
+        runs = {e: {int(s): p for s, p in by.items()} for e, by in saved["runs"].items()}
+    else:
+        runs = {}
+        for seed in args.seeds:
+            for engine in args.engines:  # engines alternate within a seed: a slow spell hits both
+                run_out = Path(tempfile.mkdtemp(prefix="grpo-seeds-")) / "run.json"
+                cmd = [
+                    sys.executable, str(REPO / "bench" / "learning_run.py"), "--engines", engine,
+                    "--minutes", str(args.minutes), "--every", str(args.every), "--out", str(run_out),
+                    "--title", args.task, "--target", "0",
+                ]  # fmt: skip
+                for override in [*TASKS[args.task], f"train.seed={seed}", *args.set]:
+                    cmd += ["-S", override]
+                subprocess.run(cmd, check=True)
+                runs.setdefault(engine, {})[seed] = json.loads(run_out.read_text())["results"][engine]
+                partial = {"machine": describe(), "task": args.task, "overrides": TASKS[args.task] + args.set}
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps({**partial, "minutes": args.minutes, "runs": runs}, indent=2))
+    text = table(runs, points, args.minutes * 60)
+    saved = json.loads(out.read_text()) if out.exists() else {}
+    out.write_text(json.dumps({**saved, "table": text}, indent=2))
+    plot(runs, out.with_suffix(".png"), args.minutes * 60, f"{args.task}: held-out accuracy over seeds")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
