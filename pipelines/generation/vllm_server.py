@@ -87,6 +87,27 @@ def command(cfg: VLLMConfig, python: Path, reference_dir: Path, port: int, lora_
     return [*args, *cfg.extra_args]
 
 
+# Runs in the server's environment around the server itself: when the pipeline process that started
+# it dies without stopping it (SIGKILL, a cancelled flow run), the server goes too, instead of holding
+# the cores and memory until someone notices.
+WATCHDOG = """
+import os, signal, subprocess, sys, time
+parent = int(sys.argv[1])
+server = subprocess.Popen(sys.argv[2:])
+signal.signal(signal.SIGTERM, lambda *_: server.terminate())
+while server.poll() is None:
+    if os.getppid() != parent:
+        server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        break
+    time.sleep(1)
+sys.exit(server.wait())
+"""
+
+
 def start(
     cfg: VLLMConfig, root: Path, reference_dir: Path, lora_rank: int, seed: int = 0
 ) -> tuple[subprocess.Popen[bytes], VLLMClient]:
@@ -114,8 +135,9 @@ def start(
     env.pop("PYTHONPATH", None)  # the server imports its own environment's packages, not this project's
     with log.open("wb") as out:
         # A process group of its own: stopping it stops vLLM's engine and worker processes too.
+        server = command(cfg, python, reference_dir, port, lora_rank, seed)
         process = subprocess.Popen(
-            command(cfg, python, reference_dir, port, lora_rank, seed),
+            [str(python), "-c", WATCHDOG, str(os.getpid()), *server],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
     client = VLLMClient(f"http://127.0.0.1:{port}", cfg.request_timeout_s, log_hint=str(log))
