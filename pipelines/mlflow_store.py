@@ -173,6 +173,13 @@ def alias_version(client: Any, name: str, alias: str) -> Any | None:
         raise
 
 
+# MLflow 3's experiment-kind tag, as its UI's kind selector writes it ("Machine learning", not "GenAI apps
+# & agents"): training runs with metrics and models, not traces. Set when missing; a kind chosen in the UI
+# stays. MLflow 3.17's UI itself picks its view from the sidebar's switch (README, "What you get").
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def setup(root: Path, experiment: str) -> str:
     """Point MLflow at the project's store and return the experiment id (created if needed).
 
@@ -186,9 +193,16 @@ def setup(root: Path, experiment: str) -> str:
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
         experiment_id = found.experiment_id
+        if EXPERIMENT_KIND_TAG not in found.tags:
+            try:
+                mlflow.MlflowClient().set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            except mlflow.exceptions.MlflowException:
+                pass  # a user who may log runs but not edit the experiment (an auth server): the tag is a courtesy
     else:
         location = (root / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-        experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
+        experiment_id = mlflow.create_experiment(
+            experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 

@@ -72,7 +72,13 @@ class Paths:
 
     @property
     def train_metrics(self) -> Path:
+        """The headline figures of training that `dvc metrics show` compares (final reward, selected step)."""
         return self.root / "metrics" / "train.json"
+
+    @property
+    def train_summary(self) -> Path:
+        """Everything training reports: the final step's metrics, validation, the MLflow run id."""
+        return self.root / "reports" / "train.json"
 
     @property
     def train_plot(self) -> Path:
@@ -89,7 +95,13 @@ class Paths:
 
     @property
     def eval_metrics(self) -> Path:
+        """The candidate's headline figures on the test split that `dvc metrics show` compares."""
         return self.root / "metrics" / "eval.json"
+
+    @property
+    def eval_results(self) -> Path:
+        """The whole evaluation (every model's figures, the paired comparisons, the settings): what the gate reads."""
+        return self.root / "reports" / "eval.json"
 
     @property
     def eval_report(self) -> Path:
@@ -106,4 +118,10 @@ class Paths:
 
     @property
     def registry_metrics(self) -> Path:
+        """The registered version and the decision, for `dvc metrics show`."""
         return self.root / "metrics" / "registry.json"
+
+    @property
+    def registry_report(self) -> Path:
+        """The registration in full: version, aliases, decision, its reason, the gate's checks and figures."""
+        return self.root / "reports" / "registry.json"

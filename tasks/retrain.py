@@ -38,7 +38,7 @@ def report(root: Path, dataset_path: str, digest: str, stages: dict[str, Any]) -
     from pipelines.paths import Paths
 
     reused = all(result == {"reused": True} for result in stages.values())
-    registry = Paths(root).registry_metrics
+    registry = Paths(root).registry_report
     last = json.loads(registry.read_text(encoding="utf-8")) if registry.exists() else {}
     if reused:
         message = (

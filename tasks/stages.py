@@ -3,23 +3,37 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from prefect import Task, task
+from prefect import Task, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pipelines import config
+from pipelines import config, kept_params
 from pipelines.paths import Paths
 from pipelines.stages import run_stage
+from tasks.logs import domain_logs_to_prefect
 from tasks.retry import SERVER_RETRIES
 
 
 @task(name="apply-params")
 def apply_params(root: Path, overrides: list[str], preset: str | None) -> None:
-    """Persist the run's preset and overrides into params.yaml (what `dvc exp run -S` does)."""
+    """Persist the run's preset and overrides into params.yaml (what `dvc exp run -S` does); before a
+    preset's values go in, the user's own file is kept aside for `grpo params restore`."""
+    logger = get_run_logger()
+    if preset is not None:
+        kept = kept_params.keep_before_preset(root)
+        logger.warning(
+            "params.yaml gets the %r preset's values (dvc.lock records what ran); %s",
+            preset,
+            f"your own params.yaml is kept in {kept_params.KEPT}: `grpo params restore` puts it back"
+            if kept
+            else "no copy of your own params.yaml was kept (it already held a preset's values)",
+        )
     if overrides or preset is not None:
         config.write_params(Paths(root).params, overrides, preset)
+        logger.info("params.yaml: %s", ", ".join([*([f"--preset {preset}"] if preset else []), *overrides]))
 
 
 @task(name="stage", task_run_name="{name}")
@@ -28,7 +42,8 @@ def stage(root: Path, name: str) -> dict[str, Any]:
     paths = Paths(root)
     cfg = config.load(paths.params)
     try:
-        result = run_stage(name, cfg, paths)
+        with domain_logs_to_prefect():  # the stage's own lines (pipelines.*) in this task run's logs
+            result = run_stage(name, cfg, paths)
     except Exception:
         if name == "validate":
             _validation_artifact(paths)  # a refused dataset's report is the one people need to see
@@ -89,9 +104,9 @@ def _training_artifacts(paths: Paths) -> None:
     """Final metrics, the curves (inline PNG), the MLflow run link, and the reward curve as a table."""
     import csv
 
-    if not paths.train_metrics.exists():
+    if not paths.train_summary.exists():
         return
-    final = json.loads(paths.train_metrics.read_text(encoding="utf-8"))
+    final = json.loads(paths.train_summary.read_text(encoding="utf-8"))
     run_id = final.get("mlflow_run_id")
     rows = "".join(
         f"| {key} | {value:.4g} |\n"
@@ -113,7 +128,7 @@ def _training_artifacts(paths: Paths) -> None:
 
 
 def _validation_text(final: dict[str, Any]) -> str:
-    """Which step left `train` and why, and any decline alarm, in words (metrics/train.json's validation)."""
+    """Which step left `train` and why, and any decline alarm, in words (reports/train.json's validation)."""
     v = final.get("validation")
     if not v:
         return ""
@@ -131,8 +146,14 @@ def _validation_text(final: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The MLflow UI's address where it is not the tracking URI (a UI behind a proxy, or `mlflow ui` on
+# another port for the SQLite store), e.g. https://mlflow.example.org or http://127.0.0.1:5001.
+MLFLOW_UI_URL = "MLFLOW_UI_URL"
+
+
 def _mlflow_link(root: Path, run_id: str) -> str:
-    """A link to the run in the MLflow UI (a server's own; for the SQLite store, the `mlflow ui` default)."""
+    """A link to the run in the MLflow UI: at MLFLOW_UI_URL when set, else the tracking server's own
+    address; for a local store (SQLite), `mlflow ui`'s default address and how to start it."""
     from pipelines.mlflow_store import tracking_uri
 
     uri = tracking_uri(root)
@@ -142,11 +163,14 @@ def _mlflow_link(root: Path, run_id: str) -> str:
         experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
     except Exception:  # the link is a courtesy: a store that cannot be read leaves the bare run id
         return f"`{run_id}`"
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if ui := os.environ.get(MLFLOW_UI_URL, "").strip():
+        return f"[{run_id}]({ui.rstrip('/')}/{page})"
     if uri.startswith(("http://", "https://")):
-        return f"[{run_id}]({uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})"
+        return f"[{run_id}]({uri.rstrip('/')}/{page})"
     return (
-        f"[{run_id}](http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}) "
-        f"(after `mlflow ui --backend-store-uri {uri}`)"
+        f"[{run_id}](http://127.0.0.1:5000/{page}) (after `mlflow ui --backend-store-uri {uri}`; set "
+        f"{MLFLOW_UI_URL} for another address)"
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -21,14 +22,37 @@ def test_grpo_run_smoke_end_to_end(tmp_path):
     grpo = [sys.executable, "-m", "flows.cli"]
     dvc = [sys.executable, "-m", "dvc"]
 
+    mine = (root / "params.yaml").read_bytes()
     out = _run(root, *grpo, "run", "--preset", "smoke")
-    results = json.loads(out.stdout[out.stdout.index("{") :])
+    results = json.loads((root / "reports" / "run.json").read_text())  # every stage's result, not on the console
     assert list(results) == ["validate", "snapshot", "train", "evaluate", "register"]
     # The tiny random model scores 0, as its reference does: no gain, so v1 stays challenger.
     register = results["register"]
     assert not register["promoted"] and register["version"] == "1"
     assert register["reason"].startswith("no champion yet, so the candidate must beat the reference: failed min_gain")
     assert "preset: smoke" in (root / "params.yaml").read_text()
+    # The run ends with the evaluation table of reports/eval.md, then the registry's decision.
+    lines = out.stdout.rstrip().splitlines()
+    report = (root / "reports" / "eval.md").read_text().splitlines()
+    start = report.index(next(line for line in report if line.startswith("| metric |")))
+    table = report[start : report.index("", start)]
+    assert lines[-len(table) - 3 :] == [
+        "Evaluation on the held-out split, 8 problems (reports/eval.md):",
+        *table,
+        "",
+        f"Registry: grpo-policy v1 kept as challenger (no champion yet). Reason: {register['reason']}",
+    ]
+    assert "{" not in out.stdout
+    # The stages' own lines, one per training step, and no progress bars or known library noise.
+    err = out.stderr
+    for said in ("pipelines.stages - validate: ", "step 1/2: reward", "step 2/2: reward", "evaluate: accuracy on 8"):
+        assert said in err, err[-4000:]
+    assert "register: grpo-policy v1 kept as challenger" in err
+    assert "\r" not in err and "it/s]" not in err and "is_gradient_checkpointing" not in err
+    assert max(len(line) for line in err.splitlines()) < 1000
+    # Loudly, at the end: params.yaml holds the preset's values now, and how to go back.
+    note = "grpo run: NOTE: params.yaml now holds the 'smoke' preset's values, not your own: `grpo params restore`"
+    assert any(line.startswith(note) for line in err.strip().splitlines()[-3:]), err[-2000:]
 
     # Everything the flow made is recorded: nothing stale, nothing for `dvc repro` to do.
     status = _run(root, *dvc, "status", "--json")
@@ -41,8 +65,8 @@ def test_grpo_run_smoke_end_to_end(tmp_path):
     # The outs were pushed to the local DVC remote.
     assert json.loads(_run(root, *dvc, "status", "--cloud", "--json").stdout) == {}
 
-    # A second `grpo run` reuses every stage instead of retraining.
-    again = json.loads((o := _run(root, *grpo, "run")).stdout[o.stdout.index("{") :])
+    # A second `grpo run` reuses every stage instead of retraining; --json prints the results alone.
+    again = json.loads(_run(root, *grpo, "run", "--json").stdout)
     assert all(r == {"reused": True} for r in again.values())
 
     # Made champion by hand (the path the gate does not block), it loads in a fresh process with
@@ -67,6 +91,30 @@ print("ANSWER", repr(tok.decode(out[0, ids["input_ids"].shape[1]:])), sorted(ver
 """
     loaded = _run(tmp_path, sys.executable, "-c", loader)
     assert "ANSWER" in loaded.stdout and "champion" in loaded.stdout
+
+    # `grpo ask` loads the version once for several questions (arguments and a file), from the local
+    # pinned reference (its sha256 is the version's), and says how long loading and answering took.
+    (tmp_path / "questions.txt").write_text("What is 4 + 4?\n\nWhat is 9 - 3?\n")
+    asked = _run(
+        root, *grpo, "ask", "What is 2 + 3?", "--file", str(tmp_path / "questions.txt"), "--max-new-tokens", "4"
+    )
+    assert asked.stdout.startswith("grpo-policy @champion = v1, 3 questions:\n")
+    assert [line[3:] for line in asked.stdout.splitlines() if line.startswith("Q: ")] == [
+        "What is 2 + 3?",
+        "What is 4 + 4?",
+        "What is 9 - 3?",
+    ]
+    timing = asked.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"grpo ask: loaded grpo-policy v1 in \d+\.\d s \(base: models/reference \(sha256 matches\)\); "
+        r"answered 3 questions in \d+\.\d s",
+        timing,
+    ), timing
+
+    # Back to the user's own params.yaml, byte for byte: what `make demo` does first.
+    restored = _run(root, *grpo, "params", "restore", "--if-preset")
+    assert "params.yaml is yours again" in restored.stdout
+    assert (root / "params.yaml").read_bytes() == mine
 
 
 def test_bad_dataset_stops_the_flow_before_any_other_stage(tmp_path):

@@ -90,7 +90,7 @@ def _train(project, tiny_reference, overrides):
     shutil.copytree(tiny_reference, paths.reference_dir)
     result = trainer.run(cfg, paths, log_to_mlflow=False)
     assert result.steps == 2
-    return json.loads(paths.train_metrics.read_text())
+    return json.loads(paths.train_summary.read_text())
 
 
 LENGTH = "train.rewards=[{name: length, weight: 1.0, params: {target_chars: 30}}]"

@@ -109,8 +109,12 @@ def test_report_shows_candidate_reference_and_champion_with_intervals_and_chart(
     )
     assert result.champion_version == "3" and result.policy["accuracy"] == pytest.approx(0.8)
 
-    metrics = json.loads(paths.eval_metrics.read_text())
+    metrics = json.loads(paths.eval_results.read_text())
     assert metrics["reference"]["accuracy"] == pytest.approx(0.25) and "format_rate" in metrics["policy"]
+    # What `dvc metrics show` compares: the candidate's headline figures only (the rest is in reports/eval.json).
+    headline = json.loads(paths.eval_metrics.read_text())
+    assert set(headline) == {"accuracy", "lenient_accuracy", "pass_at_k", "format_rate", "gain"}
+    assert headline["accuracy"] == pytest.approx(0.8) and headline["gain"] == pytest.approx(0.55)
     assert metrics["champion"]["accuracy"] == pytest.approx(0.4) and metrics["champion_version"] == "3"
     vs = metrics["comparison"]["policy_vs_champion"]
     assert vs["diff"] == pytest.approx(0.4) and 0 < vs["ci_low"] <= 0.4 <= vs["ci_high"]
@@ -139,7 +143,7 @@ def test_report_without_champion_says_so(tmp_path):
         candidate_sha256="c",
         reference_sha256="r",
     )
-    metrics = json.loads(paths.eval_metrics.read_text())
+    metrics = json.loads(paths.eval_results.read_text())
     assert metrics["champion"] is None and metrics["comparison"]["policy_vs_champion"] is None
     assert "No champion in the registry yet" in paths.eval_report.read_text()
 

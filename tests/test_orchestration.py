@@ -171,6 +171,16 @@ def test_serve_retrains_on_new_data_once_and_promotion_waits_for_approval(tmp_pa
         # No gain over the reference (the tiny model scores 0 like it): kept, and the reason says so.
         assert "kept as challenger (no champion yet, so the candidate must beat the reference" in shown["grpo-retrain"]
         assert config.load(root / "params.yaml").data.path == "data/raw/new.jsonl"  # written as `grpo run -S` would
+        # The run is tagged with what it trained on, as its name says it.
+        params_hash = first["name"].rsplit("-params-", 1)[1]
+        tags = _api(env, "GET", f"/flow_runs/{first['id']}")["tags"]
+        assert {"preset:smoke", f"data:{digest[:12]}", f"params:{params_hash}"} <= set(tags), tags
+        # The stages' own lines are in the run's logs (the Logs tab), each under its task run.
+        said = _wait("the stages' lines in the run's logs", lambda: _stage_lines(env, first["id"]), 30, logs)
+        assert said["validate"] and "data/raw/new.jsonl: train" in said["validate"][0]
+        assert any(line.startswith("step 1/2: reward") for line in said["train"]), said["train"]
+        assert any(line.startswith("evaluate: accuracy on") for line in said["evaluate"])
+        assert any(line.startswith("register: grpo-policy v1 kept as challenger") for line in said["register"])
         assert _versions(root) == ["1"]
         # The run held the workspace through a one-slot global concurrency limit named after the project.
         from tasks.workspace import limit_name
@@ -220,6 +230,25 @@ def test_serve_retrains_on_new_data_once_and_promotion_waits_for_approval(tmp_pa
     said = logs.read_bytes()[before:].decode(errors="replace")  # what Ctrl-C made it say
     assert code in (0, 130) and "Traceback" not in said, said[-4000:]
     assert said.rstrip().splitlines()[-1].startswith("grpo serve: stopped")
+
+
+def _stage_lines(env: dict[str, str], run_id: str) -> dict[str, list[str]] | None:
+    """The `pipelines.*` log lines of a flow run by stage (task run name), once the register stage's is in."""
+    logs, offset = [], 0
+    while True:
+        page = _api(env, "POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "offset": offset})
+        logs += page
+        offset += len(page)
+        if not page:
+            break
+    tasks = _api(env, "POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+    names = {t["id"]: t["name"] for t in tasks}
+    found: dict[str, list[str]] = {"validate": [], "train": [], "evaluate": [], "register": []}
+    for log in sorted(logs, key=lambda entry: entry["timestamp"]):
+        stage = names.get(log["task_run_id"] or "")
+        if log["name"].startswith("pipelines.") and stage in found:
+            found[stage].append(log["message"])
+    return found if found["register"] else None
 
 
 def _children(pid: int) -> list[int]:

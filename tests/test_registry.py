@@ -175,7 +175,7 @@ def build_project(root: Path, tiny_reference: Path) -> tuple[config.Config, Path
             param.data.normal_(0.0, 0.2)
     peft_model.save_pretrained(paths.policy_dir)
     tokenizer.save_pretrained(paths.policy_dir)
-    write_json(paths.train_metrics, {"steps": 0, "mlflow_run_id": None})
+    write_json(paths.train_summary, {"steps": 0, "mlflow_run_id": None})
     return cfg, paths
 
 
@@ -187,7 +187,8 @@ def fake_evaluation(
     champion_version: str | None,
     reference: list[bool] | None = None,
 ) -> None:
-    """metrics/eval.json and reports/eval-samples.jsonl as `grpo evaluate` writes them, from chosen outcomes."""
+    """reports/eval.json, metrics/eval.json and reports/eval-samples.jsonl as `grpo evaluate` writes them, from chosen
+    outcomes."""
     manifest = json.loads((paths.reference_dir / "manifest.json").read_text())
     scored = {
         "reference": outcomes("reference", reference if reference is not None else [False] * len(candidate)),
@@ -263,7 +264,7 @@ def test_register_gate_rollback_and_manual_promotion(sqlite_project, monkeypatch
     third = registry.run(cfg, paths)
     assert not third.promoted and _champion(client) == "1"
     assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "3"
-    saved = json.loads(paths.registry_metrics.read_text())
+    saved = json.loads(paths.registry_report.read_text())
     assert saved["promoted"] is False and saved["checks"]["min_gain"] is False and saved["champion"] == "1"
 
     # A clearly better one does, and records whom it replaced.
@@ -272,13 +273,14 @@ def test_register_gate_rollback_and_manual_promotion(sqlite_project, monkeypatch
     assert fourth.promoted and _champion(client) == "4"
     v4 = client.get_model_version(NAME, "4").tags
     assert v4["previous_champion"] == "1" and v4["promotion_decision"] == "promoted" and v4["promoted_by"] == "gate"
-    assert json.loads(paths.registry_metrics.read_text())["champion_before"] == "1"
+    assert json.loads(paths.registry_report.read_text())["champion_before"] == "1"
+    assert json.loads(paths.registry_metrics.read_text()) == {"version": "4", "decision": "promoted"}
 
     # An evaluation that scored another champion than the current one cannot promote.
     fifth = registry.run(cfg, paths)
     assert (
         not fifth.promoted
-        and "champion is v4 but metrics/eval.json scored v1" in fifth.reason
+        and "champion is v4 but reports/eval.json scored v1" in fifth.reason
         and _champion(client) == "4"
     )
 
@@ -373,6 +375,82 @@ def test_ask_answers_as_plain_transformers_and_peft_do(sqlite_project, tmp_path,
     assert json.loads(proc.stdout.split("ANSWER", 1)[1]) == expected
 
 
+def test_a_version_shows_its_signature_an_input_example_and_its_test_figures(sqlite_project, tmp_path):
+    """MLflow's model page shows what to send: a test question (not the instruction around it) and the schema."""
+    import mlflow
+
+    cfg, paths = sqlite_project
+    if not mlflow_store.store_exists(paths.root):  # this test alone
+        evaluate.run(cfg, paths)
+        registry.run(cfg, paths)
+    client = mlflow_store.registry_client(paths.root)
+    version = max(client.search_model_versions(f"name='{NAME}'"), key=lambda v: int(v.version))
+    info = mlflow.models.get_model_info(f"models:/{NAME}/{version.version}")
+    assert info.signature.inputs.to_dict() == [{"type": "string", "required": True}]
+    assert info.signature.outputs.to_dict() == [{"type": "string", "required": True}]
+    assert [p.name for p in info.signature.params] == ["max_new_tokens"]
+    assert info.saved_input_example_info["artifact_path"] == "input_example.json"
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{version.version}", dst_path=str(tmp_path)))
+    example = json.loads((folder / "input_example.json").read_text())
+    first = read_jsonl(paths.eval_split)[0]["prompt"][-1]["content"]  # "What is 9 + 11? Give the final answer ..."
+    assert len(example) == 1 and example[0].startswith("What is ") and first.startswith(example[0])
+    assert "####" not in example[0]  # the instruction is the model's to add
+
+    # The run: held-out figures under test/ (after the training curves), the registration in its description.
+    run = client.get_run(version.run_id)
+    assert "test/policy/accuracy" in run.data.metrics and "test/gain_vs_reference" in run.data.metrics
+    assert not any(key.startswith("eval/") and key.count("/") > 1 for key in run.data.metrics)
+    assert "test/policy/k" not in run.data.metrics  # settings and counts are not curves
+    note = run.data.tags["mlflow.note.content"]
+    assert note.count(registry.REGISTRATION_MARK) == 1 and f"`{NAME}` v{version.version}" in note
+
+
+def test_git_dirty_leaves_out_what_the_pipeline_writes(tmp_path):
+    """A demo run from a clean checkout is not dirty; a changed module is, and the tags say which and what it means."""
+    from pipelines.source import git_state
+
+    root = make_project(tmp_path / "project")
+    run = lambda *cmd: subprocess.run(cmd, cwd=root, check=True, capture_output=True)  # noqa: E731
+    run("git", "init", "-q")
+    run("git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci", "add", "-A")
+    run("git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci", "commit", "-qm", "project")
+    paths = Paths(root)
+    # What a pipeline run writes: params (a preset), dvc.lock, every stage's outputs, DVC's .gitignore files.
+    (root / "params.yaml").write_text((root / "params.yaml").read_text() + "\n# preset: smoke\n")
+    for path in (
+        paths.train_metrics,
+        paths.train_summary,
+        paths.eval_metrics,
+        paths.eval_results,
+        paths.registry_metrics,
+        paths.registry_report,
+        paths.train_plot,
+        paths.val_plot,
+        paths.eval_report,
+        paths.validation_report,
+        root / "dvc.lock",
+        root / "reports" / ".gitignore",
+        paths.validated_dir / ".gitignore",
+        root / ".grpo" / "state.yaml",
+        root / "reports" / "run.json",
+    ):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")  # fmt: skip
+    state = git_state(root)
+    assert state["git_dirty"] == "false", state.get("git_dirty_files")
+    assert (
+        state["git_commit"]
+        == subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    )
+    assert "params.yaml, dvc.lock" in state["git_dirty_means"]
+
+    (root / "pipelines" / "grpo" / "loss.py").write_text("# changed\n")
+    (root / "notes.txt").write_text("new file\n")
+    state = git_state(root)
+    assert state["git_dirty"] == "true"
+    assert sorted(state["git_dirty_files"].split(", ")) == ["notes.txt", "pipelines/grpo/loss.py"]
+
+
 def test_registry_commands_explain_a_missing_registry(tmp_path, capsys):
     from flows.cli import main
 
@@ -419,6 +497,6 @@ def test_a_champion_on_another_base_is_scored_on_its_own_base(sqlite_project, tm
     assert registry.run(cfg, theirs).promoted  # v2, with its own -reference version
 
     result = evaluate.run(cfg, ours)
-    evaluation = json.loads(ours.eval_metrics.read_text())
+    evaluation = json.loads(ours.eval_results.read_text())
     assert result.champion_version == "2" and evaluation["champion_own_base"] is True
     assert "scored on its own base" in ours.eval_report.read_text()

@@ -57,7 +57,7 @@ def test_train_evaluate_register_in_order(staged, smoke_cfg, tmp_path):
     assert result.steps == 2
     assert (paths.policy_dir / "adapter_model.safetensors").exists()
     assert (paths.policy_dir / "adapter_config.json").exists()
-    metrics = json.loads(paths.train_metrics.read_text())
+    metrics = json.loads(paths.train_summary.read_text())
     for key in (
         "reward",
         "reward_std",
@@ -72,7 +72,7 @@ def test_train_evaluate_register_in_order(staged, smoke_cfg, tmp_path):
 
     ev = evaluate.run(smoke_cfg, paths)
     assert ev.reference["problems"] == ev.policy["problems"] == 8
-    evaluation = json.loads(paths.eval_metrics.read_text())
+    evaluation = json.loads(paths.eval_results.read_text())
     assert {"reference", "policy", "champion", "gain", "comparison"} <= set(evaluation)
     assert evaluation["champion"] is None  # nothing registered yet
     assert {"accuracy", "format_rate", "pass_at_k", "mean_at_k", "maj_at_k"} <= set(evaluation["policy"])
@@ -92,7 +92,7 @@ def test_train_evaluate_register_in_order(staged, smoke_cfg, tmp_path):
     assert str(client.get_model_version_by_alias("grpo-policy", "champion").version) == "1"
     run = client.get_run(first.run_id)
     assert run.info.run_id == result.run_id  # one MLflow run: training metrics and registration
-    assert "reward" in run.data.metrics and "eval/policy/accuracy" in run.data.metrics
+    assert "reward" in run.data.metrics and "test/policy/accuracy" in run.data.metrics
     # The training run names its data: the validated splits as a dataset input with their digest.
     digest = json.loads(paths.validation_report.read_text())["digest"]
     inputs = run.inputs.dataset_inputs
@@ -110,7 +110,7 @@ def test_train_evaluate_register_in_order(staged, smoke_cfg, tmp_path):
     assert second.version == "2" and not second.promoted and "failed min_gain" in second.reason
     assert str(client.get_model_version_by_alias("grpo-policy", "challenger").version) == "2"
     assert str(client.get_model_version_by_alias("grpo-policy", "champion").version) == "1"
-    assert json.loads(paths.registry_metrics.read_text())["promoted"] is False
+    assert json.loads(paths.registry_report.read_text())["promoted"] is False
     # Registered again from the same training run: a new artifact folder, v1's files stay as they were.
     assert client.get_model_version("grpo-policy", "2").source.endswith("/policy-2")
     assert client.get_model_version("grpo-policy", "1").source.endswith("/policy")

@@ -62,7 +62,7 @@ def test_variant_trains_and_logs(project, tiny_reference, overrides):
     validate.run(cfg, paths)
     shutil.copytree(tiny_reference, paths.reference_dir)
     result = trainer.run(cfg, paths, log_to_mlflow=False)
-    metrics = json.loads(paths.train_metrics.read_text())
+    metrics = json.loads(paths.train_summary.read_text())
     assert result.steps == 3
     for key in (
         "loss",
@@ -103,5 +103,5 @@ def test_time_budget_stops_early_and_records_the_steps_done(project, tiny_refere
     shutil.copytree(tiny_reference, paths.reference_dir)
     result = trainer.run(cfg, paths, log_to_mlflow=False)
     assert 1 <= result.steps < 500
-    assert json.loads(paths.train_metrics.read_text())["steps"] == result.steps
+    assert json.loads(paths.train_summary.read_text())["steps"] == result.steps
     assert (paths.policy_dir / "adapter_model.safetensors").exists()

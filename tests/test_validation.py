@@ -104,7 +104,7 @@ def test_best_step_is_the_policy_and_early_stop_ends_training(tmp_path, tiny_ref
     result = trainer.run(cfg, Paths(root), log_to_mlflow=True)
     paths = Paths(root)
     assert scripted == [0, 2, 4, 6, 8] and result.steps == 8  # stopped 3 evaluations after step 2
-    summary = json.loads(paths.train_metrics.read_text())
+    summary = json.loads(paths.train_summary.read_text())
     assert summary["selected_step"] == 2 and summary["select"] == "best"
     validation = summary["validation"]
     assert validation["best_step"] == 2 and validation["best_accuracy"] == 0.75 and validation["last_accuracy"] == 0.0
@@ -142,7 +142,7 @@ def test_the_alarm_fires_when_reward_rises_and_accuracy_falls(tmp_path, tiny_ref
     root = tmp_path / "p"
     cfg = prepared_project(root, tiny_reference, [*MOVING, "train.steps=8", "train.select=last"])
     trainer.run(cfg, Paths(root), log_to_mlflow=False)
-    summary = json.loads(Paths(root).train_metrics.read_text())
+    summary = json.loads(Paths(root).train_summary.read_text())
     assert summary["selected_step"] == 8  # select: last
     alarms = summary["validation"]["alarms"]
     assert alarms and alarms[0]["kind"] == "reward_up_accuracy_down" and alarms[0]["step"] == 6
@@ -181,7 +181,7 @@ def test_resume_with_best_selection_and_early_stop_equals_uninterrupted(
     got = load_file(str(Paths(stopped).policy_dir / "adapter_model.safetensors"))
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
-    mine, theirs = (json.loads(Paths(p).train_metrics.read_text()) for p in (stopped, straight))
+    mine, theirs = (json.loads(Paths(p).train_summary.read_text()) for p in (stopped, straight))
     assert mine["selected_step"] == theirs["selected_step"] == 2
     drop = ("seconds", "time_share")
     assert {k: v for k, v in mine["validation"].items() if k not in drop} == {

@@ -95,7 +95,7 @@ def test_training_samples_from_the_adapter_of_the_step_before(tmp_path, referenc
     history = json.loads((Paths(tmp_path / "p").checkpoints_dir / "step-000003" / "state.json").read_text())["history"]
     moved = [h["sampling/sampling_logp_difference/max"] for h in history]
     assert all(0 <= m < 1e-3 for m in moved), moved  # logged every step; fp32 server vs fp32 trainer
-    summary = json.loads(Paths(tmp_path / "p").train_metrics.read_text())
+    summary = json.loads(Paths(tmp_path / "p").train_summary.read_text())
     assert summary["validation"]["evaluations"] == 3  # steps 0, 2, 3: validation decodes on the server too
     assert not list((tmp_path / "p" / ".vllm" / "adapters").glob("*")), "adapter folders left behind"
 
@@ -148,5 +148,5 @@ def test_evaluation_decodes_on_the_server_like_the_lean_loop(tmp_path, reference
     assert by_lean.keys() == by_vllm.keys() and len(by_lean) == 16
     same = sum(by_lean[k] == by_vllm[k] for k in by_lean)
     assert same >= 0.9 * len(by_lean), f"{same} of {len(by_lean)} greedy answers equal"
-    metrics = json.loads(Paths(root).eval_metrics.read_text())
+    metrics = json.loads(Paths(root).eval_results.read_text())
     assert metrics["policy"]["problems"] == 8 and "pass_at_k" in metrics["policy"]

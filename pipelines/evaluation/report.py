@@ -38,7 +38,7 @@ def _num(value: float | None, signed: bool = False) -> str:
 
 
 def markdown(evaluation: dict[str, Any], cfg: EvaluateConfig, chart: str | None) -> str:
-    """eval.md from the contents of metrics/eval.json."""
+    """eval.md from the contents of reports/eval.json."""
     champion = evaluation.get("champion")
     version = evaluation.get("champion_version")
     problems = int(evaluation["policy"]["problems"])
@@ -50,7 +50,7 @@ def markdown(evaluation: dict[str, Any], cfg: EvaluateConfig, chart: str | None)
         f"{problems} problems; every model answers the same problems with the same decoding: greedy for pass@1,",
         f"k={cfg.k} samples at temperature {cfg.temperature} (top_p {cfg.top_p}, seed {cfg.seed}) for pass@k, maj@k "
         "and mean@k.",
-        "Candidate = models/policy (the `policy` entry of metrics/eval.json). "
+        "Candidate = models/policy (the `policy` entry of reports/eval.json). "
         + (
             f"Champion = v{version} from the registry"
             + (" (scored on its own base)." if evaluation.get("champion_own_base") else ".")

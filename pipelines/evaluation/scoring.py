@@ -46,12 +46,12 @@ def answer_problems(
 ) -> list[dict[str, Any]]:
     """One outcome per row: the greedy answer's verdict, and k sampled answers with pass/mean/maj@k."""
     import torch
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # disable=None: a bar on a terminal, none in logs and pipes
 
     from pipelines.generation.rollout import generate
 
     outcomes: list[dict[str, Any]] = []
-    for start in tqdm(range(0, len(rows), cfg.batch_size), desc=f"eval {label} greedy", unit="batch"):
+    for start in tqdm(range(0, len(rows), cfg.batch_size), desc=f"eval {label} greedy", unit="batch", disable=None):
         chunk = rows[start : start + cfg.batch_size]
         rollout = generate(
             model,
@@ -84,7 +84,9 @@ def answer_problems(
     # The same seed for every model: each starts sampling from the same random state.
     torch.manual_seed(cfg.seed)
     per_call = max(1, cfg.batch_size // cfg.k)  # about batch_size sequences per generate call
-    for start in tqdm(range(0, len(rows), per_call), desc=f"eval {label} sampled k={cfg.k}", unit="batch"):
+    for start in tqdm(
+        range(0, len(rows), per_call), desc=f"eval {label} sampled k={cfg.k}", unit="batch", disable=None
+    ):
         chunk = rows[start : start + per_call]
         rollout = generate(
             model,

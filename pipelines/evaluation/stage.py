@@ -4,7 +4,7 @@ All three answer the same problems with the same decoding (greedy for pass@1; k 
 seed, for pass@k, mean@k and maj@k), judged by the training verifiers. The champion is fetched
 from the registry by alias and re-scored here rather than trusted from its old tags, so the
 comparisons are paired: a bootstrap interval of each accuracy difference and McNemar's exact test.
-The register stage's promotion gate reads the per-problem outcomes this stage writes.
+The register stage's promotion gate reads the per-problem outcomes this stage writes (reports/).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pipelines.evaluation.stats import paired_comparison
 from pipelines.hashing import folder_sha256
 from pipelines.io import read_jsonl, write_json, write_jsonl, write_text
 from pipelines.paths import Paths
+from pipelines.verifiers.versions import verifier_versions
 
 
 @dataclass
@@ -56,6 +57,21 @@ def compare(outcomes: dict[str, list[dict[str, Any]]], cfg: EvaluateConfig) -> d
     return result
 
 
+def headline(evaluation: dict[str, Any]) -> dict[str, float]:
+    """The candidate's figures people compare across runs: strict and lenient accuracy, pass@k, format rate, and
+    the accuracy gain over the reference (metrics/eval.json; the rest is in reports/eval.json).
+
+    >>> headline({"policy": {"accuracy": 0.5, "last_number_accuracy": 0.6, "pass_at_k": 0.7, "format_rate": 0.9,
+    ...           "mean_length": 40.0}, "gain": 0.1})
+    {'accuracy': 0.5, 'lenient_accuracy': 0.6, 'pass_at_k': 0.7, 'format_rate': 0.9, 'gain': 0.1}
+    """
+    policy = evaluation["policy"]
+    figures = {"accuracy": policy["accuracy"], "lenient_accuracy": policy.get("last_number_accuracy")}
+    figures.update({key: policy.get(key) for key in ("pass_at_k", "format_rate")})
+    figures["gain"] = evaluation.get("gain")
+    return {key: value for key, value in figures.items() if value is not None}
+
+
 def write_outputs(
     paths: Paths,
     cfg: EvaluateConfig,
@@ -66,7 +82,9 @@ def write_outputs(
     candidate_sha256: str,
     reference_sha256: str,
 ) -> EvalResult:
-    """metrics/eval.json, reports/eval-samples.jsonl, reports/eval.md and its chart, from per-problem outcomes."""
+    """reports/eval.json (the whole evaluation, which the gate reads), metrics/eval.json (the candidate's headline
+    figures, for `dvc metrics show`), reports/eval-samples.jsonl, reports/eval.md and its chart, from per-problem
+    outcomes."""
     summaries = {label: summarize(rows) for label, rows in outcomes.items() if rows}
     comparison = compare(outcomes, cfg)
     evaluation = {
@@ -80,10 +98,12 @@ def write_outputs(
         "settings": cfg.model_dump(),
         "candidate_sha256": candidate_sha256,
         "reference_sha256": reference_sha256,
+        "verifiers": verifier_versions(["judge"]),  # the code that judged every model here (verifiers/versions.py)
     }
     samples = [row for label in ("reference", "champion", "policy") for row in outcomes.get(label) or []]
     write_jsonl(paths.eval_samples, samples)
-    write_json(paths.eval_metrics, evaluation)
+    write_json(paths.eval_results, evaluation)
+    write_json(paths.eval_metrics, headline(evaluation))
     png = report.chart(evaluation, paths.eval_chart)
     write_text(paths.eval_report, report.markdown(evaluation, cfg, png.name))
     return EvalResult(

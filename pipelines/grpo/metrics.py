@@ -47,7 +47,7 @@ def step_metrics(
             "low": stats.clip_low,
             "high": stats.clip_high,
             "region": stats.clip_region,
-            "entropy": float((entropy * mask).sum() / mask.sum().clamp(min=1)),
+            "entropy": float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)),
         },
         weight=tokens,
     )

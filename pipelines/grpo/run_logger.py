@@ -1,7 +1,10 @@
-"""MLflow logging for a training run: params once, metrics per step, a table of sample completions."""
+"""MLflow logging for a training run: params once, metrics per step, a table of sample completions,
+system metrics (CPU, memory) in the background, the source tags and a description MLflow's UI shows."""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -14,6 +17,13 @@ import torch
 from pipelines.config import Config
 from pipelines.paths import Paths
 
+# System metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes, ...) are
+# sampled this often unless MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says otherwise: a point every 5 s
+# draws a demo of minutes in some hundred points, a smoke run of seconds in a few.
+SYSTEM_METRICS_INTERVAL_S = 5.0
+# MLflow's key for the run's description (the "Description" box of the run page).
+NOTE = "mlflow.note.content"
+
 
 class RunLogger:
     """Opens (or, on resume, reopens) the training run; does nothing when disabled."""
@@ -23,20 +33,30 @@ class RunLogger:
         self.run_id = run_id
         self.samples = cfg.train.log_samples
         self.group = cfg.train.num_generations
+        self.cfg, self.paths = cfg, paths
         if not enabled:
             return
         import mlflow
 
         from pipelines.mlflow_store import flatten, setup
+        from pipelines.source import mlflow_source_tags
 
         setup(paths.root, cfg.registry.experiment)
+        # Named for the project's code, not for sys.argv[0] (a script in the virtual environment).
+        tags = {**mlflow_source_tags(paths.root, "grpo train"), NOTE: describe(cfg, paths)}
         if run_id is not None:
             try:
-                mlflow.start_run(run_id=run_id)
-                return
+                with _system_metrics_settings():
+                    mlflow.start_run(run_id=run_id, log_system_metrics=True)
             except mlflow.exceptions.MlflowException:
                 pass  # the store that held it is gone (e.g. a fresh clone): open a new run
-        run = mlflow.start_run(run_name=f"grpo-{cfg.snapshot.source}-{cfg.train.steps}steps")
+            else:
+                mlflow.set_tags(tags)
+                return
+        with _system_metrics_settings():
+            run = mlflow.start_run(
+                run_name=f"grpo-{cfg.snapshot.source}-{cfg.train.steps}steps", tags=tags, log_system_metrics=True
+            )
         self.run_id = run.info.run_id
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.model_dump()).items()})
         from pipelines.data.mlflow_input import log_dataset_input
@@ -83,14 +103,91 @@ class RunLogger:
 
             mlflow.end_run(status="KILLED" if interrupted else "FAILED")
 
-    def finish(self, curves: Path | None) -> None:
+    def finish(self, curves: Path | None, summary: dict[str, Any] | None = None) -> None:
+        """Log the curves, describe what ran (from reports/train.json's `summary`) and close the run."""
         if not self.enabled:
             return
         import mlflow
 
         if curves is not None:
             mlflow.log_artifact(str(curves), "plots")
+        if summary is not None:
+            mlflow.set_tag(NOTE, describe(self.cfg, self.paths, summary))
         mlflow.end_run()
+
+
+def describe(cfg: Config, paths: Paths, summary: dict[str, Any] | None = None) -> str:
+    """The run's description, in Markdown: what was trained on which data, and (once done) what came out.
+
+    `grpo register` appends the held-out test result and the registry decision below it.
+    """
+    t = cfg.train
+    method = f"LoRA r={t.lora.r}" if t.lora.enabled else "full fine-tuning"
+    lines = [
+        f"**GRPO** on `{cfg.snapshot.source}` ({method}, loss `{t.loss_type}`), preset `{cfg.preset or 'none'}`.",
+        "",
+        f"- **data**: {_data_line(paths)}",
+    ]
+    per_step = f"{t.prompts_per_step} prompts x {t.num_generations} completions a step"
+    if summary is None:
+        lines.append(f"- **steps**: {t.steps} planned, {per_step} (running)")
+        return "\n".join(lines)
+    stopped = (summary.get("validation") or {}).get("stop_reason")
+    lines.append(f"- **steps**: {summary.get('steps')} of {t.steps}, {per_step}" + (f"; {stopped}" if stopped else ""))
+    lines.append(f"- **final step**: reward {_num(summary.get('reward'))}, KL {_num(summary.get('kl'), 4)}")
+    validation = summary.get("validation")
+    if validation:
+        lines.append(
+            f"- **selected step {summary.get('selected_step')}** (`train.select: {summary.get('select')}`): validation "
+            f"accuracy {_num(_selected_accuracy(summary))}, reference {_num(validation.get('reference_accuracy'))}, "
+            f"best {_num(validation.get('best_accuracy'))} at step {validation.get('best_step')}"
+        )
+        for alarm in validation.get("alarms") or []:
+            lines.append(f"- **decline alarm**: {alarm.get('message', alarm)}")
+    else:
+        lines.append(f"- **selected step {summary.get('selected_step')}** (no validation split)")
+    return "\n".join(lines)
+
+
+def _selected_accuracy(summary: dict[str, Any]) -> float | None:
+    """The validation accuracy of the step that left training (the best or the last evaluated one)."""
+    validation = summary.get("validation") or {}
+    for which in ("best", "last"):
+        if validation.get(f"{which}_step") == summary.get("selected_step"):
+            return validation.get(f"{which}_accuracy")
+    return None
+
+
+def _data_line(paths: Paths) -> str:
+    """Where the rows came from and how many each split has, from reports/validation.json."""
+    try:
+        report = json.loads(paths.validation_report.read_text())
+    except (OSError, ValueError):
+        return "see the run's dataset input"
+    counts = ", ".join(
+        f"{report[f'{split}_rows']} {split}" for split in ("train", "val", "eval") if f"{split}_rows" in report
+    )
+    return f"`{report.get('source', '?')}`, {counts} rows (digest `{str(report.get('digest', '?'))[:12]}`)"
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    return "-" if not isinstance(value, (int, float)) or math.isnan(value) else f"{value:.{digits}f}"
+
+
+@contextmanager
+def _system_metrics_settings() -> Iterator[None]:
+    """While the run starts: MLflow's system-metrics monitor samples every SYSTEM_METRICS_INTERVAL_S (unless
+    the user set MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL) and keeps its start and stop notices off the console."""
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    key = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = str(SYSTEM_METRICS_INTERVAL_S)
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
 
 
 def _last_user_turn(prompt: Any) -> str:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import shutil
-import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ import torch
 from pipelines.config import Config
 from pipelines.env import set_threads
 from pipelines.generation.policy_sampler import policy_sampler
-from pipelines.grpo import checkpoint, distributed, launcher, policy
+from pipelines.grpo import checkpoint, distributed, launcher, ledger, policy
 from pipelines.grpo.advantages import advantages_from_rewards
 from pipelines.grpo.batch import sample_batch
 from pipelines.grpo.logprobs import token_logps
@@ -31,10 +32,14 @@ from pipelines.grpo.plots import training_curves
 from pipelines.grpo.prompt_sampler import PromptSampler
 from pipelines.grpo.run_logger import RunLogger
 from pipelines.grpo.sampling_correction import importance_weights
+from pipelines.grpo.summary import write as write_summary
 from pipelines.grpo.validation import Watch, mean_reward_since, score_split
-from pipelines.io import read_jsonl, staged_dir, write_json, write_text
+from pipelines.io import read_jsonl, staged_dir, write_text
 from pipelines.paths import Paths
 from pipelines.snapshot.manifest import verify
+from pipelines.verifiers.versions import verifier_versions
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,7 +90,7 @@ def _bytes(path: Any) -> bytes:
 def fingerprint(cfg: Config, reference_sha: str, train_bytes: bytes) -> str:
     """What must be equal for a checkpoint to be resumed: training config, reference and data."""
     # Not the number of processes: a data-parallel run makes the same updates as one process.
-    train = cfg.train.model_dump(exclude={"num_processes"})
+    train = cfg.train.model_dump(exclude={"num_processes", "ledger_every"})
     payload = json.dumps({"train": train, "ref": reference_sha}, sort_keys=True).encode()
     return hashlib.sha256(payload + hashlib.sha256(train_bytes).digest()).hexdigest()
 
@@ -116,7 +121,7 @@ def resume_or_start(
         state = checkpoint.load(saved, model, optimizer, scheduler)
         sampler.load_state_dict(state["sampler"])
         if world.is_main:
-            print(f"resuming from {saved} (step {state['step']} of {cfg.train.steps})", file=sys.stderr)
+            log.info("resuming from %s (step %s of %d)", saved, state["step"], cfg.train.steps)
         return Progress(int(state["step"]), state["history"], state.get("run_id"), state.get("validation"))
     if paths.checkpoints_dir.exists() and world.is_main:
         shutil.rmtree(paths.checkpoints_dir)  # checkpoints of another config or data: not resumable
@@ -151,8 +156,6 @@ def train(
     cfg: Config, paths: Paths, world: distributed.World = distributed.SINGLE, log_to_mlflow: bool = True
 ) -> TrainResult:
     """The training loop of one process (rank `world.rank` of `world.size`)."""
-    from tqdm.auto import tqdm
-
     t, G = cfg.train, cfg.train.num_generations
     set_threads(cfg.runtime.num_threads)
     torch.manual_seed(t.seed)
@@ -179,7 +182,8 @@ def train(
 
     # Only rank 0 writes: MLflow, checkpoints, metrics, the adapter.
     logger = RunLogger(paths, cfg, enabled=log_to_mlflow and world.is_main, run_id=progress.run_id)
-    bar = tqdm(range(start, t.steps), desc="GRPO", unit="step", initial=start, total=t.steps, disable=not world.is_main)
+    # Progress as log lines, not a bar: one per step up to 100 steps, else about 100 in all.
+    every = max(1, t.steps // 100)
 
     def validate(step: int) -> None:
         """Score the validation split now (every process, so all agree on stopping); rank 0 logs and
@@ -195,19 +199,25 @@ def train(
         if not world.is_main:
             return
         logger.metrics(step, score.metrics())
+        log.info(
+            "validation at step %d: accuracy %.3f (lenient %.3f, format %.3f) on %d problems",
+            step, score.accuracy, score.lenient_accuracy, score.format_rate, len(val_rows),
+        )  # fmt: skip
         for message in alarms:
-            bar.write(message)
+            log.warning(message)
             logger.tags({"decline_alarm": "true", "decline_alarm_message": message[:5000]})
         if watch.best is score:
             checkpoint.save_best(paths.checkpoints_dir, step, model, score.accuracy)
 
     try:
+        if world.is_main:
+            log.info("training %d steps from step %d: %s", t.steps, start, _plan(cfg))
         if val_rows and not watch.scores:
             validate(0)  # the reference's score: the baseline every later evaluation is judged against
-        for step in bar:
+        for step in range(start, t.steps):
             if t.time_budget_s is not None and history and history[-1]["wall_time"] >= t.time_budget_s:
                 if world.is_main:
-                    bar.write(f"stopping after step {step}: train.time_budget_s={t.time_budget_s:g} s used")
+                    log.warning("stopping after step %d: train.time_budget_s=%g s used", step, t.time_budget_s)
                 break
             if watch.stop_reason:  # a resumed run that had already stopped early
                 break
@@ -316,15 +326,22 @@ def train(
             # Cumulative training time, carried across resumes: curves are drawn against it.
             metrics["wall_time"] = (history[-1]["wall_time"] if history else 0.0) + elapsed
             history.append({"step": step + 1, **metrics})
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", step_s=f"{elapsed:.1f}")
             if world.is_main:
+                if (step + 1) % every == 0 or step == start or step + 1 == t.steps:
+                    log.info(progress_line(step + 1, t.steps, metrics))
                 for warning in (
                     flat_groups_warning(step + 1, batch.frac_zero_std) if step > start else None,
                     truncation_warning(history, t),
                 ):
                     if warning:
-                        bar.write(warning)
+                        log.warning(warning)
             logger.step(step + 1, metrics, batch.rows, rollout.texts, rewards[batch.local])
+            if world.is_main:  # the rollout ledger (ledger.py): this step's completions, scores, advantages
+                ledger.record(
+                    ledger.ledger_dir(paths.root), step + 1, t.ledger_every,
+                    partial(ledger.table, step + 1, batch.rows, rollout, batch.per_function[batch.local],
+                            [s.name for s in t.rewards], rewards[batch.local], advantages),
+                )  # fmt: skip
 
             # 5. Validation: the held-out skill, not the reward (validation.py says why).
             stop = False
@@ -332,7 +349,7 @@ def train(
                 validate(step + 1)
                 stop = watch.should_stop(t.early_stopping_patience)  # decided before the checkpoint keeps it
                 if stop and world.is_main:
-                    bar.write(watch.stop_reason or "")
+                    log.warning(watch.stop_reason or "")
                     logger.tags({"stop_reason": watch.stop_reason or ""})
 
             # 6. Checkpoint for exact resume.
@@ -349,7 +366,6 @@ def train(
         logger.fail(isinstance(exc, KeyboardInterrupt))
         raise
     finally:
-        bar.close()
         samplers.close()
 
     final = {k: v for k, v in history[-1].items() if k != "step"} if history else {}
@@ -359,29 +375,54 @@ def train(
         selected = done
         if t.select == "best" and watch.best is not None and watch.best.step != done:
             selected = checkpoint.load_best(paths.checkpoints_dir, model)
-            print(
-                f"selected step {selected} (validation accuracy {watch.best.accuracy:.3f}) over the last step "
-                f"{done} ({watch.scores[-1].accuracy:.3f}); train.select=last keeps the last",
-                file=sys.stderr,
-            )
+            log.warning(
+                "selected step %d (validation accuracy %.3f) over the last step %d (%.3f); train.select=last "
+                "keeps the last",
+                selected, watch.best.accuracy, done, watch.scores[-1].accuracy,
+            )  # fmt: skip
         with staged_dir(paths.policy_dir) as staging:
             policy.save(model, tokenizer, staging)
         spent = sum(h["step_time"] for h in history)
         validation = watch.summary(spent) if watch.scores else None
-        write_json(
-            paths.train_metrics,
-            {
-                **final,
-                "steps": done,
-                "select": t.select,
-                "selected_step": selected,
-                "validation": validation,
-                "mlflow_run_id": logger.run_id,
-            },
-        )
+        summary = {
+            **final,
+            "steps": done,
+            "select": t.select,
+            "selected_step": selected,
+            "validation": validation,
+            "mlflow_run_id": logger.run_id,
+            "verifiers": verifier_versions(s.name for s in t.rewards),  # pipelines/verifiers/versions.py
+        }
+        write_summary(paths, summary)  # reports/train.json, and its headline figures in metrics/train.json
         write_text(paths.train_plot, history_csv(history))
         write_text(paths.val_plot, scores_csv(watch.scores, history))
         if validation:
             logger.tags({"selected_step": str(selected), "validation_time_share": f"{validation['time_share']:.3f}"})
-        logger.finish(training_curves(history, paths.train_curves, watch.scores))
+        logger.tags({f"verifier/{k}": v for k, v in verifier_versions(s.name for s in t.rewards).items()})
+        logger.finish(training_curves(history, paths.train_curves, watch.scores), summary)
     return TrainResult(steps=done, final_reward=final.get("reward", math.nan), run_id=logger.run_id, resumed_from=start)
+
+
+def _plan(cfg: Config) -> str:
+    t = cfg.train
+    return (
+        f"{t.prompts_per_step} prompts x {t.num_generations} completions a step, up to {t.max_completion_length} "
+        f"tokens, lr {t.learning_rate:g}, beta {t.beta:g}, loss {t.loss_type}"
+    )
+
+
+def progress_line(step: int, steps: int, metrics: dict[str, float]) -> str:
+    """One training step in a line: what a progress bar's postfix held, and what the field watches.
+
+    >>> print(progress_line(3, 30, {"reward": 0.5, "reward_std": 0.25, "kl": 0.001, "entropy": 0.4,
+    ...     "frac_reward_zero_std": 0.5, "completions/mean_length": 31.0, "completions/clipped_ratio": 0.0,
+    ...     "step_time": 4.25}))
+    step 3/30: reward 0.500 (std 0.250), kl 0.0010, entropy 0.40, flat groups 50%, 31 tokens (0% clipped), 4.2 s
+    """
+    m = metrics
+    return (
+        f"step {step}/{steps}: reward {m['reward']:.3f} (std {m['reward_std']:.3f}), kl {m['kl']:.4f}, "
+        f"entropy {m['entropy']:.2f}, flat groups {m['frac_reward_zero_std']:.0%}, "
+        f"{m['completions/mean_length']:.0f} tokens ({m['completions/clipped_ratio']:.0%} clipped), "
+        f"{m['step_time']:.1f} s"
+    )

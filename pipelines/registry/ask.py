@@ -1,39 +1,64 @@
-"""`grpo ask`: load a registered version through its MLflow pyfunc flavour and answer a question.
+"""`grpo ask`: load a registered version through its MLflow pyfunc flavour and answer questions.
 
 This is what any client does with only mlflow, torch, transformers and peft installed:
-`mlflow.pyfunc.load_model("models:/<name>/<version>").predict([question])`.
+`mlflow.pyfunc.load_model("models:/<name>/<version>").predict([question, ...])`. The model is
+loaded once for all the questions. When the project's pinned reference (models/reference) is the
+base the version was trained on (same sha256 as its `reference_sha256` tag), it is loaded from
+there (the pyfunc model's `base_path`) instead of being copied out of the registry first; the
+pyfunc model checks the files' sha256 either way.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.mlflow_store import registry_client
 from pipelines.registry.promotion import PromotionError, get_version
 
+# Questions per generate call: left-padded batches, so short ones do not wait on many long ones.
+BATCH_SIZE = 8
+
 
 @dataclass
-class Answer:
+class Answers:
     name: str
     version: str
     alias: str | None
-    question: str
-    answer: str
+    questions: list[str]
+    answers: list[str]
+    base: str  # where the base model was loaded from
+    load_s: float  # registry look-up and model load
+    answer_s: float  # generation, all questions
+
+
+def local_reference(root: Path, expected_sha256: str | None) -> Path | None:
+    """models/reference when its manifest pins the same sha256 as `expected_sha256`, else None."""
+    folder = root / "models" / "reference"
+    try:
+        pinned = json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("sha256")
+    except (OSError, ValueError):
+        return None
+    return folder if expected_sha256 and pinned == expected_sha256 else None
 
 
 def ask(
-    question: str,
+    questions: str | list[str],
     *,
     root: Path,
     name: str,
     alias: str | None = "champion",
     version: str | None = None,
     max_new_tokens: int | None = None,
-) -> Answer:
-    """The greedy answer of `name@alias` (or `name` version `version`) to `question`."""
+    batch_size: int = BATCH_SIZE,
+) -> Answers:
+    """The greedy answers of `name@alias` (or `name` version `version`) to `questions`, one model load."""
+    started = time.perf_counter()
     import mlflow
 
+    questions = [questions] if isinstance(questions, str) else list(questions)
     client = registry_client(root)
     if version is None:
         if alias is None:
@@ -46,13 +71,17 @@ def ask(
             ) from exc
         version = str(found.version)
     else:
-        get_version(client, name, version)
+        found = get_version(client, name, version)
         alias = None
     # Load the version found, not the alias again: should the alias move meanwhile, the answer still
     # comes from the version this function reports.
-    overrides = {"max_new_tokens": max_new_tokens} if max_new_tokens else None
+    overrides: dict[str, object] = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
+    local = local_reference(root, (found.tags or {}).get("reference_sha256"))
+    if local is not None:
+        overrides["base_path"] = str(local)
+    base = f"{local.relative_to(root)} (sha256 matches)" if local else "the registry's reference"
     try:
-        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}", model_config=overrides)
+        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}", model_config=overrides or None)
     except mlflow.exceptions.MlflowException as exc:
         if "MLmodel" in str(exc):
             raise PromotionError(
@@ -60,5 +89,17 @@ def ask(
                 "peft as the README shows, or register it again"
             ) from exc
         raise
-    text = model.predict([question])[0]
-    return Answer(name=name, version=version, alias=alias, question=question, answer=text)
+    loaded = time.perf_counter()
+    answers: list[str] = []
+    for start in range(0, len(questions), batch_size):
+        answers += [str(a) for a in model.predict(questions[start : start + batch_size])]
+    return Answers(
+        name=name,
+        version=version,
+        alias=alias,
+        questions=questions,
+        answers=answers,
+        base=base,
+        load_s=loaded - started,
+        answer_s=time.perf_counter() - loaded,
+    )

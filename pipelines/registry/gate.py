@@ -30,6 +30,11 @@ class Evidence:
     # Lenient outcomes (the last number in the answer is right, any format), for no_skill_regression.
     candidate_lenient: Sequence[bool] | None = None
     reference_lenient: Sequence[bool] | None = None
+    # {name: sha256} of the verifiers (pipelines/verifiers/versions.py) that scored this evaluation,
+    # and those the champion was registered with (None: not recorded). When they differ, the champion's
+    # outcomes above are still today's: evaluation re-scored it with today's verifiers; the reason says so.
+    verifiers: dict[str, str] | None = None
+    champion_verifiers: dict[str, str] | None = None
 
 
 @dataclass
@@ -104,13 +109,17 @@ def decide(evidence: Evidence, rules: RegisterConfig, stats: EvaluateConfig) -> 
         return Decision(verdict, _reason(verdict, head, checks, notes), checks, figures)
 
     vs_champion = paired_comparison(evidence.candidate, evidence.champion, **settings)
+    head = f"vs champion v{evidence.champion_version}"
+    if evidence.verifiers and {k: (evidence.champion_verifiers or {}).get(k) for k in evidence.verifiers} != dict(
+        evidence.verifiers
+    ):
+        today = ", ".join(f"{k}={v[:8]}" for k, v in sorted(evidence.verifiers.items()))
+        head += f" (champion re-scored with today's verifiers ({today}))"
     figures.update({"champion_accuracy": vs_champion["other"], "gain_vs_champion": vs_champion["diff"]})
     figures.update(_gain_figures(vs_champion))
     _gain_checks(vs_champion, f"champion v{evidence.champion_version}", n, rules, stats, checks, notes)
     verdict = all(checks.values())
-    return Decision(
-        verdict, _reason(verdict, f"vs champion v{evidence.champion_version}", checks, notes), checks, figures
-    )
+    return Decision(verdict, _reason(verdict, head, checks, notes), checks, figures)
 
 
 def _gain_figures(comparison: dict[str, Any]) -> dict[str, Any]:

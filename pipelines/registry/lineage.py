@@ -1,10 +1,9 @@
-"""Where a model came from: git commit, DVC hashes from dvc.lock, dataset and reference digests."""
+"""Where a model came from: git state (pipelines/source.py), DVC hashes from dvc.lock, dataset and reference digests."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -13,22 +12,7 @@ import yaml
 from pipelines.config import Config
 from pipelines.hashing import file_hash
 from pipelines.paths import Paths
-
-
-def _git(root: Path, *args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
-def git_state(root: Path) -> dict[str, str]:
-    commit = _git(root, "rev-parse", "HEAD") or "unknown"
-    # dvc.lock is rewritten by every pipeline run, so it does not make the code dirty.
-    status = _git(root, "status", "--porcelain", "--", ".", ":(exclude)dvc.lock")
-    dirty = "unknown" if status is None else str(bool(status)).lower()
-    return {"git_commit": commit, "git_dirty": dirty}
+from pipelines.source import git_state
 
 
 def dvc_hashes(root: Path) -> dict[str, str]:

@@ -9,14 +9,20 @@ was trained on.
 
     model = mlflow.pyfunc.load_model("models:/grpo-policy@champion")
     model.predict(["What is 17 + 25?"])        # -> ["17 + 25 = 42\\n#### 42"]
+    model.predict(["What is 17 + 25?"], params={"max_new_tokens": 32})
+
+Each version carries its signature (a list of questions in, one answer each out, an optional
+`max_new_tokens`) and an input example, which MLflow's UI and `mlflow models serve` show.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: MLflow reads predict's type hints as objects (TypeFromExample).
 import hashlib
 import json
 from pathlib import Path
 from typing import Any
+
+# The input example when the registering project has no test question to show.
+EXAMPLE_QUESTION = "What is 17 + 25?"
 
 
 def build_messages(question: str, prompt: dict[str, Any]) -> list[dict[str, str]]:
@@ -53,9 +59,25 @@ def folder_sha256(folder: Path) -> str:
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
+def signature() -> Any:
+    """Questions (strings) in, answers (strings) out; `max_new_tokens` as a parameter (None: the version's own).
+
+    Given explicitly so that MLflow does not load the model to infer it while saving.
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", None)]),
+    )
+
+
 def policy_model() -> Any:
     """A new pyfunc model object. The class is made here so that importing this file needs no mlflow."""
     import mlflow.pyfunc
+    from mlflow.types.type_hints import TypeFromExample
 
     class GrpoPolicy(mlflow.pyfunc.PythonModel):
         """Greedy answers of base + adapter to plain-text questions."""
@@ -83,7 +105,10 @@ def policy_model() -> Any:
             self.model = PeftModel.from_pretrained(base_model, adapter).eval()
             self.config = config
 
-        def predict(self, context: Any, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
+        # TypeFromExample: MLflow hands predict a list again, like the input example (not a DataFrame).
+        def predict(
+            self, context: Any, model_input: TypeFromExample, params: dict[str, Any] | None = None
+        ) -> list[str]:
             import torch
 
             max_new_tokens = int((params or {}).get("max_new_tokens") or self.config.get("max_new_tokens") or 64)

@@ -6,9 +6,13 @@ pipelines/registry/pyfunc_model.py, for `mlflow.pyfunc.load_model`); its base is
 registered once per sha256 as `<name>-reference`. Neither way of loading needs this project.
 
 Every new version gets `challenger`. `champion` moves only when the promotion gate
-(pipelines/registry/gate.py) holds on the paired evaluation of metrics/eval.json (with no champion
+(pipelines/registry/gate.py) holds on the paired evaluation of reports/eval.json (with no champion
 yet, the candidate must beat the reference); see pipelines/registry/promotion.py for how the alias
 moves (under a registry-wide lock, read back afterwards) and how it is rolled back.
+
+The run gets the held-out test figures as `test/<model>/<figure>` metrics (after the training curves
+on the run page; validation during training is `eval/*`) and a paragraph of its description; the
+version gets the `eval_*` tags `grpo models` reads, the lineage tags, and its decision.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,10 @@ from pipelines.io import read_jsonl, write_json
 from pipelines.mlflow_store import CHALLENGER, flatten, setup
 from pipelines.paths import Paths
 from pipelines.registry import gate, lineage, promotion
+from pipelines.source import mlflow_source_tags
+
+# MLflow's key for a run's description.
+NOTE = "mlflow.note.content"
 
 # What loading a version needs: pinned to the versions that produced it (the default requirements
 # MLflow infers ask for torchvision, which is neither needed nor installable everywhere).
@@ -78,8 +86,9 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name).split('+')[0]}" for name in RUNTIME_PACKAGES]
 
 
-def model_folder(policy_dir: Path, dest: Path, model_config: dict[str, Any]) -> Path:
-    """A folder that is both the peft adapter and an MLflow pyfunc model (see the module docstring)."""
+def model_folder(policy_dir: Path, dest: Path, model_config: dict[str, Any], example: str | None = None) -> Path:
+    """A folder that is both the peft adapter and an MLflow pyfunc model (see the module docstring), with its
+    signature (questions in, answers out, an optional `max_new_tokens`) and `example` as its input example."""
     import mlflow
 
     from pipelines.registry import pyfunc_model
@@ -89,6 +98,8 @@ def model_folder(policy_dir: Path, dest: Path, model_config: dict[str, Any]) -> 
         python_model=pyfunc_model.__file__,
         model_config=model_config,
         pip_requirements=pip_requirements(),
+        signature=pyfunc_model.signature(),
+        input_example=[example or pyfunc_model.EXAMPLE_QUESTION],
     )
     for item in policy_dir.iterdir():
         if (dest / item.name).exists():
@@ -98,13 +109,82 @@ def model_folder(policy_dir: Path, dest: Path, model_config: dict[str, Any]) -> 
     return dest
 
 
+def example_question(paths: Paths, instruction: str) -> str | None:
+    """A question as the pyfunc model takes it (plain text): the first test problem's, out of its instruction.
+
+    None when the test split cannot be read; the prompt's last user turn as it is when it does not follow
+    the instruction template (rows that came as chat messages).
+    """
+    try:
+        row = next(iter(read_jsonl(paths.eval_split)), None)
+    except (OSError, ValueError):
+        return None
+    if row is None:
+        return None
+    prompt = row.get("prompt")
+    if isinstance(prompt, list):
+        turns = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        prompt = turns[-1] if turns else ""
+    text = str(prompt or "")
+    before, _, after = instruction.partition("{question}")
+    if "{question}" in instruction and text.startswith(before) and text.endswith(after):
+        text = text[len(before) : len(text) - len(after)]
+    return text.strip() or None
+
+
+def held_out_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
+    """The held-out test figures as run metrics: `test/<model>/<figure>` and `test/gain_vs_<other>`.
+
+    `test/` sorts after the training curves (reward, kl, ...) on the run page; counts and settings (k,
+    problems) stay out of it.
+    """
+    metrics = {
+        f"test/{model}/{key}": float(value)
+        for model in ("reference", "policy", "champion")
+        for key, value in (evaluation.get(model) or {}).items()
+        if key not in ("k", "problems")
+    }
+    for other in ("reference", "champion"):
+        comparison = (evaluation.get("comparison") or {}).get(f"policy_vs_{other}")
+        if comparison:
+            metrics[f"test/gain_vs_{other}"] = float(comparison["diff"])
+    return metrics
+
+
+def describe_registration(evaluation: dict[str, Any], name: str, version: str, promoted: bool, reason: str) -> str:
+    """The paragraph the run's description gets for its registration: test figures and the decision."""
+    policy, reference = evaluation["policy"], evaluation["reference"]
+    comparison = (evaluation.get("comparison") or {}).get("policy_vs_reference") or {}
+    interval = f", interval [{comparison['ci_low']:+.3f}, {comparison['ci_high']:+.3f}]" if comparison else ""
+    lines = [
+        REGISTRATION_MARK,
+        "",
+        f"- **test split** ({int(policy.get('problems', 0))} problems): accuracy {policy['accuracy']:.3f} vs reference "
+        f"{reference['accuracy']:.3f} (gain {policy['accuracy'] - reference['accuracy']:+.3f}{interval}); lenient "
+        f"{policy.get('last_number_accuracy', float('nan')):.3f}, pass@k {policy.get('pass_at_k', float('nan')):.3f}, "
+        f"format {policy.get('format_rate', float('nan')):.3f}",
+    ]
+    if evaluation.get("champion"):
+        lines.append(
+            f"- **champion v{evaluation.get('champion_version')}** re-scored: accuracy "
+            f"{evaluation['champion']['accuracy']:.3f}"
+        )
+    verdict = "**promoted** to champion" if promoted else "**kept** as challenger"
+    lines.append(f"- **`{name}` v{version}**: {verdict}: {reason}")
+    return "\n".join(lines)
+
+
+# Where the registration's paragraph starts in the run's description (a new registration replaces it).
+REGISTRATION_MARK = "**Registration**"
+
+
 def load_evidence(paths: Paths, evaluation: dict[str, Any], champion_now: str | None) -> gate.Evidence | str:
     """The gate's per-problem evidence, or why there is none that fits the registry as it is now."""
     evaluated = evaluation.get("champion_version")
     if champion_now is not None and champion_now != evaluated:
         scored = f"v{evaluated}" if evaluated else "no champion"
         return (
-            f"champion is v{champion_now} but metrics/eval.json scored {scored}: run `grpo evaluate` again so that "
+            f"champion is v{champion_now} but reports/eval.json scored {scored}: run `grpo evaluate` again so that "
             "the gate compares both on the same problems"
         )
     by_model: dict[str, dict[str, bool]] = {}
@@ -145,22 +225,27 @@ def eval_tags(evaluation: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
+def verifier_tags(*records: dict[str, Any]) -> dict[str, str]:
+    """`verifier_<name>_sha256` for the verifiers that trained and evaluated the version (their "verifiers")."""
+    return {f"verifier_{k}_sha256": v for record in records for k, v in (record.get("verifiers") or {}).items()}
+
+
 def run(cfg: Config, paths: Paths) -> RegisterResult:
     import mlflow
     from mlflow import MlflowClient
 
     name = cfg.registry.model_name
-    train = json.loads(paths.train_metrics.read_text())
-    evaluation = json.loads(paths.eval_metrics.read_text())
+    train = _read(paths.train_summary, "train")
+    evaluation = _read(paths.eval_results, "evaluate")
     manifest = json.loads((paths.reference_dir / "manifest.json").read_text())
     # The figures and the gate's evidence must be about the very files being registered.
     if evaluation.get("candidate_sha256") != folder_sha256(paths.policy_dir):
         raise RegistryError(
-            f"{paths.policy_dir} is not the adapter {paths.eval_metrics} was computed on; run `grpo evaluate` first"
+            f"{paths.policy_dir} is not the adapter {paths.eval_results} was computed on; run `grpo evaluate` first"
         )
     if evaluation.get("reference_sha256") != manifest["sha256"]:
         raise RegistryError(
-            f"{paths.reference_dir} changed since {paths.eval_metrics} was written; run `grpo evaluate` first"
+            f"{paths.reference_dir} changed since {paths.eval_results} was written; run `grpo evaluate` first"
         )
     setup(paths.root, cfg.registry.experiment)
     client = MlflowClient()
@@ -168,6 +253,10 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
     champion = promotion.current_champion(client, name)
     champion_before = str(champion.version) if champion is not None else None
     evidence = load_evidence(paths, evaluation, champion_before)
+    if isinstance(evidence, gate.Evidence) and champion is not None:  # were its scores by other verifier code?
+        recorded = {k[len("verifier_") : -len("_sha256")]: v for k, v in (champion.tags or {}).items()
+                    if k.startswith("verifier_") and k.endswith("_sha256")}  # fmt: skip
+        evidence = replace(evidence, verifiers=evaluation.get("verifiers"), champion_verifiers=recorded or None)
     decision = (
         gate.decide(evidence, cfg.registry, cfg.evaluate)
         if isinstance(evidence, gate.Evidence)
@@ -181,12 +270,12 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
             client.get_run(run_id)
     except mlflow.exceptions.MlflowException:
         run_id = None  # e.g. `dvc repro` in a clone without the training run's store
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else "grpo-register") as run:
+    # A run of its own (no training run to add to) is named for this command and this project's commit.
+    own = {} if run_id else mlflow_source_tags(paths.root, "grpo register")
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else "grpo-register", tags=own or None) as run:
         if not run_id:
             mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.model_dump()).items()})
-        for model in ("reference", "policy", "champion"):
-            figures = evaluation.get(model) or {}
-            mlflow.log_metrics({f"eval/{model}/{k}": float(v) for k, v in figures.items()})
+        mlflow.log_metrics(held_out_metrics(evaluation))
         mlflow.set_tags(tags)
         for report in (
             paths.eval_report,
@@ -194,8 +283,9 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
             paths.eval_samples,
             paths.validation_report,
             paths.train_plot,
-            paths.train_metrics,
-            paths.eval_metrics,
+            paths.val_plot,
+            paths.train_summary,
+            paths.eval_results,
         ):
             if report.exists():
                 mlflow.log_artifact(str(report), "reports")
@@ -212,7 +302,13 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
         taken = {a.path for a in client.list_artifacts(run.info.run_id)}
         artifact_path = next(p for p in ("policy", *(f"policy-{i}" for i in range(2, 10_000))) if p not in taken)
         with tempfile.TemporaryDirectory(prefix="grpo-register-") as tmp:
-            mlflow.log_artifacts(str(model_folder(paths.policy_dir, Path(tmp) / "policy", model_config)), artifact_path)
+            folder = model_folder(
+                paths.policy_dir,
+                Path(tmp) / "policy",
+                model_config,
+                example_question(paths, cfg.data.prompt.instruction),
+            )
+            mlflow.log_artifacts(str(folder), artifact_path)
 
     try:
         client.get_registered_model(name)
@@ -225,7 +321,12 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
         name,
         source=f"{run.info.artifact_uri}/{artifact_path}",
         run_id=run.info.run_id,
-        tags={**tags, **eval_tags(evaluation), "reference_model_uri": reference_uri},
+        tags={
+            **tags,
+            **eval_tags(evaluation),
+            **verifier_tags(train, evaluation),
+            "reference_model_uri": reference_uri,
+        },
         description=(
             f"LoRA adapter (peft format) for the base model at {reference_uri}, and an MLflow pyfunc model. Load with "
             "mlflow.pyfunc.load_model(uri).predict([question]), or with transformers + peft: "
@@ -278,7 +379,7 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
         checks=decision.checks,
     )
     write_json(
-        paths.registry_metrics,
+        paths.registry_report,
         {
             **result.__dict__,
             "eval_accuracy": float(evaluation["policy"]["accuracy"]),
@@ -286,4 +387,16 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
             "challenger": v,
         },
     )
+    write_json(paths.registry_metrics, {"version": v, "decision": "promoted" if promoted else "kept"})
+    note = client.get_run(run.info.run_id).data.tags.get(NOTE, "")
+    trained = note.split(REGISTRATION_MARK)[0].rstrip()
+    described = describe_registration(evaluation, name, v, promoted, reason)
+    client.set_tag(run.info.run_id, NOTE, (((trained + "\n\n") if trained else "") + described)[:8000])  # MLflow's cap
     return result
+
+
+def _read(path: Path, stage: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RegistryError(f"{path} does not exist: run `grpo {stage}` first") from None

@@ -1,0 +1,83 @@
+"""What `grpo run` leaves and says: every stage's result in reports/run.json, and on the console the
+evaluation table (as in reports/eval.md) and the registry's decision as its last lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipelines.io import write_text
+
+RUN_JSON = Path("reports") / "run.json"
+
+
+def write(root: Path, results: dict[str, Any]) -> Path:
+    """reports/run.json, atomically: the stages' results in pipeline order (what `--json` prints)."""
+    path = root / RUN_JSON
+    write_text(path, to_json(results) + "\n")
+    return path
+
+
+def to_json(results: dict[str, Any]) -> str:
+    return json.dumps(results, indent=2, default=str)
+
+
+def eval_table(report: Path) -> list[str]:
+    """The model table of reports/eval.md, its title line first; empty when there is no report.
+
+    >>> import tempfile
+    >>> md = Path(tempfile.mkdtemp()) / "eval.md"
+    >>> _ = md.write_text("# Evaluation\\n\\n8 problems.\\n\\n| metric | reference |\\n|---|---:|\\n| accuracy | 0.1 |\\n\\n## x\\n")
+    >>> eval_table(md)
+    ['Evaluation on the held-out split, 8 problems (reports/eval.md):', '| metric | reference |', '|---|---:|', '| accuracy | 0.1 |']
+    """  # noqa: E501
+    if not report.exists():
+        return []
+    lines = report.read_text(encoding="utf-8").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("| metric |")), None)
+    if start is None:
+        return []
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    problems = next((line.split(";")[0].split()[0] for line in lines if line.split(" ", 1)[0].isdigit()), None)
+    title = "Evaluation on the held-out split" + (f", {problems} problems" if problems else "")
+    return [f"{title} (reports/eval.md):", *lines[start:end]]
+
+
+def decision(root: Path, register: dict[str, Any] | None) -> str:
+    """The registry's decision in one line: version, champion or challenger, and why."""
+    r = register if register and "version" in register else _last_registration(root)
+    if not r:
+        return "Registry: nothing registered (no metrics/registry.json)"
+    again = " (reused: dvc.lock says nothing changed since)" if register and register.get("reused") else ""
+    name, version = r.get("name", "model"), r["version"]
+    if r.get("promoted"):
+        before = f"v{r['champion_before']}" if r.get("champion_before") else "none"
+        what = f"promoted to champion (champion before: {before})"
+    else:
+        champion = f"champion stays v{r['champion']}" if r.get("champion") else "no champion yet"
+        what = f"kept as challenger ({champion})"
+    return f"Registry: {name} v{version} {what}{again}. Reason: {r.get('reason', '?')}"
+
+
+def _last_registration(root: Path) -> dict[str, Any] | None:
+    """The registration as the register stage wrote it (the full report, else the metrics file)."""
+    for path in (root / "reports" / "registry.json", root / "metrics" / "registry.json"):
+        if path.exists():
+            found = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(found, dict) and "version" in found and "reason" in found:
+                return found
+    return None
+
+
+def summary(root: Path, results: dict[str, Any], saved: Path) -> str:
+    """The end of `grpo run`'s output: where the full results are, the table, the decision last."""
+    reused = [name for name, r in results.items() if isinstance(r, dict) and r.get("reused")]
+    lines = [f"Every stage's result: {saved.relative_to(root) if saved.is_relative_to(root) else saved}"]
+    if reused:
+        lines[0] += f" (reused from dvc.lock: {', '.join(reused)})"
+    table = eval_table(root / "reports" / "eval.md")
+    if table:
+        lines += ["", *table]
+    lines += ["", decision(root, results.get("register"))]
+    return "\n".join(lines)
