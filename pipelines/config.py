@@ -339,6 +339,10 @@ class VLLMConfig(_Section):
     max_lora_rank: int | None = Field(None, ge=1)
     kv_cache_gib: float = Field(2.0, gt=0)  # VLLM_CPU_KVCACHE_SPACE on CPU builds
     enforce_eager: bool = True  # no CUDA graphs / torch.compile: faster start, what the CPU build runs anyway
+    # Chunked prefill splits long or many prompts over engine steps. Off by default: on the CPU build,
+    # a seeded request whose prefill is chunked crashes the engine ("CPU Generator does not use
+    # offset", seen with 16 prompts x 4 samples), and rollouts always seed. On a GPU server it is safe.
+    chunked_prefill: bool = False
     startup_timeout_s: float = Field(600.0, gt=0)
     request_timeout_s: float = Field(600.0, gt=0)
     extra_args: list[str] = []  # passed to the server as they are, e.g. ["--gpu-memory-utilization", "0.5"]

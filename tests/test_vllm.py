@@ -150,3 +150,28 @@ def test_evaluation_decodes_on_the_server_like_the_lean_loop(tmp_path, reference
     assert same >= 0.9 * len(by_lean), f"{same} of {len(by_lean)} greedy answers equal"
     metrics = json.loads(Paths(root).eval_results.read_text())
     assert metrics["policy"]["problems"] == 8 and "pass_at_k" in metrics["policy"]
+
+
+def test_many_seeded_requests_at_once_do_not_crash_the_cpu_engine(tmp_path, reference_32):
+    """16 prompts x 4 samples with a seed each, as evaluation sends them: with chunked prefill on, the
+    CPU build's engine died ("CPU Generator does not use offset"); the server now starts without it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipelines.config import VLLMConfig
+    from pipelines.generation import vllm_server
+
+    if not VLLM_PYTHON.exists():
+        pytest.skip(f"{VLLM_PYTHON} is missing: `make vllm` creates it")
+    cfg = VLLMConfig(python=str(VLLM_PYTHON), max_model_len=512, kv_cache_gib=1, dtype="float32")
+    process, client = vllm_server.start(cfg, tmp_path, reference_32, 8)
+    try:
+        sampling = {"max_tokens": 16, "temperature": 0.8, "top_p": 1.0}
+
+        def one(i: int) -> int:
+            return len(client.complete("reference", list(range(100 + i, 190 + i)), 4, {**sampling, "seed": i}))
+
+        with ThreadPoolExecutor(16) as pool:
+            assert list(pool.map(one, range(16))) == [4] * 16
+    finally:
+        client.close()
+        vllm_server.stop(process)

@@ -84,6 +84,8 @@ def command(cfg: VLLMConfig, python: Path, reference_dir: Path, port: int, lora_
     ]  # fmt: skip
     if cfg.enforce_eager:
         args.append("--enforce-eager")
+    if not cfg.chunked_prefill:  # whole prefills only: see VLLMConfig.chunked_prefill
+        args += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(cfg.max_model_len, 8192))]
     return [*args, *cfg.extra_args]
 
 
