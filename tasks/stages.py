@@ -10,7 +10,7 @@ from typing import Any
 from prefect import Task, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pipelines import config, kept_params
+from pipelines import config, kept_params, params_file
 from pipelines.paths import Paths
 from pipelines.stages import run_stage
 from tasks.logs import domain_logs_to_prefect
@@ -32,7 +32,7 @@ def apply_params(root: Path, overrides: list[str], preset: str | None) -> None:
             else "no copy of your own params.yaml was kept (it already held a preset's values)",
         )
     if overrides or preset is not None:
-        config.write_params(Paths(root).params, overrides, preset)
+        params_file.write_params(Paths(root).params, overrides, preset)
         logger.info("params.yaml: %s", ", ".join([*([f"--preset {preset}"] if preset else []), *overrides]))
 
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from annotated_types import Ge, Gt, Le, Lt
 
-from pipelines import config
+from pipelines import config, params_file
 from pipelines.config import ConfigError
 
 
@@ -65,12 +65,12 @@ def test_missing_params_file_says_where_to_run(tmp_path):
 
 def test_write_params_keeps_comments_and_refuses_bad_values(project):
     path = project / "params.yaml"
-    config.write_params(path, ["train.steps=3"], preset="smoke")
+    params_file.write_params(path, ["train.steps=3"], preset="smoke")
     text = path.read_text()
     assert "# Every knob of the pipeline" in text and "steps: 3" in text and "preset: smoke" in text
     assert config.load(path).train.steps == 3
     with pytest.raises(ConfigError):
-        config.write_params(path, ["train.steps=lots"], preset=None)
+        params_file.write_params(path, ["train.steps=lots"], preset=None)
     assert config.load(path).train.steps == 3  # nothing half-written
 
 
@@ -272,7 +272,7 @@ def test_grpo_run_with_a_bad_value_fails_at_once_and_leaves_params_alone(project
 def test_write_params_without_overrides_leaves_the_file_byte_identical(project):
     path = project / "params.yaml"
     before = path.read_bytes()
-    config.write_params(path, [], preset=None)
+    params_file.write_params(path, [], preset=None)
     assert path.read_bytes() == before
     assert "null" in before.decode() and '"0 2 * * *"' in before.decode()  # what the rewrite used to lose
 
@@ -295,7 +295,7 @@ def test_write_params_without_overrides_leaves_the_file_byte_identical(project):
 def test_one_override_changes_exactly_one_line(project, override, old, new):
     path = project / "params.yaml"
     before = path.read_text().splitlines()
-    config.write_params(path, [override], preset=None)
+    params_file.write_params(path, [override], preset=None)
     after = path.read_text().splitlines()
     changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
     assert len(changed) == 1 and changed[0][0].startswith(old) and changed[0][1].startswith(new), changed
@@ -313,7 +313,7 @@ def _dotted(cfg: Any, key: str) -> Any:
 def test_replacing_a_list_or_adding_a_key_keeps_the_comments_around_it(project):
     path = project / "params.yaml"
     before = path.read_text()
-    config.write_params(path, ["train.rewards=[{name: accuracy, weight: 2}]", "train.delta=1.5"], preset=None)
+    params_file.write_params(path, ["train.rewards=[{name: accuracy, weight: 2}]", "train.delta=1.5"], preset=None)
     after = path.read_text()
     # Every comment line survives, in order, and nothing else moved.
     comments = lambda text: [line for line in text.splitlines() if line.strip().startswith("#")]  # noqa: E731
@@ -328,7 +328,7 @@ def test_replacing_a_list_or_adding_a_key_keeps_the_comments_around_it(project):
 def test_write_params_keeps_the_files_permissions(project):
     path = project / "params.yaml"
     path.chmod(0o640)
-    config.write_params(path, ["train.steps=4"], preset=None)
+    params_file.write_params(path, ["train.steps=4"], preset=None)
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
 
 
@@ -360,11 +360,11 @@ def test_an_interrupted_write_leaves_the_old_file_whole(project, monkeypatch, wh
             raise _Interrupted
 
     if where == "while writing":
-        monkeypatch.setattr(config.os, "fdopen", lambda *a, **k: HalfWriter(real_fdopen(*a, **k)))
+        monkeypatch.setattr(params_file.os, "fdopen", lambda *a, **k: HalfWriter(real_fdopen(*a, **k)))
     else:
-        monkeypatch.setattr(config.os, "replace", lambda *a: (_ for _ in ()).throw(_Interrupted()))
+        monkeypatch.setattr(params_file.os, "replace", lambda *a: (_ for _ in ()).throw(_Interrupted()))
     with pytest.raises(_Interrupted):
-        config.write_params(path, ["train.steps=3"], preset="smoke")
+        params_file.write_params(path, ["train.steps=3"], preset="smoke")
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert sorted(p.name for p in project.iterdir() if p.name.startswith(".params.yaml")) == []  # no temp left

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from flows.cli import main
-from pipelines import config, kept_params
+from pipelines import config, kept_params, params_file
 from tests.conftest import REPO, make_project
 
 
@@ -16,7 +16,7 @@ def _apply(root, preset, overrides=()):
     """What the flow's apply-params task does (tasks/stages.py), without Prefect."""
     if preset is not None:
         kept_params.keep_before_preset(root)
-    config.write_params(root / "params.yaml", list(overrides), preset)
+    params_file.write_params(root / "params.yaml", list(overrides), preset)
 
 
 def test_preset_then_restore_gives_back_the_users_params_byte_for_byte(tmp_path, capsys):
@@ -61,7 +61,7 @@ def test_demo_restores_the_users_params_before_it_runs(tmp_path):
 
 def test_a_preset_label_without_a_kept_copy_is_an_error_not_a_silent_smoke_run(tmp_path, capsys):
     root = make_project(tmp_path / "project")
-    config.write_params(root / "params.yaml", [], "smoke")  # written by hand, nothing kept
+    params_file.write_params(root / "params.yaml", [], "smoke")  # written by hand, nothing kept
     assert main(["params", "restore", "--if-preset", "--project", str(root)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "'smoke' preset's values" in err and "git checkout params.yaml" in err
@@ -77,4 +77,4 @@ def test_setting_the_preset_label_with_S_is_refused(tmp_path, capsys, command):
     assert err == f"grpo {command}: error: {said}"
     assert (root / "params.yaml").read_bytes() == before
     with pytest.raises(config.ConfigError, match="use --preset smoke"):
-        config.write_params(root / "params.yaml", ["preset=smoke"], None)
+        params_file.write_params(root / "params.yaml", ["preset=smoke"], None)
