@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipelines import config
+from pipelines import config, params_file
 from tests.conftest import cli_env, make_project
 
 GRPO = [sys.executable, "-m", "flows.cli"]
@@ -132,7 +132,7 @@ def _problems(n: int) -> str:
 def test_serve_retrains_on_new_data_once_and_promotion_waits_for_approval(tmp_path, prefect_server):
     env = prefect_server
     root = make_project(tmp_path / "project", dvc=True)
-    config.write_params(root / "params.yaml", [f"orchestration.cron={CRON}"], "smoke")
+    params_file.write_params(root / "params.yaml", [f"orchestration.cron={CRON}"], "smoke")
     logs = tmp_path / "serve.log"
     with logs.open("w") as out:
         serve = subprocess.Popen(
