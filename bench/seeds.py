@@ -141,7 +141,11 @@ def main() -> None:
     ap.add_argument("--engines", nargs="+", default=["ours", "trl"])
     ap.add_argument("--minutes", type=float, default=8.0)
     ap.add_argument("--points", type=float, nargs="+", default=[1, 2, 4, 8], help="minutes at which to tabulate")
-    ap.add_argument("--every", type=int, default=5, help="snapshot every N steps")
+    ap.add_argument("--every", type=int, default=5, help="snapshot every N steps (ours)")
+    # TRL's step is 3-4x longer than ours here, so it is snapshotted every 2 steps: both curves then
+    # get a point about every 25 s and neither is read off a stale snapshot at the tabulated times.
+    ap.add_argument("--trl-every", type=int, default=2, help="snapshot every N steps (TRL)")
+    ap.add_argument("--trl-prompts", type=int, default=2, help="prompts per TRL step: the demo's prompts_per_step")
     ap.add_argument("-S", "--set", action="append", default=[], help="override for every run")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--table-only", action="store_true")
@@ -158,8 +162,9 @@ def main() -> None:
                 run_out = Path(tempfile.mkdtemp(prefix="grpo-seeds-")) / "run.json"
                 cmd = [
                     sys.executable, str(REPO / "bench" / "learning_run.py"), "--engines", engine,
-                    "--minutes", str(args.minutes), "--every", str(args.every), "--out", str(run_out),
-                    "--title", args.task, "--target", "0",
+                    "--minutes", str(args.minutes), "--out", str(run_out), "--title", args.task, "--target", "0",
+                    "--every", str(args.trl_every if engine == "trl" else args.every),
+                    "--trl-prompts", str(args.trl_prompts),
                 ]  # fmt: skip
                 for override in [*TASKS[args.task], f"train.seed={seed}", *args.set]:
                     cmd += ["-S", override]
