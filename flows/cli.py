@@ -89,8 +89,19 @@ REGISTRY_COMMANDS = ("models", "promote", "rollback", "ask")
 def _registry_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """`grpo models|promote|rollback|ask`: the registry as users see it (pipelines/registry/promotion.py, ask.py)."""
     sub.add_parser("models", parents=[common], help="list registered versions, their aliases and key metrics")
-    promote = sub.add_parser("promote", parents=[common], help="make VERSION champion by hand (records who and why)")
-    promote.add_argument("version", help="the version number to promote")
+    promote = sub.add_parser(
+        "promote",
+        parents=[common],
+        help="make VERSION champion by hand (records who and why), or register a training checkpoint and do so",
+    )
+    promote.add_argument("version", nargs="?", default=None, help="the version number to promote")
+    promote.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="STEP_OR_MODEL_ID",
+        help="instead of VERSION: register this checkpoint of the latest training run (a step, or an MLflow "
+        "model id m-...) as a new version, then make it champion (pipelines/registry/checkpoints.py)",
+    )
     promote.add_argument("--reason", required=True, help="why, recorded on the version")
     rollback = sub.add_parser("rollback", parents=[common], help="move champion back to the previous champion")
     rollback.add_argument("--reason", default="", help="why, recorded on the version rolled back")
@@ -106,16 +117,30 @@ def _registry_parsers(sub: argparse._SubParsersAction, common: argparse.Argument
     )
 
 
-def _registry_command(args: argparse.Namespace, name: str, root: Path) -> int:
+def _registry_command(args: argparse.Namespace, cfg: Config, paths: Paths) -> int:
     from pipelines.mlflow_store import StoreError, registry_client
     from pipelines.registry import promotion
 
+    name, root = cfg.registry.model_name, paths.root
     try:
         if args.command == "ask":
             return _ask_command(args, name, root)
+        if args.command == "promote" and (args.version is None) == (args.checkpoint is None):
+            print("grpo promote: error: give VERSION or --checkpoint STEP_OR_MODEL_ID, one of the two", file=sys.stderr)
+            return 2
         client = registry_client(root)
         if args.command == "models":
             print(promotion.table(promotion.list_versions(client, name)))
+        elif args.command == "promote" and args.checkpoint is not None:
+            from pipelines.registry.checkpoints import promote_checkpoint
+
+            done = promote_checkpoint(client, cfg, paths, args.checkpoint, args.reason)
+            figures = ", ".join(f"{k} {v:.3f}" for k, v in done["validation"].items()) or "no validation figures"
+            print(
+                f"{name} v{done['version']} registered from checkpoint step {done['step']} ({done['model_id']}, "
+                f"training run {done['run_id']}; validation {figures}) and is champion (was "
+                f"v{done['previous_champion'] or '-'}); promoted by {done['by']}: {done['reason']}"
+            )
         elif args.command == "promote":
             done = promotion.promote(client, name, args.version, args.reason)
             print(
@@ -370,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.load(paths.params, args.overrides, args.preset)
         _check_servers(args.command, cfg, paths.root)
         if args.command in REGISTRY_COMMANDS:
-            return _registry_command(args, cfg.registry.model_name, paths.root)
+            return _registry_command(args, cfg, paths)
         from pipelines.stages import run_stage
 
         result = run_stage(args.command, cfg, paths)

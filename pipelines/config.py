@@ -231,6 +231,10 @@ class TrainConfig(_Section):
     # `grpo train` with the same config continues from the newest one.
     checkpoint_every: int = Field(10, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
+    # Each validated step is an MLflow LoggedModel (pipelines/grpo/logged_models.py); those whose
+    # weights are kept (keep_checkpoints, and the best) upload their adapter, about 23 MB each for
+    # the demo, so that `grpo promote --checkpoint` can register them. false: metrics only.
+    checkpoint_model_weights: bool = True
     # The rollout ledger (ledger/, pipelines/grpo/ledger.py): every Nth step's rollouts; 0 = none.
     ledger_every: int = Field(1, ge=0, le=1_000_000)
     resume: bool = True
@@ -316,6 +320,12 @@ class RegisterConfig(_Section):
     # The candidate's lenient accuracy (the last number in the answer is right, any format) must not
     # be below the reference's: a gain in format alone must not hide lost skill.
     no_skill_regression: bool = False
+    # The export-parity check (pipelines/registry/parity.py): before a version is created, its logged
+    # files are loaded in a fresh process through mlflow.pyfunc and through transformers + peft and
+    # must give the evaluated policy's log-probs within export_atol; an adapter whose effect on the
+    # base is within export_atol is refused as a no-op. Off only to register without it (not advised).
+    export_check: bool = True
+    export_atol: float = Field(1e-4, gt=0, le=1)
 
 
 class VLLMConfig(_Section):

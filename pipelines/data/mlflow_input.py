@@ -1,8 +1,9 @@
-"""The validated dataset as an MLflow dataset input, so a training run shows which data it saw."""
+"""The validated dataset as an MLflow dataset: the training run's input, and what its checkpoints' metrics name."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from pipelines.data.errors import DataError
 from pipelines.hashing import digest_files
@@ -21,13 +22,21 @@ def log_dataset_input(paths: Paths) -> None:
     open a stray run.
     """
     import mlflow
+
+    if mlflow.active_run() is None:
+        raise RuntimeError("log_dataset_input needs an active MLflow run (call it inside mlflow.start_run())")
+    dataset, tags = validated_dataset(paths)
+    mlflow.log_input(dataset, context="training", tags=tags)
+
+
+def validated_dataset(paths: Paths) -> tuple[Any, dict[str, str]]:
+    """(the MLflow dataset of data/validated, its input tags): what the training run logs as its input,
+    and what the checkpoints' validation metrics name as their dataset (pipelines/grpo/logged_models.py)."""
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import LocalArtifactDatasetSource
     from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import Array, Object, Property
 
-    if mlflow.active_run() is None:
-        raise RuntimeError("log_dataset_input needs an active MLflow run (call it inside mlflow.start_run())")
     if not all(p.exists() for p in (paths.train_split, paths.val_split, paths.eval_split)):
         raise DataError(f"{paths.validated_dir}: no validated splits. Fix: run `grpo validate` first.")
     # The digest of the files training reads, computed as validate does: it equals the report's
@@ -49,16 +58,13 @@ def log_dataset_input(paths: Paths) -> None:
         digest=digest[:DIGEST_CHARS],
         schema=schema,
     )
-    mlflow.log_input(
-        dataset,
-        context="training",
-        tags={
-            "dataset_digest": digest,
-            "dataset_source": source,
-            "train_rows": str(report.get("train_rows", "unknown")),
-            "val_rows": str(report.get("val_rows", "unknown")),
-            "eval_rows": str(report.get("eval_rows", "unknown")),
-            "rejected_rows": str(report.get("rejected", "unknown")),
-            **({"validation_report": "describes another validation (a later refused dataset)"} if stale else {}),
-        },
-    )
+    tags = {
+        "dataset_digest": digest,
+        "dataset_source": source,
+        "train_rows": str(report.get("train_rows", "unknown")),
+        "val_rows": str(report.get("val_rows", "unknown")),
+        "eval_rows": str(report.get("eval_rows", "unknown")),
+        "rejected_rows": str(report.get("rejected", "unknown")),
+        **({"validation_report": "describes another validation (a later refused dataset)"} if stale else {}),
+    }
+    return dataset, tags

@@ -88,6 +88,11 @@ def load_best(folder: Path, model: torch.nn.Module) -> int:
     return int(json.loads((target / "best.json").read_text())["step"])
 
 
+def load_weights(target: Path, model: torch.nn.Module) -> None:
+    """Put the trainable weights saved in `target` (a step-N checkpoint or best/) into `model`, nothing else."""
+    _restore_trainable(target, model)
+
+
 def _restore_trainable(target: Path, model: torch.nn.Module) -> None:
     weights = load_file(str(target / "trainable.safetensors"))
     params = dict(model.named_parameters())

@@ -17,6 +17,8 @@ import torch
 from pipelines.config import Config
 from pipelines.paths import Paths
 
+log = logging.getLogger(__name__)
+
 # System metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes, ...) are
 # sampled this often unless MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says otherwise: a point every 5 s
 # draws a demo of minutes in some hundred points, a smoke run of seconds in a few.
@@ -96,6 +98,23 @@ class RunLogger:
             import mlflow
 
             mlflow.set_tags(tags)
+
+    def checkpoint_models(self, scores: list[Any], selected: int, model: Any, tokenizer: Any) -> None:
+        """Each validated step as an MLflow LoggedModel (logged_models.py), at the end of training.
+
+        A store that fails here warns rather than fails the stage: the policy and its reports are already
+        written, and rerunning `grpo train` resumes at the last step and logs what is missing.
+        """
+        if not self.enabled or self.run_id is None:
+            return
+        import mlflow
+
+        from pipelines.grpo import logged_models
+
+        try:
+            logged_models.log_checkpoints(self.cfg, self.paths, self.run_id, scores, selected, model, tokenizer)
+        except (mlflow.exceptions.MlflowException, OSError) as exc:
+            log.warning("could not log the checkpoints as MLflow models (%s); rerun `grpo train` to log them", exc)
 
     def fail(self, interrupted: bool) -> None:
         if self.enabled:

@@ -399,6 +399,7 @@ def train(
         if validation:
             logger.tags({"selected_step": str(selected), "validation_time_share": f"{validation['time_share']:.3f}"})
         logger.tags({f"verifier/{k}": v for k, v in verifier_versions(s.name for s in t.rewards).items()})
+        logger.checkpoint_models(watch.scores, selected, model, tokenizer)  # each validated step (logged_models.py)
         logger.finish(training_curves(history, paths.train_curves, watch.scores), summary)
     return TrainResult(steps=done, final_reward=final.get("reward", math.nan), run_id=logger.run_id, resumed_from=start)
 

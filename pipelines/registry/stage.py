@@ -30,7 +30,7 @@ from pipelines.hashing import folder_sha256
 from pipelines.io import read_jsonl, write_json
 from pipelines.mlflow_store import CHALLENGER, flatten, setup
 from pipelines.paths import Paths
-from pipelines.registry import gate, lineage, promotion
+from pipelines.registry import gate, lineage, parity, promotion, pyfunc_model
 from pipelines.source import mlflow_source_tags
 
 # MLflow's key for a run's description.
@@ -91,8 +91,6 @@ def model_folder(policy_dir: Path, dest: Path, model_config: dict[str, Any], exa
     signature (questions in, answers out, an optional `max_new_tokens`) and `example` as its input example."""
     import mlflow
 
-    from pipelines.registry import pyfunc_model
-
     mlflow.pyfunc.save_model(
         path=str(dest),
         python_model=pyfunc_model.__file__,
@@ -109,27 +107,35 @@ def model_folder(policy_dir: Path, dest: Path, model_config: dict[str, Any], exa
     return dest
 
 
-def example_question(paths: Paths, instruction: str) -> str | None:
-    """A question as the pyfunc model takes it (plain text): the first test problem's, out of its instruction.
+def test_questions(paths: Paths, instruction: str, n: int = 1) -> list[str]:
+    """Up to `n` questions as the pyfunc model takes them (plain text): the first test problems', out of
+    their instruction.
 
-    None when the test split cannot be read; the prompt's last user turn as it is when it does not follow
+    Empty when the test split cannot be read; the prompt's last user turn as it is when it does not follow
     the instruction template (rows that came as chat messages).
     """
     try:
-        row = next(iter(read_jsonl(paths.eval_split)), None)
+        rows = read_jsonl(paths.eval_split)[:n]
     except (OSError, ValueError):
-        return None
-    if row is None:
-        return None
-    prompt = row.get("prompt")
-    if isinstance(prompt, list):
-        turns = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
-        prompt = turns[-1] if turns else ""
-    text = str(prompt or "")
+        return []
     before, _, after = instruction.partition("{question}")
-    if "{question}" in instruction and text.startswith(before) and text.endswith(after):
-        text = text[len(before) : len(text) - len(after)]
-    return text.strip() or None
+    questions = []
+    for row in rows:
+        prompt = row.get("prompt")
+        if isinstance(prompt, list):
+            turns = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+            prompt = turns[-1] if turns else ""
+        text = str(prompt or "")
+        if "{question}" in instruction and text.startswith(before) and text.endswith(after):
+            text = text[len(before) : len(text) - len(after)]
+        if text.strip():
+            questions.append(text.strip())
+    return questions
+
+
+def example_question(paths: Paths, instruction: str) -> str | None:
+    """The first test question (see test_questions), or None."""
+    return next(iter(test_questions(paths, instruction)), None)
 
 
 def held_out_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
@@ -230,6 +236,37 @@ def verifier_tags(*records: dict[str, Any]) -> dict[str, str]:
     return {f"verifier_{k}_sha256": v for record in records for k, v in (record.get("verifiers") or {}).items()}
 
 
+def expect_export(cfg: Config, paths: Paths, adapter_dir: Path, reference_dir: Path) -> parity.Expected | None:
+    """The log-probs the logged version of `adapter_dir` must reproduce, on up to 3 test questions (None
+    when registry.export_check is off); ParityError at once for an adapter that does not change its base."""
+    if not cfg.registry.export_check:
+        return None
+    return parity.expect(
+        reference_dir,
+        adapter_dir,
+        cfg.data.prompt.model_dump(),
+        test_questions(paths, cfg.data.prompt.instruction, n=3) or [pyfunc_model.EXAMPLE_QUESTION],
+        cfg.registry.export_atol,
+        cfg.snapshot.trust_remote_code,
+    )
+
+
+def verify_export(expected: parity.Expected | None, model_uri: str, run_id: str) -> parity.ParityReport | None:
+    """The export-parity check on the logged files; a failure is tagged on the run and raised as
+    RegistryError before any version exists."""
+    from mlflow import MlflowClient
+
+    if expected is None:
+        return None
+    try:
+        report = parity.check(expected, model_uri)
+    except parity.ParityError as exc:
+        MlflowClient().set_tag(run_id, "export_parity", f"failed: {exc}"[:4000])
+        raise RegistryError(f"export-parity check failed, nothing registered: {exc}") from exc
+    MlflowClient().set_tag(run_id, "export_parity", report.summary())
+    return report
+
+
 def run(cfg: Config, paths: Paths) -> RegisterResult:
     import mlflow
     from mlflow import MlflowClient
@@ -247,6 +284,10 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
         raise RegistryError(
             f"{paths.reference_dir} changed since {paths.eval_results} was written; run `grpo evaluate` first"
         )
+    try:  # before anything is logged: an adapter that changes nothing is refused here
+        expected = expect_export(cfg, paths, paths.policy_dir, paths.reference_dir)
+    except parity.ParityError as exc:
+        raise RegistryError(f"export-parity check failed, nothing registered: {exc}") from exc
     setup(paths.root, cfg.registry.experiment)
     client = MlflowClient()
 
@@ -309,6 +350,7 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
                 example_question(paths, cfg.data.prompt.instruction),
             )
             mlflow.log_artifacts(str(folder), artifact_path)
+        parity_report = verify_export(expected, f"runs:/{run.info.run_id}/{artifact_path}", run.info.run_id)
 
     try:
         client.get_registered_model(name)
@@ -326,6 +368,7 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
             **eval_tags(evaluation),
             **verifier_tags(train, evaluation),
             "reference_model_uri": reference_uri,
+            **({"export_parity": parity_report.summary()} if parity_report else {}),
         },
         description=(
             f"LoRA adapter (peft format) for the base model at {reference_uri}, and an MLflow pyfunc model. Load with "
