@@ -80,7 +80,7 @@ def _set_lora_b(policy_dir: Path, scale: float | None) -> None:
 
 
 def test_registration_is_blocked_by_a_corrupted_export_and_by_a_no_op_adapter(tmp_path, tiny_reference, monkeypatch):
-    cfg, paths = build_project(tmp_path / "project", tiny_reference)
+    cfg, paths = build_project(tmp_path / "project", tiny_reference, export_check=True)
     fake_evaluation(cfg, paths, BETTER, None, None, reference=WORSE)
 
     # An export step that damages the adapter on its way into the registry (what the check is for).

@@ -103,13 +103,14 @@ def mlflow_server(tmp_path_factory):
 def test_register_promote_rollback_against_a_server(mlflow_server, tmp_path, tiny_reference, monkeypatch):
     import mlflow
 
-    cfg, paths = build_project(tmp_path / "project", tiny_reference)  # while the server starts
+    cfg, paths = build_project(tmp_path / "project", tiny_reference, export_check=True)  # while the server starts
     url, server_folder = mlflow_server.wait_healthy(), mlflow_server.folder
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     try:
         fake_evaluation(cfg, paths, BETTER, None, None)
         first = registry.run(cfg, paths)
         assert first.promoted and first.version == "1"
+        assert client_tag(url, NAME, "1", "export_parity").startswith("pyfunc max")  # the probe reached the server
         assert not (paths.root / "mlflow.db").exists() and not (paths.root / "mlartifacts").exists()
 
         client = mlflow_store.registry_client(paths.root)
@@ -136,3 +137,9 @@ def test_register_promote_rollback_against_a_server(mlflow_server, tmp_path, tin
         )
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def client_tag(url: str, name: str, version: str, key: str) -> str:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=url, registry_uri=url).get_model_version(name, version).tags.get(key, "")

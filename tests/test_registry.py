@@ -151,10 +151,13 @@ def test_a_degraded_candidate_never_takes_champion():
 # ---------------------------------------------------------------- a registrable project
 
 
-def build_project(root: Path, tiny_reference: Path) -> tuple[config.Config, Paths]:
+def build_project(root: Path, tiny_reference: Path, export_check: bool = False) -> tuple[config.Config, Paths]:
     """Validated data, the tiny reference and a LoRA adapter with random (non-zero) weights.
 
     Non-zero LoRA B matrices change the model's answers, so a loader that drops the adapter shows.
+    The export-parity check (a fresh process per registration) is off unless asked for: these tests
+    register many times to test the gate and the aliases; tests/test_export_parity.py tests the check,
+    and the end-to-end and stage tests register with it on.
     """
     import torch
 
@@ -163,7 +166,7 @@ def build_project(root: Path, tiny_reference: Path) -> tuple[config.Config, Path
     from pipelines.snapshot.loading import load_reference
 
     make_project(root)
-    cfg = config.load(root / "params.yaml", preset="smoke")
+    cfg = config.load(root / "params.yaml", [f"registry.export_check={str(export_check).lower()}"], preset="smoke")
     paths = Paths(root)
     validate.run(cfg, paths)
     shutil.copytree(tiny_reference, paths.reference_dir)
