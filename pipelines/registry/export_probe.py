@@ -1,8 +1,8 @@
 """Load a logged policy the two ways a user would and write its log-probs on given texts.
 
-Run by pipelines/registry/parity.py in a fresh process, by path (never as part of this project: the
-point is to load the artifacts with nothing but mlflow, torch, transformers and peft, as a user's
-machine would):
+Run by pipelines/registry/parity.py in a fresh process, by path, with the project made unimportable
+(the point is to load the artifacts with nothing but mlflow, torch, transformers and peft, as a
+user's machine would):
 
     python export_probe.py OUT.safetensors < request.json
 
@@ -29,6 +29,10 @@ def log_probs(model, tokenizer, texts):
 
 
 def main() -> None:
+    # The project may be installed in this environment (pip install -e): make it unimportable here, as
+    # it is on a user's machine, so that a model needing it fails the check instead of passing.
+    sys.modules["pipelines"] = None
+
     import mlflow
     import torch
     from peft import PeftModel

@@ -3,8 +3,8 @@ load them, must give the log-probs of the policy that was evaluated, and the ada
 
 Exports go wrong silently: a "merged" model byte-identical to its base, an adapter saved before its
 weights were filled in, a tokenizer from another model. So the logged artifacts are loaded in a
-fresh process (pipelines/registry/export_probe.py, run by path so that nothing of this project is
-importable there) through `mlflow.pyfunc.load_model` and through plain transformers + peft, and
+fresh process (pipelines/registry/export_probe.py, run by path with this project made unimportable
+there) through `mlflow.pyfunc.load_model` and through plain transformers + peft, and
 their log-probs on a few fixed texts are compared with the policy loaded here the way `evaluate`
 loads it. Everything is float32 and one text at a time (no padding), so an honest export matches to
 rounding; the tolerance is `registry.export_atol` on log-probabilities (log-softmax, so a constant
