@@ -178,8 +178,36 @@ def train_trl(root: Path, seconds: float, every: int, overrides: list[str], prom
     return snaps
 
 
-def score_snapshots(root: Path, snaps: list[dict]) -> list[dict]:
-    """Greedy strict accuracy of the reference (wall time 0) and of every snapshot on the eval split."""
+def pick(snaps: list[dict], score_at: list[float] | None) -> list[dict]:
+    """The snapshots to score: all of them, or the latest at or before each time in `score_at` (seconds),
+    the last one and the selected one, which is all a table at fixed times needs.
+
+    >>> s = [{"step": 5, "wall_time": 50}, {"step": 10, "wall_time": 100}, {"step": 15, "wall_time": 150}]
+    >>> [p["step"] for p in pick(s, [60])]
+    [5, 15]
+    """
+    if score_at is None:
+        return snaps
+    curve = [s for s in snaps if not s.get("selected")]
+    keep = {id(curve[-1])} if curve else set()
+    for t in score_at:
+        before = [s for s in curve if s["wall_time"] <= t]
+        if before:
+            keep.add(id(before[-1]))
+    return [s for s in snaps if id(s) in keep or s.get("selected")]
+
+
+def score_snapshots(
+    root: Path, snaps: list[dict], bf16: bool = False, reference_cache: Path | None = None
+) -> list[dict]:
+    """Greedy accuracy (strict and lenient) of the reference (wall time 0) and of every snapshot on the
+    eval split, decoded as `evaluate` decodes (merged copy, bf16 when `bf16`).
+
+    The reference's score depends only on the eval split and the dtype, so a seeds run scores it once
+    and keeps it in `reference_cache`, keyed by both. A selected snapshot whose weights equal a scored
+    step's takes that step's score."""
+    import hashlib
+
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -192,9 +220,13 @@ def score_snapshots(root: Path, snaps: list[dict]) -> list[dict]:
     from pipelines.snapshot.loading import load_reference
     from pipelines.verifiers.judge import judge
 
-    rows = read_jsonl(root / "data/validated/eval.jsonl")
+    eval_file = root / "data/validated/eval.jsonl"
+    rows = read_jsonl(eval_file)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    key = f"{hashlib.sha256(eval_file.read_bytes()).hexdigest()}-{dtype}"
 
     def accuracy(model, tokenizer) -> dict[str, float]:
+        model = SamplingCopy(model, dtype).model
         right = lenient = 0
         for i in range(0, len(rows), 64):
             chunk = rows[i : i + 64]
@@ -207,8 +239,14 @@ def score_snapshots(root: Path, snaps: list[dict]) -> list[dict]:
                 lenient += verdict["last_number_correct"]
         return {"accuracy": right / len(rows), "lenient_accuracy": lenient / len(rows), "problems": len(rows)}
 
+    cache = json.loads(reference_cache.read_text()) if reference_cache and reference_cache.exists() else {}
     base, tokenizer = load_reference(root / "models/reference")
-    points = [{"step": 0, "wall_time": 0.0, **accuracy(base, tokenizer)}]
+    if key not in cache:
+        cache[key] = {"step": 0, "wall_time": 0.0, **accuracy(base, tokenizer), "dtype": str(dtype)}
+        if reference_cache:
+            reference_cache.write_text(json.dumps(cache, indent=2))
+    points = [cache[key]]
+    weights: dict[int, dict] = {}
     for snap in snaps:
         fresh, _ = load_reference(root / "models/reference")
         if "adapter" in snap:
@@ -217,9 +255,16 @@ def score_snapshots(root: Path, snaps: list[dict]) -> list[dict]:
             model = add_lora(fresh, LoraConfig(r=16, alpha=32))
             missing = model.load_state_dict(load_file(snap["weights"]), strict=False)
             assert not missing.unexpected_keys
-        merged = SamplingCopy(model, torch.float32).model
-        point = {"step": snap["step"], "wall_time": snap["wall_time"], **accuracy(merged, tokenizer)}
+        state = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+        twin = weights.get(snap["step"])
+        if snap.get("selected") and twin and all(torch.equal(v, twin["state"][k]) for k, v in state.items()):
+            scores = {k: twin["point"][k] for k in ("accuracy", "lenient_accuracy", "problems")}
+        else:
+            scores = accuracy(model, tokenizer)
+        point = {"step": snap["step"], "wall_time": snap["wall_time"], **scores}
         points.append({**point, "selected": True} if snap.get("selected") else point)
+        if not snap.get("selected"):
+            weights[snap["step"]] = {"state": state, "point": point}
         print(json.dumps(points[-1]), file=sys.stderr, flush=True)
     return points
 
@@ -232,7 +277,13 @@ def child(args: argparse.Namespace) -> None:
         snaps = train_ours(args.root, args.minutes * 60, args.every, args.set + args.ours + vllm, "ours-vllm")
     else:
         snaps = train_trl(args.root, args.minutes * 60, args.every, args.set, args.trl_prompts)
-    print(json.dumps(score_snapshots(args.root, snaps)))
+    score_at = [m * 60 for m in args.score_at] if args.score_at else None
+    bf16 = {"float32": False, "bfloat16": True}.get(args.score_dtype)
+    if bf16 is None:  # auto: as `evaluate` decodes (evaluate.bf16: auto)
+        from pipelines.precision import native_bf16
+
+        bf16 = native_bf16()
+    print(json.dumps(score_snapshots(args.root, pick(snaps, score_at), bf16, args.reference_cache)))
 
 
 def plot(
@@ -298,6 +349,19 @@ def main() -> None:
         help="a dotted line: the share of held-out problems bench/archive/ceiling.py found reachable",
     )
     ap.add_argument("--replot", action="store_true", help="only redraw the plot from an existing --out file")
+    ap.add_argument(
+        "--score-at",
+        type=float,
+        nargs="+",
+        help="score only the snapshots a table at these minutes reads (and the last and the selected); default all",
+    )
+    ap.add_argument(
+        "--score-dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="float32",
+        help="decoding dtype when scoring; auto = as `evaluate` decodes (bf16 where the CPU has bf16 units)",
+    )
+    ap.add_argument("--reference-cache", type=Path, help="a JSON file that keeps the reference's score across runs")
     args = ap.parse_args()
     os.environ.update(QUIET)
     if args.child:
@@ -328,7 +392,11 @@ def main() -> None:
             str(args.every),
         ]
         cmd += [a for s in args.set for a in ("-S", s)] + [a for s in args.ours for a in ("--ours", s)]
-        cmd += ["--trl-prompts", str(args.trl_prompts)]
+        cmd += ["--trl-prompts", str(args.trl_prompts), "--score-dtype", args.score_dtype]
+        if args.score_at:
+            cmd += ["--score-at", *map(str, args.score_at)]
+        if args.reference_cache:
+            cmd += ["--reference-cache", str(args.reference_cache)]
         proc = subprocess.run(cmd, env={**os.environ, **QUIET}, stdout=subprocess.PIPE, text=True, check=False)
         if proc.returncode != 0:
             raise SystemExit(f"{engine} failed")

@@ -4,7 +4,11 @@ the curve, and the selected model against the last step, for each engine, in one
 Each (engine, seed) is one bench/learning_run.py run on the same data and held-out problems (the
 seed is the training seed; the split stays fixed so that runs are paired), run one after another
 on the same machine. Accuracy at time t is the engine's latest snapshot at or before t (what a
-user stopping at t would have); the area is the mean of that step function over [0, T].
+user stopping at t would have); the area is the mean of that step function over [0, T]. Scoring 256
+problems costs about a minute a snapshot on 2 cores, so by default only the snapshots the table reads
+are scored (the latest before each tabulated time, the last, the selected; `--score-all` for every
+one): the area is then the mean over those. Snapshots are decoded as `evaluate` decodes (bf16 where
+the CPU has bf16 units; `--score-dtype`), and the reference is scored once per results file.
 
     .venv/bin/python bench/seeds.py --task demo --seeds 0 1 2 3 4 --engines ours trl --minutes 8
 
@@ -105,6 +109,69 @@ def table(runs: dict[str, dict[int, list[dict]]], minutes: list[float], horizon:
     return "\n".join(lines)
 
 
+def selected(points: list[dict]) -> dict:
+    """The selected snapshot (what `train` hands to `evaluate`), else the last one (select: last, TRL)."""
+    return next((p for p in points if p.get("selected")), [p for p in points if not p.get("selected")][-1])
+
+
+def per_seed(runs: dict[str, dict[int, list[dict]]]) -> str:
+    """One row per (engine, seed): reference, selected and last, strict / lenient."""
+    lines = [
+        "| engine | seed | reference | selected (step) | last (step) |",
+        "|---|---|---|---|---|",
+    ]
+    for engine, by_seed in runs.items():
+        for seed in sorted(by_seed):
+            ref, chosen = by_seed[seed][0], selected(by_seed[seed])
+            last = [p for p in by_seed[seed] if not p.get("selected")][-1]
+            lines.append(
+                f"| {engine} | {seed} | {ref['accuracy']:.3f} / {ref['lenient_accuracy']:.3f} | "
+                f"{chosen['accuracy']:.3f} / {chosen['lenient_accuracy']:.3f} ({chosen['step']}) | "
+                f"{last['accuracy']:.3f} / {last['lenient_accuracy']:.3f} ({last['step']}) |"
+            )
+    return "\n".join(lines)
+
+
+def targets(runs: dict[str, dict[int, list[dict]]], minutes: list[float], horizon: float) -> list[str]:
+    """The issue's targets, each checked against the runs: `met` or `NOT met` with the numbers."""
+    ours = runs.get("ours", {})
+    out = []
+    if ours:
+        problems = ours[min(ours)][0]["problems"]
+        chosen = [selected(ours[s]) for s in sorted(ours)]
+        last = [[p for p in ours[s] if not p.get("selected")][-1] for s in sorted(ours)]
+        worst = min(c["accuracy"] - la["accuracy"] for c, la in zip(chosen, last, strict=True)) * problems
+        mean_gap = statistics.mean(c["accuracy"] - la["accuracy"] for c, la in zip(chosen, last, strict=True))
+        ok = worst >= -1 and mean_gap > 0
+        out.append(
+            f"selected never below last by more than one problem, above it on the mean: {'met' if ok else 'NOT met'}"
+            f" (worst seed {worst:+.0f} problems, mean {mean_gap:+.3f})"
+        )
+        refs = [ours[s][0]["lenient_accuracy"] for s in sorted(ours)]
+        gaps = [c["lenient_accuracy"] - r for c, r in zip(chosen, refs, strict=True)]
+        out.append(
+            f"selected lenient not below the reference's on any seed: {'met' if min(gaps) >= 0 else 'NOT met'}"
+            f" (per seed {', '.join(f'{g:+.3f}' for g in gaps)})"
+        )
+        gain = statistics.mean(gaps)
+        verdict = "met" if gain >= 0.05 else "NOT met"
+        out.append(f"lenient gain >= 5 points on the mean: {verdict} ({gain * 100:+.1f} points)")
+    if ours and runs.get("trl"):
+        trl = runs["trl"]
+        behind = [
+            m for m in minutes
+            if statistics.mean(at(ours[s], m * 60) for s in ours) < statistics.mean(at(trl[s], m * 60) for s in trl)
+        ]  # fmt: skip
+        out.append(
+            f"ours at or above TRL's mean at every time point: {'met' if not behind else 'NOT met'}"
+            + (f" (behind at {', '.join(f'{m:g}' for m in behind)} min)" if behind else "")
+        )
+        a_ours = statistics.mean(area(ours[s], horizon) for s in ours)
+        a_trl = statistics.mean(area(trl[s], horizon) for s in trl)
+        out.append(f"ours ahead on the area: {'met' if a_ours > a_trl else 'NOT met'} ({a_ours:.3f} vs {a_trl:.3f})")
+    return out
+
+
 def plot(runs: dict[str, dict[int, list[dict]]], out: Path, horizon: float, title: str) -> None:
     import matplotlib
 
@@ -147,8 +214,11 @@ def main() -> None:
     ap.add_argument("--trl-every", type=int, default=2, help="snapshot every N steps (TRL)")
     ap.add_argument("--trl-prompts", type=int, default=2, help="prompts per TRL step: the demo's prompts_per_step")
     ap.add_argument("-S", "--set", action="append", default=[], help="override for every run")
+    ap.add_argument("--score-all", action="store_true", help="score every snapshot, not only those the table reads")
+    ap.add_argument("--score-dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="keep the (engine, seed) runs already in the results file")
     args = ap.parse_args()
     out = args.out or results_dir() / f"seeds-{args.task}.json"
     points = [m for m in args.points if m <= args.minutes]
@@ -157,23 +227,42 @@ def main() -> None:
         runs = {e: {int(s): p for s, p in by.items()} for e, by in saved["runs"].items()}
     else:
         runs = {}
+        if args.resume and out.exists():
+            runs = {e: {int(s): p for s, p in by.items()} for e, by in json.loads(out.read_text())["runs"].items()}
         for seed in args.seeds:
             for engine in args.engines:  # engines alternate within a seed: a slow spell hits both
+                if seed in runs.get(engine, {}):
+                    continue
                 run_out = Path(tempfile.mkdtemp(prefix="grpo-seeds-")) / "run.json"
                 cmd = [
                     sys.executable, str(REPO / "bench" / "learning_run.py"), "--engines", engine,
                     "--minutes", str(args.minutes), "--out", str(run_out), "--title", args.task, "--target", "0",
                     "--every", str(args.trl_every if engine == "trl" else args.every),
-                    "--trl-prompts", str(args.trl_prompts),
+                    "--trl-prompts", str(args.trl_prompts), "--score-dtype", args.score_dtype,
+                    "--reference-cache", str(out.with_name(out.stem + "-reference.json")),
                 ]  # fmt: skip
+                if not args.score_all:
+                    cmd += ["--score-at", *map(str, [*points, args.minutes])]
                 for override in [*TASKS[args.task], f"train.seed={seed}", *args.set]:
                     cmd += ["-S", override]
                 subprocess.run(cmd, check=True)
                 runs.setdefault(engine, {})[seed] = json.loads(run_out.read_text())["results"][engine]
-                partial = {"machine": describe(), "task": args.task, "overrides": TASKS[args.task] + args.set}
+                partial = {
+                    "machine": describe(),
+                    "task": args.task,
+                    "overrides": TASKS[args.task] + args.set,
+                    "score_dtype": args.score_dtype,
+                    "scored": "all snapshots" if args.score_all else "the snapshots the table reads",
+                }
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps({**partial, "minutes": args.minutes, "runs": runs}, indent=2))
-    text = table(runs, points, args.minutes * 60)
+    text = "\n\n".join(
+        [
+            table(runs, points, args.minutes * 60),
+            per_seed(runs),
+            "\n".join(f"- {line}" for line in targets(runs, points, args.minutes * 60)),
+        ]
+    )
     saved = json.loads(out.read_text()) if out.exists() else {}
     out.write_text(json.dumps({**saved, "table": text}, indent=2))
     plot(runs, out.with_suffix(".png"), args.minutes * 60, f"{args.task}: held-out accuracy over seeds")

@@ -137,7 +137,12 @@ def _validation_text(final: dict[str, Any]) -> str:
         f"**Validation** ({v['evaluations']} evaluations, {v['time_share']:.0%} of training time): reference "
         f"{v['reference_accuracy']}, best step {v['best_step']} at {v['best_accuracy']}, last step "
         f"{v['last_step']} at {v['last_accuracy']}; the policy is step **{final.get('selected_step')}** "
-        f"(train.select={final.get('select')}).",
+        f"(train.select={final.get('select')}"
+        + (
+            f"; within {v['select_tolerance']:g} standard error(s) of the best, the later step is preferred)."
+            if v.get("select_tolerance") and v.get("selected_step") != v["best_step"]
+            else ")."
+        ),
     ]
     if v.get("stop_reason"):
         lines.append(f"\n{v['stop_reason']}.")

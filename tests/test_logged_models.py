@@ -49,8 +49,12 @@ def trained(tmp_path_factory, tiny_reference):
     """A 3-step run with MLflow logging on: (cfg, paths, training result, seconds the checkpoint models took)."""
     import time
 
+    import mlflow
+
     from pipelines.grpo import trainer
 
+    # Module-scoped, so set up before the autouse fixture: clear a URI an earlier test module exported.
+    mlflow.set_tracking_uri(None)
     root = tmp_path_factory.mktemp("logged-models") / "project"
     cfg = prepared_project(root, tiny_reference, OVERRIDES)
     paths = Paths(root)

@@ -31,6 +31,32 @@ def test_best_is_the_earliest_of_equal_scores_and_never_the_reference():
     assert watch.should_stop(2) and "step 4's 0.600 in 2 evaluations" in watch.stop_reason
 
 
+def test_selection_prefers_a_later_step_within_the_tolerance_and_avoids_a_real_decline():
+    def scored(step: int, accuracy: float) -> Score:
+        return Score(step, accuracy, accuracy, 1.0, 0.5, 0.5, problems=64)
+
+    # On 64 problems one standard error at 0.40 is sqrt(0.4 * 0.6 / 64) = 0.061: steps 10 and 15 are
+    # as good within the noise, step 20 (0.30) is a decline outside it.
+    script = [(0, 0.2), (5, 0.40), (10, 0.34), (15, 0.36), (20, 0.30)]
+    strict, tolerant = Watch(tolerance=0.0), Watch(tolerance=1.0)
+    picked = []
+    for step, acc in script:
+        strict.add(scored(step, acc))
+        before = tolerant.selected
+        score = scored(step, acc)
+        tolerant.add(score)
+        # The selection only ever moves to the step just scored, whose weights are then saved.
+        assert tolerant.selected is before or tolerant.selected is score
+        picked.append(tolerant.selected.step if tolerant.selected else None)
+    assert strict.selected.step == strict.best.step == 5
+    assert tolerant.best.step == 5 and picked == [None, 5, 10, 15, 15]
+    assert Watch(tolerance=2.0, scores=[scored(s, a) for s, a in script]).selected.step == 20
+    summary = tolerant.summary(10.0)
+    assert (summary["best_step"], summary["selected_step"], summary["select_tolerance"]) == (5, 15, 1.0)
+    # Scores saved before `problems` was kept carry 0: no standard error, the best itself.
+    assert Watch(tolerance=1.0, scores=[_score(5, 0.4), _score(10, 0.39)]).selected.step == 5
+
+
 def test_decline_alarm_is_said_once_with_its_numbers():
     watch = Watch(window=3)
     watch.add(_score(0, 0.5, lenient=0.6))
@@ -69,6 +95,7 @@ def test_score_split_judges_greedy_answers_strict_lenient_and_format(tiny_refere
     rows = [{"prompt": f"q{i}", "answer": a} for i, a in enumerate(["4", "5", "4.0", "7"])]
     score = score_split(None, tokenizer, rows, step=3, max_new_tokens=8, batch_size=3, backend="fixed")
     assert (score.step, score.accuracy, score.lenient_accuracy, score.format_rate) == (3, 0.5, 0.5, 1.0)
+    assert score.problems == 4  # what the selection tolerance's standard error is computed over
     assert Fixed.calls == 2  # batches of 3
 
 
@@ -205,3 +232,33 @@ def test_the_prefect_training_artifact_says_which_step_left_and_why():
     assert "the policy is step **2** (train.select=best)" in text and "12% of training time" in text
     assert "early stop at step 8" in text and "> ⚠ decline alarm at step 6" in text
     assert _validation_text({"steps": 3}) == ""
+    later = {**final, "selected_step": 4}
+    later["validation"] = {**final["validation"], "select_tolerance": 1.0, "selected_step": 4}
+    assert "step **4** (train.select=best; within 1 standard error(s) of the best" in _validation_text(later)
+
+
+def test_a_later_step_within_the_tolerance_leaves_train_with_its_own_weights(tmp_path, tiny_reference, monkeypatch):
+    """Step 2 is the best; step 4 is one problem below it on 8 problems (within one standard error,
+    0.153), steps 6 and 8 fall further: step 4 leaves `train`, with step 4's weights."""
+    script = {0: 0.25, 2: 0.75, 4: 0.625, 6: 0.5, 8: 0.25}
+    monkeypatch.setattr(
+        trainer,
+        "score_split",
+        lambda model, tokenizer, rows, *, step, **_: Score(step, script[step], script[step], 1.0, 0.01, problems=8),
+    )
+    root = tmp_path / "p"
+    cfg = prepared_project(
+        root, tiny_reference, [*MOVING, "train.steps=8", "train.checkpoint_every=2", "train.keep_checkpoints=10"]
+    )
+    assert cfg.train.select_tolerance == 1.0  # the default
+    trainer.run(cfg, Paths(root), log_to_mlflow=False)
+    paths = Paths(root)
+    summary = json.loads(paths.train_summary.read_text())
+    assert summary["selected_step"] == 4 and summary["validation"]["best_step"] == 2
+    step4 = load_file(str(paths.checkpoints_dir / "step-000004" / "trainable.safetensors"))
+    step2 = load_file(str(paths.checkpoints_dir / "step-000002" / "trainable.safetensors"))
+    policy = load_file(str(paths.policy_dir / "adapter_model.safetensors"))
+    lora_b = [k for k in step4 if "lora_B" in k]
+    assert lora_b and any((step4[k] != step2[k]).any() for k in lora_b), "steps 2 and 4 equal: proves nothing"
+    for name, tensor in step4.items():
+        assert torch.equal(policy[name.replace(".default", "")], tensor), name

@@ -171,7 +171,7 @@ def describe(cfg: Config, paths: Paths, summary: dict[str, Any] | None = None) -
 def _selected_accuracy(summary: dict[str, Any]) -> float | None:
     """The validation accuracy of the step that left training (the best or the last evaluated one)."""
     validation = summary.get("validation") or {}
-    for which in ("best", "last"):
+    for which in ("selected", "best", "last"):
         if validation.get(f"{which}_step") == summary.get("selected_step"):
             return validation.get(f"{which}_accuracy")
     return None

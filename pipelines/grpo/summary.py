@@ -18,7 +18,7 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
     """
     figures = {key: summary[key] for key in ("reward", "kl", "steps", "selected_step") if key in summary}
     validation = summary.get("validation") or {}
-    for which in ("best", "last"):
+    for which in ("selected", "best", "last"):  # selected_* is absent from summaries written before it was kept
         if validation.get(f"{which}_step") is not None and validation.get(f"{which}_step") == summary.get(
             "selected_step"
         ):

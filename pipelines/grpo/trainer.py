@@ -174,7 +174,7 @@ def train(
     key = fingerprint(cfg, manifest["sha256"], paths.train_split.read_bytes() + _bytes(paths.val_split))
     progress = resume_or_start(cfg, paths, key, world, model, optimizer, scheduler, sampler)
     start, history = progress.step, progress.history
-    watch = Watch.from_state(progress.validation, t.decline_window)
+    watch = Watch.from_state(progress.validation, t.decline_window, t.select_tolerance)
     # What rollouts sample from: a merged copy of the policy (bf16 when train.bf16; sampling_copy.py
     # says why), or the adapter on a vLLM server (vllm_backend.py). Closed (server stopped) at the end.
     samplers = ExitStack()
@@ -206,7 +206,7 @@ def train(
         for message in alarms:
             log.warning(message)
             logger.tags({"decline_alarm": "true", "decline_alarm_message": message[:5000]})
-        if watch.best is score:
+        if watch.selected is score:
             checkpoint.save_best(paths.checkpoints_dir, step, model, score.accuracy)
 
     try:
@@ -373,12 +373,12 @@ def train(
         save_checkpoint(paths, cfg, done, key, model, optimizer, scheduler, sampler, history, logger.run_id, watch)
         # The policy that leaves `train`: the best validated step's weights, or the last step's.
         selected = done
-        if t.select == "best" and watch.best is not None and watch.best.step != done:
+        if t.select == "best" and watch.selected is not None and watch.selected.step != done:
             selected = checkpoint.load_best(paths.checkpoints_dir, model)
             log.warning(
                 "selected step %d (validation accuracy %.3f) over the last step %d (%.3f); train.select=last "
                 "keeps the last",
-                selected, watch.best.accuracy, done, watch.scores[-1].accuracy,
+                selected, watch.selected.accuracy, done, watch.scores[-1].accuracy,
             )  # fmt: skip
         with staged_dir(paths.policy_dir) as staging:
             policy.save(model, tokenizer, staging)

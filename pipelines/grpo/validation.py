@@ -5,7 +5,11 @@ arithmetic). So training scores the validation split (data/validated/val.jsonl) 
 the first step, every `train.eval_every` steps and after the last, on the sampling copy (batched,
 no gradients), and keeps:
 - the best step (strict accuracy, ties to the earlier one; step 0, the reference, is the baseline
-  and never "best"), whose trainable weights wait in checkpoints/best/ for `train.select: best`;
+  and never "best") and the selected step, whose trainable weights wait in checkpoints/best/ for
+  `train.select: best`: the latest step within `train.select_tolerance` standard errors of the
+  best. On a few dozen problems the best score is partly luck (the maximum of noisy scores favours
+  a lucky step, often an early one), so a later step that is as good within the noise is preferred;
+  a real decline falls outside the tolerance and is still avoided. 0 = the best itself;
 - the evaluations without improvement since, for `train.early_stopping_patience`;
 - a decline alarm when training reward rose while validation accuracy fell over
   `train.decline_window` evaluations, or when lenient accuracy (the last number is right, any
@@ -34,6 +38,7 @@ class Score:
     format_rate: float
     seconds: float
     reward: float | None = None  # mean training reward over the steps since the previous evaluation
+    problems: int = 0  # validation rows scored (0 in states saved before it was kept)
 
     def metrics(self) -> dict[str, float]:
         """As logged to MLflow (TRL's `eval/` prefix)."""
@@ -72,7 +77,7 @@ def score_split(
             lenient += verdict["last_number_correct"]
             formatted += verdict["format"]
     n = max(len(rows), 1)
-    return Score(step, correct / n, lenient / n, formatted / n, time.perf_counter() - started)
+    return Score(step, correct / n, lenient / n, formatted / n, time.perf_counter() - started, problems=len(rows))
 
 
 @dataclass
@@ -80,6 +85,7 @@ class Watch:
     """The evaluations so far and what follows from them; checkpointed with the trainer's state."""
 
     window: int = 3
+    tolerance: float = 0.0  # train.select_tolerance, in standard errors of the best accuracy
     scores: list[Score] = field(default_factory=list)
     alarms: list[dict[str, Any]] = field(default_factory=list)
     stop_reason: str | None = None
@@ -89,6 +95,21 @@ class Watch:
         """The trained step with the best accuracy; the earlier one on a tie."""
         trained = [s for s in self.scores if s.step > 0]
         return max(trained, key=lambda s: (s.accuracy, -s.step)) if trained else None
+
+    @property
+    def selected(self) -> Score | None:
+        """The latest trained step within `tolerance` standard errors of the best (ties included);
+        the best itself when the tolerance is 0.
+
+        It changes only to the step just scored (a new best, or a later one within the tolerance of
+        the best), so the weights saved at that moment are the selected step's.
+        """
+        best = self.best
+        if best is None or self.tolerance <= 0 or best.problems <= 0:
+            return best
+        margin = self.tolerance * (best.accuracy * (1 - best.accuracy) / best.problems) ** 0.5
+        close = [s for s in self.scores if s.step > 0 and s.accuracy >= best.accuracy - margin - 1e-12]
+        return max(close, key=lambda s: s.step)
 
     @property
     def reference(self) -> Score | None:
@@ -158,11 +179,12 @@ class Watch:
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any] | None, window: int) -> Watch:
+    def from_state(cls, state: dict[str, Any] | None, window: int, tolerance: float = 0.0) -> Watch:
         if not state:
-            return cls(window=window)
+            return cls(window=window, tolerance=tolerance)
         return cls(
             window=window,
+            tolerance=tolerance,
             scores=[Score(**s) for s in state["scores"]],
             alarms=list(state["alarms"]),
             stop_reason=state.get("stop_reason"),
@@ -171,11 +193,14 @@ class Watch:
     def summary(self, total_step_seconds: float) -> dict[str, Any]:
         """What metrics/train.json says about validation."""
         spent = sum(s.seconds for s in self.scores)
-        best, ref = self.best, self.reference
+        best, ref, chosen = self.best, self.reference, self.selected
         return {
             "evaluations": len(self.scores),
             "best_step": best.step if best else None,
             "best_accuracy": best.accuracy if best else None,
+            "selected_step": chosen.step if chosen else None,
+            "selected_accuracy": chosen.accuracy if chosen else None,
+            "select_tolerance": self.tolerance,
             "last_step": self.scores[-1].step if self.scores else None,
             "last_accuracy": self.scores[-1].accuracy if self.scores else None,
             "reference_accuracy": ref.accuracy if ref else None,
