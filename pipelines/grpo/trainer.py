@@ -371,7 +371,7 @@ def train(
     final = {k: v for k, v in history[-1].items() if k != "step"} if history else {}
     if world.is_main:
         save_checkpoint(paths, cfg, done, key, model, optimizer, scheduler, sampler, history, logger.run_id, watch)
-        # The policy that leaves `train`: the best validated step's weights, or the last step's.
+        # The policy that leaves `train`: the selected validated step's weights (validation.py), or the last step's.
         selected = done
         if t.select == "best" and watch.selected is not None and watch.selected.step != done:
             selected = checkpoint.load_best(paths.checkpoints_dir, model)
