@@ -258,6 +258,10 @@ class TrainConfig(_Section):
     # The decline alarm: warn when, over this many evaluations, training reward rose while
     # validation accuracy fell (the policy is learning the reward, not the skill).
     decline_window: int = Field(3, ge=2)
+    # ... and only when accuracy fell by more than this many standard errors (of the earlier score;
+    # for lenient accuracy below the reference's, of the reference's): on 64 problems one standard
+    # error is 4-6 points, so a smaller fall is as likely noise as a decline. 0 = any fall.
+    decline_tolerance: float = Field(1.0, ge=0)
 
     @field_validator("bf16", mode="before")
     @classmethod

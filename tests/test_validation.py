@@ -73,6 +73,34 @@ def test_decline_alarm_is_said_once_with_its_numbers():
     assert restored.state_dict() == watch.state_dict() and restored.best.step == watch.best.step
 
 
+def test_decline_alarm_stays_quiet_on_a_fall_within_the_noise():
+    def scored(step: int, accuracy: float, reward: float | None, lenient: float) -> Score:
+        return Score(step, accuracy, lenient, 1.0, 0.5, reward, problems=64)
+
+    # One standard error on 64 problems: 0.060 at 0.38 (validation) and 0.059 at 0.33 (reference).
+    # A fall of 2 problems (0.031) and a lenient dip of 3 (0.047) are noise; 5 problems (0.078) is not.
+    quiet, loud = Watch(window=3, alarm_tolerance=1.0), Watch(window=3, alarm_tolerance=0.0)
+    script = [
+        (0, 0.33, None, 0.33),
+        (5, 0.381, 0.37, 0.381),
+        (10, 0.36, 0.45, 0.283),
+        (15, 0.35, 0.53, 0.35),
+    ]
+    for step, acc, reward, lenient in script:
+        quiet.add(scored(step, acc, reward, lenient))
+        loud.add(scored(step, acc, reward, lenient))
+    assert quiet.alarms == []
+    assert sorted({a["kind"] for a in loud.alarms}) == ["lenient_below_reference", "reward_up_accuracy_down"]
+    # Lenient 0.25 is 5 problems below the reference's 0.33; strict 0.36 -> 0.33 is still noise.
+    said = quiet.add(scored(20, 0.33, 0.60, 0.25))
+    assert [a["kind"] for a in quiet.alarms] == ["lenient_below_reference"] and len(said) == 1
+    said = quiet.add(scored(25, 0.27, 0.65, 0.27))  # steps 15-25: 0.35 -> 0.27, 5 problems
+    assert len(said) == 1 and "fell 0.350 -> 0.270" in said[0]
+    assert quiet.summary(1.0)["decline_tolerance"] == 1.0
+    restored = Watch.from_state(quiet.state_dict(), window=3, alarm_tolerance=1.0)
+    assert restored.alarm_tolerance == 1.0 and restored.alarms == quiet.alarms
+
+
 def test_score_split_judges_greedy_answers_strict_lenient_and_format(tiny_reference, monkeypatch):
     """The real decoding path (generate on a backend) and the evaluation judge, with fixed answers."""
     from transformers import AutoTokenizer

@@ -174,7 +174,7 @@ def train(
     key = fingerprint(cfg, manifest["sha256"], paths.train_split.read_bytes() + _bytes(paths.val_split))
     progress = resume_or_start(cfg, paths, key, world, model, optimizer, scheduler, sampler)
     start, history = progress.step, progress.history
-    watch = Watch.from_state(progress.validation, t.decline_window, t.select_tolerance)
+    watch = Watch.from_state(progress.validation, t.decline_window, t.select_tolerance, t.decline_tolerance)
     # What rollouts sample from: a merged copy of the policy (bf16 when train.bf16; sampling_copy.py
     # says why), or the adapter on a vLLM server (vllm_backend.py). Closed (server stopped) at the end.
     samplers = ExitStack()

@@ -13,7 +13,8 @@ no gradients), and keeps:
 - the evaluations without improvement since, for `train.early_stopping_patience`;
 - a decline alarm when training reward rose while validation accuracy fell over
   `train.decline_window` evaluations, or when lenient accuracy (the last number is right, any
-  format) falls below the reference's.
+  format) falls below the reference's; in both, by more than `train.decline_tolerance` standard
+  errors, so that a problem or two of noise on a small split does not sound it.
 The judge is evaluation's (verifiers/judge.py), with evaluation's decoding length, so validation
 predicts what `evaluate` will see on the test split.
 """
@@ -86,6 +87,7 @@ class Watch:
 
     window: int = 3
     tolerance: float = 0.0  # train.select_tolerance, in standard errors of the best accuracy
+    alarm_tolerance: float = 0.0  # train.decline_tolerance: how far below, in standard errors, is a fall
     scores: list[Score] = field(default_factory=list)
     alarms: list[dict[str, Any]] = field(default_factory=list)
     stop_reason: str | None = None
@@ -107,7 +109,7 @@ class Watch:
         best = self.best
         if best is None or self.tolerance <= 0 or best.problems <= 0:
             return best
-        margin = self.tolerance * (best.accuracy * (1 - best.accuracy) / best.problems) ** 0.5
+        margin = self.tolerance * standard_error(best.accuracy, best.problems)
         close = [s for s in self.scores if s.step > 0 and s.accuracy >= best.accuracy - margin - 1e-12]
         return max(close, key=lambda s: s.step)
 
@@ -151,7 +153,8 @@ class Watch:
         if len(recent) < self.window:
             return None
         first, last = recent[0], recent[-1]
-        if not (last.reward > first.reward and last.accuracy < first.accuracy):  # type: ignore[operator]
+        margin = self.alarm_tolerance * standard_error(first.accuracy, first.problems)
+        if not (last.reward > first.reward and last.accuracy < first.accuracy - margin):  # type: ignore[operator]
             return None
         return (
             f"decline alarm at step {last.step}: over the last {self.window} evaluations (steps {first.step}-"
@@ -162,7 +165,10 @@ class Watch:
 
     def _lost(self) -> str | None:
         ref, last = self.reference, self.scores[-1]
-        if ref is None or last.step == 0 or last.lenient_accuracy >= ref.lenient_accuracy:
+        if ref is None or last.step == 0:
+            return None
+        margin = self.alarm_tolerance * standard_error(ref.lenient_accuracy, ref.problems)
+        if last.lenient_accuracy >= ref.lenient_accuracy - margin:
             return None
         return (
             f"decline alarm at step {last.step}: lenient validation accuracy (the last number is right) "
@@ -179,12 +185,15 @@ class Watch:
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any] | None, window: int, tolerance: float = 0.0) -> Watch:
+    def from_state(
+        cls, state: dict[str, Any] | None, window: int, tolerance: float = 0.0, alarm_tolerance: float = 0.0
+    ) -> Watch:
         if not state:
-            return cls(window=window, tolerance=tolerance)
+            return cls(window=window, tolerance=tolerance, alarm_tolerance=alarm_tolerance)
         return cls(
             window=window,
             tolerance=tolerance,
+            alarm_tolerance=alarm_tolerance,
             scores=[Score(**s) for s in state["scores"]],
             alarms=list(state["alarms"]),
             stop_reason=state.get("stop_reason"),
@@ -201,6 +210,7 @@ class Watch:
             "selected_step": chosen.step if chosen else None,
             "selected_accuracy": chosen.accuracy if chosen else None,
             "select_tolerance": self.tolerance,
+            "decline_tolerance": self.alarm_tolerance,
             "last_step": self.scores[-1].step if self.scores else None,
             "last_accuracy": self.scores[-1].accuracy if self.scores else None,
             "reference_accuracy": ref.accuracy if ref else None,
@@ -211,6 +221,15 @@ class Watch:
             "alarms": self.alarms,
             "stop_reason": self.stop_reason,
         }
+
+
+def standard_error(accuracy: float, problems: int) -> float:
+    """sqrt(p(1-p)/n): the noise of an accuracy measured on n problems (0 when n is unknown).
+
+    >>> round(standard_error(0.4, 64), 3)
+    0.061
+    """
+    return (accuracy * (1 - accuracy) / problems) ** 0.5 if problems > 0 else 0.0
 
 
 def mean_reward_since(history: list[dict[str, float]], step: int) -> float | None:
