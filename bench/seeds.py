@@ -172,6 +172,23 @@ def targets(runs: dict[str, dict[int, list[dict]]], minutes: list[float], horizo
     return out
 
 
+def paired(shown: dict[str, dict[int, list[dict]]], minutes: list[float], horizon: float) -> list[str]:
+    """Each row's difference from the first row on the seeds both ran (seed-paired: same data, same
+    held-out problems, same training seed), at each time point and on the area."""
+    (first, base), *others = shown.items()
+    out = []
+    for name, by_seed in others:
+        seeds = sorted(set(base) & set(by_seed))
+        if not seeds:
+            continue
+        cells = [
+            f"{m:g} min " + mean_sd([at(by_seed[s], m * 60) - at(base[s], m * 60) for s in seeds]) for m in minutes
+        ]
+        cells.append("area " + mean_sd([area(by_seed[s], horizon) - area(base[s], horizon) for s in seeds]))
+        out.append(f"{name} minus {first}, {len(seeds)} paired seeds: " + "; ".join(cells))
+    return out
+
+
 def plot(runs: dict[str, dict[int, list[dict]]], out: Path, horizon: float, title: str) -> None:
     import matplotlib
 
@@ -219,6 +236,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--resume", action="store_true", help="keep the (engine, seed) runs already in the results file")
+    ap.add_argument(
+        "--baseline", type=Path, nargs="+", default=[],
+        help="other results files (same task and seeds, e.g. the defaults) tabulated above this one's runs, "
+        "each engine named with its file's extra overrides",
+    )  # fmt: skip
     args = ap.parse_args()
     out = args.out or results_dir() / f"seeds-{args.task}.json"
     points = [m for m in args.points if m <= args.minutes]
@@ -256,16 +278,27 @@ def main() -> None:
                 }
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps({**partial, "minutes": args.minutes, "runs": runs}, indent=2))
+    shown = runs
+    if args.baseline:
+        shown = {}
+        for path in [*args.baseline, out]:
+            saved = json.loads(path.read_text())
+            extra = ", ".join(saved["overrides"][len(TASKS[saved["task"]]) :]) or "defaults"
+            for engine, by_seed in saved["runs"].items():
+                shown[f"{engine} ({extra})"] = {int(s): p for s, p in by_seed.items()}
     text = "\n\n".join(
         [
-            table(runs, points, args.minutes * 60),
+            table(shown, points, args.minutes * 60),
             per_seed(runs),
-            "\n".join(f"- {line}" for line in targets(runs, points, args.minutes * 60)),
+            "\n".join(
+                f"- {line}"
+                for line in [*paired(shown, points, args.minutes * 60), *targets(runs, points, args.minutes * 60)]
+            ),
         ]
     )
     saved = json.loads(out.read_text()) if out.exists() else {}
     out.write_text(json.dumps({**saved, "table": text}, indent=2))
-    plot(runs, out.with_suffix(".png"), args.minutes * 60, f"{args.task}: held-out accuracy over seeds")
+    plot(shown, out.with_suffix(".png"), args.minutes * 60, f"{args.task}: held-out accuracy over seeds")
     print(text)
 
 
