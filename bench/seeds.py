@@ -93,7 +93,7 @@ def table(runs: dict[str, dict[int, list[dict]]], minutes: list[float], horizon:
         "| engine | seeds | "
         + " | ".join(f"{m:g} min" for m in minutes)
         + " | area (0-T) | lenient at T | selected | last |",
-        "|---" * (len(minutes) + 7) + "|",
+        "|---" * (len(minutes) + 6) + "|",
     ]
     for engine, by_seed in runs.items():
         seeds = sorted(by_seed)
