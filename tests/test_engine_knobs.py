@@ -18,6 +18,7 @@ from pipelines import config
 from pipelines.data import validate
 from pipelines.grpo import distributed, trainer
 from pipelines.grpo.loss import TOKEN_NORMALISED, grpo_loss
+from pipelines.grpo.metrics import on_policy_knobs_warning
 from pipelines.paths import Paths
 from pipelines.verifiers import rewards
 
@@ -164,3 +165,22 @@ def test_ratio_knobs_do_not_act_on_policy(variant, same_as):
     loss_s, _ = grpo_loss(logp, base, advantages, mask, **same_as)
     (g_s,) = torch.autograd.grad(loss_s, logp)
     assert not torch.allclose(g_v, g_s)
+
+
+@pytest.mark.parametrize(
+    ("knobs", "said"),
+    [
+        ({"delta": 1.5}, "train.delta=1.5"),
+        ({"loss_type": "cispo", "epsilon_high": 5.0}, "cispo (trains as dapo here)"),
+        ({"loss_type": "sapo"}, "sapo (trains as grpo here)"),
+        ({"loss_type": "sapo", "num_iterations": 2}, None),
+        ({"loss_type": "dapo"}, None),
+    ],
+)
+def test_on_policy_knobs_are_named_when_they_cannot_act(knobs, said):
+    t = config.TrainConfig(**knobs)
+    message = on_policy_knobs_warning(t)
+    if said is None:
+        assert message is None
+    else:
+        assert said in message and "train.num_iterations" in message

@@ -157,3 +157,26 @@ def scores_csv(scores: list[Any], history: list[dict[str, float]]) -> str:
         row = [s.step, f"{wall.get(s.step, 0.0):.6g}", f"{s.accuracy:.6g}", f"{s.lenient_accuracy:.6g}"]
         writer.writerow([*row, f"{s.format_rate:.6g}", reward])
     return buf.getvalue()
+
+
+def on_policy_knobs_warning(t: Any) -> str | None:
+    """A warning when knobs that only shape importance ratios away from 1 are set on policy, else None.
+
+    With num_iterations 1 the old log-probs are the new ones detached, so every ratio is exactly 1:
+    delta's cap, cispo's capped weight and sapo's gate then give the plain objective's gradient
+    (cispo dapo's, sapo grpo's). A user who set them expects them to act, so say it once.
+    """
+    if t.num_iterations > 1:
+        return None
+    inert = [f"train.delta={t.delta:g}"] if t.delta is not None else []
+    if t.loss_type == "cispo":
+        inert.append("train.loss_type=cispo (trains as dapo here)")
+    elif t.loss_type == "sapo":
+        inert.append("train.loss_type=sapo (trains as grpo here)")
+    if not inert:
+        return None
+    return (
+        f"{' and '.join(inert)} only act on importance ratios away from 1, and with train.num_iterations=1 every "
+        "ratio is exactly 1 (each batch is trained on once, by the policy that sampled it); set "
+        "train.num_iterations to 2 or more for them to act"
+    )

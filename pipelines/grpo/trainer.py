@@ -27,7 +27,14 @@ from pipelines.grpo.advantages import advantages_from_rewards
 from pipelines.grpo.batch import sample_batch
 from pipelines.grpo.logprobs import token_logps
 from pipelines.grpo.loss import grpo_loss
-from pipelines.grpo.metrics import flat_groups_warning, history_csv, scores_csv, step_metrics, truncation_warning
+from pipelines.grpo.metrics import (
+    flat_groups_warning,
+    history_csv,
+    on_policy_knobs_warning,
+    scores_csv,
+    step_metrics,
+    truncation_warning,
+)
 from pipelines.grpo.plots import training_curves
 from pipelines.grpo.prompt_sampler import PromptSampler
 from pipelines.grpo.run_logger import RunLogger
@@ -212,6 +219,8 @@ def train(
     try:
         if world.is_main:
             log.info("training %d steps from step %d: %s", t.steps, start, _plan(cfg))
+            if inert := on_policy_knobs_warning(t):
+                log.warning(inert)
         if val_rows and not watch.scores:
             validate(0)  # the reference's score: the baseline every later evaluation is judged against
         for step in range(start, t.steps):
