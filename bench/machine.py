@@ -44,9 +44,10 @@ def describe(threads: int | None = None) -> str:
 def slug(info: dict[str, str] | None = None) -> str:
     """A short name for the kind of CPU, the folder under bench/results/ its results go to.
 
-    'xeon-amx' (Intel with AMX-BF16), 'epyc-avx512-bf16' (AMD with AVX-512 BF16), 'epyc-avx2' (AMD
-    with AVX2 only; 'epyc-zen2-avx2' for Zen 2, family 23, which measured slower than Zen 3), and the
-    same pattern for other combinations ('xeon-avx512-bf16', 'xeon-avx2', ...).
+    'xeon-amx' (Intel with AMX-BF16), 'epyc-avx512-bf16' (AMD Zen 4, family 25, with AVX-512 BF16;
+    'epyc-zen5-avx512-bf16' for Zen 5, family 26, which made twice the demo's training steps a minute),
+    'epyc-avx2' (AMD with AVX2 only; 'epyc-zen2-avx2' for Zen 2, family 23, which measured slower than
+    Zen 3), and the same pattern for other combinations ('xeon-avx512-bf16', 'xeon-avx2', ...).
     """
     info = _cpuinfo() if info is None else info
     flags = set(info.get("flags", "").split())
@@ -55,7 +56,7 @@ def slug(info: dict[str, str] | None = None) -> str:
     if "amx_bf16" in flags:
         units = "amx"
     elif "avx512_bf16" in flags:
-        units = "avx512-bf16"
+        units = "zen5-avx512-bf16" if maker == "epyc" and info.get("cpu family") == "26" else "avx512-bf16"
     elif "avx2" in flags:
         units = "zen2-avx2" if maker == "epyc" and info.get("cpu family") == "23" else "avx2"
     else:

@@ -1,9 +1,11 @@
-"""bench/seeds.py's arithmetic: the numbers the learning tables and their targets are read from."""
+"""bench/seeds.py's arithmetic (the numbers the learning tables and their targets are read from) and
+bench/machine.py's folder names (which results may be compared)."""
 
 from __future__ import annotations
 
 import pytest
 
+from bench.machine import slug
 from bench.seeds import area, at, paired, per_seed, table, targets
 
 
@@ -77,3 +79,18 @@ def test_paired_differences_use_only_the_seeds_both_ran():
 def test_per_seed_names_the_selected_and_the_last_step():
     text = per_seed({"ours": {3: curve((0, 0, 0.25), (7, 40, 0.5), (9, 90, 0.375), selected=7)}})
     assert "| ours | 3 | 0.250 / 0.250 | 0.500 / 0.500 (7) | 0.375 / 0.375 (9) |" in text
+
+
+@pytest.mark.parametrize(
+    ("vendor", "family", "flags", "expected"),
+    [
+        ("GenuineIntel", "6", "avx2 avx512_bf16 amx_bf16", "xeon-amx"),
+        ("AuthenticAMD", "25", "avx2 avx512_bf16", "epyc-avx512-bf16"),
+        ("AuthenticAMD", "26", "avx2 avx512_bf16", "epyc-zen5-avx512-bf16"),
+        ("AuthenticAMD", "25", "avx2", "epyc-avx2"),
+        ("AuthenticAMD", "23", "avx2", "epyc-zen2-avx2"),
+    ],
+)
+def test_machine_slug_keeps_cpu_kinds_with_different_speeds_apart(vendor, family, flags, expected):
+    # results are compared only within one folder, so two CPUs that train at different speeds need two
+    assert slug({"vendor_id": vendor, "cpu family": family, "flags": flags}) == expected
