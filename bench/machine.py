@@ -45,7 +45,7 @@ def slug(info: dict[str, str] | None = None) -> str:
     """A short name for the kind of CPU, the folder under bench/results/ its results go to.
 
     'xeon-amx' (Intel with AMX-BF16), 'epyc-avx512-bf16' (AMD Zen 4, family 25, with AVX-512 BF16;
-    'epyc-zen5-avx512-bf16' for Zen 5, family 26, which made twice the demo's training steps a minute),
+    'epyc-zen5-avx512-bf16' for Zen 5, family 26, which made twice the Xeon's demo steps a minute),
     'epyc-avx2' (AMD with AVX2 only; 'epyc-zen2-avx2' for Zen 2, family 23, which measured slower than
     Zen 3), and the same pattern for other combinations ('xeon-avx512-bf16', 'xeon-avx2', ...).
     """
