@@ -90,6 +90,14 @@ def train_ours(root: Path, seconds: float, every: int, overrides: list[str], nam
                 "weights": str(folder / "trainable.safetensors"),
             }
         )
+    # Each snapshot's validation score as the trainer saw it, so that a seeds run can replay any
+    # selection rule (`train.select_tolerance`) on the test scores afterwards.
+    validated = {s["step"]: s for s in state.get("validation", {}).get("scores", [])} if snaps else {}
+    for snap in snaps:
+        if snap["step"] in validated:
+            v = validated[snap["step"]]
+            snap.update(val_accuracy=v["accuracy"], val_lenient_accuracy=v["lenient_accuracy"])
+            snap["val_problems"] = v["problems"]
     best = paths.checkpoints_dir / "best"
     if (best / "best.json").exists():  # what train.select=best hands to `evaluate`: scored on the test split too
         step = json.loads((best / "best.json").read_text())["step"]
@@ -263,6 +271,7 @@ def score_snapshots(
         else:
             scores = accuracy(model, tokenizer)
         point = {"step": snap["step"], "wall_time": snap["wall_time"], **scores}
+        point.update({k: v for k, v in snap.items() if k.startswith("val_")})
         points.append({**point, "selected": True} if snap.get("selected") else point)
         if not snap.get("selected"):
             weights[snap["step"]] = {"state": state, "point": point}

@@ -45,6 +45,23 @@ TASKS = {
         "data.max_eval_rows=256",
         "train.beta=0.04",
     ],
+    # `make demo` itself: its problems (+ and *, 0-9 x 2-19, all 360 of them), its 30 steps, its
+    # validation size and selection. Only the split differs, so that the test set holds 256 problems:
+    # 71 / 33 / 256 rows instead of the demo's 265 / 31 / 64. Training sees 60 prompts (30 steps x 2)
+    # either way. Run it with --engines ours and --minutes long enough for the 30 steps to finish.
+    "demo-30steps": [
+        "data.generator.operators=['+', '*']",
+        "data.generator.a_min=0",
+        "data.generator.a_max=9",
+        "data.generator.b_min=2",
+        "data.generator.b_max=19",
+        "data.generator.num_rows=400",
+        "data.eval_fraction=0.75",
+        "data.max_eval_rows=256",
+        "data.val_fraction=0.3",
+        "train.beta=0.04",
+        "train.steps=30",
+    ],
     "mul": [
         "data.generator.operators=['*']",
         "data.generator.a_min=1",
@@ -130,6 +147,38 @@ def per_seed(runs: dict[str, dict[int, list[dict]]]) -> str:
                 f"{last['accuracy']:.3f} / {last['lenient_accuracy']:.3f} ({last['step']}) |"
             )
     return "\n".join(lines)
+
+
+def selection_rules(by_seed: dict[int, list[dict]], tolerances: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)) -> list[str]:
+    """Replay `train.select` on each seed's validation scores with other tolerances and read the
+    chosen step's test accuracy against the last step's: which rule the defaults should use.
+
+    Needs a run scored with `--score-all` (every validated step has a test score) by a learning_run.py
+    that records each snapshot's validation score; the rule is the trainer's own (`Watch.selected`).
+    """
+    from pipelines.grpo.validation import Score, Watch
+
+    seeds = [s for s in sorted(by_seed) if all("val_accuracy" in p for p in by_seed[s] if p["step"] > 0)]
+    if not seeds:
+        return []
+    out = []
+    for tolerance in tolerances:
+        gaps, steps = [], []
+        for seed in seeds:
+            curve = [p for p in by_seed[seed] if not p.get("selected") and p["step"] > 0]
+            scores = [
+                Score(p["step"], p["val_accuracy"], p["val_lenient_accuracy"], 0.0, 0.0, problems=p["val_problems"])
+                for p in curve
+            ]
+            chosen = Watch(tolerance=tolerance, scores=scores).selected
+            test = {p["step"]: p["accuracy"] for p in curve}
+            gaps.append((test[chosen.step] - curve[-1]["accuracy"]) * curve[-1]["problems"])
+            steps.append(chosen.step)
+        out.append(
+            f"select_tolerance {tolerance:g}: selected minus last {statistics.mean(gaps):+.1f} problems on the mean "
+            f"(per seed {', '.join(f'{g:+.0f}' for g in gaps)}; steps {', '.join(map(str, steps))})"
+        )
+    return out
 
 
 def targets(runs: dict[str, dict[int, list[dict]]], minutes: list[float], horizon: float) -> list[str]:
@@ -292,7 +341,11 @@ def main() -> None:
             per_seed(runs),
             "\n".join(
                 f"- {line}"
-                for line in [*paired(shown, points, args.minutes * 60), *targets(runs, points, args.minutes * 60)]
+                for line in [
+                    *paired(shown, points, args.minutes * 60),
+                    *targets(runs, points, args.minutes * 60),
+                    *selection_rules(runs.get("ours", {})),
+                ]
             ),
         ]
     )

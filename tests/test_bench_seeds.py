@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bench.machine import slug
-from bench.seeds import area, at, paired, per_seed, table, targets
+from bench.seeds import area, at, paired, per_seed, selection_rules, table, targets
 
 
 def curve(*points: tuple[int, float, float], selected: int | None = None, problems: int = 256) -> list[dict]:
@@ -79,6 +79,19 @@ def test_paired_differences_use_only_the_seeds_both_ran():
 def test_per_seed_names_the_selected_and_the_last_step():
     text = per_seed({"ours": {3: curve((0, 0, 0.25), (7, 40, 0.5), (9, 90, 0.375), selected=7)}})
     assert "| ours | 3 | 0.250 / 0.250 | 0.500 / 0.500 (7) | 0.375 / 0.375 (9) |" in text
+
+
+def test_selection_rules_replay_the_trainers_rule_on_validation_and_read_test():
+    # validation (33 problems): 0.82 at step 10, 0.79 at 20 (one problem under: within 1 standard
+    # error, 0.067), 0.70 at 30; test: 0.60, 0.56, 0.50 on 100 problems
+    points = curve((0, 0, 0.3), (10, 60, 0.60), (20, 120, 0.56), (30, 180, 0.50), problems=100)
+    for p, val in zip(points[1:], [27 / 33, 26 / 33, 23 / 33], strict=True):
+        p.update(val_accuracy=val, val_lenient_accuracy=val, val_problems=33)
+    lines = {line.split(":")[0]: line for line in selection_rules({0: points}, tolerances=(0.0, 1.0))}
+    assert lines["select_tolerance 0"].endswith("+10.0 problems on the mean (per seed +10; steps 10)")
+    assert lines["select_tolerance 1"].endswith("+6.0 problems on the mean (per seed +6; steps 20)")
+    # runs without validation scores (TRL, or recorded before they were kept) give no lines
+    assert selection_rules({0: curve((0, 0, 0.3), (10, 60, 0.6))}) == []
 
 
 @pytest.mark.parametrize(
