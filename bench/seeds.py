@@ -158,7 +158,10 @@ def selection_rules(by_seed: dict[int, list[dict]], tolerances: tuple[float, ...
     """
     from pipelines.grpo.validation import Score, Watch
 
-    seeds = [s for s in sorted(by_seed) if all("val_accuracy" in p for p in by_seed[s] if p["step"] > 0)]
+    seeds = [
+        s for s in sorted(by_seed)
+        if all("val_accuracy" in p for p in by_seed[s] if p["step"] > 0 and not p.get("selected"))
+    ]  # fmt: skip
     if not seeds:
         return []
     out = []

@@ -252,7 +252,7 @@ class TrainConfig(_Section):
     # accuracy is selected instead (sqrt(p(1-p)/n) on n validation problems): the best of a few
     # dozen noisy scores is often a lucky early step, while a real decline falls outside the
     # tolerance. 0 = the best step itself, ties to the earlier.
-    select_tolerance: float = Field(1.0, ge=0)
+    select_tolerance: float = Field(0.5, ge=0)
     # Stop after this many evaluations in a row without a better validation accuracy; null = never.
     early_stopping_patience: int | None = Field(None, ge=1)
     # The decline alarm: warn when, over this many evaluations, training reward rose while

@@ -87,6 +87,8 @@ def test_selection_rules_replay_the_trainers_rule_on_validation_and_read_test():
     points = curve((0, 0, 0.3), (10, 60, 0.60), (20, 120, 0.56), (30, 180, 0.50), problems=100)
     for p, val in zip(points[1:], [27 / 33, 26 / 33, 23 / 33], strict=True):
         p.update(val_accuracy=val, val_lenient_accuracy=val, val_problems=33)
+    points.append({**points[2], "selected": True})  # the trainer's pick, as learning_run.py adds it
+    points[-1] = {k: v for k, v in points[-1].items() if not k.startswith("val_")}
     lines = {line.split(":")[0]: line for line in selection_rules({0: points}, tolerances=(0.0, 1.0))}
     assert lines["select_tolerance 0"].endswith("+10.0 problems on the mean (per seed +10; steps 10)")
     assert lines["select_tolerance 1"].endswith("+6.0 problems on the mean (per seed +6; steps 20)")

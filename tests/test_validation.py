@@ -276,9 +276,11 @@ def test_a_later_step_within_the_tolerance_leaves_train_with_its_own_weights(tmp
     )
     root = tmp_path / "p"
     cfg = prepared_project(
-        root, tiny_reference, [*MOVING, "train.steps=8", "train.checkpoint_every=2", "train.keep_checkpoints=10"]
+        root,
+        tiny_reference,
+        [*MOVING, "train.steps=8", "train.checkpoint_every=2", "train.keep_checkpoints=10", "train.select_tolerance=1"],
     )
-    assert cfg.train.select_tolerance == 1.0  # the default
+    assert cfg.train.select_tolerance == 1.0
     trainer.run(cfg, Paths(root), log_to_mlflow=False)
     paths = Paths(root)
     summary = json.loads(paths.train_summary.read_text())
