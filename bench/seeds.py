@@ -158,17 +158,14 @@ def selection_rules(by_seed: dict[int, list[dict]], tolerances: tuple[float, ...
     """
     from pipelines.grpo.validation import Score, Watch
 
-    seeds = [
-        s for s in sorted(by_seed)
-        if all("val_accuracy" in p for p in by_seed[s] if p["step"] > 0 and not p.get("selected"))
-    ]  # fmt: skip
-    if not seeds:
+    curves = {s: [p for p in by_seed[s] if not p.get("selected") and p["step"] > 0] for s in sorted(by_seed)}
+    curves = {s: c for s, c in curves.items() if c and all("val_accuracy" in p for p in c)}
+    if not curves:
         return []
     out = []
     for tolerance in tolerances:
         gaps, steps = [], []
-        for seed in seeds:
-            curve = [p for p in by_seed[seed] if not p.get("selected") and p["step"] > 0]
+        for curve in curves.values():
             scores = [
                 Score(p["step"], p["val_accuracy"], p["val_lenient_accuracy"], 0.0, 0.0, problems=p["val_problems"])
                 for p in curve
