@@ -1,9 +1,11 @@
-"""What sampling can reach on the held-out problems: greedy accuracy, pass@k and mean@k of the reference.
+"""What sampling can reach on the held-out problems: greedy accuracy, pass@k and mean@k of the reference,
+strict (`#### N`) and lenient (the last number in the text).
 
 GRPO sharpens what the model already samples: a held-out problem that none of k samples gets
 right is out of reach of a few minutes of RL on *other* problems. This prints, for the learning
 run's task (or any `-S` overrides), the reference's greedy strict accuracy and, per temperature,
-pass@k (some sample right) and mean@k (the average sample right) on the eval split.
+pass@k (some sample right) and mean@k (the average sample right) on the eval split, read strictly
+and leniently. The lenient pass@k is the ceiling of a skill gain (not only the format).
 
     .venv/bin/python bench/archive/ceiling.py --k 16 --temperatures 1.0 0.7   # -> bench/results/<machine>/ceiling.json
 
@@ -34,7 +36,7 @@ def measure(root: Path, k: int, temperatures: list[float], max_new_tokens: int, 
     from pipelines.generation.sampling_copy import SamplingCopy
     from pipelines.io import read_jsonl
     from pipelines.snapshot.loading import load_reference
-    from pipelines.verifiers.math_answer import answers_match, strict_answer
+    from pipelines.verifiers.math_answer import answers_match, last_number, strict_answer
 
     rows = read_jsonl(root / "data/validated/eval.jsonl")
     base, tokenizer = load_reference(root / "models/reference")
@@ -44,7 +46,11 @@ def measure(root: Path, k: int, temperatures: list[float], max_new_tokens: int, 
     def right(text: str, row: dict) -> bool:
         return answers_match(strict_answer(text), row["answer"])
 
+    def lenient(text: str, row: dict) -> bool:
+        return answers_match(last_number(text), row["answer"])
+
     greedy: list[bool] = []
+    greedy_lenient: list[bool] = []
     for i in range(0, len(rows), batch):
         chunk = rows[i : i + batch]
         out = generate(
@@ -56,10 +62,21 @@ def measure(root: Path, k: int, temperatures: list[float], max_new_tokens: int, 
             do_sample=False,
         )
         greedy += [right(t, r) for t, r in zip(out.texts, chunk, strict=True)]
-    result = {"problems": len(rows), "greedy": sum(greedy) / len(rows), "sampled": []}
-    print(f"{len(rows)} held-out problems: greedy strict accuracy {result['greedy']:.3f}", flush=True)
+        greedy_lenient += [lenient(t, r) for t, r in zip(out.texts, chunk, strict=True)]
+    result = {
+        "problems": len(rows),
+        "greedy": sum(greedy) / len(rows),
+        "greedy_lenient": sum(greedy_lenient) / len(rows),
+        "sampled": [],
+    }
+    print(
+        f"{len(rows)} held-out problems: greedy strict accuracy {result['greedy']:.3f}, "
+        f"lenient {result['greedy_lenient']:.3f}",
+        flush=True,
+    )
     for temperature in temperatures:
         hits: list[int] = []
+        lenient_hits: list[int] = []
         per = max(1, batch // k)
         for i in range(0, len(rows), per):
             chunk = rows[i : i + per]
@@ -74,17 +91,25 @@ def measure(root: Path, k: int, temperatures: list[float], max_new_tokens: int, 
                 seeds=list(range(i, i + len(chunk))),
             )
             hits += [sum(right(t, r) for t in out.texts[j * k : (j + 1) * k]) for j, r in enumerate(chunk)]
+            lenient_hits += [sum(lenient(t, r) for t in out.texts[j * k : (j + 1) * k]) for j, r in enumerate(chunk)]
         point = {
             "temperature": temperature,
             "k": k,
             "pass_at_k": sum(h > 0 for h in hits) / len(rows),
             "mean_at_k": sum(hits) / (k * len(rows)),
             "never_right": [r["id"] for r, h, g in zip(rows, hits, greedy, strict=True) if h == 0 and not g],
+            "lenient_pass_at_k": sum(h > 0 for h in lenient_hits) / len(rows),
+            "lenient_mean_at_k": sum(lenient_hits) / (k * len(rows)),
+            "lenient_never_right": [
+                r["id"] for r, h, g in zip(rows, lenient_hits, greedy_lenient, strict=True) if h == 0 and not g
+            ],
         }
         result["sampled"].append(point)
         print(
             f"temperature {temperature}: pass@{k} {point['pass_at_k']:.3f}, mean@{k} {point['mean_at_k']:.3f}, "
-            f"out of reach (no sample and not greedy) {len(point['never_right'])}",
+            f"out of reach (no sample and not greedy) {len(point['never_right'])}; lenient pass@{k} "
+            f"{point['lenient_pass_at_k']:.3f}, mean@{k} {point['lenient_mean_at_k']:.3f}, out of reach "
+            f"{len(point['lenient_never_right'])}",
             flush=True,
         )
     unreachable = set.intersection(*(set(p["never_right"]) for p in result["sampled"])) if result["sampled"] else set()
@@ -95,6 +120,11 @@ def measure(root: Path, k: int, temperatures: list[float], max_new_tokens: int, 
         f"{result['reachable_fraction']:.3f} strict accuracy from sharpening alone",
         flush=True,
     )
+    unreachable = (
+        set.intersection(*(set(p["lenient_never_right"]) for p in result["sampled"])) if result["sampled"] else set()
+    )
+    result["lenient_reachable_fraction"] = 1 - len(unreachable) / len(rows)
+    print(f"lenient: at most {result['lenient_reachable_fraction']:.3f} from sharpening alone", flush=True)
     return result
 
 
