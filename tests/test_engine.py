@@ -14,6 +14,7 @@ from pipelines.config import ConfigError, RewardSpec
 from pipelines.data import validate
 from pipelines.grpo import policy
 from pipelines.grpo.advantages import advantages_from_rewards
+from pipelines.grpo.metrics import flat_groups_warning
 from pipelines.grpo.prompt_sampler import PromptSampler
 from pipelines.grpo.reward_runner import RewardError, score
 from pipelines.grpo.trainer import sample_batch
@@ -119,9 +120,12 @@ def test_dynamic_sampling_keeps_only_groups_with_signal(project, tiny_reference,
         assert len(batch.rows) == 4 and all(r["id"].startswith("add") for r in batch.rows)
         assert (stds > 0).all()
         assert batch.frac_zero_std > 0 and batch.rounds >= 1
+        assert batch.signal_groups == 4  # a full batch with signal: no flat-groups warning
     else:
         assert any(r["id"].startswith("mul") for r in batch.rows)  # flat groups stay in the batch
         assert (stds == 0).any()
+        assert batch.signal_groups == int((stds > 0).sum())
+    assert (flat_groups_warning(2, batch, cfg.train) is not None) == (not dynamic and batch.frac_zero_std >= 0.75)
 
 
 def test_oversampled_rounds_fill_the_batch_in_fewer_rounds(project, tiny_reference, monkeypatch):

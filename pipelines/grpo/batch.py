@@ -30,6 +30,7 @@ class Batch:
     frac_zero_std: float  # share of all sampled groups whose rewards were all equal
     rounds: int
     prompts_sampled: int = 0  # prompts generated for this batch, over all rounds
+    signal_groups: int = 0  # groups in the batch trained on whose rewards differ (carry a gradient)
 
 
 def sample_batch(
@@ -123,6 +124,7 @@ def sample_batch(
         zero / max(seen, 1),
         rounds,
         seen,
+        kept if t.dynamic_sampling else seen - zero,
     )
 
 

@@ -82,13 +82,35 @@ def step_metrics(
     }
 
 
-def flat_groups_warning(step: int, frac_zero_std: float) -> str | None:
-    """A warning when most groups had equal rewards (near-zero loss), else None."""
-    if frac_zero_std < 0.75:
+def flat_groups_warning(step: int, batch: Batch, t: Any) -> str | None:
+    """A warning when most groups trained on had equal rewards (near-zero loss), else None.
+
+    With dynamic sampling the flat groups are dropped and replaced, so it warns only when the
+    batch stayed short of groups with signal after `max_resample_rounds` rounds.
+
+    >>> from types import SimpleNamespace as NS
+    >>> flat = NS(frac_zero_std=0.8, signal_groups=2, rounds=4)
+    >>> flat_groups_warning(5, flat, NS(dynamic_sampling=False, prompts_per_step=10)).split("; ")
+    ['step 5: 80% of groups had equal rewards, so the loss is near zero', 'raise train.num_generations or \
+train.temperature, use harder prompts, or set train.dynamic_sampling']
+    >>> flat_groups_warning(5, flat, NS(dynamic_sampling=True, prompts_per_step=2)) is None
+    True
+    >>> print(flat_groups_warning(5, flat, NS(dynamic_sampling=True, prompts_per_step=10)).split("; ")[0])
+    step 5: 2 of 10 groups had different rewards after 4 resampling rounds (80% of the sampled groups were flat)
+    """
+    if not t.dynamic_sampling:
+        if batch.frac_zero_std < 0.75:
+            return None
+        return (
+            f"step {step}: {batch.frac_zero_std:.0%} of groups had equal rewards, so the loss is near zero; "
+            "raise train.num_generations or train.temperature, use harder prompts, or set train.dynamic_sampling"
+        )
+    if batch.signal_groups > 0.25 * t.prompts_per_step:
         return None
     return (
-        f"step {step}: {frac_zero_std:.0%} of groups had equal rewards, so the loss is near zero; "
-        "raise train.num_generations or train.temperature, use harder prompts, or set train.dynamic_sampling"
+        f"step {step}: {batch.signal_groups} of {t.prompts_per_step} groups had different rewards after "
+        f"{batch.rounds} resampling rounds ({batch.frac_zero_std:.0%} of the sampled groups were flat); "
+        "raise train.max_resample_rounds, train.num_generations or train.temperature, or use harder prompts"
     )
 
 

@@ -339,7 +339,7 @@ def train(
                 if (step + 1) % every == 0 or step == start or step + 1 == t.steps:
                     log.info(progress_line(step + 1, t.steps, metrics))
                 for warning in (
-                    flat_groups_warning(step + 1, batch.frac_zero_std) if step > start else None,
+                    flat_groups_warning(step + 1, batch, t) if step > start else None,
                     truncation_warning(history, t),
                 ):
                     if warning:
