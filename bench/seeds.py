@@ -49,6 +49,7 @@ TASKS = {
     # validation size and selection. Only the split differs, so that the test set holds 256 problems:
     # 71 / 33 / 256 rows instead of the demo's 265 / 31 / 64. Training sees 60 prompts (30 steps x 2)
     # either way. Run it with --engines ours and --minutes long enough for the 30 steps to finish.
+    # The rest (dynamic sampling included) is params.yaml's, as `make demo` reads it.
     "demo-30steps": [
         "data.generator.operators=['+', '*']",
         "data.generator.a_min=0",

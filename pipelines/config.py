@@ -425,6 +425,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.prompts_per_step": 2,
         "train.num_generations": 4,
         "train.max_completion_length": 8,
+        # A random model's groups are nearly all flat: resampling them would only multiply generation.
+        "train.dynamic_sampling": False,
         "train.bf16": False,
         "train.lora.r": 4,
         "train.lora.alpha": 8,
