@@ -94,8 +94,9 @@ def test_decline_alarm_stays_quiet_on_a_fall_within_the_noise():
     # Lenient 0.25 is 5 problems below the reference's 0.33; strict 0.36 -> 0.33 is still noise.
     said = quiet.add(scored(20, 0.33, 0.60, 0.25))
     assert [a["kind"] for a in quiet.alarms] == ["lenient_below_reference"] and len(said) == 1
+    assert "0.250 is below the reference's 0.330 (5 of 64 problems, 1.4 standard errors)" in said[0]
     said = quiet.add(scored(25, 0.27, 0.65, 0.27))  # steps 15-25: 0.35 -> 0.27, 5 problems
-    assert len(said) == 1 and "fell 0.350 -> 0.270" in said[0]
+    assert len(said) == 1 and "fell 0.350 -> 0.270 (5 of 64 problems, 1.3 standard errors)" in said[0]
     assert quiet.summary(1.0)["decline_tolerance"] == 1.0
     restored = Watch.from_state(quiet.state_dict(), window=3, alarm_tolerance=1.0)
     assert restored.alarm_tolerance == 1.0 and restored.alarms == quiet.alarms

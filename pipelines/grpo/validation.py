@@ -159,7 +159,9 @@ class Watch:
         return (
             f"decline alarm at step {last.step}: over the last {self.window} evaluations (steps {first.step}-"
             f"{last.step}) training reward rose {first.reward:.3f} -> {last.reward:.3f} while validation accuracy "
-            f"fell {first.accuracy:.3f} -> {last.accuracy:.3f}: the policy is learning the reward, not the task. "
+            f"fell {first.accuracy:.3f} -> {last.accuracy:.3f}"
+            f"{fall_size(first.accuracy, last.accuracy, first.problems)}"
+            ": the policy is learning the reward, not the task. "
             "train.select=best keeps the best step; lower train.learning_rate or raise train.beta to keep the gains"
         )
 
@@ -172,7 +174,8 @@ class Watch:
             return None
         return (
             f"decline alarm at step {last.step}: lenient validation accuracy (the last number is right) "
-            f"{last.lenient_accuracy:.3f} is below the reference's {ref.lenient_accuracy:.3f}: the policy has lost "
+            f"{last.lenient_accuracy:.3f} is below the reference's {ref.lenient_accuracy:.3f}"
+            f"{fall_size(ref.lenient_accuracy, last.lenient_accuracy, ref.problems)}: the policy has lost "
             "skill the base model had; lower train.learning_rate or raise train.beta"
         )
 
@@ -221,6 +224,21 @@ class Watch:
             "alarms": self.alarms,
             "stop_reason": self.stop_reason,
         }
+
+
+def fall_size(before: float, after: float, problems: int) -> str:
+    """How big a fall is, in problems and standard errors, so a reader can tell noise from a decline.
+
+    >>> fall_size(0.871, 0.806, 31)
+    ' (2 of 31 problems, 1.1 standard errors)'
+    >>> fall_size(0.7, 0.5, 0)
+    ''
+    """
+    error = standard_error(before, problems)
+    if not error:
+        return ""
+    fallen = round((before - after) * problems)
+    return f" ({fallen} of {problems} problems, {(before - after) / error:.1f} standard errors)"
 
 
 def standard_error(accuracy: float, problems: int) -> float:
