@@ -53,6 +53,7 @@ OVERRIDES = [
     "train.beta=0.0",
     "train.learning_rate=0.0002",
     "train.loss_type=grpo",
+    "train.dynamic_sampling=false",  # identical work: TRL samples no extra prompts for flat groups
     "train.checkpoint_every=0",
     "train.log_samples=0",
 ]

@@ -49,7 +49,6 @@ TASKS = {
     # validation size and selection. Only the split differs, so that the test set holds 256 problems:
     # 71 / 33 / 256 rows instead of the demo's 265 / 31 / 64. Training sees 60 prompts (30 steps x 2)
     # either way. Run it with --engines ours and --minutes long enough for the 30 steps to finish.
-    # The rest (dynamic sampling included) is params.yaml's, as `make demo` reads it.
     "demo-30steps": [
         "data.generator.operators=['+', '*']",
         "data.generator.a_min=0",
@@ -62,6 +61,7 @@ TASKS = {
         "data.val_fraction=0.3",
         "train.beta=0.04",
         "train.steps=30",
+        "train.dynamic_sampling=true",  # on in the demo (learning_run.py's engine settings have it off)
     ],
     "mul": [
         "data.generator.operators=['*']",
