@@ -6,6 +6,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,8 +71,7 @@ def test_weighted_rank_losses_sum_to_the_whole_batch_loss(loss_type):
 def test_refuses_what_data_parallelism_does_not_support():
     base = config.TrainConfig(prompts_per_step=4)
     distributed.check(base, 2)
-    with pytest.raises(ConfigError, match="train.dynamic_sampling=false"):
-        distributed.check(base.model_copy(update={"dynamic_sampling": True}), 2)
+    distributed.check(base.model_copy(update={"dynamic_sampling": True}), 2)
     with pytest.raises(ConfigError, match="at least 8"):
         distributed.check(base, 8)
 
@@ -94,23 +94,8 @@ def test_a_groups_completions_do_not_depend_on_its_batch(tiny_reference):
     assert len(set(map(tuple, alone.completion_ids.tolist()))) > 1  # the group's completions differ
 
 
-def test_two_processes_train_what_one_process_trains(tmp_path, tiny_reference):
-    # grpo loss and batch-scaled rewards: both need the whole batch (sequence counts, reward std).
-    overrides = [*OVERRIDES, "train.loss_type=grpo", "train.scale_rewards=batch"]
-    single = tmp_path / "single"
-    cfg = prepared_project(single, tiny_reference, overrides)
-    trainer.run(cfg, Paths(single), log_to_mlflow=False)
+def _assert_same_adapter(ddp: Path, single: Path) -> None:
     expected = load_file(str(Paths(single).policy_dir / "adapter_model.safetensors"))
-
-    # `grpo train` with num_processes=2 starts itself under torchrun; MLflow on, to see rank 0 alone log.
-    ddp = tmp_path / "ddp"
-    prepared_project(ddp, tiny_reference, overrides)
-    args = [sys.executable, "-m", "flows.cli", "train", "--preset", "smoke"]
-    args += [a for o in [*overrides, "train.num_processes=2"] for a in ("-S", o)]
-    done = subprocess.run(args, cwd=ddp, env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout[done.stdout.index("{") :])["steps"] == 4
-
     got = load_file(str(Paths(ddp).policy_dir / "adapter_model.safetensors"))
     assert set(got) == set(expected)
     assert sum(float((expected[k] != 0).float().sum()) for k in expected if "lora_B" in k) > 0, (
@@ -122,6 +107,25 @@ def test_two_processes_train_what_one_process_trains(tmp_path, tiny_reference):
     for name in expected:
         assert torch.allclose(got[name], expected[name], atol=1e-4), name
 
+
+def test_two_processes_train_what_one_process_trains(tmp_path, tiny_reference):
+    # grpo loss and batch-scaled rewards: both need the whole batch (sequence counts, reward std).
+    overrides = [*OVERRIDES, "train.loss_type=grpo", "train.scale_rewards=batch"]
+    single = tmp_path / "single"
+    cfg = prepared_project(single, tiny_reference, overrides)
+    trainer.run(cfg, Paths(single), log_to_mlflow=False)
+
+    # `grpo train` with num_processes=2 starts itself under torchrun; MLflow on, to see rank 0 alone log.
+    ddp = tmp_path / "ddp"
+    prepared_project(ddp, tiny_reference, overrides)
+    args = [sys.executable, "-m", "flows.cli", "train", "--preset", "smoke"]
+    args += [a for o in [*overrides, "train.num_processes=2"] for a in ("-S", o)]
+    done = subprocess.run(args, cwd=ddp, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout[done.stdout.index("{") :])["steps"] == 4
+
+    _assert_same_adapter(ddp, single)
+
     # Same completions, same rewards, step by step; and one writer of everything.
     def curve(root):
         lines = Paths(root).train_plot.read_text().splitlines()
@@ -132,3 +136,72 @@ def test_two_processes_train_what_one_process_trains(tmp_path, tiny_reference):
     assert json.loads((Paths(ddp).checkpoints_dir / "latest.json").read_text())["step"] == 4
     with sqlite3.connect(ddp / "mlflow.db") as db:
         assert db.execute("select count(*) from runs").fetchone() == (1,)
+
+
+def _signal_for_addition_only(prompts, completions, id, **_):
+    """Varies between completions of `add-*` rows only: about half the groups are flat."""
+    return [float(len(c) % 5) if i.startswith("add") else 0.0 for c, i in zip(completions, id, strict=True)]
+
+
+DYNAMIC = [
+    "train.steps=6",
+    "train.checkpoint_every=0",
+    "train.learning_rate=0.01",
+    "train.prompts_per_step=2",
+    "train.rewards=[{name: addonly}]",
+    "train.dynamic_sampling=true",
+    "train.dynamic_sampling_oversample=1",  # rounds that fill one missing place draw one prompt
+    "train.max_resample_rounds=6",
+    "train.loss_type=grpo",
+    "train.scale_rewards=batch",
+    "train.beta=0.04",
+]
+
+
+def _rank(rank: int, root: str, port: int) -> None:
+    """One of two processes, as torchrun would start it (spawned: the test's reward registered here)."""
+    import os
+
+    from pipelines.verifiers import rewards
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rewards.REWARDS["addonly"] = _signal_for_addition_only
+    cfg = config.load(Path(root) / "params.yaml", [*DYNAMIC, "train.num_processes=2"], preset="smoke")
+    trainer.run(cfg, Paths(Path(root)), log_to_mlflow=False)
+
+
+def test_two_processes_with_dynamic_sampling_train_what_one_process_trains(tmp_path, tiny_reference, monkeypatch):
+    """Resampled rounds draw fewer prompts than there are processes, and a process can keep no group
+    of a step: it samples nothing, adds nothing to the gradient, and still joins every collective."""
+    import socket
+
+    import pandas as pd
+    import torch.multiprocessing as mp
+
+    from pipelines.grpo import ledger
+    from pipelines.verifiers import rewards
+
+    monkeypatch.setitem(rewards.REWARDS, "addonly", _signal_for_addition_only)
+    single = tmp_path / "single"
+    cfg = prepared_project(single, tiny_reference, DYNAMIC)
+    trainer.run(cfg, Paths(single), log_to_mlflow=False)
+
+    ddp = tmp_path / "ddp"
+    prepared_project(ddp, tiny_reference, DYNAMIC)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank, args=(str(ddp), port), nprocs=2, join=True)
+
+    _assert_same_adapter(ddp, single)
+
+    def history(root):
+        return pd.read_csv(Paths(root).train_plot)
+
+    one, two = history(single), history(ddp)
+    assert (one["resample_rounds"] > 0).any(), "no step resampled: the test would pass trivially"
+    for column in ("reward", "prompts_sampled", "frac_reward_zero_std", "loss", "kl"):
+        assert two[column].tolist() == pytest.approx(one[column].tolist(), abs=1e-5), column
+    # Rank 0 writes its own slice to the ledger: a step where it kept no group is an empty part.
+    sizes = [len(pd.read_parquet(p)) for _, p in sorted(ledger.parts(ledger.ledger_dir(ddp)).items())]
+    assert 0 in sizes, f"rank 0 kept a group on every step ({sizes}): the empty-process path never ran"

@@ -27,6 +27,16 @@ class Rollout:
     # (N, C) the sampler's log-prob of each completion token (0 after EOS); None if not reported
     sampler_logps: torch.Tensor | None = None
 
+    @classmethod
+    def empty(cls, group_size: int) -> Rollout:
+        """No rows: the slice of a process that sampled nothing this round (grpo/distributed.py)."""
+        ids = torch.zeros(0, 0, dtype=torch.long)
+        return cls(ids, ids, ids, ids, torch.zeros(0, dtype=torch.bool), [], group_size, torch.zeros(0, 0))
+
+    @property
+    def rows(self) -> int:
+        return self.completion_ids.size(0)
+
     @property
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(-1)

@@ -67,32 +67,7 @@ def sample_batch(
         rows = sampler.take(math.ceil(need * factor - 1e-9))  # the same prompts in every process
         seeds = [prompt_seed(t.seed, step, seen + i) for i in range(len(rows))]
         part = world.shard(len(rows))  # whole groups: each process scores the groups it sampled
-        rollout = generate(
-            model,
-            tokenizer,
-            [r["prompt"] for r in rows[part]],
-            num_generations=G,
-            max_new_tokens=t.max_completion_length,
-            do_sample=True,
-            temperature=t.temperature,
-            top_p=t.top_p,
-            top_k=t.top_k,
-            bf16=t.bf16 if autocast is None else autocast,
-            backend=cfg.runtime.rollout_backend,
-            seeds=seeds[part],
-            min_new_tokens=t.min_completion_length,
-        )
-        mine, _ = score(
-            t.rewards,
-            rows[part],
-            rollout.texts,
-            G,
-            timeout=t.reward_timeout,
-            extra={
-                "completion_ids": rollout.completion_token_lists(),
-                "max_completion_length": t.max_completion_length,
-            },
-        )
+        rollout, mine = _sample_and_score(model, tokenizer, rows[part], seeds[part], cfg, autocast)
         per_fn = world.gather(mine)
         is_mine = torch.zeros(len(rows) * G, dtype=torch.bool)
         is_mine[part.start * G : part.stop * G] = True
@@ -140,3 +115,41 @@ def oversample(t: Any, signal_rate: float) -> float:
     if t.dynamic_sampling_oversample != "auto":
         return float(t.dynamic_sampling_oversample)
     return 1.0 / min(1.0, max(signal_rate, 0.25))
+
+
+def _sample_and_score(
+    model: Any, tokenizer: Any, rows: list[dict[str, Any]], seeds: list[int], cfg: Config, autocast: bool | None
+) -> tuple[Rollout, torch.Tensor]:
+    """This process's groups for `rows`, and their rewards (completions, reward functions).
+
+    With several processes a round can draw fewer prompts than there are processes (a dynamic-
+    sampling round that fills the last places): a process without rows samples nothing and still
+    takes part in the gather.
+    """
+    t, G = cfg.train, cfg.train.num_generations
+    if not rows:
+        return Rollout.empty(G), torch.zeros(0, len(t.rewards))
+    rollout = generate(
+        model,
+        tokenizer,
+        [r["prompt"] for r in rows],
+        num_generations=G,
+        max_new_tokens=t.max_completion_length,
+        do_sample=True,
+        temperature=t.temperature,
+        top_p=t.top_p,
+        top_k=t.top_k,
+        bf16=t.bf16 if autocast is None else autocast,
+        backend=cfg.runtime.rollout_backend,
+        seeds=seeds,
+        min_new_tokens=t.min_completion_length,
+    )
+    scores, _ = score(
+        t.rewards,
+        rows,
+        rollout.texts,
+        G,
+        timeout=t.reward_timeout,
+        extra={"completion_ids": rollout.completion_token_lists(), "max_completion_length": t.max_completion_length},
+    )
+    return rollout, scores

@@ -10,7 +10,12 @@ How a step is split so that N processes make exactly the update one process make
   which `scale_rewards: batch` and `normalize_then_sum` need, then keeps its own rows;
 - each rank weights its loss by its share of the loss's normaliser (`loss_share`) and gradients are
   summed (`World.all_reduce_grads`), which gives the single-process gradient for every loss_type;
-- only rank 0 writes checkpoints, MLflow, metrics and the adapter.
+- only rank 0 writes checkpoints, MLflow, metrics and the adapter;
+- with dynamic sampling every resampling round is sharded the same way, so a round of fewer prompts
+  than processes, or a step whose kept groups all came from other ranks, leaves a process with an
+  empty slice: it samples nothing (`Rollout.empty`), its loss is 0 with share 0, and it still joins
+  every gather and reduction. Kept groups are not moved between processes: the training pass can
+  be uneven across them.
 
 The ranks are started by launcher.py. Collectives run on gloo for CPU tensors and on nccl for CUDA
 tensors.
@@ -135,11 +140,6 @@ def check(train: TrainConfig, size: int) -> None:
     """Refuse what data parallelism does not support yet, naming the fix."""
     if size == 1:
         return
-    if train.dynamic_sampling:
-        raise ConfigError(
-            f"train.dynamic_sampling is not supported with {size} processes yet (resampled rounds can leave a "
-            "rank without prompts): set train.dynamic_sampling=false or train.num_processes=1"
-        )
     if train.prompts_per_step < size:
         raise ConfigError(
             f"train.prompts_per_step={train.prompts_per_step} leaves some of the {size} processes without a "

@@ -134,6 +134,9 @@ def token_logps(
     length are batched together so padding after a short answer costs nothing. With an 80-token
     prompt and 8 completions of 10-64 tokens this cuts the tokens through the model by 2-4x.
     """
+    if rollout.rows == 0:  # a process that kept no group this step (grpo/distributed.py): nothing to score
+        nothing = torch.zeros(rollout.completion_ids.shape)
+        return nothing, nothing.clone() if with_entropy else None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), _attention_kernel(rollout.completion_ids):
         if rollout.group_size > 1 and rollout.completion_ids.size(1) > 1:
             return _grouped_logps(model, rollout, with_entropy, temperature)

@@ -151,13 +151,15 @@ def grpo_loss(
         kl = torch.exp(d) - d - 1
         per_token = per_token + beta * kl
 
+    # An empty slice (a process that kept no group this step) has loss 0, not 0/0: see distributed.py.
+    sequences = max(logp.size(0), 1)
     if loss_type in ("grpo", "sapo"):
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / sequences
     elif loss_type == "bnpo":
         loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
     elif loss_type == "dr_grpo":
         length = max_completion_length or logp.size(-1)
-        loss = (per_token * mask).sum() / (logp.size(0) * length)
+        loss = (per_token * mask).sum() / (sequences * length)
     else:  # dapo, cispo
         denominator = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1.0)
         loss = (per_token * mask).sum() / denominator

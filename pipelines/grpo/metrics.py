@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from typing import Any
 
 import torch
@@ -149,10 +150,11 @@ def _sampler_metrics(stats: dict[str, float], world: distributed.World, weight: 
     """The sampler-mismatch figures over all processes: means weighted by tokens, extremes as extremes."""
     out = world.average({k: v for k, v in stats.items() if k.endswith("/mean")}, weight=weight) if stats else {}
     for key, value in stats.items():
+        # a process without tokens (it kept no group) has no extremes: it must not pull them to 0
         if key.endswith("/max"):
-            out[key] = world.max(value)
+            out[key] = world.max(value if weight or world.size == 1 else -math.inf)
         elif key.endswith("/min"):
-            out[key] = -world.max(-value)
+            out[key] = -world.max(-value if weight or world.size == 1 else -math.inf)
     return out
 
 

@@ -73,7 +73,7 @@ class RunLogger:
         import mlflow
 
         mlflow.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)}, step=step)
-        if self.samples:
+        if self.samples and texts:  # (with several processes, rank 0 may have kept no group this step)
             n = min(self.samples, len(texts))
             with _no_artifact_progress_bar():
                 mlflow.log_table(

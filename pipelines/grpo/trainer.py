@@ -304,7 +304,8 @@ def train(
                     sapo_temperature_pos=t.sapo_temperature_pos,
                     sapo_temperature_neg=t.sapo_temperature_neg,
                 )
-                (loss * share).backward()
+                if rollout.rows:  # a process that kept no group adds nothing, but joins the sum below
+                    (loss * share).backward()
                 world.all_reduce_grads(params)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
                 optimizer.step()
