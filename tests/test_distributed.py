@@ -162,10 +162,25 @@ def _rank(rank: int, root: str, port: int) -> None:
     """One of two processes, as torchrun would start it (spawned: the test's reward registered here)."""
     import os
 
+    from pipelines.generation.rollout import Rollout
     from pipelines.verifiers import rewards
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     rewards.REWARDS["addonly"] = _signal_for_addition_only
+    # Leave a mark where this process had nothing: a round's slice, and a step's whole batch.
+    empty, scored = Rollout.empty, trainer.token_logps
+
+    def empty_slice(group_size):
+        (Path(root) / f"empty-round-{rank}").touch()
+        return empty(group_size)
+
+    def token_logps(model, rollout, *args, **kwargs):
+        if rollout.rows == 0:
+            (Path(root) / f"empty-step-{rank}").touch()
+        return scored(model, rollout, *args, **kwargs)
+
+    Rollout.empty = staticmethod(empty_slice)
+    trainer.token_logps = token_logps
     cfg = config.load(Path(root) / "params.yaml", [*DYNAMIC, "train.num_processes=2"], preset="smoke")
     trainer.run(cfg, Paths(Path(root)), log_to_mlflow=False)
 
@@ -202,6 +217,10 @@ def test_two_processes_with_dynamic_sampling_train_what_one_process_trains(tmp_p
     assert (one["resample_rounds"] > 0).any(), "no step resampled: the test would pass trivially"
     for column in ("reward", "prompts_sampled", "frac_reward_zero_std", "loss", "kl"):
         assert two[column].tolist() == pytest.approx(one[column].tolist(), abs=1e-5), column
-    # Rank 0 writes its own slice to the ledger: a step where it kept no group is an empty part.
-    sizes = [len(pd.read_parquet(p)) for _, p in sorted(ledger.parts(ledger.ledger_dir(ddp)).items())]
-    assert 0 in sizes, f"rank 0 kept a group on every step ({sizes}): the empty-process path never ran"
+    assert list(ddp.glob("empty-round-*")), "no round drew fewer prompts than processes: the test is trivial"
+    assert list(ddp.glob("empty-step-*")), "every process kept a group on every step: the test is trivial"
+    # The ledger gathers every process's slice: it is the single process's, row for row.
+    columns = ["step", "prompt_id", "group", "completion", "completion_ids", "text", "reward", "advantage", "truncated"]
+    one_ledger, two_ledger = (ledger.read(ledger.ledger_dir(root))[columns] for root in (single, ddp))
+    assert len(two_ledger) == len(one_ledger) > 0
+    pd.testing.assert_frame_equal(two_ledger, one_ledger, atol=1e-5)

@@ -10,7 +10,8 @@ How a step is split so that N processes make exactly the update one process make
   which `scale_rewards: batch` and `normalize_then_sum` need, then keeps its own rows;
 - each rank weights its loss by its share of the loss's normaliser (`loss_share`) and gradients are
   summed (`World.all_reduce_grads`), which gives the single-process gradient for every loss_type;
-- only rank 0 writes checkpoints, MLflow, metrics and the adapter;
+- only rank 0 writes checkpoints, MLflow, metrics and the adapter (the rollout ledger gathers every
+  rank's slice first);
 - with dynamic sampling every resampling round is sharded the same way, so a round of fewer prompts
   than processes, or a step whose kept groups all came from other ranks, leaves a process with an
   empty slice: it samples nothing (`Rollout.empty`), its loss is 0 with share 0, and it still joins
@@ -27,6 +28,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -69,6 +71,16 @@ class World:
         parts = [torch.empty_like(padded) for _ in range(self.size)]
         dist.all_gather(parts, padded)  # gloo needs equal shapes: pad, then cut each part back
         return torch.cat([part[: int(size)] for part, size in zip(parts, sizes, strict=True)])
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's picklable `obj`, in rank order, on every rank."""
+        if self.size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
 
     def sum(self, value: float) -> float:
         return self._reduce(value, "sum")

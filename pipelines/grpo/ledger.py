@@ -6,7 +6,8 @@ folder reads as one table: `pandas.read_parquet("ledger")`. A step's file is wri
 renamed into place, so a reader never sees half of one; a step that is run again (after a resume)
 overwrites its file, and files of later steps (left by a run that went further before it was cut)
 are removed when their step is reached, so the ledger never holds a step twice. `train.ledger_every`
-keeps every Nth step (0 = none). Rank 0 writes what it sampled: with several processes, its slice.
+keeps every Nth step (0 = none). With several processes every one builds the table of the groups it
+sampled and rank 0 writes them together (`merge`): the ledger is the whole batch's, as with one.
 
 The questions it answers (`grpo ledger`, or pandas as in the README): which prompts stayed flat
 (`flat_prompts`), how a prompt's completions changed (`prompt_history`), which completions got the
@@ -62,11 +63,14 @@ def table(
     reward_names: list[str],
     rewards: Any,
     advantages: Any,
+    positions: Any = None,
 ) -> pa.Table:
     """One step's rollouts as a table. `per_function` (completions, functions; NaN = None), `rewards`
-    and `advantages` are this process's rows, in the rollout's order (group after group)."""
+    and `advantages` are this process's rows, in the rollout's order (group after group);
+    `positions` are their places in the whole batch (default: the whole batch is here)."""
     G = rollout.group_size
     n = len(rollout.texts)
+    places = list(range(n)) if positions is None else [int(p) for p in positions]
     ids = rollout.completion_token_lists()
     mask = rollout.completion_mask.bool()
     logps = (
@@ -78,8 +82,8 @@ def table(
     columns: dict[str, Any] = {
         "step": [step] * n,
         "prompt_id": [str(rows[i // G].get("id", i // G)) for i in range(n)],
-        "group": [i // G for i in range(n)],
-        "completion": [i % G for i in range(n)],
+        "group": [p // G for p in places],
+        "completion": [p % G for p in places],
         "completion_ids": ids,
         "text": list(rollout.texts),
         "sampler_logps": logps,
@@ -94,11 +98,20 @@ def table(
     return pa.table(columns, schema=pa.schema(fields))
 
 
+def keeps(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def merge(tables: list[pa.Table]) -> pa.Table:
+    """The processes' tables of one step as one, in the batch's order."""
+    return pa.concat_tables(tables).sort_by([("group", "ascending"), ("completion", "ascending")])
+
+
 def record(folder: Path, step: int, every: int, make_table: Any) -> Path | None:
     """Write step `step`'s part when `every` keeps it (`make_table()` builds it), and remove parts
     of this step and later ones left by an earlier run. Returns the file written, if any."""
     folder.mkdir(parents=True, exist_ok=True)  # the DVC out exists even when nothing is kept
-    keep = every > 0 and step % every == 0
+    keep = keeps(step, every)
     for s, path in parts(folder).items():
         if s > step or (s == step and not keep):
             path.unlink(missing_ok=True)

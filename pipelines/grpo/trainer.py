@@ -346,12 +346,17 @@ def train(
                     if warning:
                         log.warning(warning)
             logger.step(step + 1, metrics, batch.rows, rollout.texts, rewards[batch.local])
-            if world.is_main:  # the rollout ledger (ledger.py): this step's completions, scores, advantages
-                ledger.record(
-                    ledger.ledger_dir(paths.root), step + 1, t.ledger_every,
-                    partial(ledger.table, step + 1, batch.rows, rollout, batch.per_function[batch.local],
-                            [s.name for s in t.rewards], rewards[batch.local], advantages),
+            # The rollout ledger (ledger.py): this step's completions, scores and advantages, every
+            # process's slice, written by rank 0.
+            slices = []
+            if ledger.keeps(step + 1, t.ledger_every):
+                slices = world.gather_objects(
+                    ledger.table(step + 1, batch.rows, rollout, batch.per_function[batch.local],
+                                 [s.name for s in t.rewards], rewards[batch.local], advantages,
+                                 positions=batch.local.nonzero().squeeze(-1))
                 )  # fmt: skip
+            if world.is_main:
+                ledger.record(ledger.ledger_dir(paths.root), step + 1, t.ledger_every, partial(ledger.merge, slices))
 
             # 5. Validation: the held-out skill, not the reward (validation.py says why).
             stop = False
