@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -337,6 +338,36 @@ def plot(
     fig.savefig(out, dpi=100)
 
 
+def run_engines(args: argparse.Namespace, root: Path) -> dict[str, list[dict]]:
+    """Each engine in its own process (a clean thread pool and clock), on the prepared project."""
+    results = {}
+    for engine in args.engines:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            engine,
+            "--root",
+            str(root),
+            "--minutes",
+            str(args.minutes),
+            "--every",
+            str(args.every),
+        ]
+        cmd += [a for s in args.set for a in ("-S", s)] + [a for s in args.ours for a in ("--ours", s)]
+        cmd += ["--trl-prompts", str(args.trl_prompts), "--score-dtype", args.score_dtype]
+        if args.score_at:
+            cmd += ["--score-at", *map(str, args.score_at)]
+        if args.reference_cache:
+            cmd += ["--reference-cache", str(args.reference_cache)]
+        proc = subprocess.run(cmd, env={**os.environ, **QUIET}, stdout=subprocess.PIPE, text=True, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"{engine} failed")
+        results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(engine, results[engine], flush=True)
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child")
@@ -388,32 +419,11 @@ def main() -> None:
             args.ceiling,
         )
         return
-    root = prepare(Path(tempfile.mkdtemp(prefix="grpo-learn-")), args.set)
-    results = {}
-    for engine in args.engines:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--child",
-            engine,
-            "--root",
-            str(root),
-            "--minutes",
-            str(args.minutes),
-            "--every",
-            str(args.every),
-        ]
-        cmd += [a for s in args.set for a in ("-S", s)] + [a for s in args.ours for a in ("--ours", s)]
-        cmd += ["--trl-prompts", str(args.trl_prompts), "--score-dtype", args.score_dtype]
-        if args.score_at:
-            cmd += ["--score-at", *map(str, args.score_at)]
-        if args.reference_cache:
-            cmd += ["--reference-cache", str(args.reference_cache)]
-        proc = subprocess.run(cmd, env={**os.environ, **QUIET}, stdout=subprocess.PIPE, text=True, check=False)
-        if proc.returncode != 0:
-            raise SystemExit(f"{engine} failed")
-        results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(engine, results[engine], flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix="grpo-learn-"))
+    try:  # every snapshot of a run (1-4 GB at one a step) is scratch once it is scored
+        results = run_engines(args, prepare(workdir, args.set))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
