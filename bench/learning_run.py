@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -419,11 +418,9 @@ def main() -> None:
             args.ceiling,
         )
         return
-    workdir = Path(tempfile.mkdtemp(prefix="grpo-learn-"))
-    try:  # every snapshot of a run (1-4 GB at one a step) is scratch once it is scored
-        results = run_engines(args, prepare(workdir, args.set))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    # every snapshot of a run (1-4 GB at one a step) is scratch once it is scored
+    with tempfile.TemporaryDirectory(prefix="grpo-learn-", ignore_cleanup_errors=True) as workdir:
+        results = run_engines(args, prepare(Path(workdir), args.set))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
