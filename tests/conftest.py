@@ -29,6 +29,15 @@ os.environ.update(
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+@pytest.fixture(autouse=True)
+def _own_tracking_uri():
+    # `mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI in os.environ, which
+    # `mlflow_store.tracking_uri` prefers over a project's own mlflow.db and subprocesses inherit:
+    # without this, a test that logged in-process sends a later test's `grpo` subprocess to its store.
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     # Tiny models run ~100x faster on one thread than on torch's default of two here.
