@@ -147,3 +147,114 @@ def test_the_sampling_copy_reports_what_training_computes(tiny_reference, backen
     with torch.no_grad():
         trained, _ = token_logps(policy, rollout, temperature=0.8)
     torch.testing.assert_close(rollout.sampler_logps[mask], trained[mask], atol=1e-4, rtol=1e-4)
+
+
+def _opening_prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    """Four prompts that open with the same 20 tokens, then 1-6 tokens of their own, left-padded."""
+    g = torch.Generator().manual_seed(2)
+    opening = torch.randint(3, 64, (20,), generator=g)
+    own = [torch.randint(3, 64, (n,), generator=g) for n in (3, 6, 1, 4)]
+    width = 20 + max(len(o) for o in own)
+    ids = torch.zeros(len(own), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, rest in enumerate(own):
+        prompt = torch.cat([opening, rest])
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
+def test_the_common_opening_is_prefilled_once_and_the_logits_are_the_same():
+    from transformers import DynamicCache
+
+    from pipelines.generation.lean_decode import common_opening, prefill
+
+    model = _tiny("llama")
+    ids, mask = _opening_prompts()
+    assert common_opening(ids, mask) == 20
+    calls = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda _m, args, _o: calls.append(tuple(args[0].shape)))
+    whole, _, _ = prefill(model, ids, mask, DynamicCache(), pad_id=0, share_opening=False)
+    split, split_mask, positions = prefill(model, ids, mask, DynamicCache(), pad_id=0)
+    hook.remove()
+    assert calls == [(4, 26), (1, 20), (4, 6)], "the opening was not run once, then each prompt's rest"
+    torch.testing.assert_close(split.logits, whole.logits, atol=1e-5, rtol=1e-5)
+    # Each row's positions still count only its own tokens: the pad between opening and rest is skipped.
+    assert positions[:, -1].tolist() == [22, 25, 20, 23] and split_mask.sum(-1).tolist() == [23, 26, 21, 24]
+
+
+@pytest.mark.parametrize("shared_attention", [False, True], ids=["repeated-cache", "shared-prefix"])
+def test_decoding_after_a_shared_opening_is_the_same(shared_attention):
+    model = _tiny("llama")
+    if shared_attention:
+        assert shared_prefix.enable(model)
+    ids, mask = _opening_prompts()
+    kwargs = {"eos_id": 0, "pad_id": 0, "max_new_tokens": 10}
+    greedy = [sample(model, ids, mask, num_generations=1, do_sample=False, share_opening=s, **kwargs) for s in (0, 1)]
+    assert torch.equal(greedy[0][0], greedy[1][0])
+    sampled = []
+    for share in (False, True):
+        torch.manual_seed(3)  # no generators: the global stream, the same for both
+        sampled.append(sample(model, ids, mask, num_generations=3, do_sample=True, share_opening=share, **kwargs))
+    assert torch.equal(sampled[0][0], sampled[1][0])
+    torch.testing.assert_close(sampled[1][1], sampled[0][1], atol=1e-5, rtol=1e-5)
+
+
+def test_seeded_sampling_keeps_one_pass_per_prompt():
+    """Training's seeded rollouts must not depend on the batch: no opening split by default."""
+    model = _tiny("llama")
+    ids, mask = _opening_prompts()
+    shapes = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda _m, args, _o: shapes.append(tuple(args[0].shape)))
+    sample(
+        model,
+        ids,
+        mask,
+        num_generations=2,
+        max_new_tokens=1,
+        eos_id=0,
+        pad_id=0,
+        generators=row_generators([1, 2, 3, 4], 2),
+    )
+    hook.remove()
+    assert shapes[0] == tuple(ids.shape)
+
+
+def _lm_head_inputs(model) -> list[torch.Tensor]:
+    """Every input the LM head sees from now on (the model frozen, as the sampling copy is)."""
+    model.requires_grad_(False)
+    seen: list[torch.Tensor] = []
+    model.lm_head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    return seen
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["one-pass", "shared-opening"])
+def test_the_lm_head_of_a_frozen_model_gets_a_contiguous_input_at_prefill(share):
+    """A sliced (non-contiguous) input makes torch.matmul copy the LM head's weight once per row
+    when the weight does not require grad: seconds per call at 64 prompts (lean_decode.last_positions)."""
+    model = _tiny("llama")
+    seen = _lm_head_inputs(model)
+    ids, mask = _opening_prompts()
+    sample(model, ids, mask, num_generations=2, max_new_tokens=3, eos_id=0, pad_id=0, share_opening=share)
+    assert seen and all(x.is_contiguous() for x in seen), [x.stride() for x in seen]
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_the_lm_head_of_a_frozen_model_gets_a_contiguous_input_in_the_logprob_pass(group_size):
+    from pipelines.generation.rollout import Rollout, completion_mask
+    from pipelines.grpo.logprobs import token_logps
+
+    model = _tiny("llama")
+    ids, mask = _prompts()
+    completions = torch.randint(3, 64, (3 * group_size, 5), generator=torch.Generator().manual_seed(4))
+    completions[0, 2] = 1  # one completion ends early
+    keep, truncated = completion_mask(completions, eos_id=1)
+    rollout = Rollout(
+        ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0), completions, keep, truncated,
+        [""] * completions.size(0), group_size,
+    )  # fmt: skip
+    expected, _ = token_logps(model, rollout)
+    seen = _lm_head_inputs(model)
+    got, _ = token_logps(model, rollout)
+    assert seen and all(x.is_contiguous() for x in seen), [x.stride() for x in seen]
+    torch.testing.assert_close(got, expected)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from pipelines.generation.lean_decode import last_positions
 from pipelines.generation.rollout import Rollout
 
 # Rows per block: ~2 MB of fp32 logits for SmolLM2's vocabulary, which stays in a core's share of
@@ -145,7 +146,10 @@ def token_logps(
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         width = rollout.completion_ids.size(1)
         logits = model(
-            input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=width + 1
+            input_ids=ids,
+            attention_mask=attention,
+            position_ids=positions,
+            logits_to_keep=last_positions(ids.size(1), width + 1),
         ).logits[:, :-1]
     return selected_logps(logits, rollout.completion_ids, temperature, with_entropy)
 
@@ -202,7 +206,7 @@ def _grouped_logps(
         position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
         cache=cache,
         use_cache=True,
-        logits_to_keep=1,
+        logits_to_keep=last_positions(prompt_ids.size(1)),
     ).logits[:, -1]  # (B, V): predicts each completion's first token
     prefix = [(layer.keys, layer.values) for layer in cache.layers]
     chosen = torch.zeros(completion.shape, dtype=torch.float32)
