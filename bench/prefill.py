@@ -1,7 +1,7 @@
 """Greedy scoring of many prompts: the prefill's LM head, and the prompts' common opening run once.
 
 Validation during training and `evaluate` decode dozens of different prompts in one call, on a
-frozen model (the sampling copy; evaluate's PeftModel). For the demo task's validation split (64
+frozen model (the sampling copy; evaluate's decoding copies). For the demo task's validation split (64
 rows, one call) and 256 of its test rows (calls of `evaluate.batch_size`), the embedded
 SmolLM2-135M, frozen, in bf16 where the CPU has bf16 units and in fp32, alternating in one process,
 best of `--repeats`:
