@@ -421,6 +421,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "snapshot.source": "tiny",
         "data.generator.num_rows": 48,
         "data.max_eval_rows": 8,
+        "data.eval_fraction": 0.2,  # the demo's 0.75 suits its 360 problems; 48 rows keep the usual shares
+        "data.val_fraction": 0.1,
         "train.steps": 2,
         "train.prompts_per_step": 2,
         "train.num_generations": 4,

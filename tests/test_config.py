@@ -283,7 +283,11 @@ def test_write_params_without_overrides_leaves_the_file_byte_identical(project):
         ("train.steps=3", "  steps: 30", "  steps: 3"),
         ("train.epsilon_high=0.28", "  epsilon_high: null     # clip", "  epsilon_high: 0.28     # clip"),
         ("orchestration.cron=null", '  cron: "0 2 * * *"         # the', "  cron: null                # the"),
-        ("evaluate.batch_size=32", "  batch_size: 64         # sequences", "  batch_size: 32         # sequences"),
+        (
+            "evaluate.bootstrap_samples=4000",
+            "  bootstrap_samples: 2000  # paired",
+            "  bootstrap_samples: 4000  # paired",
+        ),
         ("data.generator.operators=[+]", '    operators: ["+", "*"]', "    operators: [+]"),
         (
             "orchestration.watch=[new.jsonl]",

@@ -75,8 +75,26 @@ def test_gate_keeps_a_format_only_gain_when_skill_must_not_regress():
     kept = gate.decide(evidence, RegisterConfig(no_skill_regression=True), rules)
     assert not kept.promote and kept.checks["no_skill_regression"] is False
     assert "lenient accuracy (last number right) 0.600 vs reference 0.700" in kept.reason
-    assert "format only" in kept.reason
+    assert "format only" in kept.reason and "2 of 20 problems" in kept.reason
+    assert gate.decide(evidence, RegisterConfig(no_skill_regression=True), rules).reason == kept.reason  # seeded
     assert gate.decide(evidence, RegisterConfig(no_skill_regression=False), rules).promote
+
+
+def test_gate_says_when_a_lenient_fall_is_within_the_noise():
+    """Lost 3 problems and gained 2 of 20: the rule still fails (it is strict), but the reason says
+    that the interval holds zero and how to tell the two apart, not that the gain is format only."""
+    strict = [True] * 12 + [False] * 8
+    reference_lenient = [True] * 10 + [False] * 2 + [True] * 3 + [False] * 5
+    candidate_lenient = [True] * 12 + [False] * 3 + [False] * 5
+    evidence = gate.Evidence(
+        strict, [False] * 20, None, 1.0, None, candidate_lenient=candidate_lenient,
+        reference_lenient=reference_lenient,
+    )  # fmt: skip
+    kept = gate.decide(evidence, RegisterConfig(no_skill_regression=True), EvaluateConfig(bootstrap_samples=1000))
+    assert not kept.promote and kept.checks["no_skill_regression"] is False
+    assert "0.600 vs reference 0.650" in kept.reason and "1 of 20 problems" in kept.reason
+    assert "holds zero" in kept.reason and "data.max_eval_rows" in kept.reason and "grpo promote" in kept.reason
+    assert "format only" not in kept.reason
 
 
 def test_gate_promotes_a_clearly_better_candidate():

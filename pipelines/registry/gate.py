@@ -84,13 +84,12 @@ def decide(evidence: Evidence, rules: RegisterConfig, stats: EvaluateConfig) -> 
             checks["no_skill_regression"] = False
             notes.append("no lenient outcomes to judge skill by: run `grpo evaluate` again")
         else:
-            cand = sum(evidence.candidate_lenient) / n
-            ref = sum(evidence.reference_lenient) / n
+            lenient = paired_comparison(evidence.candidate_lenient, evidence.reference_lenient, **settings)
+            cand, ref = lenient["candidate"], lenient["other"]
             checks["no_skill_regression"] = cand >= ref
             figures["lenient_accuracy"] = cand
             notes.append(
-                f"lenient accuracy (last number right) {cand:.3f} vs reference {ref:.3f} "
-                f"({'no skill lost' if cand >= ref else 'skill lost: the gain is format only'})"
+                f"lenient accuracy (last number right) {cand:.3f} vs reference {ref:.3f} " + _skill_verdict(lenient)
             )
 
     if rules.min_accuracy > 0:
@@ -120,6 +119,24 @@ def decide(evidence: Evidence, rules: RegisterConfig, stats: EvaluateConfig) -> 
     _gain_checks(vs_champion, f"champion v{evidence.champion_version}", n, rules, stats, checks, notes)
     verdict = all(checks.values())
     return Decision(verdict, _reason(verdict, head, checks, notes), checks, figures)
+
+
+def _skill_verdict(lenient: dict[str, Any]) -> str:
+    """What a lenient fall means: the rule is strict (any fall fails it), but a fall of a problem or
+    two on a small test split is also what two equally skilled models show, and the reader should know
+    which of the two they are looking at."""
+    if lenient["diff"] >= 0:
+        return "(no skill lost)"
+    n = lenient["problems"]
+    lost = round(-lenient["diff"] * n)
+    interval = f"{lenient['confidence']:.0%} interval [{lenient['ci_low']:+.3f}, {lenient['ci_high']:+.3f}]"
+    if lenient["ci_high"] > 0:
+        return (
+            f"(skill lost: {lost} of {n} problems, {interval}, which holds zero: within the noise of {n} "
+            "problems; a larger `data.max_eval_rows` tells them apart, `grpo promote VERSION --reason ...` "
+            "promotes by hand)"
+        )
+    return f"(skill lost: {lost} of {n} problems, {interval}: the gain is format only)"
 
 
 def _gain_figures(comparison: dict[str, Any]) -> dict[str, Any]:
