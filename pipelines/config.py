@@ -35,19 +35,37 @@ class CountdownConfig(_Section):
     max_target: int = Field(100, ge=1)
 
 
-class GeneratorConfig(_Section):
-    """Built-in tasks, seeded and offline: `arithmetic` (`a op b`, every distinct problem at most
-    once) or `countdown` (multi-step: reach a target with given numbers)."""
+class ChoiceConfig(_Section):
+    """Multiple choice (task: choice): the right value among near misses."""
 
-    task: Literal["arithmetic", "countdown"] = "arithmetic"
+    options: int = Field(4, ge=2, le=8)  # options per question
+
+
+class GeneratorConfig(_Section):
+    """Offline data for the task (`task:`), seeded: `a op b` problems for `math` and `choice`
+    (operators and operand ranges; every distinct problem at most once), multi-step problems for
+    `countdown` (its own section). A task of your own brings its own `generate`, or data.path."""
+
     operators: list[Literal["+", "-", "*"]] = ["+", "*"]
     a_min: int = 0
     a_max: int = 9
     b_min: int = 2
     b_max: int = 19
     countdown: CountdownConfig = CountdownConfig()
+    choice: ChoiceConfig = ChoiceConfig()
     num_rows: int = Field(400, ge=1)
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_task_here(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "task" in value:
+            named = {"arithmetic": "math"}.get(str(value["task"]), value["task"])
+            raise ValueError(
+                f"data.generator.task is gone: the generator makes data for the task; write `task: {named}` "
+                "at the top of params.yaml (or -S task=...) and delete data.generator.task"
+            )
+        return value
 
     @model_validator(mode="after")
     def _ranges_not_empty(self) -> GeneratorConfig:
@@ -59,15 +77,19 @@ class GeneratorConfig(_Section):
 
 
 class PromptConfig(_Section):
-    """How a question becomes chat messages: optional system prompt, worked examples, instruction."""
+    """How a question becomes chat messages: system prompt, worked examples, instruction. null = the
+    task's own (each task brings the instruction and worked example its answers are judged by)."""
 
-    system: str | None = None
-    instruction: str = "{question} Give the final answer after ####."
-    # One worked example as an earlier chat turn: the embedded model then answers in the
-    # required format (measured on the embedded SmolLM2: without it, it rambles to the length limit).
-    examples: list[dict[str, str]] = [
-        {"question": "What is 3 + 4?", "answer": "3 + 4 = 7\n#### 7"},
-    ]
+    system: str | None = None  # null = the task's (none for the built-in tasks); "" = no system prompt
+    instruction: str | None = None  # must contain {question}
+    examples: list[dict[str, str]] | None = None  # [{question, answer}] as earlier chat turns; [] = none
+
+    @field_validator("instruction")
+    @classmethod
+    def _has_question(cls, value: str | None) -> str | None:
+        if value is not None and "{question}" not in value:
+            raise ValueError(f"must contain {{question}}, where the row's question goes (got {value!r})")
+        return value
 
 
 class ColumnsConfig(_Section):
@@ -96,9 +118,6 @@ class DataConfig(_Section):
     hf: HubConfig = HubConfig()
     prompt: PromptConfig = PromptConfig()
     generator: GeneratorConfig = GeneratorConfig()
-    # How answers are checked: `math` (a number, GSM8K's `#### N` allowed) or `countdown`
-    # (a `numbers` column and an integer target); null = `countdown` for that generator, else `math`.
-    verifier: Literal["math", "countdown"] | None = None
     eval_fraction: float = Field(0.2, gt=0, lt=1)
     max_eval_rows: int = Field(64, ge=1)
     # The validation split, for training to watch (train.eval_every, train.select): taken from
@@ -120,6 +139,16 @@ class DataConfig(_Section):
     # 0: any bad row refuses the dataset. Above 0: bad rows go to data/validated/rejected.jsonl with
     # their reason, and the stage passes while rejected / all rows stays at most this fraction.
     max_rejected_fraction: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_verifier_here(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "verifier" in value:
+            raise ValueError(
+                "data.verifier is gone: the task checks the data, trains and judges; write "
+                f"`task: {value['verifier'] or 'math'}` at the top of params.yaml (or -S task=...) and delete data.verifier"
+            )
+        return value
 
 
 class TinyModelConfig(_Section):
@@ -203,7 +232,9 @@ class TrainConfig(_Section):
     )
     sampling_correction_max: float | None = Field(3.0, gt=0)
     sampling_correction_min: float | None = Field(None, ge=0)
-    rewards: list[RewardSpec] = [RewardSpec(name="accuracy", weight=1.0), RewardSpec(name="format", weight=0.2)]
+    # null = the task's own rewards at their default weights (math: accuracy 1.0, format 0.2). A list
+    # names the task's rewards and the generic `length` and `overlong`; another task's are refused.
+    rewards: list[RewardSpec] | None = None
     multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
     reward_timeout: float = Field(30.0, gt=0)
     # DAPO dynamic sampling: groups whose rewards are all equal carry no gradient; drop them and
@@ -273,6 +304,13 @@ class TrainConfig(_Section):
     def _oversample(cls, value: Any) -> Any:
         if value != "auto" and value < 1:
             raise ValueError(f"must be 'auto' or a number >= 1 (got {value}); 1 draws only the prompts still missing")
+        return value
+
+    @field_validator("rewards")
+    @classmethod
+    def _some_rewards(cls, value: list[RewardSpec] | None) -> list[RewardSpec] | None:
+        if value is not None and not value:
+            raise ValueError("is empty: name at least one reward, or leave it null for the task's own rewards")
         return value
 
     @model_validator(mode="after")
@@ -399,8 +437,17 @@ class OrchestrationConfig(_Section):
         return value
 
 
+BUILTIN_TASK_FOLDER = "pipelines/verifiers"
+
+
 class Config(_Section):
     preset: str | None = None
+    # What "right" means (pipelines/verifiers/task.py): the prompt, the rewards and the judge, as one
+    # object. math | countdown | choice, or your own: path/to/file.py:NAME or package.module:NAME.
+    task: str = Field("math", min_length=1, max_length=500)
+    # The file (or folder) of your own task's code: a DVC dependency of validate, train and evaluate,
+    # so that changing it re-runs them. The built-in tasks live in pipelines/verifiers.
+    task_file: str = Field(BUILTIN_TASK_FOLDER, min_length=1, max_length=500)
     data: DataConfig = DataConfig()
     snapshot: SnapshotConfig = SnapshotConfig()
     train: TrainConfig = Field(
@@ -412,6 +459,29 @@ class Config(_Section):
     registry: RegisterConfig = RegisterConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+
+    @model_validator(mode="after")
+    def _task_file_covers_task(self) -> Config:
+        own = user_task_path(self.task)
+        if own is None:
+            return self
+        folder = Path(self.task_file.rstrip("/"))
+        if own != folder and folder not in own.parents:
+            raise ValueError(
+                f"task is {self.task} but task_file is {self.task_file}: set task_file: {own.as_posix()} so that "
+                "DVC re-runs validate, train and evaluate when that file changes"
+            )
+        return self
+
+
+def user_task_path(task: str) -> Path | None:
+    """The file a `task: path/to/file.py[:NAME]` names (as written, relative to the project); None otherwise.
+
+    >>> user_task_path("tests/my_task.py:Yes").as_posix(), user_task_path("math"), user_task_path("pkg.mod:TASK")
+    ('tests/my_task.py', None, None)
+    """
+    where = task.rpartition(":")[0] if ":" in task and not task.endswith(".py") else task
+    return Path(where) if where.endswith(".py") else None
 
 
 # Presets are overrides on top of params.yaml. `smoke` runs the whole pipeline in about a minute
@@ -465,6 +535,21 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def with_implied(pairs: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The overrides, plus `task_file` when `task` is set without it: the task's own file (or the
+    built-in tasks' folder) becomes the DVC dependency, as params.yaml must then say.
+
+    >>> with_implied([("task", "my_task.py:Yes")])
+    [('task', 'my_task.py:Yes'), ('task_file', 'my_task.py')]
+    """
+    keys = {key for key, _ in pairs}
+    task = dict(pairs).get("task")
+    if "task" not in keys or "task_file" in keys or not isinstance(task, str):
+        return pairs
+    own = user_task_path(task)
+    return [*pairs, ("task_file", own.as_posix() if own is not None else BUILTIN_TASK_FOLDER)]
+
+
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node = tree
     parts = key.split(".")
@@ -489,7 +574,7 @@ def resolve(raw: dict[str, Any], overrides: list[str] | None = None, preset: str
         for key, value in preset_overrides(preset).items():
             set_dotted(tree, key, value)
         tree["preset"] = preset
-    for key, value in (parse_override(o) for o in overrides or []):
+    for key, value in with_implied([parse_override(o) for o in overrides or []]):
         set_dotted(tree, key, value)
     try:
         return Config.model_validate(tree)
@@ -497,7 +582,7 @@ def resolve(raw: dict[str, Any], overrides: list[str] | None = None, preset: str
         # One line (the CLI prints it as is): each bad key, what is wrong, and the value given.
         problems = []
         for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"])
+            where = ".".join(str(p) for p in err["loc"]) or "task, task_file"
             given = err.get("input")
             got = f" (got {given!r})" if isinstance(given, (str, int, float)) and err["type"] != "missing" else ""
             problems.append(f"{where}: {err['msg']}{got}")

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import ConfigError, parse_override, preset_overrides, resolve
+from pipelines.config import ConfigError, parse_override, preset_overrides, resolve, with_implied
 
 
 def write_params(path: Path, overrides: list[str], preset: str | None) -> None:
@@ -30,7 +30,7 @@ def write_params(path: Path, overrides: list[str], preset: str | None) -> None:
     if doc is None:
         doc = {}
     pairs = list(preset_overrides(preset).items()) if preset else []
-    pairs += [parse_override(o) for o in overrides]
+    pairs += with_implied([parse_override(o) for o in overrides])
     if preset:
         doc["preset"] = preset
     for key, value in pairs:

@@ -1,9 +1,10 @@
-"""The verdict on one completion against its reference answer, as evaluation and validation judge it.
+"""Judging completions: the math task's judge, and `judge_all`, which judges a batch with any task's.
 
-Three readings of the same text: `correct` (the strict `#### N` line holds the right number),
-`format` (there is such a line) and `last_number_correct` (the last number anywhere is right: the
-lenient reading, which tells a gain in skill from a gain in format). `judge_all` judges a batch in
-the verifier worker process under a time limit (`evaluate.judge_timeout`), as training's rewards are.
+The math judge reads the same text three ways: `correct` (the strict `#### N` line holds the right
+number), `format` (there is such a line) and `last_number_correct` (the last number anywhere is
+right: the lenient reading, which tells a gain in skill from a gain in format). `judge_all` judges a
+batch with a task's judge in the verifier worker process under a time limit
+(`evaluate.judge_timeout`), as training's rewards are.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 from pipelines.verifiers.math_answer import answers_match, last_number, strict_answer
 from pipelines.verifiers.runner import run_limited
+from pipelines.verifiers.task import Task
 
 
 def judge(text: str, expected: str) -> dict[str, Any]:
@@ -29,28 +31,27 @@ def judge(text: str, expected: str) -> dict[str, Any]:
     }
 
 
-def judge_batch(texts: list[str], expected: list[str]) -> list[dict[str, Any]]:
-    """`judge` on each completion and its reference answer.
-
-    >>> [v["correct"] for v in judge_batch(["#### 4", "#### 5"], ["4", "4"])]
-    [True, False]
-    """
-    return [judge(text, answer) for text, answer in zip(texts, expected, strict=True)]
-
-
 def judge_all(
-    texts: list[str], expected: list[str], *, timeout: float, knob: str = "evaluate.judge_timeout"
+    texts: list[str],
+    rows: list[dict[str, Any]],
+    *,
+    task: Task | None = None,
+    timeout: float,
+    knob: str = "evaluate.judge_timeout",
 ) -> list[dict[str, Any]]:
-    """`judge_batch` in the verifier worker process, stopped after `timeout` seconds with a
-    VerifierError that names the limit's config key (`knob`).
+    """The task's verdict on each completion and its dataset row ({extracted, correct, format,
+    lenient}), in the verifier worker process, stopped after `timeout` seconds with a VerifierError
+    that names the limit's config key (`knob`). No task = the math task.
 
-    >>> [v["format"] for v in judge_all(["#### 4", "4"], ["4", "4"], timeout=30)]
+    >>> [v["format"] for v in judge_all(["#### 4", "4"], [{"answer": "4"}] * 2, timeout=30)]
     [True, False]
     """
     if not texts:
         return []
+    if task is None:
+        from pipelines.verifiers.math_task import TASK as task
     (verdicts,) = run_limited(
-        [("judge", judge_batch, {})], (list(texts), [str(e) for e in expected]), {}, timeout=timeout, what="verifier",
-        knob=knob,
+        [(f"judge of task {task.name!r}", task.judge_batch, {})], (list(texts), [dict(r) for r in rows]), {},
+        timeout=timeout, what="verifier", knob=knob,
     )  # fmt: skip
     return verdicts

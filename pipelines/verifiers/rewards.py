@@ -27,8 +27,9 @@ def _text(completion: Any) -> str:
 
 
 def accuracy_reward(prompts: list[Any], completions: list[Any], answer: list[str], **_: Any) -> list[float | None]:
-    """1.0 when the marked final answer equals the reference answer, else 0.0. Numbers compare as
-    `math_answer.answers_match` says: integers exactly, decimals forgiven only their rounding.
+    """1.0 when the completion's final `#### N` line holds the reference answer, else 0.0: the math
+    task's strict verdict (judge.py), so that training rewards exactly what evaluation counts. Numbers
+    compare as `math_answer.answers_match` says: integers exactly, decimals forgiven only their rounding.
 
     >>> accuracy_reward(["q"], ["2 + 2 = 4\\n#### 4"], answer=["4"])
     [1.0]
@@ -36,7 +37,7 @@ def accuracy_reward(prompts: list[Any], completions: list[Any], answer: list[str
     [0.0, 0.0, 1.0]
     """
     return [
-        1.0 if answers_match(extract_final_answer(_text(c)), reference_answer(a)) else 0.0
+        1.0 if answers_match(strict_answer(_text(c)), reference_answer(a)) else 0.0
         for c, a in zip(completions, answer, strict=True)
     ]
 
