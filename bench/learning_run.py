@@ -124,6 +124,7 @@ def train_trl(root: Path, seconds: float, every: int, overrides: list[str], prom
     from pipelines import config
     from pipelines.grpo.prompt_sampler import PromptSampler
     from pipelines.io import read_jsonl
+    from pipelines.verifiers.math_task import TASK as MATH
     from pipelines.verifiers.rewards import accuracy_reward, format_reward
 
     cfg = config.load(root / "params.yaml", [*TASK, *ENGINE, *overrides])
@@ -151,7 +152,8 @@ def train_trl(root: Path, seconds: float, every: int, overrides: list[str], prom
         seed=t.seed,
         temperature=t.temperature,
         shuffle_dataset=False,
-        reward_weights=[s.weight for s in t.rewards],
+        # The math task's own weights when train.rewards is null (pipelines/verifiers/math_task.py).
+        reward_weights=[r.weight for r in MATH.rewards] if t.rewards is None else [s.weight for s in t.rewards],
     )
     snaps: list[dict] = []
     clock = {"train": 0.0}

@@ -27,7 +27,7 @@ def _dataset_label(cfg: Any, root: Path) -> str:
     from pipelines.hashing import content_digest
 
     if not cfg.data.path:
-        return f"generated-{cfg.data.generator.task}"
+        return "generated-" + "".join(c if c.isalnum() else "-" for c in Path(cfg.task).name.split(":")[-1])[:40]
     if cfg.data.path.startswith("hf:"):
         return cfg.data.path.replace("/", "-")
     path = Path(cfg.data.path)

@@ -139,6 +139,8 @@ class DataConfig(_Section):
     # 0: any bad row refuses the dataset. Above 0: bad rows go to data/validated/rejected.jsonl with
     # their reason, and the stage passes while rejected / all rows stays at most this fraction.
     max_rejected_fraction: float = Field(0.0, ge=0, lt=1)
+    # Seconds the task's row check may take on a batch of 4096 rows (it runs in the verifier worker).
+    check_timeout: float = Field(60.0, gt=0, le=86400)
 
     @model_validator(mode="before")
     @classmethod

@@ -21,7 +21,7 @@ def test_repo_params_load_and_default_is_embedded(project):
     cfg = config.load(project / "params.yaml")
     assert cfg.snapshot.source == "embedded"
     assert cfg.preset is None
-    assert [r.name for r in cfg.train.rewards] == ["accuracy", "format"]
+    assert cfg.task == "math" and cfg.train.rewards is None  # null = the task's own rewards
 
 
 def test_smoke_preset_and_overrides_win(project):
@@ -187,7 +187,7 @@ def _violations(kind: type, bounds: list[Any]) -> list[Any]:
 def _override(key: str, value: Any) -> str:
     """`-S` text setting `key` to `value`; a field of a list of sections goes into the default list's first item."""
     if key.startswith("train.rewards."):
-        item = {**config.TrainConfig().rewards[0].model_dump(), key.rsplit(".", 1)[1]: value}
+        item = {**config.RewardSpec(name="accuracy").model_dump(), key.rsplit(".", 1)[1]: value}
         return f"train.rewards=[{yaml.safe_dump(item, default_flow_style=True).strip()}]"
     return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
 

@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.verifiers import rewards, versions
+import dataclasses
+
+from pipelines.verifiers import catalog, rewards, versions
+from pipelines.verifiers.task import Reward
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [(name, i, case) for name, cases in versions.golden_cases().items() for i, case in enumerate(cases)]
@@ -24,19 +27,24 @@ def test_golden_case_keeps_its_score(name, index, case):
     )
 
 
-def test_every_reward_and_the_judge_have_golden_cases():
-    assert set(versions.golden_cases()) == {*rewards.REWARDS, "judge"}
+def test_every_generic_reward_has_golden_cases():
+    assert set(versions.golden_cases()) == set(rewards.REWARDS)
 
 
-def test_version_is_stable_and_distinct_per_verifier():
-    names = [*rewards.REWARDS, "judge"]
-    first, again = versions.verifier_versions(names), versions.verifier_versions(names)
+@pytest.mark.parametrize("name", sorted(catalog.BUILTIN))
+def test_version_is_stable_and_distinct_per_verifier(name):
+    task = catalog.load(name, ROOT)
+    names = [*task.reward_names, *rewards.REWARDS, "judge"]
+    first, again = versions.verifier_versions(task, names), versions.verifier_versions(task, names)
     assert first == again and len(set(first.values())) == len(names)
     assert all(len(h) == 64 for h in first.values())
 
 
 def test_changed_verifier_source_changes_the_hash(tmp_path, monkeypatch):
-    before = versions.verifier_versions(["accuracy", "countdown", "judge"])
+    math, countdown = catalog.load("math", ROOT), catalog.load("countdown", ROOT)
+    both = lambda: {**versions.verifier_versions(math, ["accuracy", "judge"]),  # noqa: E731
+                    "countdown": versions.verifier_versions(countdown, ["countdown"])["countdown"]}  # fmt: skip
+    before = both()
     # A dependency module changes (math_answer.py, read by every one of them)...
     original, copy = versions.HERE, tmp_path / "verifiers"
     copy.mkdir()
@@ -46,22 +54,24 @@ def test_changed_verifier_source_changes_the_hash(tmp_path, monkeypatch):
     (copy / "math_answer.py").write_text((copy / "math_answer.py").read_text() + "\n# changed\n")
     monkeypatch.setattr(versions, "HERE", copy)
     monkeypatch.setattr(versions, "GOLDEN", copy / "golden.json")
-    changed = versions.verifier_versions(["accuracy", "countdown", "judge"])
+    changed = both()
     assert all(changed[n] != before[n] for n in before)
     # ...and a module none of them reads does not move them.
     (copy / "math_answer.py").write_bytes((original / "math_answer.py").read_bytes())
     (copy / "unrelated.py").write_text("X = 1\n")
-    assert versions.verifier_versions(["accuracy", "countdown", "judge"]) == before
+    assert both() == before
     # The function's own source and the golden cases count too.
-    monkeypatch.setitem(rewards.REWARDS, "accuracy", lambda prompts, completions, **_: [0.0] * len(completions))
-    assert versions.verifier_versions(["accuracy"])["accuracy"] != before["accuracy"]
-    (copy / "golden.json").write_text('{"judge": []}')
-    assert versions.verifier_versions(["judge"])["judge"] != before["judge"]
+    other = dataclasses.replace(
+        math, rewards=[Reward("accuracy", lambda prompts, completions, **_: [0.0]), math.rewards[1]]
+    )
+    assert versions.verifier_versions(other, ["accuracy"])["accuracy"] != before["accuracy"]
+    fewer = dataclasses.replace(math, golden=math.golden[:1])
+    assert versions.verifier_versions(fewer, ["judge"])["judge"] != before["judge"]
 
 
 def test_dependencies_follow_imports():
     assert {p.name for p in versions.dependencies("rewards")} == {"rewards.py", "countdown.py", "math_answer.py"}
-    assert {p.name for p in versions.dependencies("judge")} == {"judge.py", "math_answer.py", "runner.py"}
+    assert {p.name for p in versions.dependencies("judge")} == {"judge.py", "math_answer.py", "runner.py", "task.py"}
 
 
 def test_train_and_evaluate_go_stale_when_verifier_code_changes():
@@ -78,7 +88,7 @@ def test_gate_says_when_the_champion_was_re_scored_with_todays_verifiers():
     from pipelines.registry.gate import Evidence, decide
     from pipelines.registry.stage import verifier_tags
 
-    today = versions.verifier_versions(["judge"])
+    today = versions.verifier_versions(catalog.load("math", ROOT), ["judge"])
     base = dict(candidate=[True] * 8, reference=[False] * 8, champion=[False] * 8, candidate_format_rate=1.0)
     same = decide(Evidence(**base, champion_version="3", verifiers=today, champion_verifiers=today), RegisterConfig(),
                   EvaluateConfig())  # fmt: skip

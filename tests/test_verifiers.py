@@ -12,7 +12,7 @@ from pipelines.verifiers.math_answer import (
     parse_number,
     strict_answer,
 )
-from pipelines.verifiers.rewards import accuracy_reward, format_reward, get_reward
+from pipelines.verifiers.rewards import accuracy_reward, format_reward
 
 
 @pytest.mark.parametrize(
@@ -89,9 +89,12 @@ def test_rewards_follow_trl_contract():
     assert accuracy_reward(["p"], conversational, answer=["4"]) == [1.0]
 
 
-def test_unknown_reward_names_choices():
-    with pytest.raises(ValueError, match="accuracy"):
-        get_reward("nope")
+def test_unknown_reward_names_the_tasks_rewards_and_the_generic_ones():
+    from pipelines.verifiers import catalog
+    from pipelines.verifiers.math_task import TASK
+
+    with pytest.raises(ValueError, match="math task has accuracy, format, and any task can add length, overlong"):
+        catalog.reward_function(TASK, "nope")
 
 
 # ---- Numbers that are wrong must not score as correct (issue "Hardening", item 6) ----

@@ -14,10 +14,10 @@ from typing import Any
 import pandas as pd
 
 from pipelines.config import DataConfig
-from pipelines.data.prompts import build_messages, prompt_text
+from pipelines.data.prompts import build_messages, prompt_text, question_of, task_prompt
 from pipelines.data.table import Table
-from pipelines.verifiers.countdown import problem_issue
 from pipelines.verifiers.math_answer import reference_answer
+from pipelines.verifiers.task import Task
 
 ROLES = {"system", "user", "assistant"}
 ID_TYPES = ["str", "int"]
@@ -87,7 +87,40 @@ def final_answer(answer: str) -> str:
     return reference_answer(answer)
 
 
-def row_frame(table: Table, cfg: DataConfig, verifier: str, tokens: list[int] | None) -> pd.DataFrame:
+def task_answer(answer: str, task: Task) -> str:
+    """The row's answer as the task's reference (math: GSM8K's `... #### N` -> N); stripped text by default."""
+    if task.answer_of is reference_answer:
+        return final_answer(answer)  # the same, faster on a million bare answers
+    return task.answer_of(answer) if task.answer_of is not None else answer.strip()
+
+
+def task_rows(table: Table, answers: list[str | None], task: Task) -> tuple[list[int], list[dict[str, Any]]]:
+    """(indices, rows) of the rows the task's own check reads: a readable answer and every column
+    the task needs; the others get their reason from `missing_columns` or the answer expectations."""
+    needed = [c for c in task.columns if c != "answer"]
+    keep, rows = [], []
+    for i, (extras, answer) in enumerate(zip(table.extras, answers, strict=True)):
+        extras = extras or {}
+        if answer is None or any(extras.get(c) is None for c in needed):
+            continue
+        keep.append(i)
+        rows.append({**extras, "id": table.id[i], "answer": answer})
+    return keep, rows
+
+
+def missing_columns(table: Table, answers: list[str | None], task: Task) -> list[str | None]:
+    """Per row: which of the task's columns it lacks (None when it has them all or has no readable answer)."""
+    needed = [c for c in task.columns if c != "answer"]
+    out: list[str | None] = []
+    for extras, answer in zip(table.extras, answers, strict=True):
+        lacking = [c for c in needed if (extras or {}).get(c) is None]
+        out.append(
+            f"the {task.name} task needs column(s) {', '.join(lacking)}" if lacking and answer is not None else None
+        )
+    return out
+
+
+def row_frame(table: Table, cfg: DataConfig, task: Task, tokens: list[int] | None) -> pd.DataFrame:
     """One row per dataset row: `_row` (its index in the Table) and the columns the suite checks."""
     n = len(table)
     kinds = [prompt_kind(p) for p in table.prompt]
@@ -105,7 +138,7 @@ def row_frame(table: Table, cfg: DataConfig, verifier: str, tokens: list[int] | 
         "prompt_text": texts,
         "answer": answers,
         "answer_type": answer_types,
-        "answer_final": [final_answer(a) if a is not None else None for a in readable],
+        "answer_final": [task_answer(a, task) if a is not None else None for a in readable],
     }
     if tokens is not None:
         columns["prompt_tokens"] = tokens
@@ -113,11 +146,7 @@ def row_frame(table: Table, cfg: DataConfig, verifier: str, tokens: list[int] | 
         columns["prompt_chars"] = [
             len(t) if t is not None and ok else None for t, ok in zip(texts, good_prompt, strict=True)
         ]
-    if verifier == "countdown":
-        columns["countdown_issue"] = [
-            problem_issue((e or {}).get("numbers"), a, (e or {}).get("solution")) if a is not None else None
-            for e, a in zip(table.extras, readable, strict=True)
-        ]
+    columns["task_issue"] = missing_columns(table, readable, task)  # the task's own check fills in the rest
     frame = pd.DataFrame(columns)
     for name in ("prompt_chars", "prompt_tokens"):
         if name in frame:
@@ -125,7 +154,7 @@ def row_frame(table: Table, cfg: DataConfig, verifier: str, tokens: list[int] | 
     return frame
 
 
-def token_counts(table: Table, cfg: DataConfig, tokenizer_dir: Path) -> list[int | None]:
+def token_counts(table: Table, cfg: DataConfig, tokenizer_dir: Path, task: Task) -> list[int | None]:
     """Tokens of each row's prompt as the model sees it: the chat template applied to the system
     prompt, worked examples and question (or the plain text when there is no template)."""
     from transformers import AutoTokenizer
@@ -141,11 +170,12 @@ def token_counts(table: Table, cfg: DataConfig, tokenizer_dir: Path) -> list[int
         batch.clear()
         slots.clear()
 
-    for prompt in table.prompt:
+    template = task_prompt(cfg.prompt, task)
+    for prompt, extras in zip(table.prompt, table.extras, strict=True):
         counts.append(None)
         if prompt_kind(prompt) not in ("text", "messages"):
             continue
-        messages = build_messages(prompt, cfg.prompt)
+        messages = build_messages(question_of(prompt, extras, task), template)
         if tokenizer.chat_template:
             rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:

@@ -22,10 +22,8 @@ import pandas as pd
 from pipelines.config import DataConfig
 from pipelines.data.checks import ANSWER_TYPES, ID_TYPES
 from pipelines.io import staged_dir
+from pipelines.verifiers.task import Task
 
-# A number the math verifier reads (verifiers/math_answer.parse_number): `1,234`, `-3.5`, `$5`,
-# `3/4`; bounded so that every match stays within parse_number's 64 characters.
-NUMERIC = r"^\s*-?\$?[0-9][0-9,]{0,23}(?:\.[0-9]{1,16})?(?:\s*/\s*[1-9][0-9]{0,15})?\s*$"
 SUITE = "grpo_dataset"
 ROW_TABLES = ("rows", "leakage")  # tables whose failures are rows (and can be rejected one by one)
 
@@ -50,7 +48,7 @@ class Outcome:
         return self.table in ROW_TABLES
 
 
-def rows_suite(cfg: DataConfig, verifier: str = "math", length_unit: str = "chars") -> list[Any]:
+def rows_suite(cfg: DataConfig, task: Task, length_unit: str = "chars") -> list[Any]:
     import great_expectations as gx
 
     e = gx.expectations
@@ -88,24 +86,12 @@ def rows_suite(cfg: DataConfig, verifier: str = "math", length_unit: str = "char
             column="answer_type", value_set=ANSWER_TYPES, description="answer is not text or a number"
         ),
     ]
-    if verifier == "countdown":
-        suite.append(
-            e.ExpectColumnValuesToBeNull(
-                column="countdown_issue",
-                description=(
-                    "not a countdown problem the verifier can check (a `numbers` list of integers, an "
-                    "integer target as answer, a valid `solution` if given)"
-                ),
-            )
+    suite.append(
+        e.ExpectColumnValuesToBeNull(
+            column="task_issue",
+            description=f"not a {task.name} problem the task can check ({task.description or 'its check_row'})",
         )
-    else:
-        suite.append(
-            e.ExpectColumnValuesToMatchRegex(
-                column="answer_final",
-                regex=NUMERIC,
-                description="answer is not a number the math verifier can read (GSM8K's `#### N` is fine)",
-            )
-        )
+    )
     return suite
 
 

@@ -5,15 +5,37 @@ from __future__ import annotations
 from typing import Any
 
 from pipelines.config import PromptConfig
+from pipelines.verifiers.task import Task
 
 Message = dict[str, str]
+
+
+def task_prompt(cfg: PromptConfig, task: Task) -> PromptConfig:
+    """data.prompt with what it leaves null taken from the task: the template the rows are built with.
+
+    >>> from pipelines.verifiers.math_task import TASK
+    >>> task_prompt(PromptConfig(), TASK).instruction
+    '{question} Give the final answer after ####.'
+    """
+    return PromptConfig(
+        system=task.system if cfg.system is None else (cfg.system or None),
+        instruction=task.instruction if cfg.instruction is None else cfg.instruction,
+        examples=[dict(e) for e in task.examples] if cfg.examples is None else cfg.examples,
+    )
+
+
+def question_of(prompt: Any, row: dict[str, Any] | None, task: Task | None) -> Any:
+    """The row's question as the task shows it (e.g. with its options); chat messages as written."""
+    if task is None or task.render is None or isinstance(prompt, list):
+        return prompt
+    return task.render(str(prompt), dict(row or {}))
 
 
 def build_messages(question: str | list[Message], cfg: PromptConfig) -> list[Message]:
     """Chat messages for one row. A row that already holds messages is kept as written.
 
-    >>> build_messages("What is 1 + 1?", PromptConfig(examples=[]))
-    [{'role': 'user', 'content': 'What is 1 + 1? Give the final answer after ####.'}]
+    >>> build_messages("What is 1 + 1?", PromptConfig(instruction="{question} Answer after ####.", examples=[]))
+    [{'role': 'user', 'content': 'What is 1 + 1? Answer after ####.'}]
     """
     if isinstance(question, list):
         messages = [dict(m) for m in question]
@@ -23,10 +45,11 @@ def build_messages(question: str | list[Message], cfg: PromptConfig) -> list[Mes
     messages: list[Message] = []
     if cfg.system:
         messages.append({"role": "system", "content": cfg.system})
-    for example in cfg.examples:
-        messages.append({"role": "user", "content": _fill(cfg.instruction, example["question"])})
+    instruction = cfg.instruction or "{question}"
+    for example in cfg.examples or []:
+        messages.append({"role": "user", "content": _fill(instruction, example["question"])})
         messages.append({"role": "assistant", "content": example["answer"]})
-    messages.append({"role": "user", "content": _fill(cfg.instruction, question)})
+    messages.append({"role": "user", "content": _fill(instruction, question)})
     return messages
 
 

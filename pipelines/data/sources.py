@@ -13,6 +13,7 @@ from pathlib import Path
 from pipelines.config import DataConfig
 from pipelines.data.errors import MAX_REPORTED, DataError
 from pipelines.data.generate import generate
+from pipelines.verifiers.task import Task
 from pipelines.data.readers import (
     Record,
     is_hf_dataset,
@@ -46,40 +47,42 @@ def resolve_path(cfg: DataConfig, root: Path) -> Path:
     return path if path.is_absolute() else root / path
 
 
-def source_label(cfg: DataConfig, root: Path) -> str:
+def source_label(cfg: DataConfig, root: Path, task: str = "math") -> str:
     """How reports name the source: the path as resolved, `hf:<name>`, or `generator:<task>`."""
     if not cfg.path:
-        return f"generator:{cfg.generator.task}"
+        return f"generator:{task}"
     if cfg.path.startswith(HUB_PREFIX):
         return cfg.path
     return str(resolve_path(cfg, root))
 
 
-def read_source(cfg: DataConfig, root: Path, keep_raw: bool = False) -> Table:
+def read_source(cfg: DataConfig, root: Path, keep_raw: bool = False, task: Task | None = None) -> Table:
     """Every row of the configured source, streamed into one Table.
 
     Refuses (DataError) a missing path, a folder with files of unknown kinds, a source without
     rows, and a file in which no row has the mapped prompt or answer column.
     """
     table = Table(cfg.columns, keep_raw=keep_raw)
-    for source, records in _sources(cfg, root):
+    for source, records in _sources(cfg, root, task):
         index = table.open_file(source)
         for record in records:
             table.add(index, record)
         _check_columns(table, index)
     if not len(table) and not table.unreadable:
         raise DataError(
-            f"{source_label(cfg, root)}: no rows. Fix: the data needs one row per problem with a prompt (or question) "
+            f"{source_label(cfg, root, task.name if task else 'math')}: no rows. Fix: the data needs one row per problem with a prompt (or question) "
             "and an answer column."
         )
     return table
 
 
-def _sources(cfg: DataConfig, root: Path) -> Iterator[tuple[SourceFile, Iterator[Record]]]:
+def _sources(cfg: DataConfig, root: Path, task: Task | None) -> Iterator[tuple[SourceFile, Iterator[Record]]]:
     if not cfg.path:
-        label = source_label(cfg, root)
-        rows = (Record(n, dict(row)) for n, row in enumerate(generate(cfg.generator), start=1))
-        yield SourceFile(label, "row", cfg.generator.task, "generator"), rows
+        if task is None:
+            from pipelines.verifiers.math_task import TASK as task
+        label = source_label(cfg, root, task.name)
+        rows = (Record(n, dict(row)) for n, row in enumerate(generate(cfg.generator, task), start=1))
+        yield SourceFile(label, "row", task.name, "generator"), rows
         return
     if cfg.path.startswith(HUB_PREFIX):
         name = cfg.path[len(HUB_PREFIX) :]

@@ -18,10 +18,10 @@ from typing import Any
 import pandas as pd
 
 from pipelines.config import Config, DataConfig
-from pipelines.data.checks import prompt_key, row_frame, token_counts
+from pipelines.data.checks import prompt_key, row_frame, task_rows, token_counts
 from pipelines.data.errors import DataError
 from pipelines.data.expectations import GxRun, leakage_suite, rows_suite, split_suite
-from pipelines.data.prompts import build_messages
+from pipelines.data.prompts import build_messages, question_of, task_prompt
 from pipelines.data.report import failure_message, outcome_entry, rejected_rows, row_reasons, unreadable_message
 from pipelines.data.sources import read_source, source_label
 from pipelines.data.split import three_way
@@ -29,6 +29,9 @@ from pipelines.data.table import Table
 from pipelines.hashing import digest_files
 from pipelines.io import carry_over, recover_dir, replace_dir, staging_dir, write_json
 from pipelines.paths import Paths
+from pipelines.verifiers import catalog
+from pipelines.verifiers.runner import VerifierError, run_limited
+from pipelines.verifiers.task import Task, TaskError
 
 # The splits in the order their bytes enter the dataset digest (hashing.digest_files).
 SPLIT_FILES = ("train", "val", "eval")
@@ -44,11 +47,40 @@ class ValidationResult:
     val_rows: int = 0
 
 
-def verifier_for(cfg: DataConfig) -> str:
-    """`data.verifier`, else what the built-in task needs (countdown), else `math`."""
-    if cfg.verifier:
-        return cfg.verifier
-    return "countdown" if not cfg.path and cfg.generator.task == "countdown" else "math"
+def load_task(cfg: Config, paths: Paths) -> Task:
+    """The configured task, its golden cases checked in the verifier worker: a task whose judge
+    and rewards disagree is refused before any data is written (DataError, every disagreement named)."""
+    try:
+        task = catalog.load(cfg.task, paths.root)
+        catalog.check_golden(task, timeout=cfg.data.check_timeout, knob="data.check_timeout")
+        for spec in cfg.train.rewards or []:
+            catalog.reward_function(task, spec.name)  # another task's reward: refused now, not after training
+    except TaskError as exc:
+        raise DataError(str(exc)) from None
+    return task
+
+
+def task_issues(table: Table, frame: pd.DataFrame, task: Task, timeout: float) -> None:
+    """Fill `task_issue` with the task's own check of each row (in the verifier worker, under `timeout`
+    seconds a batch of 4096 rows: the check may be a user's code)."""
+    indices, rows = task_rows(table, frame["answer_final"].tolist(), task)
+    if task.check_row is None or not rows:
+        return
+    issues: list[str | None] = []
+    for start in range(0, len(rows), 4096):
+        try:
+            (part,) = run_limited(
+                [(f"check_row of task {task.name!r}", task.check_rows, {})], (rows[start : start + 4096],), {},
+                timeout=timeout, what="verifier", knob="data.check_timeout",
+            )  # fmt: skip
+        except VerifierError as exc:
+            raise DataError(str(exc)) from None
+        issues.extend(part)
+    column = frame["task_issue"].tolist()
+    for i, issue in zip(indices, issues, strict=True):
+        if issue is not None:
+            column[i] = issue
+    frame["task_issue"] = column
 
 
 def tokenizer_dir(cfg: DataConfig, paths: Paths) -> Path | None:
@@ -62,10 +94,11 @@ def tokenizer_dir(cfg: DataConfig, paths: Paths) -> Path | None:
 
 def run(cfg: Config, paths: Paths) -> ValidationResult:
     data = cfg.data
-    source = source_label(data, paths.root)
+    source = source_label(data, paths.root, cfg.task)
     tolerant = data.max_rejected_fraction > 0
     try:
-        table = read_source(data, paths.root, keep_raw=tolerant)
+        task = load_task(cfg, paths)
+        table = read_source(data, paths.root, keep_raw=tolerant, task=task)
         if table.unreadable and not tolerant:
             raise DataError(unreadable_message(table, source))
     except DataError as exc:
@@ -73,13 +106,13 @@ def run(cfg: Config, paths: Paths) -> ValidationResult:
         write_json(paths.validation_report, {"source": source, "success": False, "error": str(exc), "expectations": []})
         raise
 
-    verifier = verifier_for(data)
     tokens_from = tokenizer_dir(data, paths)
-    tokens = token_counts(table, data, tokens_from) if tokens_from else None
-    frame = row_frame(table, data, verifier, tokens)
+    tokens = token_counts(table, data, tokens_from, task) if tokens_from else None
+    frame = row_frame(table, data, task, tokens)
+    task_issues(table, frame, task, data.check_timeout)
     gx = GxRun(paths.gx_root)
-    outcomes = gx.validate("rows", frame, rows_suite(data, verifier, "chars" if tokens is None else "tokens"))
-    issues = _countdown_issues(frame)
+    outcomes = gx.validate("rows", frame, rows_suite(data, task, "chars" if tokens is None else "tokens"))
+    issues = _task_issues(frame)
     reasons = row_reasons(outcomes, issues)
 
     # Split only the rows that passed: a rejected row must not decide where its neighbours go.
@@ -118,7 +151,7 @@ def run(cfg: Config, paths: Paths) -> ValidationResult:
         "rejected": rejected,
         "rejected_fraction": round(rejected / total, 6) if total else 0.0,
         "max_rejected_fraction": data.max_rejected_fraction,
-        "verifier": verifier,
+        "task": task.name,
         "length_unit": "characters" if tokens is None else "tokens",
         "tokenizer": str(tokens_from) if tokens_from else None,
         "unreadable": len(table.unreadable),
@@ -131,7 +164,7 @@ def run(cfg: Config, paths: Paths) -> ValidationResult:
         raise DataError(failure_message(source, failures, table, rejected, total, data.max_rejected_fraction))
 
     digest = _write_outputs(
-        table, frame, data, paths, {"train": train, "val": val, "eval": held_out}, rejected_rows(table, reasons)
+        table, frame, data, task, paths, {"train": train, "val": val, "eval": held_out}, rejected_rows(table, reasons)
     )
     report |= {"train_rows": len(train), "val_rows": len(val), "eval_rows": len(held_out), "digest": digest}
     write_json(paths.validation_report, report)
@@ -145,11 +178,9 @@ def run(cfg: Config, paths: Paths) -> ValidationResult:
     )
 
 
-def _countdown_issues(frame: pd.DataFrame) -> dict[int, str]:
-    if "countdown_issue" not in frame:
-        return {}
-    bad = frame[frame["countdown_issue"].notna()]
-    return dict(zip(bad["_row"].tolist(), bad["countdown_issue"].tolist(), strict=True))
+def _task_issues(frame: pd.DataFrame) -> dict[int, str]:
+    bad = frame[frame["task_issue"].notna()]
+    return dict(zip(bad["_row"].tolist(), bad["task_issue"].tolist(), strict=True))
 
 
 def _leakage_frame(table: Table, train: list[int], val: list[int], held_out: list[int]) -> pd.DataFrame:
@@ -177,6 +208,7 @@ def _write_outputs(
     table: Table,
     frame: pd.DataFrame,
     data: DataConfig,
+    task: Task,
     paths: Paths,
     splits: dict[str, list[int]],
     rejected: list[dict[str, Any]],
@@ -189,6 +221,7 @@ def _write_outputs(
     undone by the next run (pipelines/io.py `recover_dir`).
     """
     ids, finals = frame["id"].tolist(), frame["answer_final"].tolist()
+    template = task_prompt(data.prompt, task)
 
     def rows(indices: list[int]) -> Iterable[dict[str, Any]]:
         # Built one at a time while writing: a million rows never exist twice as dicts.
@@ -196,7 +229,7 @@ def _write_outputs(
             yield {
                 **(table.extras[i] or {}),
                 "id": ids[i],
-                "prompt": build_messages(table.prompt[i], data.prompt),
+                "prompt": build_messages(question_of(table.prompt[i], table.extras[i], task), template),
                 "answer": finals[i],
             }
 

@@ -15,7 +15,7 @@ ROWS = (
     ("pass@k (sampled)", "pass_at_k"),
     ("maj@k (majority vote)", "maj_at_k"),
     ("mean@k (sampled)", "mean_at_k"),
-    ("last number correct (greedy)", "last_number_accuracy"),
+    ("lenient (greedy; the task's looser reading)", "lenient_accuracy"),
     ("format rate (greedy)", "format_rate"),
     ("format rate (sampled)", "sample_format_rate"),
     ("mean completion tokens (greedy)", "mean_length"),

@@ -1,6 +1,6 @@
 """Score one model on the held-out problems: a greedy answer and k sampled answers per problem.
 
-Each answer is judged by the verifiers the policy was trained against (strict `#### N`). The
+Each answer is judged by the task's judge, the one the policy's rewards were checked against. The
 per-problem outcomes are kept, not only the averages, because the comparison between models is
 paired problem by problem.
 """
@@ -12,7 +12,8 @@ from typing import Any
 
 from pipelines.config import EvaluateConfig
 from pipelines.verifiers.judge import judge_all
-from pipelines.verifiers.math_answer import answers_match, parse_number
+from pipelines.verifiers.math_answer import parse_number
+from pipelines.verifiers.task import Task
 
 
 def majority_answer(answers: list[str | None]) -> str | None:
@@ -42,14 +43,23 @@ def _vote_key(answer: str | None) -> str | None:
 
 
 def answer_problems(
-    model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: EvaluateConfig, label: str, backend: str = "lean"
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    cfg: EvaluateConfig,
+    label: str,
+    backend: str = "lean",
+    task: Task | None = None,
 ) -> list[dict[str, Any]]:
-    """One outcome per row: the greedy answer's verdict, and k sampled answers with pass/mean/maj@k."""
+    """One outcome per row: the greedy answer's verdict by the task's judge, and k sampled answers
+    with pass/mean/maj@k."""
     import torch
     from tqdm.auto import tqdm  # disable=None: a bar on a terminal, none in logs and pipes
 
     from pipelines.generation.rollout import generate
 
+    if task is None:
+        from pipelines.verifiers.math_task import TASK as task
     outcomes: list[dict[str, Any]] = []
     for start in tqdm(range(0, len(rows), cfg.batch_size), desc=f"eval {label} greedy", unit="batch", disable=None):
         chunk = rows[start : start + cfg.batch_size]
@@ -63,7 +73,7 @@ def answer_problems(
             bf16=cfg.bf16,
             backend=backend,
         )
-        verdicts = judge_all(rollout.texts, [r["answer"] for r in chunk], timeout=cfg.judge_timeout)
+        verdicts = judge_all(rollout.texts, chunk, task=task, timeout=cfg.judge_timeout)
         for row, text, length, truncated, verdict in zip(
             chunk, rollout.texts, rollout.lengths.tolist(), rollout.truncated.tolist(), verdicts, strict=True
         ):
@@ -75,7 +85,8 @@ def answer_problems(
                     "completion": text,
                     "correct": verdict["correct"],
                     "format": verdict["format"],
-                    "last_number_correct": verdict["last_number_correct"],
+                    "extracted": verdict["extracted"],
+                    "lenient": verdict["lenient"],
                     "length": int(length),
                     "truncated": bool(truncated),
                 }
@@ -103,8 +114,8 @@ def answer_problems(
             seeds=[cfg.seed * 1_000_003 + start + i for i in range(len(chunk))] if backend == "vllm" else None,
         )
         lengths, truncated = rollout.lengths.tolist(), rollout.truncated.tolist()
-        answers = [r["answer"] for r in chunk for _ in range(cfg.k)]  # generate lays completions out group after group
-        verdicts = judge_all(rollout.texts, answers, timeout=cfg.judge_timeout)
+        group_rows = [r for r in chunk for _ in range(cfg.k)]  # generate lays completions out group after group
+        verdicts = judge_all(rollout.texts, group_rows, task=task, timeout=cfg.judge_timeout)
         for i, row in enumerate(chunk):
             group = range(i * cfg.k, (i + 1) * cfg.k)  # generate lays completions out group after group
             samples = []
@@ -126,15 +137,21 @@ def answer_problems(
             outcome["pass_at_k"] = any(s["correct"] for s in samples)
             outcome["mean_at_k"] = sum(s["correct"] for s in samples) / len(samples)
             outcome["majority_answer"] = majority
-            outcome["maj_at_k"] = answers_match(majority, row["answer"])
+            # The judge's verdict on a sample that gave the majority answer: right by the task's rules.
+            outcome["maj_at_k"] = majority is not None and any(
+                s["correct"]
+                for s in samples
+                if s["extracted"] is not None and _vote_key(s["extracted"]) == _vote_key(majority)
+            )
     return outcomes
 
 
 def summarize(outcomes: list[dict[str, Any]]) -> dict[str, float]:
-    """Averages over problems. `accuracy` is greedy pass@1 in the strict `#### N` format.
+    """Averages over problems. `accuracy` is greedy pass@1 by the task's strict verdict, and
+    `lenient_accuracy` by its lenient reading.
 
     >>> sample = {"format": True, "length": 2, "truncated": False}
-    >>> s = summarize([{"correct": True, "format": True, "last_number_correct": True, "length": 4, "truncated": False,
+    >>> s = summarize([{"correct": True, "format": True, "lenient": True, "length": 4, "truncated": False,
     ...   "pass_at_k": True, "mean_at_k": 0.5, "maj_at_k": False, "samples": [sample] * 2}])
     >>> s["accuracy"], s["mean_at_k"], s["k"]
     (1.0, 0.5, 2.0)
@@ -143,7 +160,7 @@ def summarize(outcomes: list[dict[str, Any]]) -> dict[str, float]:
     summary = {
         "accuracy": sum(o["correct"] for o in outcomes) / n,
         "format_rate": sum(o["format"] for o in outcomes) / n,
-        "last_number_accuracy": sum(o["last_number_correct"] for o in outcomes) / n,
+        "lenient_accuracy": sum(o["lenient"] for o in outcomes) / n,
         "mean_length": sum(o["length"] for o in outcomes) / n,
         "truncation_rate": sum(o["truncated"] for o in outcomes) / n,
         "problems": float(len(outcomes)),

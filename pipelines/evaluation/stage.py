@@ -16,11 +16,14 @@ from typing import Any
 
 from pipelines.config import Config, EvaluateConfig
 from pipelines.evaluation import report
+from pipelines.evaluation.agreement import ledger_agreement
 from pipelines.evaluation.scoring import answer_problems, summarize
 from pipelines.evaluation.stats import paired_comparison
 from pipelines.hashing import folder_sha256
 from pipelines.io import read_jsonl, write_json, write_jsonl, write_text
 from pipelines.paths import Paths
+from pipelines.verifiers import catalog
+from pipelines.verifiers.task import Task
 from pipelines.verifiers.versions import verifier_versions
 
 
@@ -61,12 +64,12 @@ def headline(evaluation: dict[str, Any]) -> dict[str, float]:
     """The candidate's figures people compare across runs: strict and lenient accuracy, pass@k, format rate, and
     the accuracy gain over the reference (metrics/eval.json; the rest is in reports/eval.json).
 
-    >>> headline({"policy": {"accuracy": 0.5, "last_number_accuracy": 0.6, "pass_at_k": 0.7, "format_rate": 0.9,
+    >>> headline({"policy": {"accuracy": 0.5, "lenient_accuracy": 0.6, "pass_at_k": 0.7, "format_rate": 0.9,
     ...           "mean_length": 40.0}, "gain": 0.1})
     {'accuracy': 0.5, 'lenient_accuracy': 0.6, 'pass_at_k': 0.7, 'format_rate': 0.9, 'gain': 0.1}
     """
     policy = evaluation["policy"]
-    figures = {"accuracy": policy["accuracy"], "lenient_accuracy": policy.get("last_number_accuracy")}
+    figures = {"accuracy": policy["accuracy"], "lenient_accuracy": policy.get("lenient_accuracy")}
     figures.update({key: policy.get(key) for key in ("pass_at_k", "format_rate")})
     figures["gain"] = evaluation.get("gain")
     return {key: value for key, value in figures.items() if value is not None}
@@ -81,10 +84,14 @@ def write_outputs(
     champion_own_base: bool = False,
     candidate_sha256: str,
     reference_sha256: str,
+    task: Task | None = None,
+    agreement: dict[str, Any] | None = None,
 ) -> EvalResult:
     """reports/eval.json (the whole evaluation, which the gate reads), metrics/eval.json (the candidate's headline
     figures, for `dvc metrics show`), reports/eval-samples.jsonl, reports/eval.md and its chart, from per-problem
     outcomes."""
+    if task is None:
+        from pipelines.verifiers.math_task import TASK as task
     summaries = {label: summarize(rows) for label, rows in outcomes.items() if rows}
     comparison = compare(outcomes, cfg)
     evaluation = {
@@ -98,7 +105,11 @@ def write_outputs(
         "settings": cfg.model_dump(),
         "candidate_sha256": candidate_sha256,
         "reference_sha256": reference_sha256,
-        "verifiers": verifier_versions(["judge"]),  # the code that judged every model here (verifiers/versions.py)
+        "task": {"name": task.name, "description": task.description, "lenient": task.lenient_name},
+        "verifiers": verifier_versions(
+            task, ["judge"]
+        ),  # the code that judged every model here (verifiers/versions.py)
+        "agreement": agreement,  # the judge vs training's correctness reward on the ledger (agreement.py)
     }
     samples = [row for label in ("reference", "champion", "policy") for row in outcomes.get(label) or []]
     write_jsonl(paths.eval_samples, samples)
@@ -134,6 +145,7 @@ def run(cfg: Config, paths: Paths) -> EvalResult:
     set_threads(cfg.runtime.num_threads)
     manifest = verify(paths.reference_dir)
     rows = read_jsonl(paths.eval_split)
+    task = catalog.load(cfg.task, paths.root)
     if e.champion:
         from pipelines.mlflow_store import check_reachable
 
@@ -146,9 +158,10 @@ def run(cfg: Config, paths: Paths) -> EvalResult:
             else None
         )
         if cfg.runtime.rollout_backend == "vllm":
-            outcomes = _score_on_vllm(cfg, paths, rows, champion)
+            outcomes = _score_on_vllm(cfg, paths, rows, champion, task)
         else:
-            outcomes = _score_locally(cfg, paths, rows, champion)
+            outcomes = _score_locally(cfg, paths, rows, champion, task)
+    agreement = ledger_agreement(paths.root, paths.train_split, task, timeout=e.judge_timeout)
     return write_outputs(
         paths,
         e,
@@ -157,11 +170,13 @@ def run(cfg: Config, paths: Paths) -> EvalResult:
         champion_own_base=bool(champion and champion.base_dir),
         candidate_sha256=folder_sha256(paths.policy_dir),
         reference_sha256=manifest["sha256"],
+        task=task,
+        agreement=agreement,
     )
 
 
 def _score_locally(
-    cfg: Config, paths: Paths, rows: list[dict[str, Any]], champion: Any
+    cfg: Config, paths: Paths, rows: list[dict[str, Any]], champion: Any, task: Task
 ) -> dict[str, list[dict[str, Any]]]:
     """Reference, policy and champion, each on a decoding copy in this process."""
     from peft import PeftModel
@@ -173,22 +188,22 @@ def _score_locally(
     decode = e.model_copy(update={"bf16": False})  # the decoding copies below already hold bf16 weights
     outcomes: dict[str, list[dict[str, Any]]] = {}
     base, tokenizer = load_reference(paths.reference_dir, cfg.snapshot.trust_remote_code)
-    outcomes["reference"] = answer_problems(_decoder(base, e.bf16), tokenizer, rows, decode, "reference", backend)
+    outcomes["reference"] = answer_problems(_decoder(base, e.bf16), tokenizer, rows, decode, "reference", backend, task)
     policy = PeftModel.from_pretrained(base, paths.policy_dir).eval()  # wraps `base` in place
-    outcomes["policy"] = answer_problems(_decoder(policy, e.bf16), tokenizer, rows, decode, "policy", backend)
+    outcomes["policy"] = answer_problems(_decoder(policy, e.bf16), tokenizer, rows, decode, "policy", backend, task)
     del policy, base
     if champion is not None:
         champ_base, champ_tokenizer = load_reference(
             champion.base_dir or paths.reference_dir, cfg.snapshot.trust_remote_code
         )
         champ = PeftModel.from_pretrained(champ_base, champion.adapter_dir).eval()
-        scored = answer_problems(_decoder(champ, e.bf16), champ_tokenizer, rows, decode, "champion", backend)
+        scored = answer_problems(_decoder(champ, e.bf16), champ_tokenizer, rows, decode, "champion", backend, task)
         outcomes["champion"] = [dict(o, version=champion.version) for o in scored]
     return outcomes
 
 
 def _score_on_vllm(
-    cfg: Config, paths: Paths, rows: list[dict[str, Any]], champion: Any
+    cfg: Config, paths: Paths, rows: list[dict[str, Any]], champion: Any, task: Task
 ) -> dict[str, list[dict[str, Any]]]:
     """Reference, policy and champion on one vLLM server: the base model and two adapters on it."""
     import json
@@ -223,7 +238,7 @@ def _score_on_vllm(
             models[label] = RemoteModel(client, name)
         try:
             outcomes = {
-                label: answer_problems(model, tokenizer, rows, cfg.evaluate, label, "vllm")
+                label: answer_problems(model, tokenizer, rows, cfg.evaluate, label, "vllm", task)
                 for label, model in models.items()
             }
         finally:

@@ -19,6 +19,7 @@ from pipelines.grpo import distributed
 from pipelines.grpo.advantages import combine_rewards, group_advantages
 from pipelines.grpo.prompt_sampler import PromptSampler
 from pipelines.grpo.reward_runner import score
+from pipelines.verifiers.task import Task
 
 
 @dataclass
@@ -42,6 +43,7 @@ def sample_batch(
     step: int = 0,
     world: distributed.World = distributed.SINGLE,
     signal_rate: float = 1.0,
+    task: Task | None = None,
 ) -> Batch:
     """Groups of completions for `prompts_per_step` prompts, scored.
 
@@ -67,7 +69,7 @@ def sample_batch(
         rows = sampler.take(math.ceil(need * factor - 1e-9))  # the same prompts in every process
         seeds = [prompt_seed(t.seed, step, seen + i) for i in range(len(rows))]
         part = world.shard(len(rows))  # whole groups: each process scores the groups it sampled
-        rollout, mine = _sample_and_score(model, tokenizer, rows[part], seeds[part], cfg, autocast)
+        rollout, mine = _sample_and_score(model, tokenizer, rows[part], seeds[part], cfg, autocast, task)
         per_fn = world.gather(mine)
         is_mine = torch.zeros(len(rows) * G, dtype=torch.bool)
         is_mine[part.start * G : part.stop * G] = True
@@ -118,7 +120,13 @@ def oversample(t: Any, signal_rate: float) -> float:
 
 
 def _sample_and_score(
-    model: Any, tokenizer: Any, rows: list[dict[str, Any]], seeds: list[int], cfg: Config, autocast: bool | None
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    seeds: list[int],
+    cfg: Config,
+    autocast: bool | None,
+    task: Task | None = None,
 ) -> tuple[Rollout, torch.Tensor]:
     """This process's groups for `rows`, and their rewards (completions, reward functions).
 
@@ -151,5 +159,6 @@ def _sample_and_score(
         G,
         timeout=t.reward_timeout,
         extra={"completion_ids": rollout.completion_token_lists(), "max_completion_length": t.max_completion_length},
+        task=task,
     )
     return rollout, scores

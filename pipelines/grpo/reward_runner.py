@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from pipelines.config import RewardSpec
-from pipelines.verifiers.rewards import get_reward
+from pipelines.verifiers.catalog import reward_function
 from pipelines.verifiers.runner import VerifierError, run_limited
+from pipelines.verifiers.task import Task
 
 
 class RewardError(VerifierError):
@@ -36,15 +37,19 @@ def score(
     *,
     timeout: float,
     extra: dict[str, Any] | None = None,
+    task: Task | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """(per-function rewards as an (N, F) tensor with NaN for None, each function's mean).
 
     Each function gets `timeout` seconds for the whole batch; `spec.params` are keyword arguments
-    that the dataset's columns override (as `functools.partial` would).
+    that the dataset's columns override (as `functools.partial` would). The names are the task's
+    rewards (catalog.reward_function); no task = the math task.
     """
+    if task is None:
+        from pipelines.verifiers.math_task import TASK as task
     prompts = [r["prompt"] for r in rows for _ in range(group)]
     columns = reward_columns(rows, group) | (extra or {})
-    jobs = [(spec.name, get_reward(spec.name), dict(spec.params)) for spec in specs]
+    jobs = [(spec.name, reward_function(task, spec.name), dict(spec.params)) for spec in specs]
     try:
         results = run_limited(
             jobs, (prompts, texts), columns, timeout=timeout, what="reward function", knob="train.reward_timeout"
@@ -58,11 +63,31 @@ def score(
     for spec, values in zip(specs, results, strict=True):
         if not isinstance(values, (list, tuple)) or len(values) != len(texts):
             got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
-            raise RewardError(f"reward function {spec.name!r} returned {got} values for {len(texts)} completions")
-        try:
-            column = torch.tensor([math.nan if v is None else float(v) for v in values])
-        except (TypeError, ValueError) as exc:
-            raise RewardError(f"reward function {spec.name!r} returned a non-number: {exc}") from exc
+            raise RewardError(
+                f"reward function {spec.name!r} returned {got} values for {len(texts)} completions: it must return "
+                "one float (or None) per completion"
+            )
+        column = torch.tensor(
+            [math.nan if v is None else _finite(v, spec.name, i, rows, group) for i, v in enumerate(values)]
+        )
         per_fn.append(column)
         means[f"rewards/{spec.name}/mean"] = float(column.nanmean()) if not column.isnan().all() else math.nan
     return torch.stack(per_fn, dim=1), means
+
+
+def _finite(value: Any, name: str, index: int, rows: list[dict[str, Any]], group: int) -> float:
+    """`value` as a float, or a RewardError naming the function, the completion and its row."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+        kind = f"a {type(value).__name__}"
+    else:
+        kind = "not a finite number"
+    if math.isfinite(number):
+        return number
+    row = rows[index // group] if rows else {}
+    raise RewardError(
+        f"reward function {name!r} returned {value!r} ({kind}) for completion {index} (row {row.get('id')!r}): "
+        "a reward must be a finite float, or None where it does not apply"
+    )

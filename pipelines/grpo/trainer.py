@@ -44,6 +44,8 @@ from pipelines.grpo.validation import Watch, mean_reward_since, score_split
 from pipelines.io import read_jsonl, staged_dir, write_text
 from pipelines.paths import Paths
 from pipelines.snapshot.manifest import verify
+from pipelines.verifiers import catalog
+from pipelines.verifiers.task import Task
 from pipelines.verifiers.versions import verifier_versions
 
 log = logging.getLogger(__name__)
@@ -98,8 +100,18 @@ def fingerprint(cfg: Config, reference_sha: str, train_bytes: bytes) -> str:
     """What must be equal for a checkpoint to be resumed: training config, reference and data."""
     # Not the number of processes: a data-parallel run makes the same updates as one process.
     train = cfg.train.model_dump(exclude={"num_processes", "ledger_every"})
-    payload = json.dumps({"train": train, "ref": reference_sha}, sort_keys=True).encode()
+    payload = json.dumps({"train": train, "ref": reference_sha, "task": cfg.task}, sort_keys=True).encode()
     return hashlib.sha256(payload + hashlib.sha256(train_bytes).digest()).hexdigest()
+
+
+def task_setup(cfg: Config, paths: Paths) -> tuple[Config, Task, str | None]:
+    """The task, the config with its rewards filled in (train.rewards null = the task's own), and a
+    warning when they leave out the task's correctness reward. Before anything trains, the judge and
+    the correctness reward must agree on the task's golden cases (catalog.check_golden)."""
+    task = catalog.load(cfg.task, paths.root)  # a TaskError is a ConfigError: one line on the command line
+    cfg = catalog.with_rewards(cfg, task)
+    catalog.check_golden(task, timeout=cfg.train.reward_timeout, knob="train.reward_timeout")
+    return cfg, task, catalog.correctness_warning(task, [s.name for s in cfg.train.rewards])
 
 
 def run(cfg: Config, paths: Paths, log_to_mlflow: bool = True) -> TrainResult:
@@ -163,6 +175,7 @@ def train(
     cfg: Config, paths: Paths, world: distributed.World = distributed.SINGLE, log_to_mlflow: bool = True
 ) -> TrainResult:
     """The training loop of one process (rank `world.rank` of `world.size`)."""
+    cfg, task, disagreement = task_setup(cfg, paths)
     t, G = cfg.train, cfg.train.num_generations
     set_threads(cfg.runtime.num_threads)
     torch.manual_seed(t.seed)
@@ -199,7 +212,7 @@ def train(
         score = score_split(
             copy.model, tokenizer, val_rows, step=step, max_new_tokens=cfg.evaluate.max_new_tokens,
             batch_size=cfg.evaluate.batch_size, backend=cfg.runtime.rollout_backend,
-            judge_timeout=cfg.evaluate.judge_timeout,
+            judge_timeout=cfg.evaluate.judge_timeout, task=task,
         )  # fmt: skip
         score.reward = mean_reward_since(history, previous) if step > 0 else None
         alarms = watch.add(score)
@@ -219,6 +232,9 @@ def train(
     try:
         if world.is_main:
             log.info("training %d steps from step %d: %s", t.steps, start, _plan(cfg))
+            if disagreement:
+                log.warning(disagreement)
+                logger.tags({"task_warning": disagreement[:5000]})
             if inert := on_policy_knobs_warning(t):
                 log.warning(inert)
         if val_rows and not watch.scores:
@@ -238,7 +254,15 @@ def train(
             signal_rate = 1.0 - history[-1]["frac_reward_zero_std"] if history else 1.0
             skipped_before = sampler.skipped
             batch = sample_batch(
-                copy.model, tokenizer, sampler, cfg, autocast=False, step=step, world=world, signal_rate=signal_rate
+                copy.model,
+                tokenizer,
+                sampler,
+                cfg,
+                autocast=False,
+                step=step,
+                world=world,
+                signal_rate=signal_rate,
+                task=task,
             )
             rollout = batch.rollout
             generated = time.perf_counter()
@@ -406,14 +430,15 @@ def train(
             "selected_step": selected,
             "validation": validation,
             "mlflow_run_id": logger.run_id,
-            "verifiers": verifier_versions(s.name for s in t.rewards),  # pipelines/verifiers/versions.py
+            "task": task.name,
+            "verifiers": verifier_versions(task, [s.name for s in t.rewards]),  # pipelines/verifiers/versions.py
         }
         write_summary(paths, summary)  # reports/train.json, and its headline figures in metrics/train.json
         write_text(paths.train_plot, history_csv(history))
         write_text(paths.val_plot, scores_csv(watch.scores, history))
         if validation:
             logger.tags({"selected_step": str(selected), "validation_time_share": f"{validation['time_share']:.3f}"})
-        logger.tags({f"verifier/{k}": v for k, v in verifier_versions(s.name for s in t.rewards).items()})
+        logger.tags({"task": task.name, **{f"verifier/{k}": v for k, v in summary["verifiers"].items()}})
         logger.checkpoint_models(watch.scores, selected, model, tokenizer)  # each validated step (logged_models.py)
         logger.finish(training_curves(history, paths.train_curves, watch.scores), summary)
     return TrainResult(steps=done, final_reward=final.get("reward", math.nan), run_id=logger.run_id, resumed_from=start)

@@ -15,8 +15,8 @@ no gradients), and keeps:
   `train.decline_window` evaluations, or when lenient accuracy (the last number is right, any
   format) falls below the reference's; in both, by more than `train.decline_tolerance` standard
   errors, so that a problem or two of noise on a small split does not sound it.
-The judge is evaluation's (verifiers/judge.py), with evaluation's decoding length, so validation
-predicts what `evaluate` will see on the test split.
+The judge is evaluation's (the task's, verifiers/task.py), with evaluation's decoding length, so
+validation predicts what `evaluate` will see on the test split.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 
 from pipelines.generation.rollout import generate
 from pipelines.verifiers.judge import judge_all
+from pipelines.verifiers.task import Task
 
 
 @dataclass
@@ -61,8 +62,11 @@ def score_split(
     batch_size: int,
     backend: str = "lean",
     judge_timeout: float = 30.0,
+    task: Task | None = None,
 ) -> Score:
-    """Greedy answers to every row, judged strict, lenient and for format."""
+    """Greedy answers to every row, judged by the task's judge: strict, lenient and for format."""
+    if task is None:
+        from pipelines.verifiers.math_task import TASK as task
     started = time.perf_counter()
     correct = lenient = formatted = 0
     for start in range(0, len(rows), batch_size):
@@ -72,10 +76,10 @@ def score_split(
             do_sample=False, backend=backend,
         )  # fmt: skip
         # In the verifier worker, under evaluation's limit: model output is hostile text.
-        verdicts = judge_all(rollout.texts, [str(r["answer"]) for r in chunk], timeout=judge_timeout)
+        verdicts = judge_all(rollout.texts, chunk, task=task, timeout=judge_timeout)
         for verdict in verdicts:
             correct += verdict["correct"]
-            lenient += verdict["last_number_correct"]
+            lenient += verdict["lenient"]
             formatted += verdict["format"]
     n = max(len(rows), 1)
     return Score(step, correct / n, lenient / n, formatted / n, time.perf_counter() - started, problems=len(rows))

@@ -32,7 +32,14 @@ from pipelines.mlflow_store import CHALLENGER, setup
 from pipelines.paths import Paths
 from pipelines.registry import parity, promotion
 from pipelines.registry.promotion import PromotionError
-from pipelines.registry.stage import ensure_reference, example_question, expect_export, model_folder, reference_name
+from pipelines.registry.stage import (
+    ensure_reference,
+    example_question,
+    expect_export,
+    model_folder,
+    prompt_template,
+    reference_name,
+)
 
 MODEL_ID = re.compile(r"m-[0-9a-f]+")
 STEP = re.compile(r"(?:step-)?(\d+)")
@@ -199,14 +206,17 @@ def _pyfunc_folder(
     shipped = {p.name for p in adapter.iterdir()}
     if "MLmodel" in shipped:  # registered before: already a pyfunc model, and a version's files never change
         return adapter, shipped
+    template = prompt_template(cfg, paths)
     config = {
         "reference_model_uri": reference_uri,
         "reference_sha256": reference_sha,
         "base_path": "",  # set at load time to use a local copy of the reference instead
         "max_new_tokens": cfg.evaluate.max_new_tokens,
-        "prompt": cfg.data.prompt.model_dump(),
+        "prompt": template.model_dump(),
     }
-    folder = model_folder(adapter, tmp / "pyfunc", config, example_question(paths, cfg.data.prompt.instruction))
+    folder = model_folder(
+        adapter, tmp / "pyfunc", config, example_question(paths, template.instruction or "{question}")
+    )
     # As mlflow's own log_model writes it: the MLmodel names the logged model and run it belongs to.
     mlmodel = Model.load(str(folder))
     mlmodel.model_id, mlmodel.run_id = model.model_id, model.source_run_id

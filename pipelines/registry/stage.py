@@ -25,13 +25,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import Config
+from pipelines.config import Config, PromptConfig
+from pipelines.data.prompts import task_prompt
 from pipelines.hashing import folder_sha256
 from pipelines.io import read_jsonl, write_json
 from pipelines.mlflow_store import CHALLENGER, flatten, setup
 from pipelines.paths import Paths
 from pipelines.registry import gate, lineage, parity, promotion, pyfunc_model
 from pipelines.source import mlflow_source_tags
+from pipelines.verifiers import catalog
 
 # MLflow's key for a run's description.
 NOTE = "mlflow.note.content"
@@ -107,6 +109,11 @@ def model_folder(policy_dir: Path, dest: Path, model_config: dict[str, Any], exa
     return dest
 
 
+def prompt_template(cfg: Config, paths: Paths) -> PromptConfig:
+    """The template the policy was trained with: data.prompt, with what it leaves null from the task."""
+    return task_prompt(cfg.data.prompt, catalog.load(cfg.task, paths.root))
+
+
 def test_questions(paths: Paths, instruction: str, n: int = 1) -> list[str]:
     """Up to `n` questions as the pyfunc model takes them (plain text): the first test problems', out of
     their instruction.
@@ -154,6 +161,9 @@ def held_out_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
         comparison = (evaluation.get("comparison") or {}).get(f"policy_vs_{other}")
         if comparison:
             metrics[f"test/gain_vs_{other}"] = float(comparison["diff"])
+    agreement = evaluation.get("agreement") or {}
+    if agreement.get("checked"):  # the judge vs training's correctness reward (evaluation/agreement.py)
+        metrics["test/judge_reward_disagreement"] = float(agreement["share"])
     return metrics
 
 
@@ -167,7 +177,7 @@ def describe_registration(evaluation: dict[str, Any], name: str, version: str, p
         "",
         f"- **test split** ({int(policy.get('problems', 0))} problems): accuracy {policy['accuracy']:.3f} vs reference "
         f"{reference['accuracy']:.3f} (gain {policy['accuracy'] - reference['accuracy']:+.3f}{interval}); lenient "
-        f"{policy.get('last_number_accuracy', float('nan')):.3f}, pass@k {policy.get('pass_at_k', float('nan')):.3f}, "
+        f"{policy.get('lenient_accuracy', float('nan')):.3f}, pass@k {policy.get('pass_at_k', float('nan')):.3f}, "
         f"format {policy.get('format_rate', float('nan')):.3f}",
     ]
     if evaluation.get("champion"):
@@ -197,7 +207,9 @@ def load_evidence(paths: Paths, evaluation: dict[str, Any], champion_now: str | 
     lenient: dict[str, dict[str, bool]] = {}
     for row in read_jsonl(paths.eval_samples):
         by_model.setdefault(row["model"], {})[row["id"]] = bool(row["correct"])
-        lenient.setdefault(row["model"], {})[row["id"]] = bool(row.get("last_number_correct", False))
+        lenient.setdefault(row["model"], {})[row["id"]] = bool(
+            row.get("lenient", row.get("last_number_correct", False))
+        )
     ids = list(by_model.get("policy", {}))
     try:
         return gate.Evidence(
@@ -241,11 +253,12 @@ def expect_export(cfg: Config, paths: Paths, adapter_dir: Path, reference_dir: P
     when registry.export_check is off); ParityError at once for an adapter that does not change its base."""
     if not cfg.registry.export_check:
         return None
+    template = prompt_template(cfg, paths)
     return parity.expect(
         reference_dir,
         adapter_dir,
-        cfg.data.prompt.model_dump(),
-        test_questions(paths, cfg.data.prompt.instruction, n=3) or [pyfunc_model.EXAMPLE_QUESTION],
+        template.model_dump(),
+        test_questions(paths, template.instruction or "{question}", n=3) or [pyfunc_model.EXAMPLE_QUESTION],
         cfg.registry.export_atol,
         cfg.snapshot.trust_remote_code,
     )
@@ -337,7 +350,7 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
             "reference_sha256": manifest["sha256"],
             "base_path": "",  # set at load time to use a local copy of the reference instead
             "max_new_tokens": cfg.evaluate.max_new_tokens,
-            "prompt": cfg.data.prompt.model_dump(),
+            "prompt": prompt_template(cfg, paths).model_dump(),
         }
         # A run registered again (after a new evaluation) gets a new folder: a version's files never change.
         taken = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -347,7 +360,7 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
                 paths.policy_dir,
                 Path(tmp) / "policy",
                 model_config,
-                example_question(paths, cfg.data.prompt.instruction),
+                example_question(paths, prompt_template(cfg, paths).instruction or "{question}"),
             )
             mlflow.log_artifacts(str(folder), artifact_path)
         parity_report = verify_export(expected, f"runs:/{run.info.run_id}/{artifact_path}", run.info.run_id)
@@ -367,6 +380,7 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
             **tags,
             **eval_tags(evaluation),
             **verifier_tags(train, evaluation),
+            "task": str((evaluation.get("task") or {}).get("name", cfg.task)),
             "reference_model_uri": reference_uri,
             **({"export_parity": parity_report.summary()} if parity_report else {}),
         },

@@ -141,7 +141,9 @@ def _task_in(module: Any, spec: str, attr: str | None) -> Task:
         try:
             value = value()
         except TypeError as exc:
-            raise TaskError(f"task {spec!r}: {value.__name__}() needs no arguments to be used as a task ({exc})") from None
+            raise TaskError(
+                f"task {spec!r}: {value.__name__}() needs no arguments to be used as a task ({exc})"
+            ) from None
     if not isinstance(value, Task):
         raise TaskError(
             f"task {spec!r}: {attr or 'TASK'} in {where} is a {type(value).__name__}, not a "
@@ -179,6 +181,17 @@ def reward_function(task: Task, name: str) -> RewardFn:
 def default_rewards(task: Task) -> list[dict[str, Any]]:
     """`train.rewards` when params.yaml leaves it null: the task's rewards at their default weights."""
     return [{"name": r.name, "weight": r.weight} for r in task.rewards]
+
+
+def with_rewards(cfg: Any, task: Task) -> Any:
+    """The config with `train.rewards` filled in (null = the task's own) and every name checked
+    against the task (another task's reward is refused: `reward_function`)."""
+    from pipelines.config import RewardSpec
+
+    specs = cfg.train.rewards or [RewardSpec(**d) for d in default_rewards(task)]
+    for spec in specs:
+        reward_function(task, spec.name)
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"rewards": specs})})
 
 
 def correctness_warning(task: Task, names: list[str]) -> str | None:

@@ -98,8 +98,7 @@ def choice_format_reward(
     [1.0, 0.0, 0.0]
     """
     return [
-        1.0 if judge(c, {"options": o, "answer": ""}).format else 0.0
-        for c, o in zip(completions, options, strict=True)
+        1.0 if judge(c, {"options": o, "answer": ""}).format else 0.0 for c, o in zip(completions, options, strict=True)
     ]
 
 

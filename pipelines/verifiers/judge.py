@@ -35,21 +35,21 @@ def judge_all(
     texts: list[str],
     rows: list[dict[str, Any]],
     *,
-    task: Task | None = None,
+    task: Task,
     timeout: float,
     knob: str = "evaluate.judge_timeout",
 ) -> list[dict[str, Any]]:
     """The task's verdict on each completion and its dataset row ({extracted, correct, format,
     lenient}), in the verifier worker process, stopped after `timeout` seconds with a VerifierError
-    that names the limit's config key (`knob`). No task = the math task.
+    that names the limit's config key (`knob`).
 
-    >>> [v["format"] for v in judge_all(["#### 4", "4"], [{"answer": "4"}] * 2, timeout=30)]
+    >>> from pipelines.verifiers.choice_task import TASK
+    >>> [v["format"] for v in judge_all(["#### B", "#### 4"], [{"options": ["3", "4"], "answer": "B"}] * 2, task=TASK,
+    ...                                 timeout=30)]
     [True, False]
     """
     if not texts:
         return []
-    if task is None:
-        from pipelines.verifiers.math_task import TASK as task
     (verdicts,) = run_limited(
         [(f"judge of task {task.name!r}", task.judge_batch, {})], (list(texts), [dict(r) for r in rows]), {},
         timeout=timeout, what="verifier", knob=knob,

@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelines.config import ConfigError
+
 RewardFn = Callable[..., list[float | None]]
 # Built-in prompt instructions put the question where `{question}` is (str.replace, never format).
 DEFAULT_INSTRUCTION = "{question}"
@@ -51,7 +53,12 @@ class Verdict:
         {'extracted': None, 'correct': True, 'format': True, 'lenient': True}
         """
         lenient = self.correct if self.lenient is None else bool(self.lenient)
-        return {"extracted": self.extracted, "correct": bool(self.correct), "format": bool(self.format), "lenient": lenient}
+        return {
+            "extracted": self.extracted,
+            "correct": bool(self.correct),
+            "format": bool(self.format),
+            "lenient": lenient,
+        }
 
 
 @dataclass(frozen=True)
@@ -156,7 +163,7 @@ class Task:
         return functools.partial(golden_problems, self)
 
 
-class TaskError(ValueError):
+class TaskError(ConfigError):
     """A task that cannot be loaded or used, or whose parts disagree; the message names the fix."""
 
 
@@ -173,7 +180,9 @@ def judge_rows(
         try:
             verdict = judge(text, row)
         except Exception as exc:  # the row's id and the error, one line, for the user's code
-            raise RowError(f"on row {row.get('id', index)!r} (completion {_short(text)}): {type(exc).__name__}: {exc}") from exc
+            raise RowError(
+                f"on row {row.get('id', index)!r} (completion {_short(text)}): {type(exc).__name__}: {exc}"
+            ) from exc
         if not isinstance(verdict, Verdict):
             raise TypeError(
                 f"the judge of task {task_name!r} returned {type(verdict).__name__} for row {row.get('id', index)!r}; "

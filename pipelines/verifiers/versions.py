@@ -1,11 +1,12 @@
-"""The version of each reward function and verifier: a sha256 of the code that computes its scores.
+"""The version of each reward function and judge: a sha256 of the code that computes its scores.
 
-A version covers the function's own source (`inspect.getsource`), the source of every module of
-pipelines/verifiers it depends on (its module and what that imports from this package, followed
-transitively) and its golden cases (golden.json beside this file: completions with the scores they
-must get, run by tests/test_verifier_versions.py). Changing any of them changes the hash, so a score
-recorded under one hash was computed by exactly that code. `judge` is evaluation's verdict (judge.py).
-Training records the hashes of its reward functions, evaluation those of `judge` and the rewards.
+A version covers the function's own source (`inspect.getsource`), the code it depends on (for this
+package: every module of pipelines/verifiers its module imports, transitively; for a user's task:
+the whole task file) and its golden cases (the task's own, or for the generic rewards golden.json
+beside this file, run by tests/test_verifier_versions.py). Changing any of them changes the hash, so
+a score recorded under one hash was computed by exactly that code. `judge` is the task's judge.
+Training records the hashes of its reward functions, evaluation the judge's; both reach the
+registered version as `verifier_<name>_sha256` tags.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import ast
 import hashlib
 import inspect
 import json
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from pipelines.verifiers.task import Task
 
 PACKAGE = "pipelines.verifiers"
 HERE = Path(__file__).resolve().parent
@@ -24,16 +28,9 @@ GOLDEN = HERE / "golden.json"
 
 
 def golden_cases() -> dict[str, list[dict[str, Any]]]:
-    """{name: [{"completion": str, "columns": {...}, "expected": score}]} (golden.json)."""
+    """{name: [{"completion": str, "columns": {...}, "expected": score}]} of the generic rewards
+    (golden.json); a task's own rewards and judge are pinned by the task's golden cases."""
     return json.loads(GOLDEN.read_text(encoding="utf-8"))
-
-
-def _function(name: str) -> Callable[..., Any]:
-    from pipelines.verifiers import judge, rewards
-
-    if name == "judge":
-        return judge.judge
-    return rewards.get_reward(name)
 
 
 def _local_imports(module_file: Path) -> set[str]:
@@ -64,9 +61,12 @@ def dependencies(module_name: str) -> list[Path]:
     return [HERE / f"{n}.py" for n in sorted(seen)]
 
 
-def verifier_version(name: str, fn: Callable[..., Any] | None = None) -> str:
-    """sha256 of `name`'s source, its verifier modules and its golden cases."""
-    fn = fn if fn is not None else _function(name)
+def verifier_version(fn: Callable[..., Any], golden: Any) -> str:
+    """sha256 of `fn`'s source, the code it depends on and its golden cases.
+
+    The code: for this package's functions, the modules of pipelines/verifiers it imports
+    (transitively); for a user's function, the whole file it is defined in (a task file).
+    """
     digest = hashlib.sha256()
     try:
         source = inspect.getsource(fn)
@@ -77,19 +77,35 @@ def verifier_version(name: str, fn: Callable[..., Any] | None = None) -> str:
     if module.startswith(PACKAGE + "."):
         for path in dependencies(module.removeprefix(PACKAGE + ".")):
             digest.update(f"\0module {path.name}\0".encode() + path.read_bytes())
-    cases = golden_cases().get(name, [])
-    digest.update(b"\0golden\0" + json.dumps(cases, sort_keys=True).encode())
+    else:
+        file = getattr(sys.modules.get(module), "__file__", None)
+        if file and Path(file).is_file():
+            digest.update(f"\0file {Path(file).name}\0".encode() + Path(file).read_bytes())
+    digest.update(b"\0golden\0" + json.dumps(golden, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
-def verifier_versions(names: Iterable[str]) -> dict[str, str]:
-    """{name: sha256} for reward functions (train.rewards names) and `judge`.
+def verifier_versions(task: Task, names: Iterable[str]) -> dict[str, str]:
+    """{name: sha256} for reward functions (train.rewards names) and `judge` (the task's judge).
 
-    >>> v = verifier_versions(["accuracy", "judge"])
+    >>> from pipelines.verifiers.math_task import TASK
+    >>> v = verifier_versions(TASK, ["accuracy", "judge"])
     >>> sorted(v), len(v["accuracy"])
     (['accuracy', 'judge'], 64)
     """
-    return {name: verifier_version(name) for name in dict.fromkeys(names)}
+    from pipelines.verifiers.catalog import reward_function
+
+    own_golden = [case.as_json() for case in task.golden]
+    generic = golden_cases()
+    out = {}
+    for name in dict.fromkeys(names):
+        if name == "judge":
+            out[name] = verifier_version(task.judge, {"task": task.name, "cases": own_golden})
+        elif task.reward(name) is not None:
+            out[name] = verifier_version(reward_function(task, name), {"task": task.name, "cases": own_golden})
+        else:
+            out[name] = verifier_version(reward_function(task, name), generic.get(name, []))
+    return out
 
 
 def short(versions: dict[str, str], n: int = 8) -> str:
@@ -102,9 +118,9 @@ def short(versions: dict[str, str], n: int = 8) -> str:
 
 
 def score(name: str, case: dict[str, Any]) -> Any:
-    """The score `name` gives one golden case (a reward: its value; `judge`: its verdict dict)."""
-    fn = _function(name)
-    if name == "judge":
-        return fn(case["completion"], **case.get("columns", {}))
+    """The score the generic reward `name` gives one of its golden cases (golden.json)."""
+    from pipelines.verifiers.rewards import REWARDS
+
+    fn = REWARDS[name]
     columns = {k: [v] for k, v in case.get("columns", {}).items()}
     return fn(["q"], [case["completion"]], **columns, **case.get("options", {}))[0]
