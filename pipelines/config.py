@@ -148,7 +148,8 @@ class DataConfig(_Section):
         if isinstance(value, dict) and "verifier" in value:
             raise ValueError(
                 "data.verifier is gone: the task checks the data, trains and judges; write "
-                f"`task: {value['verifier'] or 'math'}` at the top of params.yaml (or -S task=...) and delete data.verifier"
+                f"`task: {value['verifier'] or 'math'}` at the top of params.yaml (or -S task=...) and delete "
+                "data.verifier"
             )
         return value
 

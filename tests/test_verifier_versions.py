@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
-
-import dataclasses
 
 from pipelines.verifiers import catalog, rewards, versions
 from pipelines.verifiers.task import Reward

@@ -116,7 +116,7 @@ def answer_problems(
         lengths, truncated = rollout.lengths.tolist(), rollout.truncated.tolist()
         group_rows = [r for r in chunk for _ in range(cfg.k)]  # generate lays completions out group after group
         verdicts = judge_all(rollout.texts, group_rows, task=task, timeout=cfg.judge_timeout)
-        for i, row in enumerate(chunk):
+        for i in range(len(chunk)):
             group = range(i * cfg.k, (i + 1) * cfg.k)  # generate lays completions out group after group
             samples = []
             for j in group:

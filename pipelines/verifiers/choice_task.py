@@ -115,7 +115,8 @@ def check_row(row: dict[str, Any]) -> str | None:
         return "every option must be a non-empty text or number"
     right = letter(str(row.get("answer", "")))
     if right is None or LETTERS.index(right) >= len(options):
-        return f"answer must be the letter of one of its {len(options)} options (A to {LETTERS[len(options) - 1]}), got {row.get('answer')}"
+        last = LETTERS[len(options) - 1]
+        return f"answer must be the letter of one of its {len(options)} options (A to {last}), got {row.get('answer')}"
     return None
 
 
@@ -185,9 +186,12 @@ TASK = Task(
         Golden("7 * 8 = 56\n#### B", _ROW, correct=True, format=True, lenient=True,
                rewards={"choice": 1.0, "choice_format": 1.0}),
         Golden("#### (b)", _ROW, correct=True, format=True, rewards={"choice": 1.0}),
-        Golden("#### A", _ROW, correct=False, format=True, lenient=False, rewards={"choice": 0.0, "choice_format": 1.0}),
-        Golden("#### 56", _ROW, correct=False, format=False, lenient=True, rewards={"choice": 0.0, "choice_format": 0.0}),
-        Golden("#### E", _ROW, correct=False, format=False, lenient=False, rewards={"choice": 0.0, "choice_format": 0.0}),
+        Golden("#### A", _ROW, correct=False, format=True, lenient=False,
+               rewards={"choice": 0.0, "choice_format": 1.0}),
+        Golden("#### 56", _ROW, correct=False, format=False, lenient=True,
+               rewards={"choice": 0.0, "choice_format": 0.0}),
+        Golden("#### E", _ROW, correct=False, format=False, lenient=False,
+               rewards={"choice": 0.0, "choice_format": 0.0}),
         Golden("7 * 8 = 56, so\nB. 56", _ROW, correct=False, format=False, lenient=True, rewards={"choice": 0.0}),
         Golden("\\boxed{B}", _ROW, correct=True, format=True, rewards={"choice": 1.0}),
     ),

@@ -19,7 +19,7 @@ worker process under a time limit (runner.py).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -227,12 +227,12 @@ def golden_problems(task: Task) -> list[str]:
             problems.append(f"{where}: the judge raised {type(exc).__name__}: {exc}")
             continue
         checks = {"correct": case.correct, "format": case.format, "lenient": case.lenient}
-        for field, expected in checks.items():
-            got = getattr(verdict, field, None)
-            if field == "lenient" and got is None:
+        for reading, expected in checks.items():
+            got = getattr(verdict, reading, None)
+            if reading == "lenient" and got is None:
                 got = verdict.correct
             if expected is not None and bool(got) != bool(expected):
-                problems.append(f"{where}: the judge says {field}={bool(got)}, the case expects {expected}")
+                problems.append(f"{where}: the judge says {reading}={bool(got)}, the case expects {expected}")
         for reward in task.rewards:
             value = _golden_reward(task, reward.name, reward.fn, case, where, problems)
             if value is _FAILED:
