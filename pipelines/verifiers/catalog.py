@@ -95,9 +95,9 @@ def _load_file(spec: str, where: str, root: Path) -> Any:
     # One stable module name per file: the verifier worker (forked) and pickling find its functions
     # under it, and loading the same file twice gives the same module.
     name = "grpo_user_task_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
-    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
-        if getattr(sys.modules[name], "_grpo_mtime", None) == path.stat().st_mtime_ns:
-            return sys.modules[name]
+    content = hashlib.sha256(path.read_bytes()).hexdigest()
+    if getattr(sys.modules.get(name), "_grpo_content", None) == content:
+        return sys.modules[name]  # the same file, unchanged: the same Task object (the worker knows its functions)
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
         raise TaskError(f"task {spec!r}: {path} cannot be loaded as a Python module")
@@ -109,7 +109,7 @@ def _load_file(spec: str, where: str, root: Path) -> Any:
         del sys.modules[name]
         line = _user_line(exc, path)
         raise TaskError(f"task file {path}{line} failed to load: {type(exc).__name__}: {exc}") from None
-    module._grpo_mtime = path.stat().st_mtime_ns
+    module._grpo_content = content
     return module
 
 

@@ -153,6 +153,8 @@ def generate(cfg: Any) -> Iterator[dict[str, Any]]:
         value = _APPLY[op](a, b)
         # Near misses, as a slip in the arithmetic would give: the value off by a little, or by an operand.
         near = {value + d for d in (-10, -2, -1, 1, 2, 10, a, -a, b, -b)} - {value}
+        if value >= 0 and len({v for v in near if v >= 0}) >= cfg.choice.options - 1:
+            near = {v for v in near if v >= 0}  # no negative options for a question without negatives
         distractors = rng.sample(sorted(near), cfg.choice.options - 1)
         options = [value, *distractors]
         rng.shuffle(options)
