@@ -105,8 +105,10 @@ def test_another_tasks_reward_is_refused_and_a_missing_correctness_reward_is_sai
 @pytest.mark.parametrize(
     ("override", "says"),
     [
-        ("data.verifier=countdown", "data.verifier is gone: the task checks the data, trains and judges; write `task: countdown`"),
-        ("data.generator.task=arithmetic", "data.generator.task is gone: the generator makes data for the task; write `task: math`"),
+        ("data.verifier=countdown", "data.verifier is gone: the task checks the data, trains and judges; "
+                                    "write `task: countdown`"),
+        ("data.generator.task=arithmetic", "data.generator.task is gone: the generator makes data for the task; "
+                                           "write `task: math`"),
         ("train.rewards=[]", "train.rewards: Value error, is empty"),
         ("data.prompt.instruction=Answer please", "must contain {question}"),
     ],
