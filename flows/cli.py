@@ -374,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.data.sources import DataError
     from pipelines.paths import Paths
     from pipelines.snapshot.stage import SnapshotError
+    from pipelines.verifiers.runner import VerifierError
 
     paths = Paths.find(args.project)
     try:
@@ -401,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_stage(args.command, cfg, paths)
         print(json.dumps(result, indent=2, default=str))
         return 0
-    except (config.ConfigError, DataError, SnapshotError, StoreError) as exc:
+    except (config.ConfigError, DataError, SnapshotError, StoreError, VerifierError) as exc:
         print(f"grpo {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # a server lost mid-command: one line, not a library's traceback

@@ -139,7 +139,7 @@ def test_log_dataset_input_puts_the_digest_on_the_training_run(project, smoke_cf
         mlflow.set_tracking_uri(None)
     assert len(logged) == 1
     dataset, tags = logged[0].dataset, {t.key: t.value for t in logged[0].tags}
-    assert dataset.digest == result.digest[:DIGEST_CHARS] and dataset.name == "validated:generator:arithmetic"
+    assert dataset.digest == result.digest[:DIGEST_CHARS] and dataset.name == "validated:generator:math"
     assert tags["mlflow.data.context"] == "training" and tags["dataset_digest"] == result.digest
     assert (
         tags["train_rows"] == str(result.train_rows)

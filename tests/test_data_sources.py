@@ -118,7 +118,7 @@ def test_parquet_with_chat_prompts_and_extra_columns(project):
     bad = pa.table({"prompt": [r["prompt"] for r in rows], "answer": ["x"] + [r["answer"] for r in rows[1:]]})
     pq.write_table(bad, path)
     message = _refusal(project, f"data.path={path}")
-    assert "expect_column_values_to_match_regex(answer_final)" in message and "row(s) 1" in message
+    assert "expect_column_values_to_be_null(task_issue)" in message and "row(s) 1" in message
 
 
 def test_folder_of_mixed_files_reads_them_all_and_names_the_file(project):
@@ -218,24 +218,24 @@ def test_a_missing_mapped_column_names_the_column_and_the_fix(project):
 
 
 def test_countdown_generator_validates_and_its_solutions_score(project):
-    from pipelines.verifiers.rewards import REWARDS
+    from pipelines.verifiers.rewards import countdown_reward
 
-    cfg = _cfg(project, "data.generator.task=countdown", "data.generator.num_rows=40")
+    cfg = _cfg(project, "task=countdown", "data.generator.num_rows=40")
     result = validate.run(cfg, Paths(project))
     train, held_out, _ = _outputs(project)
     assert result.train_rows + result.val_rows + result.eval_rows == 40
     report = json.loads(Paths(project).validation_report.read_text())
-    assert report["verifier"] == "countdown"
-    assert any(e["column"] == "countdown_issue" and e["success"] for e in report["expectations"])
+    assert report["task"] == "countdown"
+    assert any(e["column"] == "task_issue" and e["success"] for e in report["expectations"])
     rows = train + held_out
-    rewards = REWARDS["countdown"](
+    rewards = countdown_reward(
         [r["prompt"] for r in rows],
         [f"Let me try.\n#### {r['solution']}" for r in rows],
         numbers=[r["numbers"] for r in rows],
         answer=[r["answer"] for r in rows],
     )
     assert rewards == [1.0] * len(rows)
-    wrong = REWARDS["countdown"](
+    wrong = countdown_reward(
         ["q"], [f"#### {rows[0]['answer']} + 0"], numbers=[rows[0]["numbers"]], answer=[rows[0]["answer"]]
     )
     assert wrong == [0.0]
@@ -257,11 +257,9 @@ def test_countdown_file_with_a_wrong_solution_is_refused_with_the_verifiers_word
     rows[4]["solution"] = "5 * 10"
     rows[6]["numbers"] = "7, 10"
     path = _write_jsonl(project / "countdown.jsonl", rows)
-    message = _refusal(project, f"data.path={path}", "data.verifier=countdown")
-    assert "expect_column_values_to_be_null(countdown_issue)" in message and "line(s) 5, 7" in message
-    validate.run(
-        _cfg(project, f"data.path={path}", "data.verifier=countdown", "data.max_rejected_fraction=0.2"), Paths(project)
-    )
+    message = _refusal(project, f"data.path={path}", "task=countdown")
+    assert "expect_column_values_to_be_null(task_issue)" in message and "line(s) 5, 7" in message
+    validate.run(_cfg(project, f"data.path={path}", "task=countdown", "data.max_rejected_fraction=0.2"), Paths(project))
     _, _, rejected = _outputs(project)
     reasons = {r["line"]: r["reason"] for r in rejected}
     assert "solution 5 * 10 gives 50, not the target 15" in reasons[5]
@@ -371,7 +369,7 @@ def test_report_lists_every_expectation_with_its_first_rows(project):
     report = json.loads(Paths(project).validation_report.read_text())
     failed = [e for e in report["expectations"] if not e["success"]]
     assert [(e["expectation"], e["column"], e["where"]) for e in failed] == [
-        ("expect_column_values_to_match_regex", "answer_final", [f"{path}:8"])
+        ("expect_column_values_to_be_null", "task_issue", [f"{path}:8"])
     ]
     tables = {e["table"] for e in report["expectations"]}
     assert tables == {"rows", "leakage", "train", "eval"}

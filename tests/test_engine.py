@@ -45,7 +45,7 @@ def test_scores_are_per_function_with_nan_for_none(monkeypatch):
         (lambda prompts, completions, **_: time.sleep(5), "did not finish within 0.2 s"),
         (lambda prompts, completions, **_: 1 / 0, "raised ZeroDivisionError"),
         (lambda prompts, completions, **_: [1.0], "returned 1 values for 4"),
-        (lambda prompts, completions, **_: ["high"] * len(completions), "non-number"),
+        (lambda prompts, completions, **_: ["high"] * len(completions), "'high' (a str) for completion 0"),
     ],
 )
 def test_broken_verifiers_are_named_errors_not_zeros(monkeypatch, fn, message):

@@ -36,7 +36,7 @@ def outcome(
         "completion": "#### 1" if correct else "#### 2",
         "correct": correct,
         "format": fmt,
-        "last_number_correct": correct,
+        "lenient": correct,
         "length": 3,
         "truncated": False,
         "samples": samples,

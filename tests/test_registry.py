@@ -370,7 +370,10 @@ def test_ask_answers_as_plain_transformers_and_peft_do(sqlite_project, tmp_path,
     base_dir, adapter_dir = download_version(NAME, "champion", tmp_path / "dl")
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
-    messages = build_messages("What is 17 + 25?", cfg.data.prompt)
+    from pipelines.data.prompts import task_prompt
+    from pipelines.verifiers.math_task import TASK
+
+    messages = build_messages("What is 17 + 25?", task_prompt(cfg.data.prompt, TASK))
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         out = model.generate(

@@ -86,7 +86,7 @@ def test_training_run_has_source_tags_a_description_system_metrics_and_a_model_t
     assert tags["mlflow.source.name"] == "grpo train" and tags["mlflow.source.type"] == "LOCAL"
     assert tags["mlflow.source.git.commit"] == commit
     note = tags["mlflow.note.content"]
-    assert "preset `smoke`" in note and "`generator:arithmetic`" in note and "2 of 2" in note
+    assert "preset `smoke`" in note and "`generator:math`" in note and "2 of 2" in note
     assert "selected step 1" in note and "validation accuracy 0.500" in note and "reward 0.250" in note
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # not the GenAI view

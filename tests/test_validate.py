@@ -48,7 +48,7 @@ def test_generator_dataset_validates_and_splits(project, smoke_cfg):
         ([{"id": "a", "prompt": "p", "answer": "1"}, "{not json"], ["not valid UTF-8 JSON", "line 2"]),
         (
             [{"id": "a", "prompt": "p", "answer": "one"}],
-            ["expect_column_values_to_match_regex(answer_final)", "line(s) 1"],
+            ["expect_column_values_to_be_null(task_issue)", "line(s) 1"],
         ),
         ([{"id": "a", "prompt": 5, "answer": "1"}], ["expect_column_values_to_be_in_set(prompt_kind)", "line(s) 1"]),
     ],

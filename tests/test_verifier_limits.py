@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import threading
@@ -12,7 +13,6 @@ import pytest
 
 from pipelines.config import RewardSpec
 from pipelines.grpo.reward_runner import RewardError, score
-from pipelines.verifiers import judge as judge_module
 from pipelines.verifiers import rewards
 from pipelines.verifiers.judge import judge, judge_all
 from pipelines.verifiers.math_answer import (
@@ -164,11 +164,16 @@ def test_reward_params_are_keywords_that_columns_override(monkeypatch):
 
 
 def test_judging_runs_under_its_own_limit(monkeypatch):
-    assert [v["correct"] for v in judge_all(["#### 7", "#### 8"], ["7", "7"], timeout=5)] == [True, False]
-    monkeypatch.setattr(judge_module, "judge_batch", _loops_forever)
+    from pipelines.verifiers.math_task import TASK
+
+    rows = [{"answer": "7"}] * 2
+    assert [v["correct"] for v in judge_all(["#### 7", "#### 8"], rows, task=TASK, timeout=5)] == [True, False]
+    stuck = dataclasses.replace(TASK, judge=lambda completion, row: _loops_forever([], []))
     started = time.monotonic()
-    with pytest.raises(VerifierError, match=r"'judge' did not finish within 0.5 s.*evaluate.judge_timeout"):
-        judge_all(["x"], ["7"], timeout=0.5)
+    with pytest.raises(
+        VerifierError, match=r"'judge of task math' did not finish within 0.5 s.*evaluate.judge_timeout"
+    ):
+        judge_all(["x"], rows[:1], task=stuck, timeout=0.5)
     assert time.monotonic() - started < 0.5 + 1.0
 
 

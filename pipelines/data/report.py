@@ -23,14 +23,14 @@ def reason(outcome: Outcome) -> str:
 
 def row_reasons(outcomes: list[Outcome], issues: dict[int, str] | None = None) -> dict[int, list[str]]:
     """Table index -> the reasons its row breaks the row-level expectations. `issues` holds the
-    verifier's own per-row words (countdown), which say more than the expectation's description."""
+    task's own per-row words (its check_row), which say more than the expectation's description."""
     reasons: dict[int, list[str]] = {}
     for o in outcomes:
         if o.success or not o.row_level:
             continue
         for i in o.rows:
             text = reason(o)
-            if o.column == "countdown_issue" and issues and issues.get(i):
+            if o.column == "task_issue" and issues and issues.get(i):
                 text = f"{issues[i]} [{o.describe()}]"
             reasons.setdefault(i, []).append(text)
     return reasons

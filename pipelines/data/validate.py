@@ -70,7 +70,7 @@ def task_issues(table: Table, frame: pd.DataFrame, task: Task, timeout: float) -
     for start in range(0, len(rows), 4096):
         try:
             (part,) = run_limited(
-                [(f"check_row of task {task.name!r}", task.check_rows, {})], (rows[start : start + 4096],), {},
+                [(f"check_row of task {task.name}", task.check_rows, {})], (rows[start : start + 4096],), {},
                 timeout=timeout, what="verifier", knob="data.check_timeout",
             )  # fmt: skip
         except VerifierError as exc:

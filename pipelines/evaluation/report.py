@@ -93,8 +93,42 @@ def markdown(evaluation: dict[str, Any], cfg: EvaluateConfig, chart: str | None)
         )
     if chart:
         lines += ["", f"![accuracy of reference, champion and candidate]({chart})"]
-    lines += ["", "Per-problem answers and verdicts: `reports/eval-samples.jsonl`."]
+    lines += ["", *task_lines(evaluation), "", "Per-problem answers and verdicts: `reports/eval-samples.jsonl`."]
     return "\n".join(lines) + "\n"
+
+
+def task_lines(evaluation: dict[str, Any]) -> list[str]:
+    """Which task judged, its judge's version, and whether the judge agrees with training's reward.
+
+    >>> task_lines({"task": {"name": "countdown", "description": "an expression", "lenient": "lenient"},
+    ...             "verifiers": {"judge": "ab" * 32}, "agreement": {"step": 2, "reward": "countdown", "checked": 8,
+    ...             "disagreements": 0, "share": 0.0}})[2]
+    '- the judge and the training reward `countdown` agree on all 8 completions of training step 2 (the rollout ledger)'
+    """
+    task = evaluation.get("task") or {"name": "math", "description": "", "lenient": "last number right"}
+    judge = (evaluation.get("verifiers") or {}).get("judge", "")
+    lines = [
+        "## Task and judge",
+        f"- judged by task `{task['name']}`: {task.get('description') or 'a task of your own'} "
+        f"(judge sha256 {judge[:12]}; lenient reading: {task.get('lenient')})",
+    ]
+    agreement = evaluation.get("agreement")
+    if not agreement:
+        lines.append("- no rollout ledger to check the judge against training's reward (train.ledger_every: 0)")
+    elif not agreement.get("checked"):
+        lines.append(f"- not checked against training's reward: {agreement.get('note', 'no completions to check')}")
+    elif agreement["disagreements"] == 0:
+        lines.append(
+            f"- the judge and the training reward `{agreement['reward']}` agree on all {agreement['checked']} "
+            f"completions of training step {agreement['step']} (the rollout ledger)"
+        )
+    else:
+        lines.append(
+            f"- **the judge and the training reward `{agreement['reward']}` disagree on {agreement['disagreements']} "
+            f"of {agreement['checked']} completions ({agreement['share']:.1%}) of training step {agreement['step']}**: "
+            "training rewarded what evaluation does not count (or the reverse); fix the task so they agree"
+        )
+    return lines
 
 
 def chart(evaluation: dict[str, Any], out: Path) -> Path:

@@ -9,6 +9,7 @@ The register stage's promotion gate reads the per-problem outcomes this stage wr
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ from pipelines.paths import Paths
 from pipelines.verifiers import catalog
 from pipelines.verifiers.task import Task
 from pipelines.verifiers.versions import verifier_versions
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -162,6 +165,12 @@ def run(cfg: Config, paths: Paths) -> EvalResult:
         else:
             outcomes = _score_locally(cfg, paths, rows, champion, task)
     agreement = ledger_agreement(paths.root, paths.train_split, task, timeout=e.judge_timeout)
+    if agreement and agreement.get("disagreements"):
+        log.warning(
+            "the %s task's judge and its training reward %r disagree on %d of %d completions of training step %d: "
+            "training rewarded what evaluation does not count (reports/eval.md)",
+            task.name, agreement["reward"], agreement["disagreements"], agreement["checked"], agreement["step"],
+        )  # fmt: skip
     return write_outputs(
         paths,
         e,

@@ -158,15 +158,23 @@ def _sampler_metrics(stats: dict[str, float], world: distributed.World, weight: 
     return out
 
 
-def history_csv(history: list[dict[str, float]]) -> str:
-    """plots/train.csv: one row a step, every metric a column (what `dvc plots` draws)."""
+def history_csv(history: list[dict[str, float]], correctness: str | None = None) -> str:
+    """plots/train.csv: one row a step, every metric a column (what `dvc plots` draws), and
+    `correct`, the task's correctness reward's mean under one name whatever the task.
+
+    >>> print(history_csv([{"step": 1, "rewards/countdown/mean": 0.5}], "countdown").strip())
+    step,rewards/countdown/mean,correct
+    1,0.5,0.5
+    """
     if not history:
         return ""
+    key = f"rewards/{correctness}/mean"
+    rows = [{**h, "correct": h[key]} if key in h else h for h in history]
     buf = io.StringIO()
-    fields = ["step", *(k for k in history[-1] if k != "step")]
+    fields = ["step", *(k for k in rows[-1] if k != "step")]
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(history)
+    writer.writerows(rows)
     return buf.getvalue()
 
 

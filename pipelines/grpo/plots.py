@@ -30,7 +30,7 @@ def training_curves(history: list[dict[str, float]], out: Path, scores: Sequence
         wall = {int(h["step"]): h.get("wall_time", h["step"]) / 60 for h in history}
         at = [wall.get(s.step, 0.0) for s in scores]
         top.plot(at, [s.accuracy for s in scores], "o-", color="black", label="validation accuracy")
-        top.plot(at, [s.lenient_accuracy for s in scores], "o--", color="grey", label="validation, last number")
+        top.plot(at, [s.lenient_accuracy for s in scores], "o--", color="grey", label="validation, lenient")
     top.set_ylabel("mean reward / accuracy")
     top.legend(loc="lower right")
     top.grid(alpha=0.3)

@@ -434,7 +434,7 @@ def train(
             "verifiers": verifier_versions(task, [s.name for s in t.rewards]),  # pipelines/verifiers/versions.py
         }
         write_summary(paths, summary)  # reports/train.json, and its headline figures in metrics/train.json
-        write_text(paths.train_plot, history_csv(history))
+        write_text(paths.train_plot, history_csv(history, task.correctness))
         write_text(paths.val_plot, scores_csv(watch.scores, history))
         if validation:
             logger.tags({"selected_step": str(selected), "validation_time_share": f"{validation['time_share']:.3f}"})

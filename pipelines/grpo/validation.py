@@ -35,8 +35,8 @@ class Score:
     """One evaluation of the policy on the validation split."""
 
     step: int
-    accuracy: float  # greedy, strict `#### N`
-    lenient_accuracy: float  # the last number in the text is right
+    accuracy: float  # greedy, the task's strict verdict (math: the final `#### N` line is right)
+    lenient_accuracy: float  # the task's lenient reading (math: the last number in the text is right)
     format_rate: float
     seconds: float
     reward: float | None = None  # mean training reward over the steps since the previous evaluation

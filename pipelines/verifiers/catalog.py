@@ -222,7 +222,7 @@ def check_golden(task: Task, *, timeout: float, knob: str) -> None:
         )
     try:
         (problems,) = run_limited(
-            [(f"golden cases of task {task.name!r}", task.golden_check, {})], (), {}, timeout=timeout,
+            [(f"golden cases of task {task.name}", task.golden_check, {})], (), {}, timeout=timeout,
             what="verifier", knob=knob,
         )  # fmt: skip
     except VerifierError as exc:

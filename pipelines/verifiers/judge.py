@@ -51,7 +51,7 @@ def judge_all(
     if not texts:
         return []
     (verdicts,) = run_limited(
-        [(f"judge of task {task.name!r}", task.judge_batch, {})], (list(texts), [dict(r) for r in rows]), {},
+        [(f"judge of task {task.name}", task.judge_batch, {})], (list(texts), [dict(r) for r in rows]), {},
         timeout=timeout, what="verifier", knob=knob,
     )  # fmt: skip
     return verdicts

@@ -226,6 +226,11 @@ def golden_problems(task: Task) -> list[str]:
         except Exception as exc:
             problems.append(f"{where}: the judge raised {type(exc).__name__}: {exc}")
             continue
+        if not isinstance(verdict, Verdict):
+            problems.append(
+                f"{where}: the judge returned {type(verdict).__name__}, not a Verdict(correct=..., format=...)"
+            )
+            continue
         checks = {"correct": case.correct, "format": case.format, "lenient": case.lenient}
         for reading, expected in checks.items():
             got = getattr(verdict, reading, None)
