@@ -107,6 +107,8 @@ def test_user_task_file_runs_end_to_end_and_is_a_dvc_dependency(tmp_path):
     assert version.tags["task"] == "even"
     assert version.tags["verifier_judge_sha256"] == catalog_versions(task, ["judge"])["judge"]
     assert version.tags["verifier_even_correct_sha256"] == catalog_versions(task, ["even_correct"])["even_correct"]
+    metrics = MlflowClient().get_run(version.run_id).data.metrics
+    assert metrics["test/judge_reward_disagreement"] == 0.0  # the judge re-read training's last ledger step
 
     # The file is a dependency: a change to it makes validate, train, evaluate and register stale.
     dvc = [sys.executable, "-m", "dvc"]

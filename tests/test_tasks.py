@@ -186,9 +186,11 @@ def test_user_reward_and_judge_mistakes_name_the_function_and_the_row(tmp_path):
         tmp_path,
         "def short(prompts, completions, **_):\n    return [1.0]\n"
         "def text(prompts, completions, **_):\n    return ['high'] * len(completions)\n"
+        "def picky(prompts, completions, answer, **_):\n    return [1.0 if 'no' in c else 1 / 0 for c in completions]\n"
         "def bad_judge(completion, row):\n    return {'correct': True}\n"
         "import dataclasses\n"
-        "TASK = dataclasses.replace(TASK, rewards=[*TASK.rewards, Reward('short', short), Reward('text', text)])\n"
+        "TASK = dataclasses.replace(TASK, rewards=[*TASK.rewards, Reward('short', short), Reward('text', text), "
+        "Reward('picky', picky)])\n"
         "BAD = dataclasses.replace(TASK, judge=bad_judge)\n",
     )
     rows = [{"id": "even-4", "prompt": "q", "answer": "yes"}]
@@ -196,6 +198,9 @@ def test_user_reward_and_judge_mistakes_name_the_function_and_the_row(tmp_path):
         score([RewardSpec(name="short")], rows, ["#### yes", "no"], 2, timeout=30, task=task)
     with pytest.raises(RewardError, match=r"'text' returned 'high' \(a str\) for completion 0 \(row 'even-4'\)"):
         score([RewardSpec(name="text")], rows, ["#### yes"], 1, timeout=30, task=task)
+    two = [*rows, {"id": "even-5", "prompt": "q", "answer": "no"}]
+    with pytest.raises(RewardError, match=r"'picky' raised ZeroDivisionError: .* \(first on completion 2, row 'even-5'\)"):
+        score([RewardSpec(name="picky")], two, ["#### no", "#### no", "#### yes", "no"], 2, timeout=30, task=task)
     bad = catalog.load("even_task.py:BAD", tmp_path)
     with pytest.raises(Exception, match="returned dict for row 'even-4'; it must return .*Verdict"):
         judge_all(["#### yes"], rows, task=bad, timeout=30)

@@ -16,7 +16,7 @@ import torch
 
 from pipelines.config import RewardSpec
 from pipelines.verifiers.catalog import reward_function
-from pipelines.verifiers.runner import VerifierError, run_limited
+from pipelines.verifiers.runner import FunctionRaised, VerifierError, run_limited
 from pipelines.verifiers.task import Task
 
 
@@ -55,7 +55,8 @@ def score(
             jobs, (prompts, texts), columns, timeout=timeout, what="reward function", knob="train.reward_timeout"
         )
     except VerifierError as exc:
-        error = RewardError(str(exc))
+        where = _failing_row(exc, jobs, prompts, texts, columns, rows, group, timeout)
+        error = RewardError(f"{exc}{where}")
         for note in getattr(exc, "__notes__", []):  # the worker's traceback
             error.add_note(note)
         raise error from exc
@@ -91,3 +92,32 @@ def _finite(value: Any, name: str, index: int, rows: list[dict[str, Any]], group
         f"reward function {name!r} returned {value!r} ({kind}) for completion {index} (row {row.get('id')!r}): "
         "a reward must be a finite float, or None where it does not apply"
     )
+
+
+def _failing_row(
+    exc: VerifierError,
+    jobs: list[tuple[str, Any, dict[str, Any]]],
+    prompts: list[Any],
+    texts: list[str],
+    columns: dict[str, list[Any]],
+    rows: list[dict[str, Any]],
+    group: int,
+    timeout: float,
+) -> str:
+    """` (first on completion i, row 'id')` for a function that raised on the batch: it is run again
+    one completion at a time, in the worker, until it raises; "" when it did not raise (a timeout)
+    or raises on none alone."""
+    if not isinstance(exc, FunctionRaised):
+        return ""
+    name = str(exc).split("'")[1] if "'" in str(exc) else ""
+    job = next((j for j in jobs if j[0] == name), None)
+    if job is None:
+        return ""
+    per_item = {k: v for k, v in columns.items() if isinstance(v, list) and len(v) == len(texts)}
+    for i in range(len(texts)):
+        one = {k: ([v[i]] if k in per_item else v) for k, v in columns.items()}
+        try:
+            run_limited([job], ([prompts[i]], [texts[i]]), one, timeout=timeout, what="reward function", knob="")
+        except VerifierError:
+            return f" (first on completion {i}, row {rows[i // group].get('id')!r})"
+    return ""

@@ -43,26 +43,6 @@ def split_spec(spec: str) -> tuple[str, str | None]:
     return where, attr
 
 
-def task_file(spec: str, root: Path) -> Path | None:
-    """The file a user's task is loaded from (None for a built-in or an installed module)."""
-    if is_builtin(spec):
-        return None
-    where, _ = split_spec(spec)
-    if where.endswith(".py"):
-        path = Path(where)
-        return (path if path.is_absolute() else root / path).resolve()
-    module = importlib.util.find_spec(where) if _importable(where) else None
-    origin = Path(module.origin).resolve() if module is not None and module.origin else None
-    return origin if origin is not None and origin.is_relative_to(root.resolve()) else None
-
-
-def _importable(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def load(spec: str, root: Path) -> Task:
     """The task `spec` names (this module's docstring), checked to be a Task."""
     if is_builtin(spec):

@@ -234,6 +234,9 @@ class _Failed(VerifierError):
     """A function raised in the worker; the worker itself is fine and is kept."""
 
 
+FunctionRaised = _Failed  # public: the function raised (not a timeout or a crash), so its input can be bisected
+
+
 def _picklable(fn: Callable[..., Any]) -> bool:
     try:
         pickle.dumps(fn)
