@@ -199,7 +199,9 @@ def test_user_reward_and_judge_mistakes_name_the_function_and_the_row(tmp_path):
     with pytest.raises(RewardError, match=r"'text' returned 'high' \(a str\) for completion 0 \(row 'even-4'\)"):
         score([RewardSpec(name="text")], rows, ["#### yes"], 1, timeout=30, task=task)
     two = [*rows, {"id": "even-5", "prompt": "q", "answer": "no"}]
-    with pytest.raises(RewardError, match=r"'picky' raised ZeroDivisionError: .* \(first on completion 2, row 'even-5'\)"):
+    with pytest.raises(
+        RewardError, match=r"'picky' raised ZeroDivisionError: .* \(first on completion 2, row 'even-5'\)"
+    ):
         score([RewardSpec(name="picky")], two, ["#### no", "#### no", "#### yes", "no"], 2, timeout=30, task=task)
     bad = catalog.load("even_task.py:BAD", tmp_path)
     with pytest.raises(Exception, match="returned dict for row 'even-4'; it must return .*Verdict"):
