@@ -18,7 +18,7 @@ k=4 samples.
 
 | metric | reference | champion | candidate |
 |---|---:|---:|---:|
-| accuracy (greedy pass@1, strict `#### N`) | 0.312 | – | 0.469 |
+| accuracy (greedy pass@1, the task's strict verdict) | 0.312 | – | 0.469 |
 | format rate (greedy) | 0.500 | – | 0.984 |
 
 ## Paired comparison on the same problems

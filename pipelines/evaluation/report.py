@@ -11,7 +11,7 @@ from pipelines.io import replaced_file
 MODELS = ("reference", "champion", "policy")
 
 ROWS = (
-    ("accuracy (greedy pass@1, strict `#### N`)", "accuracy"),
+    ("accuracy (greedy pass@1, the task's strict verdict)", "accuracy"),
     ("pass@k (sampled)", "pass_at_k"),
     ("maj@k (majority vote)", "maj_at_k"),
     ("mean@k (sampled)", "mean_at_k"),

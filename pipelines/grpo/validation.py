@@ -177,7 +177,7 @@ class Watch:
         if last.lenient_accuracy >= ref.lenient_accuracy - margin:
             return None
         return (
-            f"decline alarm at step {last.step}: lenient validation accuracy (the last number is right) "
+            f"decline alarm at step {last.step}: lenient validation accuracy (the task's looser reading) "
             f"{last.lenient_accuracy:.3f} is below the reference's {ref.lenient_accuracy:.3f}"
             f"{fall_size(ref.lenient_accuracy, last.lenient_accuracy, ref.problems)}: the policy has lost "
             "skill the base model had; lower train.learning_rate or raise train.beta"

@@ -27,7 +27,7 @@ class Evidence:
     champion: Sequence[bool] | None  # None: there is no champion yet
     candidate_format_rate: float
     champion_version: str | None = None
-    # Lenient outcomes (the last number in the answer is right, any format), for no_skill_regression.
+    # Lenient outcomes (the task's lenient reading; math: the last number is right), for no_skill_regression.
     candidate_lenient: Sequence[bool] | None = None
     reference_lenient: Sequence[bool] | None = None
     # {name: sha256} of the verifiers (pipelines/verifiers/versions.py) that scored this evaluation,
@@ -89,7 +89,7 @@ def decide(evidence: Evidence, rules: RegisterConfig, stats: EvaluateConfig) -> 
             checks["no_skill_regression"] = cand >= ref
             figures["lenient_accuracy"] = cand
             notes.append(
-                f"lenient accuracy (last number right) {cand:.3f} vs reference {ref:.3f} " + _skill_verdict(lenient)
+                f"lenient accuracy {cand:.3f} vs reference {ref:.3f} " + _skill_verdict(lenient)
             )
 
     if rules.min_accuracy > 0:

@@ -154,6 +154,7 @@ TASK = Task(
     judge=judge,
     rewards=(Reward("countdown", countdown_reward, 1.0), Reward("countdown_format", countdown_format_reward, 0.2)),
     correctness="countdown",
+    lenient_name="none (the strict verdict)",
     columns=("answer", "numbers"),
     check_row=check_row,
     answer_of=_answer_of,
