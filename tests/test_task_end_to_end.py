@@ -91,7 +91,9 @@ def test_user_task_file_runs_end_to_end_and_is_a_dvc_dependency(tmp_path):
     assert "task: tests/fixtures/even_task.py:TASK" in params and "task_file: tests/fixtures/even_task.py" in params
     evaluation = json.loads((root / "reports" / "eval.json").read_text())
     assert evaluation["task"] == {
-        "name": "even", "description": "yes or no after ####", "lenient": "the last yes or no anywhere"
+        "name": "even",
+        "description": "yes or no after ####",
+        "lenient": "the last yes or no anywhere",
     }
     assert "task `even`" in (root / "reports" / "eval.md").read_text()
     samples = [json.loads(line) for line in (root / "reports" / "eval-samples.jsonl").read_text().splitlines()]

@@ -120,7 +120,8 @@ def truncation_warning(history: list[dict[str, float]], t: Any) -> str | None:
 
     Seen on the demo's task mix at lr 2e-4 without KL past ~35 steps: the policy stops emitting EOS
     after its answer, rambles to the limit while the `#### N` inside still earned the accuracy
-    reward (it read any `####` line then; it is the judge's strict verdict now), entropy climbs from ~0.02 to ~1 and held-out strict accuracy falls to near zero.
+    reward (it read any `####` line then; it is the judge's strict verdict now), entropy climbs
+    from ~0.02 to ~1 and held-out strict accuracy falls to near zero.
     Said when the clipped share first reaches half, and every 10 steps while it stays there.
     """
     clipped = [h["completions/clipped_ratio"] for h in history[-2:]]  # the previous step and this one

@@ -88,9 +88,7 @@ def decide(evidence: Evidence, rules: RegisterConfig, stats: EvaluateConfig) -> 
             cand, ref = lenient["candidate"], lenient["other"]
             checks["no_skill_regression"] = cand >= ref
             figures["lenient_accuracy"] = cand
-            notes.append(
-                f"lenient accuracy {cand:.3f} vs reference {ref:.3f} " + _skill_verdict(lenient)
-            )
+            notes.append(f"lenient accuracy {cand:.3f} vs reference {ref:.3f} " + _skill_verdict(lenient))
 
     if rules.min_accuracy > 0:
         checks["min_accuracy"] = vs_reference["candidate"] >= rules.min_accuracy
