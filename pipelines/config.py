@@ -370,6 +370,10 @@ class RegisterConfig(_Section):
     # The candidate's lenient accuracy (the last number in the answer is right, any format) must not
     # be below the reference's: a gain in format alone must not hide lost skill.
     no_skill_regression: bool = False
+    # The task's judge must agree with training's correctness reward on every completion of the last
+    # ledger step (evaluate re-judges them): a gain the judge sees that training did not reward, or
+    # the reverse, is not a result to promote on.
+    require_judge_agreement: bool = True
     # The export-parity check (pipelines/registry/parity.py): before a version is created, its logged
     # files are loaded in a fresh process through mlflow.pyfunc and through transformers + peft and
     # must give the evaluated policy's log-probs within export_atol; an adapter whose effect on the

@@ -213,3 +213,16 @@ def test_readme_shows_the_example_task_file_as_it_is():
     block = readme.split("### Your own task", 1)[1].split("```python\n", 1)[1].split("\n```", 1)[0]
     assert block == EXAMPLE.read_text().rstrip("\n")
     assert 30 <= len(block.splitlines()) <= 70
+
+
+def test_the_gate_refuses_when_the_judge_and_the_training_reward_disagree():
+    from pipelines.config import EvaluateConfig, RegisterConfig
+    from pipelines.registry.gate import Evidence, decide
+
+    base = dict(candidate=[True] * 8, reference=[False] * 8, champion=None, candidate_format_rate=1.0)
+    agree = decide(Evidence(**base, judge_disagreements=(0, 16)), RegisterConfig(), EvaluateConfig())
+    assert agree.promote and agree.checks["judge_agrees_with_reward"]
+    apart = decide(Evidence(**base, judge_disagreements=(3, 16)), RegisterConfig(), EvaluateConfig())
+    assert not apart.promote and "disagree on 3 of 16 ledger completions" in apart.reason
+    off = RegisterConfig(require_judge_agreement=False)
+    assert decide(Evidence(**base, judge_disagreements=(3, 16)), off, EvaluateConfig()).promote

@@ -35,6 +35,9 @@ class Evidence:
     # outcomes above are still today's: evaluation re-scored it with today's verifiers; the reason says so.
     verifiers: dict[str, str] | None = None
     champion_verifiers: dict[str, str] | None = None
+    # The judge against training's correctness reward on the last ledger step (evaluation/agreement.py):
+    # (completions where they disagree, completions checked); None = not checked (no ledger).
+    judge_disagreements: tuple[int, int] | None = None
 
 
 @dataclass
@@ -89,6 +92,16 @@ def decide(evidence: Evidence, rules: RegisterConfig, stats: EvaluateConfig) -> 
             checks["no_skill_regression"] = cand >= ref
             figures["lenient_accuracy"] = cand
             notes.append(f"lenient accuracy {cand:.3f} vs reference {ref:.3f} " + _skill_verdict(lenient))
+
+    if rules.require_judge_agreement and evidence.judge_disagreements is not None:
+        wrong, checked = evidence.judge_disagreements
+        checks["judge_agrees_with_reward"] = wrong == 0
+        notes.append(
+            f"the judge and training's correctness reward agree on all {checked} ledger completions"
+            if wrong == 0
+            else f"the judge and training's correctness reward disagree on {wrong} of {checked} ledger completions: "
+            "the accuracy above is not what training rewarded (reports/eval.md, Task and judge)"
+        )
 
     if rules.min_accuracy > 0:
         checks["min_accuracy"] = vs_reference["candidate"] >= rules.min_accuracy

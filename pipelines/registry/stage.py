@@ -220,9 +220,16 @@ def load_evidence(paths: Paths, evaluation: dict[str, Any], champion_now: str | 
             champion_version=champion_now,
             candidate_lenient=[lenient["policy"][i] for i in ids],
             reference_lenient=[lenient["reference"][i] for i in ids],
+            judge_disagreements=_disagreements(evaluation.get("agreement")),
         )
     except KeyError as exc:
         raise RegistryError(f"{paths.eval_samples} lacks outcomes for {exc}; run `grpo evaluate` again") from exc
+
+
+def _disagreements(agreement: dict[str, Any] | None) -> tuple[int, int] | None:
+    if not agreement or not agreement.get("checked"):
+        return None
+    return int(agreement["disagreements"]), int(agreement["checked"])
 
 
 def eval_tags(evaluation: dict[str, Any]) -> dict[str, str]:
