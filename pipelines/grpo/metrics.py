@@ -163,9 +163,8 @@ def history_csv(history: list[dict[str, float]], correctness: str | None = None)
     """plots/train.csv: one row a step, every metric a column (what `dvc plots` draws), and
     `correct`, the task's correctness reward's mean under one name whatever the task.
 
-    >>> print(history_csv([{"step": 1, "rewards/countdown/mean": 0.5}], "countdown").strip())
-    step,rewards/countdown/mean,correct
-    1,0.5,0.5
+    >>> history_csv([{"step": 1, "rewards/countdown/mean": 0.5}], "countdown").splitlines()
+    ['step,rewards/countdown/mean,correct', '1,0.5,0.5']
     """
     if not history:
         return ""
