@@ -159,6 +159,7 @@ def _registry_command(args: argparse.Namespace, cfg: Config, paths: Paths) -> in
 def _ask_command(args: argparse.Namespace, name: str, root: Path) -> int:
     """`grpo ask`: one model load for every question (arguments, then --file), the timings on stderr."""
     from pipelines.registry.ask import ask
+    from pipelines.terminal import printable
 
     questions = list(args.question)
     if args.file is not None:
@@ -171,7 +172,7 @@ def _ask_command(args: argparse.Namespace, name: str, root: Path) -> int:
         questions, root=root, name=name, alias=args.alias, version=args.version, max_new_tokens=args.max_new_tokens
     )
     where = f"@{got.alias} = v{got.version}" if got.alias else f"v{got.version}"
-    shown = [a or "(empty answer: only whitespace or special tokens)" for a in got.answers]
+    shown = [printable(a) or "(empty answer: only whitespace or special tokens)" for a in got.answers]
     if len(questions) == 1:
         print(f"{got.name} {where}: {shown[0]}")
     else:
@@ -363,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from pipelines.env import console_logging, quiet_progress_bars, quiet_telemetry
     from pipelines.mlflow_store import StoreError, bound_http_waits
+    from pipelines.terminal import printable
 
     quiet_telemetry()
     quiet_progress_bars()  # none in logs and pipes, before the libraries that draw them are imported
@@ -385,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ledger":  # pipelines/grpo/ledger.py
             from pipelines.grpo import ledger
 
-            print(ledger.answer(ledger.ledger_dir(paths.root), args.question, args.prompt_id, args.n))
+            print(printable(ledger.answer(ledger.ledger_dir(paths.root), args.question, args.prompt_id, args.n)))
             return 0
         if args.command == "serve":
             return _serve_command(args, paths)

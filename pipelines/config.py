@@ -8,6 +8,7 @@ syntax of `dvc exp run -S`.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,34 @@ from pipelines.precision import resolve_bf16
 
 class ConfigError(ValueError):
     """A params file, preset or override that cannot be used; the message says how to fix it."""
+
+
+SEED_MAX = 2**32 - 1  # numpy's and the samplers' seeds are 32-bit
+MAX_PARAMS_BYTES = 1_000_000  # params.yaml larger than this is not a configuration
+MAX_OVERRIDE_CHARS = 10_000  # one -S value
+MAX_REWARD_PARAMS_CHARS = 10_000  # a reward's free-form `params`, as JSON
+MAX_TOKENS_PER_STEP = 50_000_000  # prompts_per_step x num_generations x max_completion_length
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """`yaml.safe_load`, refusing anchors and aliases (`&a`, `*a`): a few hundred bytes of aliases
+    expand to gigabytes (a "billion laughs"), and params.yaml has no use for them. The events are
+    scanned first, which costs no expansion.
+
+    >>> load_yaml("a: 1", "x")
+    {'a': 1}
+    >>> load_yaml("a: &x [1]\\nb: *x", "params.yaml")
+    Traceback (most recent call last):
+    ...
+    pipelines.config.ConfigError: params.yaml: YAML anchors and aliases (& and *) are not allowed; write the values out
+    """
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise ConfigError(f"{where}: YAML anchors and aliases (& and *) are not allowed; write the values out")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {' '.join(str(exc).split())}") from exc
 
 
 class _Section(BaseModel):
@@ -54,7 +83,7 @@ class GeneratorConfig(_Section):
     countdown: CountdownConfig = CountdownConfig()
     choice: ChoiceConfig = ChoiceConfig()
     num_rows: int = Field(400, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
 
     @model_validator(mode="before")
     @classmethod
@@ -125,7 +154,7 @@ class DataConfig(_Section):
     # put whatever these say. 0 = no validation split.
     val_fraction: float = Field(0.1, ge=0, lt=1)
     max_val_rows: int = Field(64, ge=0)
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0, le=SEED_MAX)
     min_prompt_chars: int = Field(1, ge=0)
     max_prompt_chars: int = Field(4000, ge=1)
     # A local tokenizer folder (e.g. models/reference): prompt length is then checked in tokens of
@@ -161,7 +190,7 @@ class TinyModelConfig(_Section):
     num_attention_heads: int = Field(4, ge=1)
     num_key_value_heads: int = Field(2, ge=1)
     initializer_range: float = Field(0.02, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
 
 
 class SnapshotConfig(_Section):
@@ -187,18 +216,27 @@ class RewardSpec(_Section):
     # Keyword arguments bound to the function, e.g. {soft_punish_cache: 16} for `overlong`.
     params: dict[str, Any] = {}
 
+    @field_validator("params")
+    @classmethod
+    def _small(cls, value: dict[str, Any]) -> dict[str, Any]:
+        size = len(json.dumps(value, default=str))
+        if size > MAX_REWARD_PARAMS_CHARS:
+            raise ValueError(f"is {size:,} characters as JSON; keep it under {MAX_REWARD_PARAMS_CHARS:,}")
+        return value
+
 
 class TrainConfig(_Section):
-    steps: int = Field(30, ge=1)
+    steps: int = Field(30, ge=1, le=10_000_000)
     # Stop early once training has used this many seconds (resumes count what came before); null = no limit.
     time_budget_s: float | None = Field(None, gt=0)
-    prompts_per_step: int = Field(2, ge=1)
-    num_generations: int = Field(8, ge=2)
-    max_completion_length: int = Field(48, ge=1)
+    prompts_per_step: int = Field(2, ge=1, le=65_536)
+    num_generations: int = Field(8, ge=2, le=4096)
+    max_completion_length: int = Field(48, ge=1, le=131_072)
     # EOS is not sampled before this many tokens (transformers' min_new_tokens); 0 = no minimum.
     # Mostly for benchmarks: every completion then costs the same work.
     min_completion_length: int = Field(0, ge=0)
-    temperature: float = Field(1.0, gt=0)
+    # Below 0.01 the logits / temperature overflow to inf and training turns the weights to NaN.
+    temperature: float = Field(1.0, ge=0.01, le=100)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)  # 0 = off
     learning_rate: float = Field(2e-4, gt=0)
@@ -259,7 +297,7 @@ class TrainConfig(_Section):
     # true | false | auto: bf16 autocast and bf16 frozen weights; auto = only where the CPU has
     # bf16 instructions (pipelines/precision.py: elsewhere bf16 is tens of times slower than fp32).
     bf16: bool = Field("auto", validate_default=True)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     log_samples: int = Field(4, ge=0)
     # Exact resume: a checkpoint every N steps in checkpoints/ (0 = only at the end); the next
     # `grpo train` with the same config continues from the newest one.
@@ -317,6 +355,16 @@ class TrainConfig(_Section):
         return value
 
     @model_validator(mode="after")
+    def _step_fits(self) -> TrainConfig:
+        tokens = self.prompts_per_step * self.num_generations * self.max_completion_length
+        if tokens > MAX_TOKENS_PER_STEP:
+            raise ValueError(
+                f"prompts_per_step x num_generations x max_completion_length = {tokens:,} tokens a step, above "
+                f"{MAX_TOKENS_PER_STEP:,}: no machine holds that batch; lower one of them"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _min_not_above_max(self) -> TrainConfig:
         if self.min_completion_length > self.max_completion_length:
             raise ValueError(
@@ -327,19 +375,21 @@ class TrainConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    max_new_tokens: int = Field(48, ge=1)
-    batch_size: int = Field(64, ge=1)  # sequences per decoding call (decoding is memory-bound: more rows cost little)
+    max_new_tokens: int = Field(48, ge=1, le=131_072)
+    batch_size: int = Field(
+        64, ge=1, le=65_536
+    )  # sequences per decoding call (decoding is memory-bound: more rows cost little)
     bf16: bool = Field("auto", validate_default=True)  # true | false | auto, as train.bf16
     # Sampled answers per problem for pass@k, mean@k and maj@k; every model gets the same decoding
     # and the same seed, so the models are compared on equal terms.
-    k: int = Field(4, ge=1)
-    temperature: float = Field(0.8, gt=0)
+    k: int = Field(4, ge=1, le=1024)
+    temperature: float = Field(0.8, ge=0.01, le=100)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     # Re-score the registry's `champion` on the same problems (the promotion gate needs it).
     champion: bool = True
     # Paired bootstrap over problems for the confidence interval of each accuracy difference.
-    bootstrap_samples: int = Field(2000, ge=100)
+    bootstrap_samples: int = Field(2000, ge=100, le=1_000_000)
     confidence: float = Field(0.95, gt=0, lt=1)
     # Seconds the verifier worker may take to judge one batch of answers (verifiers/runner.py); a
     # batch that overruns stops evaluation with an error naming this key.
@@ -534,11 +584,17 @@ def parse_override(text: str) -> tuple[str, Any]:
         # preset whose values it did not use.
         name = raw.strip() or "NAME"
         raise ConfigError(f"-S {text} would only relabel the run, not apply the preset; use --preset {name}")
+    if len(raw) > MAX_OVERRIDE_CHARS:
+        raise ConfigError(
+            f"override {key.strip()}: the value is {len(raw):,} characters; keep it under {MAX_OVERRIDE_CHARS:,}"
+        )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        reason = " ".join(str(exc).split())  # one line: the CLI prints it as is
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({reason}); quote it") from exc
+        value = load_yaml(raw, f"override {key.strip()}") if raw.strip() else None
+    except ConfigError as exc:
+        if "anchors and aliases" in str(exc):
+            raise
+        reason = " ".join(str(exc.__cause__ or exc).split())  # one line: the CLI prints it as is
+        raise ConfigError(f"override {text[:200]!r}: the value is not valid YAML ({reason}); quote it") from exc
     return key.strip(), value
 
 
@@ -601,10 +657,11 @@ def resolve(raw: dict[str, Any], overrides: list[str] | None = None, preset: str
 def read_params(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"{path} not found: run grpo from the project folder (the one with dvc.yaml and params.yaml)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from exc
+    if path.stat().st_size > MAX_PARAMS_BYTES:
+        raise ConfigError(
+            f"{path} is {path.stat().st_size:,} bytes, not a configuration (at most {MAX_PARAMS_BYTES:,})"
+        )
+    data = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (data:, train:, ...)")
     return data

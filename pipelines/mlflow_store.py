@@ -62,6 +62,8 @@ def check_reachable(root: Path, timeout: float = REACH_TIMEOUT_S) -> None:
     except a gateway's 502/503/504, which says the server behind it is down. Local stores pass.
     """
     uri = tracking_uri(root)
+    if uri.startswith("sqlite:///"):
+        check_sqlite_store(Path(uri.removeprefix("sqlite:///")))
     if not uri.startswith(("http://", "https://")):
         return
     import requests
@@ -180,6 +182,31 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
+def check_sqlite_store(path: Path) -> None:
+    """A StoreError naming the file when a SQLite tracking store exists but is no database: empty
+    (0 bytes, which MLflow would silently take as an empty registry), another kind of file, or
+    damaged where SQLite first reads it. A missing file is fine: MLflow creates it."""
+    import sqlite3
+
+    if not path.exists():
+        return
+    fix = "move it aside (MLflow creates a new, empty store) or restore it from a backup"
+    if path.stat().st_size == 0:
+        raise StoreError(f"{path} is empty (0 bytes), not an MLflow store: {fix}")
+    with path.open("rb") as fh:
+        header = fh.read(16)
+    if header != b"SQLite format 3\x00":
+        raise StoreError(f"{path} is not a SQLite database (it starts with {header[:8]!r}): {fix}")
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
+            db.execute("PRAGMA schema_version").fetchone()
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.DatabaseError as exc:
+        if "locked" in str(exc):
+            return  # busy, not broken: the command's own retries handle it
+        raise StoreError(f"{path} is a damaged SQLite database ({exc}): {fix}") from None
+
+
 def setup(root: Path, experiment: str) -> str:
     """Point MLflow at the project's store and return the experiment id (created if needed).
 
@@ -189,6 +216,8 @@ def setup(root: Path, experiment: str) -> str:
     import mlflow
 
     uri = tracking_uri(root)
+    if uri.startswith("sqlite:///"):
+        check_sqlite_store(Path(uri.removeprefix("sqlite:///")))
     mlflow.set_tracking_uri(uri)
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:

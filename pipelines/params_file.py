@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import ConfigError, parse_override, preset_overrides, resolve, with_implied
+from pipelines.config import ConfigError, load_yaml, parse_override, preset_overrides, resolve, with_implied
 
 
 def write_params(path: Path, overrides: list[str], preset: str | None) -> None:
@@ -26,6 +26,8 @@ def write_params(path: Path, overrides: list[str], preset: str | None) -> None:
     write leaves the old file whole.
     """
     yaml_rt = _round_trip_yaml()
+    if path.exists():
+        load_yaml(path.read_text(encoding="utf-8"), str(path))  # anchors and aliases refused before ruamel expands them
     doc = yaml_rt.load(path.read_text(encoding="utf-8")) if path.exists() else None
     if doc is None:
         doc = {}

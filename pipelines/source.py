@@ -17,7 +17,11 @@ import yaml
 
 # What the pipeline and DVC write besides the outputs dvc.yaml declares: params (presets, -S), the lock,
 # the pipeline's own state (.grpo/), `grpo run`'s results (reports/run.json), `dvc plots show`'s pages.
-OWN_FILES = ("params.yaml", "dvc.lock", ".grpo", "reports/run.json", "dvc_plots")
+# mlflow.db's journal files: SQLite leaves one behind when a writer is killed.
+OWN_FILES = (
+    "params.yaml", "dvc.lock", ".grpo", "reports/run.json", "dvc_plots",
+    "mlflow.db-journal", "mlflow.db-wal", "mlflow.db-shm",
+)  # fmt: skip
 OWN_PATTERNS = ("**/*.dvc", "**/.gitignore")
 DIRTY_MEANS = (
     "uncommitted changes (tracked or new files) other than params.yaml, dvc.lock, the stage outputs dvc.yaml "

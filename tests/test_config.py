@@ -126,11 +126,6 @@ ANY_VALUE = {
     "data.generator.a_max": "operand range (a_min <= a_max is checked)",
     "data.generator.b_min": "operand range (b_min <= b_max is checked)",
     "data.generator.b_max": "operand range (b_min <= b_max is checked)",
-    "data.generator.seed": "a seed",
-    "data.split_seed": "a seed",
-    "snapshot.tiny.seed": "a seed",
-    "train.seed": "a seed",
-    "evaluate.seed": "a seed",
     "train.rewards.weight": "a negative weight makes a reward a penalty",
 }
 # Numeric fields bounded by a validator rather than Field bounds: a value the validator must refuse.
@@ -373,3 +368,54 @@ def test_an_interrupted_write_leaves_the_old_file_whole(project, monkeypatch, wh
     assert path.read_bytes() == before
     assert sorted(p.name for p in project.iterdir() if p.name.startswith(".params.yaml")) == []  # no temp left
     assert config.load(path).train.steps == 30
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.rewards=[&a {name: accuracy}, *a]",  # an alias
+        "data.prompt.examples=&x []",  # an anchor alone
+    ],
+)
+def test_yaml_anchors_and_aliases_are_refused(override):
+    with pytest.raises(ConfigError, match="anchors and aliases"):
+        config.resolve({}, [override])
+
+
+def test_an_alias_bomb_in_params_yaml_is_refused_before_it_expands(tmp_path):
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+        for i in range(9)
+    )
+    path = tmp_path / "params.yaml"
+    path.write_text(bomb)
+    with pytest.raises(ConfigError, match="anchors and aliases"):
+        config.load(path)
+    from pipelines.params_file import write_params
+
+    with pytest.raises(ConfigError, match="anchors and aliases"):
+        write_params(path, ["train.steps=3"], None)
+    assert path.read_text() == bomb  # nothing rewritten
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("train.temperature=1e-300", "train.temperature"),
+        ("train.seed=1180591620717411303424", "train.seed"),
+        ("train.num_generations=100000000", "train.num_generations"),
+        ("evaluate.bootstrap_samples=1000000000000", "evaluate.bootstrap_samples"),
+        ("train.rewards=[{name: accuracy, params: {blob: " + "x" * 20000 + "}}]", "characters"),
+    ],
+)
+def test_extreme_values_are_refused_in_one_line(override, says):
+    with pytest.raises(ConfigError, match=says) as refused:
+        config.resolve({}, [override])
+    assert "\n" not in str(refused.value)
+
+
+def test_a_batch_no_machine_holds_is_refused():
+    with pytest.raises(ConfigError, match="tokens a step"):
+        config.resolve(
+            {}, ["train.prompts_per_step=4096", "train.num_generations=4096", "train.max_completion_length=4096"]
+        )

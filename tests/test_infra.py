@@ -349,6 +349,25 @@ def test_kubernetes_pool_requests_gpus_and_declares_its_variables():
     assert values["worker"]["config"] == {**values["worker"]["config"], "workPool": "grpo-k8s", "type": "kubernetes"}
 
 
+def test_pods_run_without_root_privileges_or_a_service_account_token():
+    job = json.loads((INFRA / "k8s" / "gpu-job-template.json").read_text())
+    pods = [job["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]]
+    pods += [
+        doc["spec"]["template"]["spec"]
+        for doc in yaml.safe_load_all((INFRA / "k8s" / "base.yaml").read_text())
+        if doc.get("kind") == "Deployment"
+    ]
+    assert len(pods) >= 2
+    for pod in pods:
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+        for container in pod["containers"]:
+            assert container["securityContext"] == {
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"drop": ["ALL"]},
+            }
+
+
 # --- real servers on loopback -------------------------------------------------------------------
 
 

@@ -63,7 +63,30 @@ def iter_jsonl(path: Path) -> Iterator[Record]:
             if not isinstance(value, dict):
                 yield Record(number, None, f"a JSON {type(value).__name__}, not an object", _clip(text))
                 continue
+            if "\\u" in text and has_lone_surrogate(value):
+                yield Record(number, None, "holds a lone surrogate escape (e.g. \\ud800): not valid Unicode text", _clip(text))
+                continue
             yield Record(number, value)
+
+
+def has_lone_surrogate(value: object) -> bool:
+    """True when a string in `value` holds a lone UTF-16 surrogate (JSON's `\\ud800` escape decodes to
+    one): it cannot be written as UTF-8, so every later stage would fail on it.
+
+    >>> has_lone_surrogate({"a": ["ok", "\\ud800"]}), has_lone_surrogate({"a": "\\u00e9"})
+    (True, False)
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(has_lone_surrogate(k) or has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(has_lone_surrogate(v) for v in value)
+    return False
 
 
 def is_json_array(path: Path) -> bool:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import Config, EvaluateConfig
+from pipelines.config import Config, ConfigError, EvaluateConfig
 from pipelines.evaluation import report
 from pipelines.evaluation.agreement import ledger_agreement
 from pipelines.evaluation.scoring import answer_problems, summarize
@@ -129,6 +129,24 @@ def write_outputs(
     )
 
 
+class NonFiniteWeights(ConfigError):
+    """A policy whose saved weights hold NaN or inf: nothing to evaluate."""
+
+
+def check_finite_weights(folder: Path) -> None:
+    """Refuse a policy folder whose safetensors hold NaN or inf (training diverged)."""
+    import torch
+    from safetensors.torch import load_file
+
+    for file in sorted(folder.glob("*.safetensors")):
+        bad = [name for name, t in load_file(str(file)).items() if not bool(torch.isfinite(t).all())]
+        if bad:
+            raise NonFiniteWeights(
+                f"{file} holds NaN or inf in {len(bad)} tensor(s) ({bad[0]}, ...): training diverged, there is "
+                "nothing to evaluate. Train again (lower train.learning_rate, raise train.temperature)"
+            )
+
+
 def _decoder(model: Any, bf16: bool) -> Any:
     """A plain copy for decoding: adapter merged, bf16 weights when asked (generation/sampling_copy.py
     says why it is faster). Every model is scored the same way."""
@@ -147,6 +165,7 @@ def run(cfg: Config, paths: Paths) -> EvalResult:
     e = cfg.evaluate
     set_threads(cfg.runtime.num_threads)
     manifest = verify(paths.reference_dir)
+    check_finite_weights(paths.policy_dir)
     rows = read_jsonl(paths.eval_split)
     task = catalog.load(cfg.task, paths.root)
     if e.champion:

@@ -2,12 +2,19 @@
 
 Weights go to safetensors; optimiser and RNG tensors to a torch file read back with
 `weights_only=True` (no pickled code); everything else to JSON. A checkpoint folder is complete or
-absent: it is written under a temporary name and renamed, then `latest.json` is switched to it.
+absent: it is written under a temporary name, its files' sha256 go to `files.json`, every file is
+flushed to disk (fsync) and the folder renamed, then `latest.json` is switched to it. Resume takes
+the newest checkpoint whose files still match their hashes: a file cut short by a crash or a full
+disk, or a damaged `latest.json`, makes it fall back to the previous intact step, saying so, instead
+of failing every later run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,6 +25,9 @@ from safetensors.torch import load_file, save_file
 from pipelines.io import staged_dir, write_json
 
 LATEST = "latest.json"
+MANIFEST = "files.json"
+
+log = logging.getLogger(__name__)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -45,18 +55,76 @@ def save(
             staging / "optimizer.pt",
         )
         write_json(staging / "state.json", {**state, "step": step})
+        _seal(staging)
     write_json(folder / LATEST, {"step": step, "path": target.name})
     for old in sorted(folder.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _seal(staging: Path) -> None:
+    """files.json with each file's sha256, and every file on disk before the folder is renamed."""
+    files = sorted(p for p in staging.iterdir() if p.is_file())
+    write_json(staging / MANIFEST, {p.name: _sha256(p) for p in files})
+    for path in [*files, staging / MANIFEST]:
+        with path.open("rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def damage(target: Path) -> str | None:
+    """Why the checkpoint in `target` cannot be resumed from (a file missing, cut short or changed),
+    or None when it is intact. Checkpoints written before files.json existed are checked for their files."""
+    try:
+        manifest = json.loads((target / MANIFEST).read_text())
+    except FileNotFoundError:
+        manifest = None
+    except (OSError, ValueError):
+        return f"{MANIFEST} is unreadable"
+    names = manifest or {"trainable.safetensors": None, "optimizer.pt": None, "state.json": None}
+    for name, sha in names.items():
+        path = target / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if sha is not None and _sha256(path) != sha:
+            return f"{name} does not match its sha256 (cut short or changed)"
+    try:
+        json.loads((target / "state.json").read_text())
+    except (OSError, ValueError):
+        return "state.json is unreadable"
+    return None
+
+
 def latest(folder: Path) -> Path | None:
-    pointer = folder / LATEST
-    if not pointer.exists():
-        return None
-    target = folder / json.loads(pointer.read_text())["path"]
-    return target if (target / "state.json").exists() else None
+    """The newest intact checkpoint: the one `latest.json` names, else (damaged, or `latest.json`
+    itself damaged) the newest step folder whose files match their hashes, with a warning."""
+    candidates = sorted(folder.glob("step-*"), reverse=True)
+    try:
+        named = folder / json.loads((folder / LATEST).read_text())["path"]
+        candidates = [named, *(c for c in candidates if c != named)]
+    except FileNotFoundError:
+        if not candidates:
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("%s is damaged: looking for the newest intact checkpoint instead", folder / LATEST)
+    skipped = []
+    for target in candidates:
+        why = damage(target) if target.is_dir() else "is missing"
+        if why is None:
+            if skipped:
+                log.warning("checkpoint(s) %s damaged; resuming from %s instead", "; ".join(skipped), target.name)
+            return target
+        skipped.append(f"{target.name}: {why}")
+    if skipped:
+        log.warning("no intact checkpoint (%s): training starts again from step 0", "; ".join(skipped))
+    return None
 
 
 def load(target: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from pipelines.config import Config
+from pipelines.config import Config, ConfigError
 from pipelines.env import set_threads
 from pipelines.generation.policy_sampler import policy_sampler
 from pipelines.grpo import checkpoint, distributed, launcher, ledger, policy
@@ -102,6 +102,28 @@ def fingerprint(cfg: Config, reference_sha: str, train_bytes: bytes) -> str:
     train = cfg.train.model_dump(exclude={"num_processes", "ledger_every"})
     payload = json.dumps({"train": train, "ref": reference_sha, "task": cfg.task}, sort_keys=True).encode()
     return hashlib.sha256(payload + hashlib.sha256(train_bytes).digest()).hexdigest()
+
+
+class NonFiniteError(ConfigError):
+    """Training produced NaN or inf; the message names the step and the knobs to turn."""
+
+
+def check_finite(step: int, loss: torch.Tensor | None, grad_norm: float | None, params: Any = ()) -> None:
+    """Stop at the first non-finite loss, gradient or weight: a NaN policy must never be saved,
+    evaluated or registered. The checkpoints of earlier steps stay as they were."""
+    if loss is not None and not bool(torch.isfinite(loss.detach()).all()):
+        what = f"the loss is {float(loss.detach())}"
+    elif grad_norm is not None and not math.isfinite(grad_norm):
+        what = f"the gradient norm is {grad_norm}"
+    elif any(not bool(torch.isfinite(p.detach()).all()) for p in params):
+        what = "the trainable weights hold NaN or inf"
+    else:
+        return
+    raise NonFiniteError(
+        f"training stopped at step {step}: {what}. Nothing of this step was saved; lower train.learning_rate, "
+        "raise train.temperature (a tiny one overflows the logits) or lower train.max_grad_norm, then run "
+        "`grpo train` again (it resumes from the last checkpoint)"
+    )
 
 
 def task_setup(cfg: Config, paths: Paths) -> tuple[Config, Task, str | None]:
@@ -332,9 +354,11 @@ def train(
                     (loss * share).backward()
                 world.all_reduce_grads(params)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
+                check_finite(step + 1, loss, grad_norm)  # before the step: the weights stay as they were
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+            check_finite(step + 1, None, None, params)
             copy.sync()  # the next rollout samples from the updated policy
 
             # 4. Log what the field looks at.

@@ -10,6 +10,7 @@ rules (gain, interval), never take `champion` merely by not being worse. Every r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,10 @@ def decide(evidence: Evidence, rules: RegisterConfig, stats: EvaluateConfig) -> 
     False
     """
     n = len(evidence.candidate)
+    if not math.isfinite(evidence.candidate_format_rate):
+        return Decision(
+            False, f"the candidate's format rate is {evidence.candidate_format_rate}: run `grpo evaluate` again"
+        )
     if len(evidence.reference) != n or (evidence.champion is not None and len(evidence.champion) != n):
         raise ValueError("candidate, reference and champion outcomes must cover the same problems")
     if n == 0:

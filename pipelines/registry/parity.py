@@ -14,6 +14,7 @@ shift of the logits, which changes nothing, is not a difference).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -118,6 +119,11 @@ def adapter_effect(expected: tuple[list[Any], list[Any], list[Any]], tolerance: 
     within the tolerance (checked before anything is loaded from the registry: no export can fix it)."""
     _, policy, base = expected
     effect = max(float((want - plain).abs().max()) for want, plain in zip(policy, base, strict=True))
+    if not math.isfinite(effect):
+        raise ParityError(
+            f"the adapter in {adapter_dir} gives non-finite log-probs (adapter effect {effect}): its weights hold NaN "
+            "or inf, so training diverged; train again (lower train.learning_rate, raise train.temperature)"
+        )
     if effect <= tolerance:
         raise ParityError(
             f"the adapter in {adapter_dir} does not change the base model (max |Δlog p| {effect:.2g} ≤ "
@@ -148,7 +154,7 @@ def compare(
             got = probed[f"{way}/{i}"]
             diff = (got - want).abs()
             worst[way] = max(worst[way], float(diff.max()))
-            if worst[way] > tolerance:
+            if not worst[way] <= tolerance:  # NaN compares false: a NaN difference is a difference
                 position = int(diff.max(dim=-1).values.argmax())
                 raise ParityError(
                     f"{model_uri} loaded through {how[way]} differs from the evaluated policy: max |Δlog p| "
