@@ -118,7 +118,7 @@ def _registry_parsers(sub: argparse._SubParsersAction, common: argparse.Argument
 
 
 def _registry_command(args: argparse.Namespace, cfg: Config, paths: Paths) -> int:
-    from pipelines.mlflow_store import StoreError, registry_client
+    from pipelines.mlflow_store import StoreError, redact, registry_client
     from pipelines.registry import promotion
 
     name, root = cfg.registry.model_name, paths.root
@@ -152,7 +152,7 @@ def _registry_command(args: argparse.Namespace, cfg: Config, paths: Paths) -> in
             print(f"{name} v{done['champion']} is champion again (v{done['rolled_back']} rolled back by {done['by']})")
         return 0
     except StoreError as exc:
-        print(f"grpo {args.command}: error: {exc}", file=sys.stderr)
+        print(f"grpo {args.command}: error: {redact(str(exc))}", file=sys.stderr)
         return 1
 
 
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         # answer take 5-15 s instead of about 1 s whenever another process held a core of a 2-core machine.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from pipelines.env import console_logging, quiet_progress_bars, quiet_telemetry
-    from pipelines.mlflow_store import StoreError, bound_http_waits
+    from pipelines.mlflow_store import StoreError, bound_http_waits, redact
     from pipelines.terminal import printable
 
     quiet_telemetry()
@@ -405,13 +405,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2, default=str))
         return 0
     except (config.ConfigError, DataError, SnapshotError, StoreError, VerifierError) as exc:
-        print(f"grpo {args.command}: error: {exc}", file=sys.stderr)
+        print(f"grpo {args.command}: error: {redact(str(exc))}", file=sys.stderr)
         return 1
     except Exception as exc:  # a server lost mid-command: one line, not a library's traceback
         line = _unreachable_line(exc, paths.root)
         if line is None:
             raise
-        print(f"grpo {args.command}: error: {line}", file=sys.stderr)
+        print(f"grpo {args.command}: error: {redact(line)}", file=sys.stderr)
         return 1
 
 

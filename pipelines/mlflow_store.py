@@ -50,9 +50,21 @@ class StoreError(RuntimeError):
     """The MLflow store cannot answer what was asked; the message says what to do."""
 
 
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of every URL in it (`scheme://user:password@host`) replaced by `***`.
+
+    >>> redact("cannot reach http://admin:s3cret@mlflow:5000/api (refused); sqlite:///x.db")
+    'cannot reach http://***@mlflow:5000/api (refused); sqlite:///x.db'
+    """
+    return _USERINFO.sub("***@", text)
+
+
 def unreachable(uri: str, reason: str) -> str:
     """The one line a command prints when the tracking server does not answer."""
-    return f"cannot reach the MLflow server at {uri} ({reason}): start it or fix MLFLOW_TRACKING_URI"
+    return redact(f"cannot reach the MLflow server at {uri} ({reason}): start it or fix MLFLOW_TRACKING_URI")
 
 
 def check_reachable(root: Path, timeout: float = REACH_TIMEOUT_S) -> None:
@@ -151,8 +163,8 @@ def registry_client(root: Path) -> Any:
 
     if not store_exists(root):
         raise StoreError(
-            f"no model registry at {tracking_uri(root)}: run `grpo register` first, or set MLFLOW_TRACKING_URI to "
-            "your server"
+            f"no model registry at {redact(tracking_uri(root))}: run `grpo register` first, or set "
+            "MLFLOW_TRACKING_URI to your server"
         )
     mlflow.set_tracking_uri(tracking_uri(root))  # models:/ downloads resolve through the global URI
     return MlflowClient()

@@ -159,7 +159,7 @@ MLFLOW_UI_URL = "MLFLOW_UI_URL"
 def _mlflow_link(root: Path, run_id: str) -> str:
     """A link to the run in the MLflow UI: at MLFLOW_UI_URL when set, else the tracking server's own
     address; for a local store (SQLite), `mlflow ui`'s default address and how to start it."""
-    from pipelines.mlflow_store import tracking_uri
+    from pipelines.mlflow_store import redact, tracking_uri
 
     uri = tracking_uri(root)
     try:
@@ -172,7 +172,7 @@ def _mlflow_link(root: Path, run_id: str) -> str:
     if ui := os.environ.get(MLFLOW_UI_URL, "").strip():
         return f"[{run_id}]({ui.rstrip('/')}/{page})"
     if uri.startswith(("http://", "https://")):
-        return f"[{run_id}]({uri.rstrip('/')}/{page})"
+        return f"[{run_id}]({redact(uri).rstrip('/').replace('***@', '')}/{page})"  # never a password in the UI
     return (
         f"[{run_id}](http://127.0.0.1:5000/{page}) (after `mlflow ui --backend-store-uri {uri}`; set "
         f"{MLFLOW_UI_URL} for another address)"

@@ -156,3 +156,17 @@ def test_register_retries_say_whether_they_retry(caplog):
         "task: transient error, retrying while retries remain: [Errno 111] Connection refused",
         "task: lasting error, not retried: champion is v2 but metrics/eval.json scored v1",
     ]
+
+
+@pytest.mark.parametrize("args", [["models"], ["register"], ["train"]], ids=lambda args: args[0])
+def test_credentials_in_the_tracking_uri_are_never_printed(root, args):
+    port = _closed_port()
+    proc, _ = _grpo(root, _env(MLFLOW_TRACKING_URI=f"http://admin:s3cret-pw@127.0.0.1:{port}"), *args)
+    assert proc.returncode == 1 and "s3cret-pw" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
+    assert f"http://***@127.0.0.1:{port}" in proc.stderr
+
+
+def test_redact_strips_every_urls_userinfo():
+    assert mlflow_store.redact("a https://u:p@h/x b http://tok@h2 c sqlite:///m.db") == (
+        "a https://***@h/x b http://***@h2 c sqlite:///m.db"
+    )
