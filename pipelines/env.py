@@ -15,6 +15,9 @@ QUIET = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "GX_ANALYTICS_ENABLED": "false",
     "TOKENIZERS_PARALLELISM": "false",
+    # MLflow writes "View run ... at: <tracking URI>" to stdout itself: with a server that URI can hold
+    # a password, and it would start `grpo run --json`'s output. The Prefect run links to the run instead.
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 
 
