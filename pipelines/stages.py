@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
+from pipelines import diskspace
 from pipelines.config import Config
 from pipelines.paths import Paths
 
@@ -40,6 +41,7 @@ def run_stage(name: str, cfg: Config, paths: Paths) -> dict[str, Any]:
         runner = lambda: registry.run(cfg, paths)  # noqa: E731
     else:
         raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+    diskspace.check(name, cfg, paths)  # before any work: a stage out of space halfway wastes it
     result = runner()
     done = asdict(result) if is_dataclass(result) else dict(result)
     try:
