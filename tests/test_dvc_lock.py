@@ -37,7 +37,7 @@ def test_a_stage_without_the_disk_space_it_needs_is_refused_before_it_starts(tmp
     root = make_project(tmp_path / "project")
     cfg = config.load(root / "params.yaml", preset="smoke")
     usage = shutil.disk_usage(root)
-    monkeypatch.setattr(diskspace.shutil, "disk_usage", lambda _: usage._replace(free=50 * diskspace.MB))
-    with pytest.raises(diskspace.DiskSpaceError, match=r"for `validate` in .*: 50 MB free, it needs about \d+ MB"):
+    monkeypatch.setattr(diskspace.shutil, "disk_usage", lambda _: usage._replace(free=10 * diskspace.MB))
+    with pytest.raises(diskspace.DiskSpaceError, match=r"for `validate` in .*: 10 MB free, it needs about \d+ MB"):
         run_stage("validate", cfg, Paths(root))
     assert not (root / "data" / "validated").exists()
