@@ -297,7 +297,11 @@ def test_register_gate_rollback_and_manual_promotion(sqlite_project, monkeypatch
     assert json.loads(paths.registry_report.read_text())["champion_before"] == "1"
     assert json.loads(paths.registry_metrics.read_text()) == {"version": "4", "decision": "promoted"}
 
+    # Registering the same evaluation again makes no other version: it reports v4 as it was.
+    assert registry.run(cfg, paths).version == "4" and len(client.search_model_versions(f"name='{NAME}'")) == 4
+
     # An evaluation that scored another champion than the current one cannot promote.
+    fake_evaluation(cfg, paths, [True] * 8, WORSE, "1")
     fifth = registry.run(cfg, paths)
     assert (
         not fifth.promoted

@@ -17,7 +17,9 @@ version gets the `eval_*` tags `grpo models` reads, the lineage tags, and its de
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -29,11 +31,13 @@ from pipelines.config import Config, PromptConfig
 from pipelines.data.prompts import task_prompt
 from pipelines.hashing import folder_sha256
 from pipelines.io import read_jsonl, write_json
-from pipelines.mlflow_store import CHALLENGER, flatten, setup
+from pipelines.mlflow_store import CHALLENGER, alias_version, flatten, is_absent, setup
 from pipelines.paths import Paths
 from pipelines.registry import gate, lineage, parity, promotion, pyfunc_model
 from pipelines.source import mlflow_source_tags
 from pipelines.verifiers import catalog
+
+log = logging.getLogger(__name__)
 
 # MLflow's key for a run's description.
 NOTE = "mlflow.note.content"
@@ -288,7 +292,6 @@ def verify_export(expected: parity.Expected | None, model_uri: str, run_id: str)
 
 
 def run(cfg: Config, paths: Paths) -> RegisterResult:
-    import mlflow
     from mlflow import MlflowClient
 
     name = cfg.registry.model_name
@@ -313,6 +316,11 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
 
     champion = promotion.current_champion(client, name)
     champion_before = str(champion.version) if champion is not None else None
+    key = registration_key(paths, evaluation, train.get("mlflow_run_id"))
+    existing = find_registration(client, name, key)
+    if existing is not None and _complete(existing, champion_before):
+        # Registered and decided before (the task is retried, or run again): report it, change nothing.
+        return _finished(client, paths, name, existing, champion_before, evaluation)
     evidence = load_evidence(paths, evaluation, champion_before)
     if isinstance(evidence, gate.Evidence) and champion is not None:  # were its scores by other verifier code?
         recorded = {k[len("verifier_") : -len("_sha256")]: v for k, v in (champion.tags or {}).items()
@@ -324,7 +332,146 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
         else gate.Decision(False, evidence)
     )
     tags = lineage.collect(cfg, paths)
+    promoted = decision.promote
+    reason = decision.reason
 
+    def decision_tags() -> dict[str, str]:
+        return {
+            "promotion": (("promoted: " if promoted else "kept: ") + reason)[:4000],
+            "promotion_decision": "promoted" if promoted else "kept",
+            "promotion_reason": reason[:4000],
+            "promotion_checks": json.dumps(decision.checks, sort_keys=True),
+        }
+
+    if existing is not None:  # a registration that was cut short (a kill, a timeout): finish it, make no other
+        v, run_id = str(existing.version), existing.run_id
+        log.warning("v%s already registers this evaluation (registration_key %s): finishing it", v, key[:12])
+    else:
+        v, run_id = _log_and_create(cfg, paths, client, name, evaluation, train, tags, expected, key, decision_tags())
+    client.set_registered_model_alias(name, CHALLENGER, v)  # only ever on a version that carries its decision
+    if promoted:
+        # Under the registry-wide lock (another workspace, or a person, may be moving it too): the
+        # gate judged against `champion_before`; if the alias moved meanwhile, that judgement no
+        # longer applies.
+        with promotion.champion_lock(client, name):
+            now = promotion.current_champion(client, name)
+            if (str(now.version) if now is not None else None) != champion_before:
+                promoted, reason = (
+                    False,
+                    f"champion moved to v{now.version if now else '-'} during registration; evaluate again",
+                )
+            else:
+                promotion.move_champion(
+                    client,
+                    name,
+                    v,
+                    champion_before,
+                    {**decision_tags(), "promoted_by": "gate", "promoted_at": promotion.now()},
+                )
+    if not promoted:
+        for tag, value in decision_tags().items():
+            client.set_model_version_tag(name, v, tag, value)
+    result = RegisterResult(
+        name=name,
+        version=v,
+        promoted=promoted,
+        reason=reason,
+        run_id=run_id,
+        champion_before=champion_before,
+        champion=v if promoted else champion_before,
+        checks=decision.checks,
+    )
+    write_json(
+        paths.registry_report,
+        {
+            **result.__dict__,
+            "eval_accuracy": float(evaluation["policy"]["accuracy"]),
+            "figures": decision.figures,
+            "challenger": v,
+        },
+    )
+    write_json(paths.registry_metrics, {"version": v, "decision": "promoted" if promoted else "kept"})
+    note = client.get_run(run_id).data.tags.get(NOTE, "")
+    trained = note.split(REGISTRATION_MARK)[0].rstrip()
+    described = describe_registration(evaluation, name, v, promoted, reason)
+    client.set_tag(run_id, NOTE, (((trained + "\n\n") if trained else "") + described)[:8000])  # MLflow's cap
+    return result
+
+
+REGISTRATION_KEY = "registration_key"
+
+
+def _complete(version: Any, champion_now: str | None) -> bool:
+    """A registration with nothing left to do: kept (its decision is on it), or promoted and champion."""
+    decided = version.tags.get("promotion_decision")
+    return decided == "kept" or (decided == "promoted" and champion_now == str(version.version))
+
+
+def _finished(
+    client: Any, paths: Paths, name: str, version: Any, champion_now: str | None, evaluation: dict[str, Any]
+) -> RegisterResult:
+    """The result of a registration made before, as its tags recorded it; the challenger alias put
+    back on it when the cut came before the alias moved (and no later version holds it)."""
+    v = str(version.version)
+    holder = alias_version(client, name, CHALLENGER)
+    if holder is None or int(holder.version) < int(v):
+        client.set_registered_model_alias(name, CHALLENGER, v)
+    promoted = version.tags.get("promotion_decision") == "promoted"
+    checks = json.loads(version.tags.get("promotion_checks", "{}"))
+    result = RegisterResult(
+        name=name, version=v, promoted=promoted, reason=version.tags.get("promotion_reason", ""),
+        run_id=version.run_id, champion_before=None if promoted else champion_now, champion=champion_now,
+        checks=checks,
+    )  # fmt: skip
+    log.info("v%s already registers this evaluation (%s): nothing to do", v, version.tags.get("promotion_decision"))
+    write_json(paths.registry_report, {**result.__dict__, "eval_accuracy": float(evaluation["policy"]["accuracy"]),
+                                       "figures": {}, "challenger": v})  # fmt: skip
+    write_json(paths.registry_metrics, {"version": v, "decision": "promoted" if promoted else "kept"})
+    return result
+
+
+def registration_key(paths: Paths, evaluation: dict[str, Any], train_run: str | None) -> str:
+    """What makes two registrations the same: the evaluated adapter, its evaluation, its training run."""
+    digest = hashlib.sha256(paths.eval_results.read_bytes())
+    digest.update(f"\0{evaluation.get('candidate_sha256')}\0{train_run}".encode())
+    return digest.hexdigest()
+
+
+def find_registration(client: Any, name: str, key: str) -> Any | None:
+    """The version of `name` registered with `key` (the oldest, if MLflow's retries made more: the
+    others are deleted, so one registration is one version); None when there is none."""
+    try:
+        found = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get(REGISTRATION_KEY) == key]
+    except Exception as exc:  # no such model yet
+        if not is_absent(exc):
+            raise
+        return None
+    found.sort(key=lambda v: int(v.version))
+    for duplicate in found[1:]:
+        log.warning(
+            "deleting v%s, a duplicate of v%s (one registration, made twice)", duplicate.version, found[0].version
+        )
+        client.delete_model_version(name, duplicate.version)
+    return found[0] if found else None
+
+
+def _log_and_create(
+    cfg: Config,
+    paths: Paths,
+    client: Any,
+    name: str,
+    evaluation: dict[str, Any],
+    train: dict[str, Any],
+    tags: dict[str, str],
+    expected: Any,
+    key: str,
+    decision: dict[str, str],
+) -> tuple[str, str]:
+    """Log the run's reports and the model, then create the version with its decision in the same
+    call (never a version without one); (version, run id)."""
+    import mlflow
+
+    manifest = json.loads((paths.reference_dir / "manifest.json").read_text())
     run_id = train.get("mlflow_run_id")
     try:
         if run_id:
@@ -379,7 +526,35 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
             name,
             description="GRPO-trained LoRA adapters (peft format + MLflow pyfunc); base model in the -reference model.",
         )
-    version = client.create_model_version(
+    try:
+        version = _create_version(client, name, run, artifact_path, tags, evaluation, train, cfg, reference_uri,
+                                  parity_report, key, decision)  # fmt: skip
+    except Exception:
+        # The create may have reached the server before the answer was lost (a timeout): look before
+        # anyone tries again, so that a retry finishes that version instead of making another.
+        made = find_registration(client, name, key)
+        if made is None:
+            raise
+        version = made
+    found = find_registration(client, name, key)  # MLflow's own HTTP retries may have made more than one
+    return str((found or version).version), run.info.run_id
+
+
+def _create_version(
+    client: Any,
+    name: str,
+    run: Any,
+    artifact_path: str,
+    tags: dict[str, str],
+    evaluation: dict[str, Any],
+    train: dict[str, Any],
+    cfg: Config,
+    reference_uri: str,
+    parity_report: Any,
+    key: str,
+    decision: dict[str, str],
+) -> Any:
+    return client.create_model_version(
         name,
         source=f"{run.info.artifact_uri}/{artifact_path}",
         run_id=run.info.run_id,
@@ -390,6 +565,8 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
             "task": str((evaluation.get("task") or {}).get("name", cfg.task)),
             "reference_model_uri": reference_uri,
             **({"export_parity": parity_report.summary()} if parity_report else {}),
+            **decision,
+            REGISTRATION_KEY: key,
         },
         description=(
             f"LoRA adapter (peft format) for the base model at {reference_uri}, and an MLflow pyfunc model. Load with "
@@ -397,66 +574,6 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
             "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)."
         ),
     )
-    v = str(version.version)
-    client.set_registered_model_alias(name, CHALLENGER, v)
-    promoted = decision.promote
-    reason = decision.reason
-
-    def decision_tags() -> dict[str, str]:
-        return {
-            "promotion": (("promoted: " if promoted else "kept: ") + reason)[:4000],
-            "promotion_decision": "promoted" if promoted else "kept",
-            "promotion_reason": reason[:4000],
-            "promotion_checks": json.dumps(decision.checks, sort_keys=True),
-        }
-
-    if promoted:
-        # Under the registry-wide lock (another workspace, or a person, may be moving it too): the
-        # gate judged against `champion_before`; if the alias moved meanwhile, that judgement no
-        # longer applies.
-        with promotion.champion_lock(client, name):
-            now = promotion.current_champion(client, name)
-            if (str(now.version) if now is not None else None) != champion_before:
-                promoted, reason = (
-                    False,
-                    f"champion moved to v{now.version if now else '-'} during registration; evaluate again",
-                )
-            else:
-                promotion.move_champion(
-                    client,
-                    name,
-                    v,
-                    champion_before,
-                    {**decision_tags(), "promoted_by": "gate", "promoted_at": promotion.now()},
-                )
-    if not promoted:
-        for key, value in decision_tags().items():
-            client.set_model_version_tag(name, v, key, value)
-    result = RegisterResult(
-        name=name,
-        version=v,
-        promoted=promoted,
-        reason=reason,
-        run_id=run.info.run_id,
-        champion_before=champion_before,
-        champion=v if promoted else champion_before,
-        checks=decision.checks,
-    )
-    write_json(
-        paths.registry_report,
-        {
-            **result.__dict__,
-            "eval_accuracy": float(evaluation["policy"]["accuracy"]),
-            "figures": decision.figures,
-            "challenger": v,
-        },
-    )
-    write_json(paths.registry_metrics, {"version": v, "decision": "promoted" if promoted else "kept"})
-    note = client.get_run(run.info.run_id).data.tags.get(NOTE, "")
-    trained = note.split(REGISTRATION_MARK)[0].rstrip()
-    described = describe_registration(evaluation, name, v, promoted, reason)
-    client.set_tag(run.info.run_id, NOTE, (((trained + "\n\n") if trained else "") + described)[:8000])  # MLflow's cap
-    return result
 
 
 def _read(path: Path, stage: str) -> dict[str, Any]:
