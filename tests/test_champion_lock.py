@@ -163,3 +163,54 @@ def test_a_holder_that_outlives_its_lease_is_told(tmp_path):
         with promotion.champion_lock(client, NAME, lease_s=0.05):
             time.sleep(0.1)
     assert [m.name for m in client.search_registered_models()] == [NAME]
+
+
+def test_two_writers_after_a_stale_lease_never_both_hold_the_lock(tmp_path, monkeypatch):
+    """Both see the dead holder's lease run out at the same moment; only one may take the lock."""
+    import threading
+
+    _, client = _store(tmp_path, 2)
+    lock = promotion.lock_name(NAME)
+    client.create_registered_model(lock, tags={"owner": "dead@host:1:x", "expires_at": f"{time.time() - 5:.3f}"})
+    both_saw_it = threading.Barrier(2, timeout=10)
+    real_holder = promotion._lock_holder
+    seen: set[str] = set()
+
+    def holder(c, name):
+        found = real_holder(c, name)
+        me = threading.current_thread().name
+        if name == lock and found and found[0].startswith("dead@") and me not in seen:
+            seen.add(me)
+            both_saw_it.wait()  # neither breaks the lock before the other has seen it stale
+        return found
+
+    monkeypatch.setattr(promotion, "_lock_holder", holder)
+    spans: dict[str, tuple[float, float]] = {}
+
+    def writer(version: str) -> None:
+        with promotion.champion_lock(client, NAME, wait_s=20, poll_s=0.02):
+            start = time.monotonic()
+            time.sleep(0.3)
+            spans[threading.current_thread().name] = (start, time.monotonic())
+
+    threads = [threading.Thread(target=writer, args=(v,), name=f"w{v}") for v in ("1", "2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    (a0, a1), (b0, b1) = spans.values()
+    assert a1 <= b0 or b1 <= a0, f"both held the lock at once: {spans}"
+    assert [m.name for m in client.search_registered_models()] == [NAME]  # lock and breaker released
+
+
+def test_a_waiting_writer_says_whom_it_waits_for(tmp_path, monkeypatch, caplog):
+    import logging
+
+    _, client = _store(tmp_path, 1)
+    monkeypatch.setattr(promotion, "WAIT_SAY_S", 0.1)
+    lock = promotion.lock_name(NAME)
+    client.create_registered_model(lock, tags={"owner": "carol@laptop:42:x", "expires_at": f"{time.time() + 60:.3f}"})
+    with caplog.at_level(logging.WARNING), pytest.raises(promotion.PromotionError):
+        with promotion.champion_lock(client, NAME, wait_s=0.5, poll_s=0.05):
+            pass
+    assert "for carol@laptop:42:x, who holds the lock on grpo-policy@champion until" in caplog.text

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
+import logging
 import os
 import random
 import socket
@@ -36,6 +37,10 @@ PREVIOUS = "previous_champion"
 # writer waits for it before giving up with a message.
 LOCK_LEASE_S = 120.0
 LOCK_WAIT_S = 300.0
+BREAKER_LEASE_S = 30.0  # breaking a stale lock takes two calls; a breaker older than this died
+WAIT_SAY_S = 10.0  # a waiting writer says whom it waits for this often
+
+log = logging.getLogger(__name__)
 
 
 class PromotionError(StoreError):
@@ -91,28 +96,28 @@ def champion_lock(
     same call, say who holds it and until when (a lease). Others poll until it is deleted, or break
     it once the lease has run out (its holder died). Released by deleting it, only by its holder.
     """
-    import mlflow
 
     owner = f"{who()}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     lock = lock_name(name)
-    deadline = time.monotonic() + wait_s
+    started = time.monotonic()
+    deadline, said = started + wait_s, started
     while True:
         expires = time.time() + lease_s
-        try:
-            client.create_registered_model(
-                lock,
-                tags={"owner": owner, "expires_at": f"{expires:.3f}", "expires": _stamp(expires)},
-                description=f"Lock on moving {name}@{CHAMPION} (pipelines/registry/promotion.py); gone after the move.",
-            )
-            break
-        except mlflow.exceptions.MlflowException as exc:
-            # Taken (or released between the insert and the error's own look-up): wait and try again.
-            if getattr(exc, "error_code", None) not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
-                raise
+        if _create_lock(client, lock, owner, expires, f"Lock on moving {name}@{CHAMPION}; gone after the move."):
+            holder = _lock_holder(client, lock)
+            if holder is not None and holder[0] == owner:
+                break  # read back: the lock is ours
+            continue  # deleted and taken by another between the create and the read: not ours
         holder = _lock_holder(client, lock)
         if holder is not None and holder[1] < time.time():
             _break_lock(client, lock, holder[0])
             continue
+        if holder is not None and time.monotonic() - said >= WAIT_SAY_S:
+            said = time.monotonic()
+            log.warning(
+                "waiting %.0f s so far for %s, who holds the lock on %s@%s until %s (at most %.0f s more)",
+                said - started, holder[0], name, CHAMPION, _stamp(holder[1]), max(0.0, deadline - said),
+            )  # fmt: skip
         if time.monotonic() > deadline:
             who_, until = holder if holder is not None else ("?", 0.0)
             raise PromotionError(
@@ -135,6 +140,26 @@ def champion_lock(
             _delete_lock(client, lock)
 
 
+def _create_lock(client: Any, name: str, owner: str, expires: float, description: str) -> bool:
+    """Create the registered model `name` as a lock held by `owner`; False when it exists already.
+    Creation is atomic: the store's unique key on the name lets exactly one writer succeed."""
+    import mlflow
+
+    try:
+        client.create_registered_model(
+            name, tags={"owner": owner, "expires_at": f"{expires:.3f}", "expires": _stamp(expires)},
+            description=f"{description} (pipelines/registry/promotion.py)",
+        )  # fmt: skip
+        return True
+    except mlflow.exceptions.MlflowException as exc:
+        # Taken (or released between the insert and the error's own look-up). SQLite under
+        # concurrent writers can answer with the unique key's IntegrityError instead: taken too.
+        code = getattr(exc, "error_code", None)
+        if code in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST") or "UNIQUE constraint" in str(exc):
+            return False
+        raise
+
+
 def _lock_holder(client: Any, lock: str) -> tuple[str, float] | None:
     """(owner, lease end in epoch seconds) of the lock, or None when nobody holds it."""
     import mlflow
@@ -152,10 +177,25 @@ def _lock_holder(client: Any, lock: str) -> tuple[str, float] | None:
 
 
 def _break_lock(client: Any, lock: str, stale_owner: str) -> None:
-    """Delete a lock whose lease ran out, if it is still that holder's (checked just before)."""
-    holder = _lock_holder(client, lock)
-    if holder is not None and holder[0] == stale_owner and holder[1] < time.time():
-        _delete_lock(client, lock)
+    """Delete a lock whose lease ran out, if it is still that holder's.
+
+    Under a second lock, the breaker: two writers that both saw the stale lease would otherwise both
+    delete, and the second delete could remove the lock the first had just taken (both then hold it).
+    With the breaker, the second re-reads the holder after the first is done and finds a live one."""
+    breaker = f"{lock}.breaker"
+    me = f"{who()}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    if not _create_lock(client, breaker, me, time.time() + BREAKER_LEASE_S, "Breaking a stale lock"):
+        holder = _lock_holder(client, breaker)
+        if holder is not None and holder[1] < time.time() - BREAKER_LEASE_S:
+            _delete_lock(client, breaker)  # a breaker that died mid-break, long ago
+        return  # someone else is breaking it: look again
+    try:
+        holder = _lock_holder(client, lock)
+        if holder is not None and holder[0] == stale_owner and holder[1] < time.time():
+            log.warning("breaking the lock of %s, whose lease ran out at %s", stale_owner, _stamp(holder[1]))
+            _delete_lock(client, lock)
+    finally:
+        _delete_lock(client, breaker)
 
 
 def _delete_lock(client: Any, lock: str) -> None:
