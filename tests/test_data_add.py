@@ -227,3 +227,50 @@ def test_data_add_keeps_the_name_the_user_gave_and_links_inside_the_folder(tmp_p
     code, added, _ = _add(root, folder, capsys, "--no-push")
     copied = root / "data" / "raw" / "batch" / "latest.jsonl"
     assert code == 0 and not copied.is_symlink() and copied.read_text() == _problems(3)
+
+
+def test_a_file_swapped_for_a_link_after_the_check_is_never_versioned(tmp_path, capsys, monkeypatch):
+    """The race: the folder passes the link check, then a racer swaps a file for a link to a secret."""
+    from pipelines.data import versioning
+
+    root = _fake_dvc_project(tmp_path / "project")
+    secret = tmp_path / "elsewhere" / "secret.jsonl"
+    secret.parent.mkdir()
+    secret.write_text('{"id": "s", "prompt": "password", "answer": "hunter2"}\n')
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(_problems(3))
+    (folder / "b.jsonl").write_text(_problems(2))
+    checked = versioning._refuse_links_out
+
+    def check_then_race(source, real):
+        checked(source, real)
+        (folder / "b.jsonl").unlink()
+        (folder / "b.jsonl").symlink_to(secret)  # after the check, before the copy
+
+    monkeypatch.setattr(versioning, "_refuse_links_out", check_then_race)
+    code, _, err = _add(root, folder, capsys)
+    assert code == 1 and "b.jsonl: a symlink to" in err and "nothing was versioned" in err, err
+    assert _raw_entries(root) == [".gitkeep"]
+    assert not any("hunter2" in p.read_text() for p in (root / "data").rglob("*.jsonl") if p.is_file())
+
+
+def test_a_single_file_swapped_for_a_link_while_it_is_copied_is_refused(tmp_path, capsys, monkeypatch):
+    from pipelines.data import versioning
+
+    root = _fake_dvc_project(tmp_path / "project")
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text('{"id": "s", "prompt": "password", "answer": "hunter2"}\n')
+    data = tmp_path / "data.jsonl"
+    data.write_text(_problems(3))
+    checked = versioning._refuse_project_data
+
+    def check_then_race(paths, source, real, target):
+        checked(paths, source, real, target)
+        data.unlink()
+        data.symlink_to(secret)
+
+    monkeypatch.setattr(versioning, "_refuse_project_data", check_then_race)
+    code, _, err = _add(root, data, capsys)
+    assert code == 1 and "became a symlink while it was being copied" in err, err
+    assert _raw_entries(root) == [".gitkeep"]

@@ -6,10 +6,13 @@ root, one command at a time (DVC allows one process per workspace).
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipelines.data.errors import DataError
 from pipelines.dvc import DvcError, run_dvc
@@ -123,23 +126,79 @@ def _refuse_links_out(source: Path, real: Path) -> None:
 
 
 def _copy(source: Path, target: Path) -> None:
-    """Copy beside the target first, then rename: an interrupted copy never looks like a version."""
+    """Copy beside the target first, then rename: an interrupted copy never looks like a version.
+
+    Race-proof against a file swapped for a symlink after the checks: files are opened without
+    following links (O_NOFOLLOW), a folder is copied with its links as links, and the links of the
+    copy, not of the source, are then checked and replaced by the files they point to in the copy.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     if source.is_file():
         tmp = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(source, tmp)
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        try:
+            _copy_file_nofollow(source, tmp)
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
         return
     staging = staging_dir(target)
     try:
-        shutil.copytree(source, staging, dirs_exist_ok=True)
+        shutil.copytree(source, staging, symlinks=True, copy_function=_copy_file_nofollow, dirs_exist_ok=True)
+        _materialise_links(staging, source)
         if target.is_file():
             target.unlink()
         replace_dir(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _copy_file_nofollow(src: Any, dst: Any, *, follow_symlinks: bool = True) -> Any:
+    """shutil's copy function, but a source that is (or became) a symlink or no regular file is refused."""
+    try:
+        fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DataError(f"{src}: became a symlink while it was being copied; nothing was versioned") from None
+        raise
+    with os.fdopen(fd, "rb") as fin:
+        if not stat.S_ISREG(os.fstat(fin.fileno()).st_mode):
+            raise DataError(f"{src}: not a regular file (a pipe, socket or device). Fix: remove it from the folder.")
+        with open(dst, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+    return dst
+
+
+def _materialise_links(staging: Path, source: Path) -> None:
+    """Replace each symlink of the copy by a copy of what it points to inside the copied folder;
+    refuse one that leads outside it (whatever the source held when it was checked)."""
+    for folder, dirs, files in os.walk(staging):
+        for name in dirs + files:
+            link = Path(folder) / name
+            if not link.is_symlink():
+                continue
+            shown = source / link.relative_to(staging)
+            to = Path(os.path.realpath(link))
+            inside = (
+                to
+                if to.is_relative_to(staging)
+                else staging / to.relative_to(source)
+                if to.is_relative_to(source)
+                else None
+            )
+            if inside is None or not inside.exists() or inside.is_symlink():
+                raise DataError(
+                    f"{shown}: a symlink to {os.readlink(link)}, outside {source} (or it changed while it was copied); "
+                    "nothing was versioned. Fix: copy the file into the folder, or remove the link."
+                )
+            link.unlink()
+            if inside.is_dir():
+                if link.parent.resolve().is_relative_to(inside.resolve()):
+                    raise DataError(f"{shown}: a symlink to a folder that holds it (a loop). Fix: remove it.")
+                shutil.copytree(inside, link, symlinks=True)
+            else:
+                shutil.copyfile(inside, link, follow_symlinks=False)
 
 
 def _run(root: Path, *args: str) -> str:
