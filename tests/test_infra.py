@@ -700,3 +700,24 @@ def test_smoke_pipeline_against_the_stack(tmp_path, postgres, s3, prefect_server
     # DVC: every out pushed to the S3 remote.
     assert json.loads(run(*dvc, "status", "--cloud", "--json").stdout) == {}
     assert s3.keys("dvc")
+
+
+def test_services_that_mount_the_checkout_cannot_read_infra_env_and_vllm_wants_a_key():
+    compose = yaml.safe_load((INFRA / "docker-compose.yml").read_text())
+    mounting = {name: svc for name, svc in compose["services"].items() if any(
+        str(v).startswith("..:/workspace") for v in svc.get("volumes", []))}  # fmt: skip
+    assert {"worker", "vllm-gpu"} <= set(mounting), sorted(mounting)
+    for name, service in mounting.items():
+        hidden = [v for v in service["volumes"] if isinstance(v, dict) and v.get("target") == "/workspace/infra"]
+        assert hidden and hidden[0]["type"] == "tmpfs", name
+    assert compose["services"]["vllm-gpu"]["environment"]["VLLM_API_KEY"].startswith("${VLLM_API_KEY:?")
+    assert "VLLM_API_KEY=CHANGE_ME" in (INFRA / ".env.example").read_text()
+
+
+def test_the_vllm_client_sends_the_api_key(monkeypatch):
+    from pipelines.generation.vllm_client import VLLMClient
+
+    monkeypatch.setenv("VLLM_API_KEY", "k-123")
+    client = VLLMClient("http://127.0.0.1:9")
+    assert client._http.headers["Authorization"] == "Bearer k-123"
+    client.close()

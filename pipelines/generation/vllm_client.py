@@ -13,6 +13,7 @@ URL and what to do.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +40,10 @@ class VLLMClient:
         self.timeout_s = timeout_s
         self.log_hint = log_hint  # where the server's own log is, for error messages
         self.retries = retries
-        self._http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=10.0))
+        # A server started with --api-key (infra/docker-compose.yml) wants the key on every request.
+        key = os.environ.get("VLLM_API_KEY", "").strip()
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        self._http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=10.0), headers=headers)
 
     def close(self) -> None:
         self._http.close()
