@@ -35,7 +35,9 @@ import yaml
 from tests.conftest import REPO, cli_env, make_project
 
 INFRA = REPO / "infra"
-SECRET_KEY = re.compile(r"PASSWORD|SECRET|AUTH_STRING|ACCESS_KEY|API_KEY|ROOT_USER")  # environment names that hold secrets
+SECRET_KEY = re.compile(
+    r"PASSWORD|SECRET|AUTH_STRING|ACCESS_KEY|API_KEY|ROOT_USER"
+)  # environment names that hold secrets
 
 
 def _compose_command() -> list[str] | None:
