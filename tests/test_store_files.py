@@ -46,3 +46,22 @@ def test_a_leftover_sqlite_journal_does_not_make_the_checkout_dirty(tmp_path):
     assert changed_files(tmp_path) == []
     (tmp_path / "code.py").write_text("x = 2\n")
     assert changed_files(tmp_path) == ["code.py"]
+
+
+def test_ask_does_not_load_a_damaged_local_base(tmp_path, tiny_reference, caplog):
+    import logging
+    import shutil
+
+    from pipelines.registry.ask import local_reference
+
+    folder = tmp_path / "models" / "reference"
+    shutil.copytree(tiny_reference, folder)
+    import json
+
+    sha = json.loads((folder / "manifest.json").read_text())["sha256"]
+    assert local_reference(tmp_path, sha) == folder
+    weights = next(folder.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short
+    with caplog.at_level(logging.WARNING):
+        assert local_reference(tmp_path, sha) is None  # the registry's intact copy is used instead
+    assert "the local base is damaged" in caplog.text

@@ -11,6 +11,7 @@ pyfunc model checks the files' sha256 either way.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from pipelines.registry.promotion import PromotionError, get_version
 
 # Questions per generate call: left-padded batches, so short ones do not wait on many long ones.
 BATCH_SIZE = 8
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,13 +38,23 @@ class Answers:
 
 
 def local_reference(root: Path, expected_sha256: str | None) -> Path | None:
-    """models/reference when its manifest pins the same sha256 as `expected_sha256`, else None."""
+    """models/reference when its manifest pins the same sha256 as `expected_sha256` and its files match
+    it, else None (the registry's own copy of the base is used then)."""
     folder = root / "models" / "reference"
     try:
         pinned = json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("sha256")
     except (OSError, ValueError):
         return None
-    return folder if expected_sha256 and pinned == expected_sha256 else None
+    if not expected_sha256 or pinned != expected_sha256:
+        return None
+    from pipelines.snapshot.manifest import SnapshotError, verify
+
+    try:
+        verify(folder)  # every file against its sha256: a damaged local copy must not be loaded
+    except (SnapshotError, OSError, ValueError, KeyError) as exc:
+        log.warning("the local base is damaged (%s): using the registry's copy instead", exc)
+        return None
+    return folder
 
 
 def ask(
