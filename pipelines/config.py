@@ -63,6 +63,12 @@ class CountdownConfig(_Section):
     max_number: int = Field(25, ge=1)
     max_target: int = Field(100, ge=1)
 
+    @model_validator(mode="after")
+    def _range(self) -> CountdownConfig:
+        if self.min_number > self.max_number:
+            raise ValueError(f"min_number ({self.min_number}) is above max_number ({self.max_number})")
+        return self
+
 
 class ChoiceConfig(_Section):
     """Multiple choice (task: choice): the right value among near misses."""
@@ -170,6 +176,14 @@ class DataConfig(_Section):
     max_rejected_fraction: float = Field(0.0, ge=0, lt=1)
     # Seconds the task's row check may take on a batch of 4096 rows (it runs in the verifier worker).
     check_timeout: float = Field(60.0, gt=0, le=86400)
+
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> DataConfig:
+        for unit in ("chars", "tokens"):
+            lo, hi = getattr(self, f"min_prompt_{unit}"), getattr(self, f"max_prompt_{unit}")
+            if lo > hi:
+                raise ValueError(f"min_prompt_{unit} ({lo}) is above max_prompt_{unit} ({hi}); no prompt would pass")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -312,7 +326,7 @@ class TrainConfig(_Section):
     resume: bool = True
     # Data parallelism: above 1, `grpo train` runs this many processes under torchrun (gloo on CPU,
     # nccl on GPU), each sampling a slice of every step's prompts; the update equals one process's.
-    num_processes: int = Field(1, ge=1)
+    num_processes: int = Field(1, ge=1, le=1024)
     # Validation during training (pipelines/grpo/validation.py): greedy accuracy on the validation
     # split before the first step, every `eval_every` steps and after the last; 0 = only those two.
     # Needs data.val_fraction > 0; without a validation split nothing is evaluated.

@@ -419,3 +419,26 @@ def test_a_batch_no_machine_holds_is_refused():
         config.resolve(
             {}, ["train.prompts_per_step=4096", "train.num_generations=4096", "train.max_completion_length=4096"]
         )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["data.min_prompt_chars=50", "data.max_prompt_chars=10"],
+        ["data.min_prompt_tokens=500", "data.max_prompt_tokens=10"],
+        ["data.generator.countdown.min_number=30", "data.generator.countdown.max_number=5"],
+    ],
+)
+def test_min_above_max_pairs_are_refused(overrides):
+    with pytest.raises(ConfigError, match="is above"):
+        config.resolve({}, overrides)
+
+
+def test_more_processes_than_the_machine_has_is_refused():
+    import os
+
+    from pipelines.grpo.distributed import check
+
+    train = config.resolve({}, ["train.prompts_per_step=4096"]).train
+    with pytest.raises(ConfigError, match="more than this machine's"):
+        check(train, (os.cpu_count() or 1) + 1)

@@ -157,6 +157,13 @@ def check(train: TrainConfig, size: int) -> None:
             f"train.prompts_per_step={train.prompts_per_step} leaves some of the {size} processes without a "
             f"prompt: raise it to at least {size}, or lower train.num_processes"
         )
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else (os.cpu_count() or 1)
+    if size > devices:
+        kind = "GPUs" if torch.cuda.is_available() else "CPU cores"
+        raise ConfigError(
+            f"train.num_processes={size} is more than this machine's {devices} {kind}: each process needs one; "
+            f"lower it to at most {devices}"
+        )
 
 
 @contextmanager
