@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import unicodedata
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pandas as pd
@@ -94,18 +95,26 @@ def task_answer(answer: str, task: Task) -> str:
     return task.answer_of(answer) if task.answer_of is not None else answer.strip()
 
 
-def task_rows(table: Table, answers: list[str | None], task: Task) -> tuple[list[int], list[dict[str, Any]]]:
-    """(indices, rows) of the rows the task's own check reads: a readable answer and every column
-    the task needs; the others get their reason from `missing_columns` or the answer expectations."""
+def task_rows(
+    table: Table, answers: list[str | None], task: Task, batch: int = 4096
+) -> Iterator[tuple[list[int], list[dict[str, Any]]]]:
+    """(indices, rows) in batches, of the rows the task's own check reads: a readable answer and every
+    column the task needs (the others get their reason from `missing_columns` or the answer
+    expectations). Built a batch at a time: a million rows never exist twice as dicts."""
     needed = [c for c in task.columns if c != "answer"]
-    keep, rows = [], []
+    keep: list[int] = []
+    rows: list[dict[str, Any]] = []
     for i, (extras, answer) in enumerate(zip(table.extras, answers, strict=True)):
         extras = extras or {}
         if answer is None or any(extras.get(c) is None for c in needed):
             continue
         keep.append(i)
         rows.append({**extras, "id": table.id[i], "answer": answer})
-    return keep, rows
+        if len(rows) == batch:
+            yield keep, rows
+            keep, rows = [], []
+    if rows:
+        yield keep, rows
 
 
 def missing_columns(table: Table, answers: list[str | None], task: Task) -> list[str | None]:

@@ -63,23 +63,20 @@ def load_task(cfg: Config, paths: Paths) -> Task:
 def task_issues(table: Table, frame: pd.DataFrame, task: Task, timeout: float) -> None:
     """Fill `task_issue` with the task's own check of each row (in the verifier worker, under `timeout`
     seconds a batch of 4096 rows: the check may be a user's code)."""
-    indices, rows = task_rows(table, frame["answer_final"].tolist(), task)
-    if task.check_row is None or not rows:
+    if task.check_row is None:
         return
-    issues: list[str | None] = []
-    for start in range(0, len(rows), 4096):
+    column = frame["task_issue"].tolist()
+    for indices, rows in task_rows(table, frame["answer_final"].tolist(), task):
         try:
-            (part,) = run_limited(
-                [(f"check_row of task {task.name}", task.check_rows, {})], (rows[start : start + 4096],), {},
+            (issues,) = run_limited(
+                [(f"check_row of task {task.name}", task.check_rows, {})], (rows,), {},
                 timeout=timeout, what="verifier", knob="data.check_timeout",
             )  # fmt: skip
         except VerifierError as exc:
             raise DataError(str(exc)) from None
-        issues.extend(part)
-    column = frame["task_issue"].tolist()
-    for i, issue in zip(indices, issues, strict=True):
-        if issue is not None:
-            column[i] = issue
+        for i, issue in zip(indices, issues, strict=True):
+            if issue is not None:
+                column[i] = issue
     frame["task_issue"] = column
 
 
