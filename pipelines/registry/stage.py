@@ -347,7 +347,9 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
         v, run_id = str(existing.version), existing.run_id
         log.warning("v%s already registers this evaluation (registration_key %s): finishing it", v, key[:12])
     else:
-        v, run_id = _log_and_create(cfg, paths, client, name, evaluation, train, tags, expected, key, decision_tags())
+        v, run_id = _log_and_create(
+            cfg, paths, client, name, evaluation, train, tags, expected, manifest, key, decision_tags()
+        )
     client.set_registered_model_alias(name, CHALLENGER, v)  # only ever on a version that carries its decision
     if promoted:
         # Under the registry-wide lock (another workspace, or a person, may be moving it too): the
@@ -464,6 +466,7 @@ def _log_and_create(
     train: dict[str, Any],
     tags: dict[str, str],
     expected: Any,
+    manifest: dict[str, Any],
     key: str,
     decision: dict[str, str],
 ) -> tuple[str, str]:
@@ -471,7 +474,6 @@ def _log_and_create(
     call (never a version without one); (version, run id)."""
     import mlflow
 
-    manifest = json.loads((paths.reference_dir / "manifest.json").read_text())
     run_id = train.get("mlflow_run_id")
     try:
         if run_id:
@@ -526,54 +528,38 @@ def _log_and_create(
             name,
             description="GRPO-trained LoRA adapters (peft format + MLflow pyfunc); base model in the -reference model.",
         )
+    version_tags = {
+        **tags,
+        **eval_tags(evaluation),
+        **verifier_tags(train, evaluation),
+        "task": str((evaluation.get("task") or {}).get("name", cfg.task)),
+        "reference_model_uri": reference_uri,
+        **({"export_parity": parity_report.summary()} if parity_report else {}),
+        **decision,  # decided at creation: a version never exists without its decision
+        REGISTRATION_KEY: key,
+    }
     try:
-        version = _create_version(client, name, run, artifact_path, tags, evaluation, train, cfg, reference_uri,
-                                  parity_report, key, decision)  # fmt: skip
+        client.create_model_version(
+            name,
+            source=f"{run.info.artifact_uri}/{artifact_path}",
+            run_id=run.info.run_id,
+            tags=version_tags,
+            description=(
+                f"LoRA adapter (peft format) for the base model at {reference_uri}, and an MLflow pyfunc model. Load "
+                "with mlflow.pyfunc.load_model(uri).predict([question]), or with transformers + peft: "
+                "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)."
+            ),
+        )
     except Exception:
         # The create may have reached the server before the answer was lost (a timeout): look before
         # anyone tries again, so that a retry finishes that version instead of making another.
-        made = find_registration(client, name, key)
-        if made is None:
+        if find_registration(client, name, key) is None:
             raise
-        version = made
-    found = find_registration(client, name, key)  # MLflow's own HTTP retries may have made more than one
-    return str((found or version).version), run.info.run_id
-
-
-def _create_version(
-    client: Any,
-    name: str,
-    run: Any,
-    artifact_path: str,
-    tags: dict[str, str],
-    evaluation: dict[str, Any],
-    train: dict[str, Any],
-    cfg: Config,
-    reference_uri: str,
-    parity_report: Any,
-    key: str,
-    decision: dict[str, str],
-) -> Any:
-    return client.create_model_version(
-        name,
-        source=f"{run.info.artifact_uri}/{artifact_path}",
-        run_id=run.info.run_id,
-        tags={
-            **tags,
-            **eval_tags(evaluation),
-            **verifier_tags(train, evaluation),
-            "task": str((evaluation.get("task") or {}).get("name", cfg.task)),
-            "reference_model_uri": reference_uri,
-            **({"export_parity": parity_report.summary()} if parity_report else {}),
-            **decision,
-            REGISTRATION_KEY: key,
-        },
-        description=(
-            f"LoRA adapter (peft format) for the base model at {reference_uri}, and an MLflow pyfunc model. Load with "
-            "mlflow.pyfunc.load_model(uri).predict([question]), or with transformers + peft: "
-            "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)."
-        ),
-    )
+    # Looked up by its key, which also folds duplicates that MLflow's own HTTP retries may have made.
+    found = find_registration(client, name, key)
+    if found is None:
+        raise RegistryError(f"{name}: the version just created (registration_key {key[:12]}) is not in the registry")
+    return str(found.version), run.info.run_id
 
 
 def _read(path: Path, stage: str) -> dict[str, Any]:
