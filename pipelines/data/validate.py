@@ -53,8 +53,7 @@ def load_task(cfg: Config, paths: Paths) -> Task:
     try:
         task = catalog.load(cfg.task, paths.root)
         catalog.check_golden(task, timeout=cfg.data.check_timeout, knob="data.check_timeout")
-        for spec in cfg.train.rewards or []:
-            catalog.reward_function(task, spec.name)  # another task's reward: refused now, not after training
+        catalog.with_rewards(cfg, task)  # another task's reward in train.rewards: refused now, not after training
     except TaskError as exc:
         raise DataError(str(exc)) from None
     return task

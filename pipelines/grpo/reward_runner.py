@@ -109,8 +109,7 @@ def _failing_row(
     or raises on none alone."""
     if not isinstance(exc, FunctionRaised):
         return ""
-    name = str(exc).split("'")[1] if "'" in str(exc) else ""
-    job = next((j for j in jobs if j[0] == name), None)
+    job = next((j for j in jobs if j[0] == getattr(exc, "function", None)), None)
     if job is None:
         return ""
     per_item = {k: v for k, v in columns.items() if isinstance(v, list) and len(v) == len(texts)}

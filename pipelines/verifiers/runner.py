@@ -189,6 +189,7 @@ class Worker:
             if reply[0] == "error":
                 _, _, _, kind, message, detail = reply
                 error = _Failed(f"{what} {name!r} raised {kind}: {message}")
+                error.function = name  # which of the call's functions raised
                 error.add_note(f"in the verifier worker process:\n{detail}")
                 raise error
             values.append(reply[3])
