@@ -653,6 +653,7 @@ def resolve(raw: dict[str, Any], overrides: list[str] | None = None, preset: str
         tree["preset"] = preset
     for key, value in with_implied([parse_override(o) for o in overrides or []]):
         set_dotted(tree, key, value)
+    check_preset_label(tree)
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
@@ -666,6 +667,36 @@ def resolve(raw: dict[str, Any], overrides: list[str] | None = None, preset: str
         raise ConfigError(
             "invalid configuration (params.yaml, preset or -S overrides): " + "; ".join(problems)
         ) from exc
+
+
+def check_preset_label(tree: dict[str, Any]) -> None:
+    """Refuse a `preset:` label over values that are not the preset's.
+
+    `dvc exp run -S preset=smoke` writes the label alone: the stages would then train the full model
+    for the full run under a `smoke` tag (and DVC deletes the last run's outputs first). A label
+    whose preset holds most of its values passes: a few keys changed on top of a preset (`grpo run
+    --preset smoke -S train.steps=5`) is still that preset.
+    """
+    name = tree.get("preset")
+    if not name:
+        return
+    preset = preset_overrides(str(name))
+    differing = [key for key, value in preset.items() if _dotted(tree, key) != value]
+    if 2 * len(differing) <= len(preset):
+        return
+    shown = ", ".join(f"{key} is {_dotted(tree, key)!r}, not {preset[key]!r}" for key in differing[:3])
+    raise ConfigError(
+        f"params.yaml is labelled `preset: {name}` but holds {len(differing)} of that preset's {len(preset)} values "
+        f"otherwise ({shown}, ...): the label was set without the values, as `dvc exp run -S preset={name}` does. "
+        f"Apply the preset with `grpo run --preset {name}` (or `dvc exp run` with its values as -S), or set `preset: null`"
+    )
+
+
+def _dotted(tree: dict[str, Any], key: str) -> Any:
+    node: Any = tree
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def read_params(path: Path) -> dict[str, Any]:

@@ -10,8 +10,8 @@ import sys
 from tests.conftest import cli_env, make_project
 
 
-def _run(cwd, *args, check=True):
-    proc = subprocess.run(args, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=600)
+def _run(cwd, *args, check=True, env=None):
+    proc = subprocess.run(args, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -54,11 +54,16 @@ def test_grpo_run_smoke_end_to_end(tmp_path):
     note = "grpo run: NOTE: params.yaml now holds the 'smoke' preset's values, not your own: `grpo params restore`"
     assert any(line.startswith(note) for line in err.strip().splitlines()[-3:]), err[-2000:]
 
-    # Everything the flow made is recorded: nothing stale, nothing for `dvc repro` to do.
-    status = _run(root, *dvc, "status", "--json")
+    # Everything the flow made is recorded: nothing stale, nothing for `dvc repro` to do, from a plain
+    # shell too (no HF_HUB_OFFLINE, another time zone), as a user's `dvc repro` or `dvc exp run` runs.
+    plain = {k: v for k, v in cli_env().items() if k not in ("HF_HUB_OFFLINE", "TZ")} | {"TZ": "Asia/Tokyo"}
+    status = _run(root, *dvc, "status", "--json", env=plain)
     assert json.loads(status.stdout) == {}
-    repro = _run(root, *dvc, "repro")
+    repro = _run(root, *dvc, "repro", env=plain)
     assert "didn't change, skipping" in repro.stdout and "Running stage" not in repro.stdout
+    # The reference pinned again from that shell is the same bytes, so nothing downstream is stale.
+    _run(root, *dvc, "repro", "--force", "--single-item", "snapshot", env=plain)
+    assert json.loads(_run(root, *dvc, "status", "--json", env=plain).stdout) == {}
     lock = (root / "dvc.lock").read_text()
     for stage in ("validate", "snapshot", "train", "evaluate", "register"):
         assert f"  {stage}:" in lock

@@ -78,3 +78,41 @@ def test_setting_the_preset_label_with_S_is_refused(tmp_path, capsys, command):
     assert (root / "params.yaml").read_bytes() == before
     with pytest.raises(config.ConfigError, match="use --preset smoke"):
         params_file.write_params(root / "params.yaml", ["preset=smoke"], None)
+
+
+def test_a_preset_label_over_other_values_is_refused_and_a_few_changes_on_top_pass(tmp_path):
+    root = make_project(tmp_path / "project")
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace("preset: null", "preset: smoke"))  # what `dvc exp run -S` writes
+    with pytest.raises(config.ConfigError, match=r"labelled `preset: smoke` but holds \d+ of that preset's") as err:
+        config.load(params)
+    assert "grpo run --preset smoke" in str(err.value) and "snapshot.source is 'embedded', not 'tiny'" in str(err.value)
+    # The preset's values with two of them changed on top is still that preset.
+    params.write_text(params.read_text().replace("preset: smoke", "preset: null"))
+    params_file.write_params(params, ["train.steps=5", "train.learning_rate=0.001"], "smoke")
+    cfg = config.load(params)
+    assert cfg.preset == "smoke" and cfg.train.steps == 5
+
+
+def test_dvc_exp_run_with_a_preset_label_is_refused_before_anything_trains(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import cli_env
+
+    root = make_project(tmp_path / "project", dvc=True)
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "run", "-S", "preset=smoke"],
+        cwd=root,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "labelled `preset: smoke`" in proc.stdout + proc.stderr
+    assert "Running stage 'snapshot'" not in proc.stdout
+    assert not any((root / "models").glob("*/*"))  # DVC makes the outs' folders; nothing was pinned or trained
+    assert time.monotonic() - started < 60  # refused by the first stage's config check, not after training

@@ -11,6 +11,7 @@ import torch
 from pipelines.config import Config, LoraConfig
 from pipelines.paths import Paths
 from pipelines.snapshot.loading import load_reference
+from pipelines.snapshot.tokenizer_files import save_tokenizer
 
 
 def build(cfg: Config, paths: Paths) -> tuple[Any, Any, Any | None]:
@@ -57,7 +58,7 @@ def reference_view(model: Any, reference: Any | None) -> tuple[Any, AbstractCont
 def save(model: Any, tokenizer: Any, folder: Any) -> None:
     """The adapter in peft's format, or the full weights as safetensors, plus the tokenizer."""
     model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
 
 
 def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:

