@@ -688,7 +688,8 @@ def check_preset_label(tree: dict[str, Any]) -> None:
     raise ConfigError(
         f"params.yaml is labelled `preset: {name}` but holds {len(differing)} of that preset's {len(preset)} values "
         f"otherwise ({shown}, ...): the label was set without the values, as `dvc exp run -S preset={name}` does. "
-        f"Apply the preset with `grpo run --preset {name}` (or `dvc exp run` with its values as -S), or set `preset: null`"
+        f"Apply the preset with `grpo run --preset {name}` (or `dvc exp run` with its values as -S), "
+        "or set `preset: null`"
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 # Telemetry off by default, so that nothing reaches the internet; a user's own setting wins.
 QUIET = {
@@ -34,12 +35,38 @@ def quiet_telemetry() -> None:
         os.environ.setdefault(key, value)
 
 
-# Libraries' own progress bars (transformers' "Loading weights", hub and datasets downloads, MLflow's
-# artifact transfers): fine on a terminal, lines of thousands of characters in a log or a pipe.
+# The embedded default's Prefect state (the temporary server's SQLite database of runs, logs and
+# artifacts, and results storage) in the project rather than ~/.prefect, which every project on the
+# machine shares: one project's runs and keyed artifacts are not shown beside another's.
+PREFECT_STATE = Path(".grpo") / "prefect"
+
+
+def project_prefect_home(root: Path) -> Path | None:
+    """PREFECT_HOME = <root>/.grpo/prefect, unless the user set PREFECT_HOME or PREFECT_API_URL (None then).
+
+    Prefect reads its settings once, when it is imported: call this before. The user's profiles
+    (~/.prefect/profiles.toml) are still read, so a server named there is still the one used.
+    """
+    if os.environ.get("PREFECT_HOME") or os.environ.get("PREFECT_API_URL"):
+        return None
+    home = (root / PREFECT_STATE).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    profiles = Path.home() / ".prefect" / "profiles.toml"
+    if profiles.exists():
+        os.environ.setdefault("PREFECT_PROFILES_PATH", str(profiles))
+    os.environ["PREFECT_HOME"] = str(home)
+    return home
+
+
+# Libraries' own progress bars (transformers' "Loading weights" and GGUF conversion, hub and datasets
+# downloads, MLflow's artifact transfers): fine on a terminal, lines of thousands of characters in a log or a pipe.
 PROGRESS_BARS_OFF = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # Every other tqdm bar's default (tqdm >= 4.66 reads TQDM_* variables): transformers' GGUF loader
+    # draws "Converting and de-quantizing GGUF tensors" with a bare tqdm, which no HF_* switch reaches.
+    "TQDM_DISABLE": "1",
 }
 
 
