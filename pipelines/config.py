@@ -379,6 +379,19 @@ class TrainConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _correction_sees_the_same_distribution(self) -> TrainConfig:
+        # The sampler reports log-probs of the truncated, renormalised distribution it drew from; the
+        # trainer's are over the full vocabulary, so their ratio would be biased below 1 on every token.
+        truncating = [f"top_p={self.top_p}"] * (self.top_p < 1) + [f"top_k={self.top_k}"] * (self.top_k > 0)
+        if truncating and self.sampling_correction != "none":
+            raise ValueError(
+                f"sampling_correction={self.sampling_correction} with {' and '.join(truncating)}: the sampler's "
+                "log-probs come from a truncated distribution and the trainer's from the full vocabulary, so the "
+                "importance ratio would be biased; set sampling_correction: none, or top_p: 1.0 and top_k: 0"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _min_not_above_max(self) -> TrainConfig:
         if self.min_completion_length > self.max_completion_length:
             raise ValueError(

@@ -24,8 +24,15 @@ def test_token_modes_by_hand():
     assert m["sampling/importance_sampling_ratio/max"] == pytest.approx(1.5)
     assert m["sampling/importance_sampling_ratio/min"] == pytest.approx(math.exp(-2.0))
 
-    masked, _ = importance_weights(TRAIN, SAMPLER, MASK, "token_mask", clip_min=0.2, clip_max=1.5)
+    # and the ratio before clipping: exp(0.5), exp(-1), 1, exp(-2), exp(0.5) over the five completion tokens
+    assert m["sampling/raw_importance_sampling_ratio/max"] == pytest.approx(math.exp(0.5))
+    assert m["sampling/raw_importance_sampling_ratio/min"] == pytest.approx(math.exp(-2.0))
+    raw_mean = (2 * math.exp(0.5) + math.exp(-1.0) + 1.0 + math.exp(-2.0)) / 5
+    assert m["sampling/raw_importance_sampling_ratio/mean"] == pytest.approx(raw_mean)
+
+    masked, m = importance_weights(TRAIN, SAMPLER, MASK, "token_mask", clip_min=0.2, clip_max=1.5)
     assert masked.flatten().tolist() == pytest.approx([0.0, math.exp(-1.0), 1.0, 1.0, 0.0, 0.0])
+    assert m["sampling/raw_importance_sampling_ratio/max"] == pytest.approx(math.exp(0.5))  # masked, not hidden
 
 
 def test_sequence_modes_by_hand():
@@ -36,6 +43,7 @@ def test_sequence_modes_by_hand():
     masked, _ = importance_weights(TRAIN, SAMPLER, MASK, "sequence_mask", clip_min=0.3, clip_max=3.0)
     assert masked.flatten().tolist() == pytest.approx([math.exp(-0.5), 0.0])
     assert m["sampling/importance_sampling_ratio/mean"] == pytest.approx((math.exp(-0.5) + 0.3) / 2)
+    assert m["sampling/raw_importance_sampling_ratio/min"] == pytest.approx(math.exp(-1.5))  # one ratio a completion
 
 
 def test_none_measures_without_weighting():
@@ -43,6 +51,17 @@ def test_none_measures_without_weighting():
     assert weights is None
     assert m["sampling/sampling_logp_difference/max"] == pytest.approx(2.0)
     assert "sampling/importance_sampling_ratio/mean" not in m
+    assert m["sampling/raw_importance_sampling_ratio/max"] == pytest.approx(math.exp(0.5))  # measured all the same
+
+
+@pytest.mark.parametrize("truncation", ["train.top_p=0.9", "train.top_k=50"])
+def test_a_correction_under_top_p_or_top_k_is_refused(truncation):
+    from pipelines import config
+
+    with pytest.raises(config.ConfigError, match="truncated distribution .* set sampling_correction: none"):
+        config.resolve({}, [truncation, "train.sampling_correction=token_truncate"])
+    cfg = config.resolve({}, [truncation, "train.sampling_correction=none"])
+    assert cfg.train.sampling_correction == "none"
 
 
 def test_loss_weights_the_policy_term_not_the_kl_term():

@@ -24,7 +24,13 @@ LENGTH = (
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["train.lora.enabled=false", "train.beta=0.1", "train.loss_type=grpo"],
+        [
+            "train.lora.enabled=false",
+            "train.beta=0.1",
+            "train.loss_type=grpo",
+            "train.sampling_correction=sequence_truncate",
+            "train.sampling_correction_min=0.5",
+        ],
         # (beta pinned to 0 where a variant has no KL term: params.yaml's demo default is 0.04)
         [
             "train.num_iterations=2",
@@ -50,8 +56,7 @@ LENGTH = (
             "train.top_p=0.9",
             "train.top_k=50",
             "runtime.rollout_backend=hf",
-            "train.sampling_correction=sequence_truncate",
-            "train.sampling_correction_min=0.5",
+            "train.sampling_correction=none",  # a correction with top-p/top-k is refused (biased ratio)
         ],
     ],
     ids=["full-ft-kl", "mu2-gspo-masked", "drgrpo-batch-nts-dynamic", "bnpo-none-kl-hf"],
@@ -78,6 +83,8 @@ def test_variant_trains_and_logs(project, tiny_reference, overrides):
     assert 0 <= metrics["sampling/sampling_logp_difference/mean"]
     if not cfg.train.top_k and cfg.train.top_p == 1:  # (top-k/top-p renormalise the sampler's distribution)
         assert metrics["sampling/sampling_logp_difference/mean"] < 1
+    # the ratio before any clipping, in every mode (0 only when every token is masked, as below)
+    assert metrics["sampling/raw_importance_sampling_ratio/mean"] > 0 or cfg.train.mask_truncated_completions
     ratio = "sampling/importance_sampling_ratio/mean"
     assert (ratio in metrics) == (cfg.train.sampling_correction != "none")
     if ratio in metrics:

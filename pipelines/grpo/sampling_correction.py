@@ -16,9 +16,12 @@ vLLM with `vllm_importance_sampling_correction`; this is the same computation, m
 
 The loss multiplies each token's policy-gradient term by its weight (grpo_loss's `is_weight`).
 The sampler's log-probs are those of the distribution it drew from, after temperature, top-k and
-top-p (vLLM's `processed_logprobs`, which TRL asks for); with top-k or top-p below 1 the trained
-model's untruncated log-probs are lower, so ratios sit below 1 and such runs learn more slowly
-under the correction; that is TRL's behaviour too (set `none` to train as before).
+top-p (vLLM's `processed_logprobs`). With top-k or top-p truncating that distribution the ratio
+against the trained model's full-vocabulary log-probs is biased (every ratio sits below 1 by the
+truncated mass), so config refuses a correction together with top_p < 1 or top_k > 0.
+
+The ratio before any clipping or masking is logged too (`sampling/raw_importance_sampling_ratio/*`):
+the clipped one alone hides how far apart the two models are.
 """
 
 from __future__ import annotations
@@ -58,10 +61,11 @@ def importance_weights(
         "sampling/sampling_logp_difference/mean": float(delta.mean()) if delta.numel() else 0.0,
         "sampling/sampling_logp_difference/max": float(delta.max()) if delta.numel() else 0.0,
     }
-    if mode == "none":
-        return None, metrics
     sequence = mode.startswith("sequence")
     ratio = torch.exp(diff.sum(-1, keepdim=True) if sequence else diff)
+    metrics |= _summary("sampling/raw_importance_sampling_ratio", ratio.flatten() if sequence else ratio[keep])
+    if mode == "none":
+        return None, metrics
     if mode.endswith("truncate"):
         if clip_min is not None or clip_max is not None:
             ratio = torch.clamp(ratio, min=clip_min, max=clip_max)
@@ -74,11 +78,10 @@ def importance_weights(
             f"unknown sampling correction {mode!r}; choose none, token_truncate, token_mask, sequence_truncate or "
             "sequence_mask"
         )
-    flat = ratio.flatten() if sequence else ratio[keep]
-    empty = flat.numel() == 0  # as TRL: 0 when there is nothing to measure
-    metrics |= {
-        "sampling/importance_sampling_ratio/min": 0.0 if empty else float(flat.min()),
-        "sampling/importance_sampling_ratio/mean": 0.0 if empty else float(flat.mean()),
-        "sampling/importance_sampling_ratio/max": 0.0 if empty else float(flat.max()),
-    }
+    metrics |= _summary("sampling/importance_sampling_ratio", ratio.flatten() if sequence else ratio[keep])
     return ratio, metrics
+
+
+def _summary(name: str, values: torch.Tensor) -> dict[str, float]:
+    empty = values.numel() == 0  # as TRL: 0 when there is nothing to measure
+    return {f"{name}/{stat}": 0.0 if empty else float(getattr(values, stat)()) for stat in ("min", "mean", "max")}
