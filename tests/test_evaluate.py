@@ -91,7 +91,12 @@ def test_summarize_pass_mean_and_majority_at_k():
     assert s["k"] == 4 and s["problems"] == 3
 
 
-def test_report_shows_candidate_reference_and_champion_with_intervals_and_chart(tmp_path):
+def test_report_shows_candidate_reference_and_champion_with_intervals_and_chart(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    labelled = []  # the figures written on the chart's bars, per model
+    original = Axes.bar_label
+    monkeypatch.setattr(Axes, "bar_label", lambda ax, bars, **kw: labelled.append(bars) or original(ax, bars, **kw))
     paths = Paths(tmp_path)
     cfg = EvaluateConfig(k=2, bootstrap_samples=500)
     n = 20
@@ -127,6 +132,10 @@ def test_report_shows_candidate_reference_and_champion_with_intervals_and_chart(
     assert "![accuracy of reference, champion and candidate](eval.png)" in text
     png = paths.eval_chart
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    # one labelled bar per chart metric (lenient among them) for each of the three models
+    assert len(labelled) == 3 and all(len(bars) == 6 for bars in labelled)
+    candidate = [bar.get_height() for bar in labelled[2]]
+    assert candidate[4] == pytest.approx(metrics["policy"]["lenient_accuracy"])
 
     rows = [json.loads(line) for line in paths.eval_samples.read_text().splitlines()]
     assert len(rows) == 3 * n and {r["model"] for r in rows} == {"reference", "champion", "policy"}
@@ -145,7 +154,9 @@ def test_report_without_champion_says_so(tmp_path):
     )
     metrics = json.loads(paths.eval_results.read_text())
     assert metrics["champion"] is None and metrics["comparison"]["policy_vs_champion"] is None
-    assert "No champion in the registry yet" in paths.eval_report.read_text()
+    text = paths.eval_report.read_text()
+    assert "No champion in the registry yet." in text and "no champion column" not in text
+    assert "| metric | reference | candidate |\n|---|---:|---:|\n" in text  # and no column of dashes for one
 
 
 def test_compare_refuses_outcomes_on_different_problems():

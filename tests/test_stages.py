@@ -76,7 +76,7 @@ def test_train_evaluate_register_in_order(staged, smoke_cfg, tmp_path):
     assert {"reference", "policy", "champion", "gain", "comparison"} <= set(evaluation)
     assert evaluation["champion"] is None  # nothing registered yet
     assert {"accuracy", "format_rate", "pass_at_k", "mean_at_k", "maj_at_k"} <= set(evaluation["policy"])
-    assert "| metric | reference | champion | candidate |" in paths.eval_report.read_text()
+    assert "| metric | reference | candidate |" in paths.eval_report.read_text()  # no champion, no column
     assert len(paths.eval_samples.read_text().splitlines()) == 16
 
     first = registry.run(smoke_cfg, paths)

@@ -27,6 +27,7 @@ CHART_METRICS = (
     ("pass_at_k", "pass@k"),
     ("maj_at_k", "maj@k"),
     ("mean_at_k", "mean@k"),
+    ("lenient_accuracy", "lenient"),
     ("format_rate", "format"),
 )
 
@@ -44,6 +45,9 @@ def markdown(evaluation: dict[str, Any], cfg: EvaluateConfig, chart: str | None)
     problems = int(evaluation["policy"]["problems"])
     pct = f"{cfg.confidence:.0%}"
     champion_title = f"champion v{version}" if version else "champion"
+    # A column of dashes under "champion" read as a champion that scored nothing: no champion, no column.
+    models = MODELS if champion else tuple(m for m in MODELS if m != "champion")
+    titles = {"reference": "reference", "champion": champion_title, "policy": "candidate"}
     lines = [
         "# Evaluation on the held-out split",
         "",
@@ -55,14 +59,14 @@ def markdown(evaluation: dict[str, Any], cfg: EvaluateConfig, chart: str | None)
             f"Champion = v{version} from the registry"
             + (" (scored on its own base)." if evaluation.get("champion_own_base") else ".")
             if champion
-            else "No champion in the registry yet, so no champion column."
+            else "No champion in the registry yet."
         ),
         "",
-        f"| metric | reference | {champion_title} | candidate |",
-        "|---|---:|---:|---:|",
+        "| metric | " + " | ".join(titles[m] for m in models) + " |",
+        "|---|" + "---:|" * len(models),
     ]
     for title, key in ROWS:
-        values = [(evaluation.get(m) or {}).get(key) for m in MODELS]
+        values = [(evaluation.get(m) or {}).get(key) for m in models]
         if all(v is None for v in values):
             continue
         lines.append(f"| {title} | " + " | ".join(_num(v) for v in values) + " |")
@@ -145,14 +149,15 @@ def chart(evaluation: dict[str, Any], out: Path) -> Path:
         "policy": "candidate",
     }
     colors = {"reference": "#9e9e9e", "champion": "#f28e2b", "policy": "#4e79a7"}
-    fig, (bars, diffs) = plt.subplots(1, 2, figsize=(11, 4), width_ratios=[3, 2])
+    fig, (bars, diffs) = plt.subplots(1, 2, figsize=(12, 4), width_ratios=[3, 2])
     metrics = [(key, title) for key, title in CHART_METRICS if any(key in evaluation[m] for m in present)]
     width = 0.8 / max(len(present), 1)
     for i, model in enumerate(present):
         xs = [j + (i - (len(present) - 1) / 2) * width for j in range(len(metrics))]
-        bars.bar(
+        drawn = bars.bar(
             xs, [evaluation[model].get(key, 0.0) for key, _ in metrics], width, label=labels[model], color=colors[model]
         )
+        bars.bar_label(drawn, fmt="%.2f", fontsize=6, padding=1)  # the figures, not only their heights
     bars.set_xticks(range(len(metrics)), [title for _, title in metrics])
     bars.set_ylim(0, 1.2)  # headroom for the legend above bars at 1.0
     bars.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
