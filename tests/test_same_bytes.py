@@ -40,3 +40,26 @@ def test_the_reference_has_the_same_bytes_from_two_shells(tmp_path):
     tokenizer_config = json.loads(offline["tokenizer_config.json"])
     assert "local_files_only" not in tokenizer_config  # the key that followed HF_HUB_OFFLINE
     assert manifest["sha256"] == json.loads(plain["manifest.json"])["sha256"]
+
+
+def test_the_same_training_in_two_folders_gives_the_same_policy_bytes(tmp_path, tiny_reference):
+    # a clone elsewhere, or `dvc exp run --temp`: the adapter must not record where it was trained
+    import shutil
+
+    from pipelines import config
+    from pipelines.data import validate
+    from pipelines.grpo import trainer
+    from pipelines.paths import Paths
+
+    policies = []
+    for name in ("a", "b"):
+        root = make_project(tmp_path / name / "project")
+        cfg = config.load(root / "params.yaml", ["train.steps=2"], preset="smoke")
+        paths = Paths(root)
+        validate.run(cfg, paths)
+        shutil.copytree(tiny_reference, paths.reference_dir)
+        trainer.run(cfg, paths, log_to_mlflow=False)
+        policies.append({p.name: p.read_bytes() for p in sorted(paths.policy_dir.iterdir()) if p.is_file()})
+    assert "adapter_model.safetensors" in policies[0]
+    assert [name for name in policies[0] if policies[0][name] != policies[1].get(name)] == []
+    assert json.loads(policies[0]["adapter_config.json"])["base_model_name_or_path"] == "models/reference"

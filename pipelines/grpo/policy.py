@@ -55,8 +55,18 @@ def reference_view(model: Any, reference: Any | None) -> tuple[Any, AbstractCont
     return model, model.disable_adapter()
 
 
+# What an adapter names as its base: the project-relative folder (as dvc.yaml names it), not the absolute
+# path peft would write, which made the same weights trained in another folder (a clone, `dvc exp run
+# --temp`) different bytes, and so a change for DVC.
+BASE_MODEL = "models/reference"
+
+
 def save(model: Any, tokenizer: Any, folder: Any) -> None:
     """The adapter in peft's format, or the full weights as safetensors, plus the tokenizer."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.name_or_path = base.config.name_or_path = BASE_MODEL  # what peft's model card names
+    for adapter in getattr(model, "peft_config", {}).values():
+        adapter.base_model_name_or_path = BASE_MODEL
     model.save_pretrained(folder, safe_serialization=True)
     save_tokenizer(tokenizer, folder)
 
