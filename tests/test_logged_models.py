@@ -7,6 +7,7 @@ The tiny random model scores 0 on every validation, so the validation figures ar
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -98,7 +99,7 @@ def test_each_validated_step_is_a_logged_model_with_its_metrics_tied_to_the_data
     (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]
     for step, model in models.items():
         assert model.name == f"step-{step:06d}" and model.model_type == logged_models.MODEL_TYPE
-        assert str(model.status) == "READY" and model.source_run_id == result.run_id
+        assert model.source_run_id == result.run_id
         assert model.tags["selected"] == str(step == 2).lower()  # train.select=best: step 2
         assert model.params["train.learning_rate"] == str(cfg.train.learning_rate)
         assert model.params["train.lora.r"] == "4"
@@ -108,8 +109,15 @@ def test_each_validated_step_is_a_logged_model_with_its_metrics_tied_to_the_data
         for metric in metrics.values():
             assert metric.model_id == model.model_id
             assert (metric.dataset_name, metric.dataset_digest) == (dataset.name, dataset.digest)
-    # Weights: step 2 from checkpoints/best, step 3 the one kept; step 1 rotated away.
+    # Weights: step 2 from checkpoints/best, step 3 the one kept; step 1 rotated away, and it says so: not READY
+    # (the UI's "Ready" next to "No Artifacts Recorded"), but FAILED with a description of what it is.
     assert models[1].tags["weights"] == logged_models.PRUNED
+    assert str(models[1].status) == "FAILED" and logged_models.WEIGHTS_SHA256 not in models[1].tags
+    note = models[1].tags[logged_models.NOTE]
+    assert note.startswith("**Metrics only, not registrable**") and "train.keep_checkpoints=1" in note
+    assert "Steps with weights: 2, 3." in note
+    assert [str(models[s].status) for s in (2, 3)] == ["READY", "READY"]
+    assert "grpo promote --checkpoint 2" in models[2].tags[logged_models.NOTE]
     assert models[2].tags["checkpoint_path"] == "checkpoints/best"
     assert models[3].tags["checkpoint_path"] == "checkpoints/step-000003"
     assert not client.list_logged_model_artifacts(models[1].model_id)
@@ -124,6 +132,11 @@ def test_each_validated_step_is_a_logged_model_with_its_metrics_tied_to_the_data
         assert saved and all((adapter[k.replace(".default", "")] == v).all() for k, v in saved.items())
     # Logged again with the model id, the run's own points are not doubled.
     assert [m.step for m in client.get_metric_history(result.run_id, "eval/accuracy")] == [0, 1, 2, 3]
+    # The selected step's weights are models/policy's, byte for byte: `grpo register` finds it by this hash.
+    from pipelines.hashing import file_hash
+
+    weights = file_hash(paths.policy_dir / "adapter_model.safetensors")
+    assert models[2].tags[logged_models.WEIGHTS_SHA256] == weights != models[3].tags[logged_models.WEIGHTS_SHA256]
     # The run lists them as its outputs, at their steps.
     assert sorted(o.step for o in run.outputs.model_outputs) == [1, 2, 3]
 
@@ -203,3 +216,42 @@ def test_promote_checkpoint_registers_a_loadable_champion_and_refuses_a_pruned_o
     answers = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(["What is 2 + 3?"])
     assert len(answers) == 1 and isinstance(answers[0], str)
     assert Path(paths.root / "mlflow.db").exists()
+
+
+def test_register_makes_the_version_from_the_selected_steps_logged_model(trained):
+    """`grpo register` adds the pyfunc files to the checkpoint model that holds the evaluated adapter (step 2,
+    selected) and registers that model: the Models tab and the registry name the same one, both ways."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.registry import stage as registry
+    from tests.test_registry import BETTER, WORSE, fake_evaluation
+
+    # The register stage names training's models and tags without importing training's code.
+    assert registry.CHECKPOINT_TYPE == logged_models.MODEL_TYPE
+    for name in ("WEIGHTS_SHA256", "ADAPTER_WEIGHTS", "STEP", "SELECTED", "NOTE"):
+        assert getattr(registry, name) == getattr(logged_models, name), name
+    cfg, paths, result, _ = trained
+    cfg = cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"export_check": False})})
+    mlflow.set_tracking_uri(f"sqlite:///{paths.root / 'mlflow.db'}")
+    client = MlflowClient()
+    champion = [v for v in client.search_model_versions(f"name='{NAME}'") if "champion" in v.aliases]
+    fake_evaluation(cfg, paths, BETTER, WORSE if champion else None, champion[0].version if champion else None)
+    before = {m.model_id for m in mlflow.search_logged_models(output_format="list")}
+    done = registry.run(cfg, paths)
+    step2 = _models(result.run_id)[2]
+    version = client.get_model_version(NAME, done.version)
+    assert version.source == f"models:/{step2.model_id}" and version.run_id == result.run_id
+    assert {m.model_id for m in mlflow.search_logged_models(output_format="list")} == before  # no copy of it
+    assert {"name": NAME, "version": done.version} in json.loads(step2.tags["mlflow.modelVersions"])
+    assert str(step2.status) == "READY" and step2.tags["selected"] == "true"
+    # Its files: the evaluated weights, byte for byte, as a pyfunc model (made so by `grpo promote --checkpoint 2`
+    # above: a registered model's files are not rewritten).
+    from pipelines.hashing import file_hash
+
+    got = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{done.version}", dst_path=str(paths.root / "dl")))
+    weights = "adapter_model.safetensors"
+    assert file_hash(got / weights) == file_hash(paths.policy_dir / weights) and (got / "MLmodel").exists()
+    assert [p.name for p in mlflow.models.get_model_info(f"models:/{NAME}/{done.version}").signature.params] == [
+        "max_new_tokens"
+    ]

@@ -31,22 +31,30 @@ NAME = "grpo-policy"
 
 # What every version's tags must answer: which data, code, reference, params, scores.
 LINEAGE_TAGS = {
-    "data": ("dataset_digest", "dataset_source", "dvc_train_data_md5", "dvc_eval_data_md5"),
+    "data": ("dataset_digest", "dataset_source"),
     "code": ("git_commit", "git_dirty"),
-    "reference": ("reference_sha256", "reference_model_uri", "dvc_reference_md5"),
+    "reference": ("reference_sha256", "reference_model_uri"),
     "params": ("params_hash", "preset"),
     "scores": (
         "eval_accuracy",
         "eval_format_rate",
-        "eval_pass_at_k",
-        "eval_mean_at_k",
-        "eval_maj_at_k",
         "eval_reference_accuracy",
         "eval_gain_vs_reference_ci",
         "promotion_decision",
         "promotion_reason",
     ),
 }
+# ...and what its lineage JSON (the `lineage` tag) adds.
+LINEAGE_RECORD = (
+    "dvc_train_data_md5",
+    "dvc_eval_data_md5",
+    "dvc_policy_md5",
+    "dvc_reference_md5",
+    "eval_pass_at_k",
+    "eval_mean_at_k",
+    "eval_maj_at_k",
+    "promotion_checks",
+)
 
 
 # ---------------------------------------------------------------- the gate, on per-problem outcomes
@@ -314,9 +322,12 @@ def test_register_gate_rollback_and_manual_promotion(sqlite_project, monkeypatch
         for what, keys in LINEAGE_TAGS.items():
             missing = [k for k in keys if not version.tags.get(k)]
             assert not missing, f"v{version.version} cannot say which {what}: {missing}"
+        record = registry.recorded(version)
+        assert not [k for k in LINEAGE_RECORD if not record.get(k)], f"v{version.version}'s lineage JSON"
     v1 = client.get_model_version(NAME, "1").tags
     assert v1["dataset_digest"] == json.loads(paths.validation_report.read_text())["digest"]
-    assert v1["dvc_train_data_md5"].startswith("unrecorded")  # no dvc.lock in this project, and the tag says so
+    # No dvc.lock in this project, and the record says so.
+    assert registry.recorded(client.get_model_version(NAME, "1"))["dvc_train_data_md5"].startswith("unrecorded")
     assert v4["eval_champion_version"] == "1" and float(v4["eval_gain_vs_champion"]) == pytest.approx(0.75)
 
     # Rollback: champion back to v1, the demoted version says by whom.
@@ -424,11 +435,11 @@ def test_a_version_shows_its_signature_an_input_example_and_its_test_figures(sql
     assert len(example) == 1 and example[0].startswith("What is ") and first.startswith(example[0])
     assert "####" not in example[0]  # the instruction is the model's to add
 
-    # The run: held-out figures under test/ (after the training curves), the registration in its description.
+    # The run: a few held-out charts under test/ (the rest in a table), the registration in its description.
     run = client.get_run(version.run_id)
     assert "test/policy/accuracy" in run.data.metrics and "test/gain_vs_reference" in run.data.metrics
     assert not any(key.startswith("eval/") and key.count("/") > 1 for key in run.data.metrics)
-    assert "test/policy/k" not in run.data.metrics  # settings and counts are not curves
+    assert "test/policy/k" not in run.data.metrics and "test/policy/pass_at_k" not in run.data.metrics
     note = run.data.tags["mlflow.note.content"]
     assert note.count(registry.REGISTRATION_MARK) == 1 and f"`{NAME}` v{version.version}" in note
 

@@ -11,10 +11,17 @@ checkpoints/best) gets them in its artifacts as a peft adapter folder, written b
 models/policy is. The pyfunc wrapper that makes a folder registrable is the registry's
 (pipelines/registry/pyfunc_model.py, a later stage that training may not import), so `grpo promote
 --checkpoint` (pipelines/registry/checkpoints.py) adds it when it registers one. A step whose weights
-were rotated away stays a model with its metrics, tagged `weights: pruned by train.keep_checkpoints`.
+were rotated away stays a model with its metrics, tagged `weights: pruned by train.keep_checkpoints`,
+and is finalized FAILED with a description that says why: MLflow 3 has no status for "metrics only",
+and READY would show it in the UI as a finished model with a Register button and no files.
+A model with weights carries `weights_sha256` (the sha256 of its adapter_model.safetensors), which
+`grpo register` matches against the adapter it evaluated, to register this very model rather than a
+copy of it. (Not the whole folder's: tokenizer.json records the tokenizer's padding state, which
+differs between two saves of the same tokenizer.)
 
-Logged once, at the end of training. A resumed run looks first: a step it already logged is left as
-it is (only `selected` is set again), one left unfinished by a crash is completed, none is logged twice.
+Logged once, at the end of training. A resumed run looks first: a step it already logged (READY or
+FAILED) is left as it is (only `selected` is set again), one left unfinished by a crash (PENDING) is
+completed, none is logged twice.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from pipelines.config import Config
 from pipelines.data.mlflow_input import validated_dataset
 from pipelines.grpo import checkpoint, policy
 from pipelines.grpo.validation import Score
+from pipelines.hashing import file_hash
 from pipelines.mlflow_store import flatten
 from pipelines.paths import Paths
 from pipelines.source import mlflow_source_tags
@@ -48,6 +56,10 @@ NOT_LORA = "not logged: full fine-tuning (the registry holds LoRA adapters)"
 # A kept checkpoint's adapter is about 23 MB for the SmolLM2-135M demo at r=16 (19.5 MB of fp32 LoRA
 # weights, the 3.5 MB tokenizer); train.checkpoint_model_weights=false logs metrics only.
 NOT_UPLOADED = "not logged: train.checkpoint_model_weights is false"
+# The sha256 of a model's adapter weights file (peft's name for it), the tag that matches it to models/policy.
+WEIGHTS_SHA256, ADAPTER_WEIGHTS = "weights_sha256", "adapter_model.safetensors"
+# MLflow's key for a description, which the UI shows on a logged model's page as on a run's.
+NOTE = "mlflow.note.content"
 # The training params each model carries (all of them are on its run): what tells checkpoints of
 # different runs apart in the Models tab.
 PARAMS = (
@@ -129,24 +141,24 @@ def log_checkpoints(
     params = {k: str(flat[k]) for k in PARAMS if k in flat}
     source = mlflow_source_tags(paths.root, "grpo train")  # the project's commit, not the `grpo` script's
     trained = checkpoint.trainable_state(model) if on_disk else None
+    kept = sorted(s.step for s in steps if s.step in on_disk)
+    shared = {**source, "dataset_digest": dataset_tags["dataset_digest"], "reference_sha256": reference_sha}
     logged = []
     try:
         for score in steps:
             found = done.get(score.step)
-            if found is not None and found.status == LoggedModelStatus.READY:
+            if found is not None and LoggedModelStatus.is_finalized(found.status):
                 client.set_logged_model_tags(found.model_id, {SELECTED: str(score.step == selected).lower()})
                 logged.append(found)
                 continue
             folder = on_disk.get(score.step)
-            weights = LOGGED if folder is not None else _why_not(cfg)
             tags = {
-                **source,
+                **shared,
                 STEP: str(score.step),
                 SELECTED: str(score.step == selected).lower(),
                 CHECKPOINT_PATH: _relative(folder, paths.root) if folder is not None else "-",
-                WEIGHTS: weights,
-                "dataset_digest": dataset_tags["dataset_digest"],
-                "reference_sha256": reference_sha,
+                WEIGHTS: LOGGED if folder is not None else _why_not(cfg),
+                NOTE: describe(cfg, score.step, folder, paths.root, kept),
             }
             if found is None:
                 found = mlflow.initialize_logged_model(
@@ -169,11 +181,10 @@ def log_checkpoints(
             ]  # fmt: skip
             client.log_batch(run_id, metrics=points)
             if folder is not None:
-                checkpoint.load_weights(folder, model)
-                with tempfile.TemporaryDirectory(prefix="grpo-checkpoint-") as tmp:
-                    policy.save(model, tokenizer, tmp)  # the peft adapter + tokenizer, as models/policy
-                    client.log_model_artifacts(found.model_id, tmp)
-            logged.append(client.finalize_logged_model(found.model_id, LoggedModelStatus.READY))
+                _log_adapter(client, found.model_id, folder, model, tokenizer)
+            # Metrics only: FAILED, MLflow's one final status besides READY (which says the files are there).
+            status = LoggedModelStatus.READY if folder is not None else LoggedModelStatus.FAILED
+            logged.append(client.finalize_logged_model(found.model_id, status))
     finally:
         if trained is not None:
             _put_back(model, trained)
@@ -184,6 +195,39 @@ def log_checkpoints(
         len(logged), with_weights, time.perf_counter() - started,
     )  # fmt: skip
     return logged
+
+
+def describe(cfg: Config, step: int, folder: Path | None, root: Path, with_weights: list[int]) -> str:
+    """The model's description (the UI's Description box): what it holds and how to register it, or why it
+    holds nothing."""
+    if folder is not None:
+        return (
+            f"Step {step}'s LoRA adapter and tokenizer (peft format), from `{_relative(folder, root)}`, with its "
+            f"validation figures. Register it with `grpo promote --checkpoint {step} --reason TEXT`."
+        )
+    kept = ", ".join(map(str, with_weights)) or "none"
+    if not cfg.train.lora.enabled:
+        why = "full fine-tuning: the registry holds LoRA adapters, so no checkpoint's weights are logged"
+    elif not cfg.train.checkpoint_model_weights:
+        why = "train.checkpoint_model_weights is false, so no checkpoint's weights were uploaded"
+    else:
+        why = (
+            f"its weights were pruned by train.keep_checkpoints={cfg.train.keep_checkpoints} before training "
+            "ended; keep more next time (-S train.keep_checkpoints=N)"
+        )
+    return (
+        f"**Metrics only, not registrable**: step {step}'s validation figures, no model files ({why}). Its status "
+        f"is FAILED because MLflow has no status for a model without files. Steps with weights: {kept}."
+    )
+
+
+def _log_adapter(client: Any, model_id: str, folder: Path, model: Any, tokenizer: Any) -> None:
+    """The step's weights, loaded into `model`, saved as a peft adapter folder into the logged model's artifacts."""
+    checkpoint.load_weights(folder, model)
+    with tempfile.TemporaryDirectory(prefix="grpo-checkpoint-") as tmp:
+        policy.save(model, tokenizer, tmp)  # the peft adapter + tokenizer, as models/policy
+        client.log_model_artifacts(model_id, tmp)
+        client.set_logged_model_tags(model_id, {WEIGHTS_SHA256: file_hash(Path(tmp) / ADAPTER_WEIGHTS)})
 
 
 def _why_not(cfg: Config) -> str:

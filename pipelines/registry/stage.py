@@ -10,9 +10,17 @@ Every new version gets `challenger`. `champion` moves only when the promotion ga
 yet, the candidate must beat the reference); see pipelines/registry/promotion.py for how the alias
 moves (under a registry-wide lock, read back afterwards) and how it is rolled back.
 
-The run gets the held-out test figures as `test/<model>/<figure>` metrics (after the training curves
-on the run page; validation during training is `eval/*`) and a paragraph of its description; the
-version gets the `eval_*` tags `grpo models` reads, the lineage tags, and its decision.
+A version is made from a LoggedModel (`models:/<model_id>`), so that the registry and the experiment's
+Models tab name the same model: the training run's checkpoint model that holds exactly the evaluated
+adapter weights (its `weights_sha256`, pipelines/grpo/logged_models.py), which the evaluated folder's
+other files (tokenizer, config) and the pyfunc files are added to;
+or, when there is none (no MLflow training run, or checkpoints logged without weights), a new `policy`
+model of the run holding models/policy.
+
+The run gets the held-out accuracies as one-point `test/<model>/accuracy` metrics (and the gains), every
+other test figure in a `test-figures.json` table, and a paragraph of its description. The version gets
+the tags a reader looks it up by (lineage.VERSION_TAGS: `eval_*` headline figures, lineage, decision);
+its whole record is the JSON its `lineage` tag names.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from typing import Any
 
 from pipelines.config import Config, PromptConfig
 from pipelines.data.prompts import task_prompt
-from pipelines.hashing import folder_sha256
+from pipelines.hashing import file_hash, folder_sha256
 from pipelines.io import read_jsonl, write_json
 from pipelines.mlflow_store import CHALLENGER, alias_version, flatten, is_absent, setup
 from pipelines.paths import Paths
@@ -45,6 +53,15 @@ NOTE = "mlflow.note.content"
 # What loading a version needs: pinned to the versions that produced it (the default requirements
 # MLflow infers ask for torchvision, which is neither needed nor installable everywhere).
 RUNTIME_PACKAGES = ("mlflow", "torch", "transformers", "peft", "safetensors")
+# The type of the LoggedModel a registration makes when no checkpoint model holds the evaluated adapter.
+POLICY_MODEL_TYPE = "grpo-policy"
+# Training's checkpoint models (pipelines/grpo/logged_models.py, not imported here: it would make every
+# training module a dependency of the register stage): their type, the tags read here, the weights file.
+CHECKPOINT_TYPE = "grpo-checkpoint"
+WEIGHTS_SHA256, STEP, SELECTED = "weights_sha256", "step", "selected"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Test figures rounded to this many decimals in the run's table (the paired statistics keep theirs).
+DECIMALS = 3
 
 
 class RegistryError(RuntimeError):
@@ -150,16 +167,18 @@ def example_question(paths: Paths, instruction: str) -> str | None:
 
 
 def held_out_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
-    """The held-out test figures as run metrics: `test/<model>/<figure>` and `test/gain_vs_<other>`.
+    """The held-out figures a run charts: `test/<model>/accuracy`, `test/gain_vs_<other>` and the judge's disagreement.
 
-    `test/` sorts after the training curves (reward, kl, ...) on the run page; counts and settings (k,
-    problems) stay out of it.
+    Each is one point, which MLflow draws as a bar chart the height of a training curve's: a chart per
+    figure (23 of them) pushed the training curves out of sight, so the rest are in held_out_table.
+
+    >>> held_out_metrics({"policy": {"accuracy": 0.5, "pass_at_k": 0.7}, "reference": {"accuracy": 0.25}})
+    {'test/reference/accuracy': 0.25, 'test/policy/accuracy': 0.5}
     """
     metrics = {
-        f"test/{model}/{key}": float(value)
+        f"test/{model}/accuracy": float(evaluation[model]["accuracy"])
         for model in ("reference", "policy", "champion")
-        for key, value in (evaluation.get(model) or {}).items()
-        if key not in ("k", "problems")
+        if (evaluation.get(model) or {}).get("accuracy") is not None
     }
     for other in ("reference", "champion"):
         comparison = (evaluation.get("comparison") or {}).get(f"policy_vs_{other}")
@@ -169,6 +188,24 @@ def held_out_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
     if agreement.get("checked"):  # the judge vs training's correctness reward (evaluation/agreement.py)
         metrics["test/judge_reward_disagreement"] = float(agreement["share"])
     return metrics
+
+
+def held_out_table(evaluation: dict[str, Any]) -> dict[str, list[Any]]:
+    """Every held-out figure, a row per scored model, rounded to DECIMALS (the run's `test-figures.json` table).
+
+    >>> held_out_table({"reference": {"accuracy": 0.25, "k": 4}, "policy": {"accuracy": 0.5000001, "k": 4}})
+    {'model': ['reference', 'policy'], 'accuracy': [0.25, 0.5], 'k': [4, 4]}
+    """
+    scored = [(m, evaluation[m]) for m in ("reference", "policy", "champion") if evaluation.get(m)]
+    keys = list(dict.fromkeys(k for _, figures in scored for k in figures))
+    table: dict[str, list[Any]] = {"model": [m for m, _ in scored]}
+    for key in keys:
+        table[key] = [_rounded(figures.get(key)) for _, figures in scored]
+    return table
+
+
+def _rounded(value: Any) -> Any:
+    return round(value, DECIMALS) if isinstance(value, float) else value
 
 
 def describe_registration(evaluation: dict[str, Any], name: str, version: str, promoted: bool, reason: str) -> str:
@@ -241,7 +278,9 @@ def eval_tags(evaluation: dict[str, Any]) -> dict[str, str]:
     policy, ref = evaluation["policy"], evaluation["reference"]
     tags = {f"eval_{key}": f"{value:.6g}" for key, value in policy.items()}
     tags["eval_reference_accuracy"] = f"{ref['accuracy']:.6g}"
-    tags["eval_confidence"] = str(evaluation.get("settings", {}).get("confidence", ""))
+    confidence = (evaluation.get("settings") or {}).get("confidence")
+    if confidence is not None:
+        tags["eval_confidence"] = str(confidence)
     for other in ("reference", "champion"):
         comp = (evaluation.get("comparison") or {}).get(f"policy_vs_{other}")
         if comp:
@@ -275,19 +314,22 @@ def expect_export(cfg: Config, paths: Paths, adapter_dir: Path, reference_dir: P
     )
 
 
-def verify_export(expected: parity.Expected | None, model_uri: str, run_id: str) -> parity.ParityReport | None:
-    """The export-parity check on the logged files; a failure is tagged on the run and raised as
-    RegistryError before any version exists."""
+def verify_export(expected: parity.Expected | None, model_id: str, run_id: str) -> parity.ParityReport | None:
+    """The export-parity check on logged model `model_id`'s files; its result is tagged on the run and the model,
+    and a failure raised as RegistryError before any version exists."""
     from mlflow import MlflowClient
 
     if expected is None:
         return None
+    client = MlflowClient()
     try:
-        report = parity.check(expected, model_uri)
+        report = parity.check(expected, f"models:/{model_id}")
     except parity.ParityError as exc:
-        MlflowClient().set_tag(run_id, "export_parity", f"failed: {exc}"[:4000])
+        client.set_tag(run_id, "export_parity", f"failed: {exc}"[:4000])
+        client.set_logged_model_tags(model_id, {"export_parity": f"failed: {exc}"[:4000]})
         raise RegistryError(f"export-parity check failed, nothing registered: {exc}") from exc
-    MlflowClient().set_tag(run_id, "export_parity", report.summary())
+    client.set_tag(run_id, "export_parity", report.summary())
+    client.set_logged_model_tags(model_id, {"export_parity": report.summary()})
     return report
 
 
@@ -337,19 +379,17 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
 
     def decision_tags() -> dict[str, str]:
         return {
-            "promotion": (("promoted: " if promoted else "kept: ") + reason)[:4000],
             "promotion_decision": "promoted" if promoted else "kept",
             "promotion_reason": reason[:4000],
-            "promotion_checks": json.dumps(decision.checks, sort_keys=True),
         }
 
     if existing is not None:  # a registration that was cut short (a kill, a timeout): finish it, make no other
         v, run_id = str(existing.version), existing.run_id
         log.warning("v%s already registers this evaluation (registration_key %s): finishing it", v, key[:12])
+        list_version(client, name, existing)
     else:
-        v, run_id = _log_and_create(
-            cfg, paths, client, name, evaluation, train, tags, expected, manifest, key, decision_tags()
-        )
+        decided = {**decision_tags(), CHECKS: json.dumps(decision.checks, sort_keys=True)}
+        v, run_id = _log_and_create(cfg, paths, client, name, evaluation, train, tags, expected, manifest, key, decided)
     client.set_registered_model_alias(name, CHALLENGER, v)  # only ever on a version that carries its decision
     if promoted:
         # Under the registry-wide lock (another workspace, or a person, may be moving it too): the
@@ -401,6 +441,19 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
 
 
 REGISTRATION_KEY = "registration_key"
+# The gate's checks, rule -> held, in a version's lineage JSON (a tag on versions registered before it).
+CHECKS = "promotion_checks"
+
+
+def recorded(version: Any) -> dict[str, Any]:
+    """The version's whole record (the JSON its `lineage` tag names); {} when it has none or it cannot be read."""
+    import mlflow
+
+    uri = (version.tags or {}).get("lineage")
+    try:
+        return mlflow.artifacts.load_dict(uri) if uri else {}
+    except (mlflow.exceptions.MlflowException, OSError, ValueError):
+        return {}
 
 
 def _complete(version: Any, champion_now: str | None) -> bool:
@@ -419,7 +472,7 @@ def _finished(
     if holder is None or int(holder.version) < int(v):
         client.set_registered_model_alias(name, CHALLENGER, v)
     promoted = version.tags.get("promotion_decision") == "promoted"
-    checks = json.loads(version.tags.get("promotion_checks", "{}"))
+    checks = json.loads(version.tags.get(CHECKS) or recorded(version).get(CHECKS) or "{}")
     result = RegisterResult(
         name=name, version=v, promoted=promoted, reason=version.tags.get("promotion_reason", ""),
         run_id=version.run_id, champion_before=None if promoted else champion_now, champion=champion_now,
@@ -482,23 +535,12 @@ def _log_and_create(
         run_id = None  # e.g. `dvc repro` in a clone without the training run's store
     # A run of its own (no training run to add to) is named for this command and this project's commit.
     own = {} if run_id else mlflow_source_tags(paths.root, "grpo register")
+    # This registration's records on the run, apart from another registration's of the same run.
+    records = f"registration-{key[:8]}"
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else "grpo-register", tags=own or None) as run:
         if not run_id:
             mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.model_dump()).items()})
-        mlflow.log_metrics(held_out_metrics(evaluation))
-        mlflow.set_tags(tags)
-        for report in (
-            paths.eval_report,
-            paths.eval_chart,
-            paths.eval_samples,
-            paths.validation_report,
-            paths.train_plot,
-            paths.val_plot,
-            paths.train_summary,
-            paths.eval_results,
-        ):
-            if report.exists():
-                mlflow.log_artifact(str(report), "reports")
+        _log_reports(paths, evaluation, tags, records)
         reference_version = ensure_reference(client, reference_name(name), paths.reference_dir, manifest["sha256"])
         reference_uri = f"models:/{reference_name(name)}/{reference_version}"
         model_config = {
@@ -508,18 +550,34 @@ def _log_and_create(
             "max_new_tokens": cfg.evaluate.max_new_tokens,
             "prompt": prompt_template(cfg, paths).model_dump(),
         }
-        # A run registered again (after a new evaluation) gets a new folder: a version's files never change.
-        taken = {a.path for a in client.list_artifacts(run.info.run_id)}
-        artifact_path = next(p for p in ("policy", *(f"policy-{i}" for i in range(2, 10_000))) if p not in taken)
-        with tempfile.TemporaryDirectory(prefix="grpo-register-") as tmp:
-            folder = model_folder(
-                paths.policy_dir,
-                Path(tmp) / "policy",
-                model_config,
-                example_question(paths, prompt_template(cfg, paths).instruction or "{question}"),
-            )
-            mlflow.log_artifacts(str(folder), artifact_path)
-        parity_report = verify_export(expected, f"runs:/{run.info.run_id}/{artifact_path}", run.info.run_id)
+        model = logged_policy(client, cfg, paths, run.info, model_config)
+        parity_report = _verified(client, model, expected, run.info.run_id)
+        record = lineage.present({
+            **tags,
+            **eval_tags(evaluation),
+            **verifier_tags(train, evaluation),
+            "task": str((evaluation.get("task") or {}).get("name", cfg.task)),
+            "reference_model_uri": reference_uri,
+            "export_parity": parity_report.summary() if parity_report else None,
+            "logged_model_id": model.model_id,
+            **decision,  # decided at creation: a version never exists without its decision
+            REGISTRATION_KEY: key,
+            "lineage": f"runs:/{run.info.run_id}/{records}/lineage.json",
+        })  # fmt: skip
+        mlflow.log_dict(record, f"{records}/lineage.json")
+    _create_version(client, name, model, run.info.run_id, record)
+    # Looked up by its key, which also folds duplicates that MLflow's own HTTP retries may have made.
+    found = find_registration(client, name, key)
+    if found is None:
+        raise RegistryError(f"{name}: the version just created (registration_key {key[:12]}) is not in the registry")
+    list_version(client, name, found)
+    return str(found.version), run.info.run_id
+
+
+def _create_version(client: Any, name: str, model: Any, run_id: str, record: dict[str, str]) -> None:
+    """Version `model` (a LoggedModel) as `name`, with the record's VERSION_TAGS; a create whose answer was lost is
+    looked for before anyone tries again."""
+    import mlflow
 
     try:
         client.get_registered_model(name)
@@ -528,38 +586,141 @@ def _log_and_create(
             name,
             description="GRPO-trained LoRA adapters (peft format + MLflow pyfunc); base model in the -reference model.",
         )
-    version_tags = {
-        **tags,
-        **eval_tags(evaluation),
-        **verifier_tags(train, evaluation),
-        "task": str((evaluation.get("task") or {}).get("name", cfg.task)),
-        "reference_model_uri": reference_uri,
-        **({"export_parity": parity_report.summary()} if parity_report else {}),
-        **decision,  # decided at creation: a version never exists without its decision
-        REGISTRATION_KEY: key,
-    }
     try:
         client.create_model_version(
             name,
-            source=f"{run.info.artifact_uri}/{artifact_path}",
-            run_id=run.info.run_id,
-            tags=version_tags,
+            source=f"models:/{model.model_id}",
+            run_id=run_id,
+            tags=lineage.version_tags(record),
             description=(
-                f"LoRA adapter (peft format) for the base model at {reference_uri}, and an MLflow pyfunc model. Load "
-                "with mlflow.pyfunc.load_model(uri).predict([question]), or with transformers + peft: "
-                "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)."
+                f"LoRA adapter (peft format) for the base model at {record['reference_model_uri']}, and an MLflow "
+                f"pyfunc model: logged model {model.name} ({model.model_id}). Load with mlflow.pyfunc.load_model(uri)"
+                ".predict([question]), or with transformers + peft: PeftModel.from_pretrained(AutoModelForCausalLM."
+                "from_pretrained(base_dir), adapter_dir). Every test figure and lineage record: the JSON that the "
+                "`lineage` tag names."
             ),
+            model_id=model.model_id,
         )
     except Exception:
         # The create may have reached the server before the answer was lost (a timeout): look before
         # anyone tries again, so that a retry finishes that version instead of making another.
-        if find_registration(client, name, key) is None:
+        if find_registration(client, name, record[REGISTRATION_KEY]) is None:
             raise
-    # Looked up by its key, which also folds duplicates that MLflow's own HTTP retries may have made.
-    found = find_registration(client, name, key)
-    if found is None:
-        raise RegistryError(f"{name}: the version just created (registration_key {key[:12]}) is not in the registry")
-    return str(found.version), run.info.run_id
+
+
+def _log_reports(paths: Paths, evaluation: dict[str, Any], tags: dict[str, str], records: str) -> None:
+    """Into the active run: the held-out charts and table, the lineage tags, the stages' reports."""
+    import mlflow
+
+    mlflow.log_metrics(held_out_metrics(evaluation))
+    mlflow.log_table(held_out_table(evaluation), artifact_file=f"{records}/test-figures.json")
+    mlflow.set_tags(tags)
+    for report in (
+        paths.eval_report,
+        paths.eval_chart,
+        paths.eval_samples,
+        paths.validation_report,
+        paths.train_plot,
+        paths.val_plot,
+        paths.train_summary,
+        paths.eval_results,
+    ):
+        if report.exists():
+            mlflow.log_artifact(str(report), "reports")
+
+
+def checkpoint_holding(experiment_id: str, run_id: str, weights_sha256: str | None) -> Any | None:
+    """The READY checkpoint model of training run `run_id` whose adapter weights are `weights_sha256` (the
+    selected step's, if several), or None."""
+    import mlflow
+    from mlflow.entities import LoggedModelStatus
+
+    if not weights_sha256:
+        return None
+    found = mlflow.search_logged_models(
+        experiment_ids=[experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND model_type = '{CHECKPOINT_TYPE}'",
+        output_format="list",
+    )
+    found = [m for m in found if m.tags.get(WEIGHTS_SHA256) == weights_sha256 and m.status == LoggedModelStatus.READY]
+    found.sort(key=lambda m: (m.tags.get(SELECTED) == "true", int(m.tags.get(STEP, "0"))))
+    return found[-1] if found else None
+
+
+def logged_policy(client: Any, cfg: Config, paths: Paths, run: Any, model_config: dict[str, Any]) -> Any:
+    """The LoggedModel the version is made from, its folder a pyfunc model too (see the module docstring).
+
+    A new one stays PENDING until the export check has passed (_verified finalizes it); a checkpoint model
+    gets the pyfunc files beside its adapter, unless it was registered before (a version's files never change).
+    """
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    weights = paths.policy_dir / ADAPTER_WEIGHTS
+    weights_sha256 = file_hash(weights) if weights.exists() else None
+    model = checkpoint_holding(run.experiment_id, run.run_id, weights_sha256)
+    skip: set[str] = set()
+    if model is None:
+        note = "models/policy as `grpo register` evaluated it: LoRA adapter (peft format) and MLflow pyfunc model."
+        tags = lineage.present({WEIGHTS_SHA256: weights_sha256, NOTE: note})
+        model = client.create_logged_model(
+            run.experiment_id, name="policy", source_run_id=run.run_id, model_type=POLICY_MODEL_TYPE, tags=tags
+        )
+    else:
+        shipped = {a.path for a in client.list_logged_model_artifacts(model.model_id)}
+        if "MLmodel" in shipped and model.tags.get(MLFLOW_MODEL_VERSIONS):
+            return model
+        # The weights are there, byte for byte; the evaluated tokenizer and config go over the checkpoint's.
+        skip = {ADAPTER_WEIGHTS}
+    template = prompt_template(cfg, paths)
+    with tempfile.TemporaryDirectory(prefix="grpo-register-") as tmp:
+        example = example_question(paths, template.instruction or "{question}")
+        folder = model_folder(paths.policy_dir, Path(tmp) / "policy", model_config, example)
+        _name_model(folder, model)
+        for item in skip:
+            (folder / item).unlink()
+        client.log_model_artifacts(model.model_id, str(folder))
+    return model
+
+
+def _name_model(folder: Path, model: Any) -> None:
+    """The MLmodel names the logged model and run it belongs to, as mlflow's own log_model writes it."""
+    from mlflow.models import Model
+
+    mlmodel = Model.load(str(folder))
+    mlmodel.model_id, mlmodel.run_id = model.model_id, model.source_run_id
+    mlmodel.artifact_path = model.artifact_location
+    mlmodel.save(str(folder / "MLmodel"))
+
+
+def _verified(client: Any, model: Any, expected: Any, run_id: str) -> parity.ParityReport | None:
+    """The export check on `model`'s files; a model made for this registration is finalized by its outcome."""
+    from mlflow.entities import LoggedModelStatus
+
+    made = model.status == LoggedModelStatus.PENDING
+    try:
+        report = verify_export(expected, model.model_id, run_id)
+    except RegistryError:
+        if made:
+            client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        raise
+    if made:
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    return report
+
+
+def list_version(client: Any, name: str, version: Any) -> None:
+    """Add the version to its logged model's `mlflow.modelVersions`, as mlflow.register_model does (the UI
+    links both ways); a no-op when listed already (a registration finished by a rerun)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    source = str(version.source or "")
+    if not source.startswith("models:/m-"):
+        return  # registered from a run's artifact, before versions were made from logged models
+    model_id = source.removeprefix("models:/")
+    listed = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    entry = {"name": name, "version": str(version.version)}
+    if entry not in listed:
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*listed, entry])})
 
 
 def _read(path: Path, stage: str) -> dict[str, Any]:
