@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from tests.conftest import prepared_project
@@ -24,18 +25,51 @@ def test_each_step_adds_its_samples_to_one_mlflow_table_quietly(tmp_path, tiny_r
     for step in (1, 2):
         texts = [f"step {step} completion {i}" for i in range(2 * G)]
         logger.step(step, {"reward": 0.5, "kl": float("nan")}, rows, texts, torch.arange(2 * G, dtype=torch.float32))
+    long = "Let me add them. " * 20 + "#### 5"  # longer than any table cell shows
+    rewards = torch.tensor([0.2, 1.2] * G, dtype=torch.float32)  # float32: 0.200000003 unrounded
+    logger.step(3, {"reward": 0.7}, rows, [long] * (2 * G), rewards, advantages=torch.full((2 * G,), 0.70710678))
     logger.finish(None)
     # log_table downloads the table to append to it; MLflow's bar for that stays off the console.
     assert "Downloading artifacts" not in capfd.readouterr().err
     assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ  # set for the call only
 
     table = mlflow.load_table("completions.json", run_ids=[logger.run_id])
-    assert table["step"].tolist() == [1, 1, 1, 2, 2, 2]
-    assert table["completion"].tolist()[3:] == ["step 2 completion 0", "step 2 completion 1", "step 2 completion 2"]
+    assert table["step"].tolist() == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert list(table.columns) == ["step", "reward", "advantage", "prompt", "completion"]  # the short ones first
+    assert table["completion"].tolist()[3:6] == ["step 2 completion 0", "step 2 completion 1", "step 2 completion 2"]
     assert table["prompt"].tolist()[:3] == ["What is 2 + 3?"] * 3  # the user's turn, not the whole chat
     assert table["reward"].tolist()[:3] == [0.0, 1.0, 2.0]
+    # Rounded to 3 decimals; the advantages training gave, or (not given) worked out from the rewards by group.
+    assert table["reward"].tolist()[6:] == [0.2, 1.2, 0.2] and table["advantage"].tolist()[6:] == [0.707] * 3
+    group = torch.arange(G, dtype=torch.float32)
+    by_group = ((group - group.mean()) / group.std()).tolist()
+    assert table["advantage"].tolist()[:3] == pytest.approx(by_group[:3], abs=1e-3)
+    # Each step's samples in full, as Markdown.
+    shown = mlflow.artifacts.load_text(f"runs:/{logger.run_id}/completions/step-000003.md")
+    assert shown.count(long) == 3 and "reward 0.200, advantage +0.707: What is 2 + 3?" in shown
     history = mlflow.tracking.MlflowClient().get_metric_history(logger.run_id, "reward")
-    assert [m.step for m in history] == [1, 2]
+    assert [m.step for m in history] == [1, 2, 3]
+
+
+def test_clip_ratios_are_charted_only_once_one_is_not_zero(tmp_path, tiny_reference):
+    """On policy every clip ratio is 0: three flat charts that pushed the training curves down the run page."""
+    import mlflow
+
+    from pipelines.grpo.run_logger import RunLogger
+    from pipelines.paths import Paths
+
+    cfg = prepared_project(tmp_path / "project", tiny_reference, ["train.log_samples=0"])
+    logger = RunLogger(Paths(tmp_path / "project"), cfg, enabled=True)
+    for step, high in ((1, 0.0), (2, 0.0), (3, 0.25), (4, 0.0)):
+        metrics = {"loss": 0.1, "clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": high}
+        logger.step(step, metrics, [], [], torch.zeros(0))
+    logger.finish(None, {"steps": 4, "selected_step": 4})
+    client = mlflow.tracking.MlflowClient()
+    run = client.get_run(logger.run_id)
+    assert "clip_ratio/low_mean" not in run.data.metrics and "loss" in run.data.metrics
+    high = client.get_metric_history(logger.run_id, "clip_ratio/high_mean")
+    assert [(m.step, m.value) for m in sorted(high, key=lambda m: m.step)] == [(1, 0), (2, 0), (3, 0.25), (4, 0)]
+    assert "**not charted**: `clip_ratio/low_mean`, 0 at every step" in run.data.tags["mlflow.note.content"]
 
 
 def _git_repo(root) -> str:

@@ -1,5 +1,6 @@
-"""MLflow logging for a training run: params once, metrics per step, a table of sample completions,
-system metrics (CPU, memory) in the background, the source tags and a description MLflow's UI shows."""
+"""MLflow logging for a training run: params once, metrics per step, a table of sample completions (and each
+step's in full, as Markdown), system metrics (CPU, memory) in the background, the source tags and a
+description MLflow's UI shows."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 
 from pipelines.config import Config
+from pipelines.grpo.advantages import group_advantages
 from pipelines.paths import Paths
 
 log = logging.getLogger(__name__)
@@ -25,6 +28,12 @@ log = logging.getLogger(__name__)
 SYSTEM_METRICS_INTERVAL_S = 5.0
 # MLflow's key for the run's description (the "Description" box of the run page).
 NOTE = "mlflow.note.content"
+# Charted only from their first point that is not 0 (then with the zeros before it): on policy
+# (train.num_iterations=1) every importance ratio is 1 and the clip ratios stay 0, and three flat
+# charts only push the training curves down the run page. reports/train.json and plots/train.csv keep them.
+CHARTED_ONCE_NONZERO = ("clip_ratio/",)
+# The completions table's numbers, rounded: float32 rewards read 0.200000003 otherwise.
+DECIMALS = 3
 
 
 class RunLogger:
@@ -36,6 +45,8 @@ class RunLogger:
         self.samples = cfg.train.log_samples
         self.group = cfg.train.num_generations
         self.cfg, self.paths = cfg, paths
+        self.held: dict[str, list[tuple[int, float, int]]] = {}  # key -> its 0 points (step, value, ms), not yet logged
+        self.charted: set[str] = set()
         if not enabled:
             return
         import mlflow
@@ -54,6 +65,7 @@ class RunLogger:
                 pass  # the store that held it is gone (e.g. a fresh clone): open a new run
             else:
                 mlflow.set_tags(tags)
+                self.charted = {k for k in mlflow.get_run(run_id).data.metrics if k.startswith(CHARTED_ONCE_NONZERO)}
                 return
         with _system_metrics_settings():
             run = mlflow.start_run(
@@ -66,25 +78,70 @@ class RunLogger:
         log_dataset_input(paths)  # the run's Dataset inputs show exactly which rows it saw
 
     def step(
-        self, step: int, metrics: dict[str, float], rows: list[dict[str, Any]], texts: list[str], rewards: torch.Tensor
+        self,
+        step: int,
+        metrics: dict[str, float],
+        rows: list[dict[str, Any]],
+        texts: list[str],
+        rewards: torch.Tensor,
+        advantages: torch.Tensor | None = None,
     ) -> None:
+        """The step's metrics, and its first `train.log_samples` completions in the table and in full.
+
+        `advantages` are training's; without them they are worked out again from `rewards` as training does
+        with train.multi_objective_aggregation=sum_then_normalize (blank with normalize_then_sum, which
+        needs each reward function's scores).
+        """
         if not self.enabled:
             return
         import mlflow
 
-        mlflow.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)}, step=step)
+        mlflow.log_metrics(self._chartable(step, metrics), step=step)
         if self.samples and texts:  # (with several processes, rank 0 may have kept no group this step)
             n = min(self.samples, len(texts))
+            table = {
+                "step": [step] * n,
+                "reward": [_rounded(r) for r in rewards[:n].tolist()],
+                "advantage": [_rounded(a) for a in self._advantages(rewards, advantages)[:n]],
+                "prompt": [_last_user_turn(rows[i // self.group]["prompt"]) for i in range(n)],
+                "completion": texts[:n],
+            }
             with _no_artifact_progress_bar():
-                mlflow.log_table(
-                    {
-                        "step": [step] * n,
-                        "prompt": [_last_user_turn(rows[i // self.group]["prompt"]) for i in range(n)],
-                        "completion": texts[:n],
-                        "reward": [float(r) for r in rewards[:n]],
-                    },
-                    artifact_file="completions.json",
-                )
+                mlflow.log_table(table, artifact_file="completions.json")
+            # The table's cells show some 15 characters each; this file shows them whole.
+            mlflow.log_text(completions_markdown(table), f"completions/step-{step:06d}.md")
+
+    def _advantages(self, rewards: torch.Tensor, given: torch.Tensor | None) -> list[float]:
+        if given is not None:
+            return given.tolist()
+        t = self.cfg.train
+        if t.multi_objective_aggregation != "sum_then_normalize" or rewards.numel() % self.group:
+            return [math.nan] * rewards.numel()
+        return group_advantages(rewards.float(), self.group, t.scale_rewards)[0].tolist()
+
+    def _chartable(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """The step's metrics to log now: those of CHARTED_ONCE_NONZERO held back while every point so far is
+        0, and logged with the held points on the first that is not."""
+        out = {}
+        for key, value in metrics.items():
+            if math.isnan(value):
+                continue
+            if key.startswith(CHARTED_ONCE_NONZERO) and key not in self.charted:
+                if value == 0:
+                    self.held.setdefault(key, []).append((step, value, int(time.time() * 1000)))
+                    continue
+                self.charted.add(key)
+                self._log_held(key)
+            out[key] = value
+        return out
+
+    def _log_held(self, key: str) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        points = [Metric(key, value, stamp, step) for step, value, stamp in self.held.pop(key, [])]
+        if points:
+            MlflowClient().log_batch(str(self.run_id), metrics=points)
 
     def metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Metrics outside a training step's (validation's), at `step`."""
@@ -131,7 +188,9 @@ class RunLogger:
         if curves is not None:
             mlflow.log_artifact(str(curves), "plots")
         if summary is not None:
-            mlflow.set_tag(NOTE, describe(self.cfg, self.paths, summary))
+            flat = sorted(self.held)
+            note = f"\n- **not charted**: {', '.join(f'`{k}`' for k in flat)}, 0 at every step" if flat else ""
+            mlflow.set_tag(NOTE, describe(self.cfg, self.paths, summary) + note)
         mlflow.end_run()
 
 
@@ -207,6 +266,35 @@ def _system_metrics_settings() -> Iterator[None]:
         yield
     finally:
         os.environ.pop(key, None)
+
+
+def completions_markdown(table: dict[str, list[Any]]) -> str:
+    """One step's sample completions in full, as Markdown (what the completions table's cells cut short).
+
+    >>> print(completions_markdown({"step": [3], "reward": [1.0], "advantage": [0.707], "prompt": ["What is 2 + 3?"],
+    ...                             "completion": ["2 + 3 = 5. #### 5"]}))
+    ### Step 3
+    <BLANKLINE>
+    **1.** reward 1.000, advantage +0.707: What is 2 + 3?
+    <BLANKLINE>
+    ```text
+    2 + 3 = 5. #### 5
+    ```
+    <BLANKLINE>
+    """
+    lines = [f"### Step {table['step'][0]}", ""]
+    for i, text in enumerate(table["completion"]):
+        advantage = table["advantage"][i]
+        shown = "-" if advantage is None else f"{advantage:+.{DECIMALS}f}"
+        reward = table["reward"][i]
+        lines.append(f"**{i + 1}.** reward {_num(reward, DECIMALS)}, advantage {shown}: {table['prompt'][i]}")
+        lines += ["", "```text", text, "```", ""]
+    return "\n".join(lines)
+
+
+def _rounded(value: float) -> float | None:
+    """A table number: rounded to DECIMALS, None (a blank cell) for NaN."""
+    return None if math.isnan(value) else round(value, DECIMALS)
 
 
 def _last_user_turn(prompt: Any) -> str:
