@@ -111,9 +111,10 @@ def test_train_evaluate_register_in_order(staged, smoke_cfg, tmp_path):
     assert str(client.get_model_version_by_alias("grpo-policy", "challenger").version) == "2"
     assert str(client.get_model_version_by_alias("grpo-policy", "champion").version) == "1"
     assert json.loads(paths.registry_report.read_text())["promoted"] is False
-    # Registered again from the same training run: a new artifact folder, v1's files stay as they were.
-    assert client.get_model_version("grpo-policy", "2").source.endswith("/policy-2")
-    assert client.get_model_version("grpo-policy", "1").source.endswith("/policy")
+    # Registered again from the same training run: both versions are made from the same LoggedModel
+    # (the checkpoint that holds the evaluated weights), so the UI links each to it.
+    v1, v2 = (client.get_model_version("grpo-policy", v) for v in ("1", "2"))
+    assert v2.source == v1.source and v1.source.startswith("models:/m-")
     # The reference is logged once per sha256, not once per version.
     assert len(client.search_model_versions("name='grpo-policy-reference'")) == 1
 

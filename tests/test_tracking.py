@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 
 from tests.conftest import prepared_project
@@ -24,10 +23,11 @@ def test_each_step_adds_its_samples_to_one_mlflow_table_quietly(tmp_path, tiny_r
     rows = [{"prompt": [{"role": "user", "content": "What is 2 + 3?"}]}, {"prompt": "What is 4 + 4?"}]
     for step in (1, 2):
         texts = [f"step {step} completion {i}" for i in range(2 * G)]
-        logger.step(step, {"reward": 0.5, "kl": float("nan")}, rows, texts, torch.arange(2 * G, dtype=torch.float32))
+        rewards = torch.arange(2 * G, dtype=torch.float32)
+        logger.step(step, {"reward": 0.5, "kl": float("nan")}, rows, texts, rewards, -rewards / 10)
     long = "Let me add them. " * 20 + "#### 5"  # longer than any table cell shows
     rewards = torch.tensor([0.2, 1.2] * G, dtype=torch.float32)  # float32: 0.200000003 unrounded
-    logger.step(3, {"reward": 0.7}, rows, [long] * (2 * G), rewards, advantages=torch.full((2 * G,), 0.70710678))
+    logger.step(3, {"reward": 0.7}, rows, [long] * (2 * G), rewards, torch.full((2 * G,), 0.70710678))
     logger.finish(None)
     # log_table downloads the table to append to it; MLflow's bar for that stays off the console.
     assert "Downloading artifacts" not in capfd.readouterr().err
@@ -39,11 +39,9 @@ def test_each_step_adds_its_samples_to_one_mlflow_table_quietly(tmp_path, tiny_r
     assert table["completion"].tolist()[3:6] == ["step 2 completion 0", "step 2 completion 1", "step 2 completion 2"]
     assert table["prompt"].tolist()[:3] == ["What is 2 + 3?"] * 3  # the user's turn, not the whole chat
     assert table["reward"].tolist()[:3] == [0.0, 1.0, 2.0]
-    # Rounded to 3 decimals; the advantages training gave, or (not given) worked out from the rewards by group.
+    # Rounded to 3 decimals; the advantages training gave, as it gave them.
     assert table["reward"].tolist()[6:] == [0.2, 1.2, 0.2] and table["advantage"].tolist()[6:] == [0.707] * 3
-    group = torch.arange(G, dtype=torch.float32)
-    by_group = ((group - group.mean()) / group.std()).tolist()
-    assert table["advantage"].tolist()[:3] == pytest.approx(by_group[:3], abs=1e-3)
+    assert table["advantage"].tolist()[:3] == [-0.0, -0.1, -0.2]
     # Each step's samples in full, as Markdown.
     shown = mlflow.artifacts.load_text(f"runs:/{logger.run_id}/completions/step-000003.md")
     assert shown.count(long) == 3 and "reward 0.200, advantage +0.707: What is 2 + 3?" in shown
@@ -62,7 +60,7 @@ def test_clip_ratios_are_charted_only_once_one_is_not_zero(tmp_path, tiny_refere
     logger = RunLogger(Paths(tmp_path / "project"), cfg, enabled=True)
     for step, high in ((1, 0.0), (2, 0.0), (3, 0.25), (4, 0.0)):
         metrics = {"loss": 0.1, "clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": high}
-        logger.step(step, metrics, [], [], torch.zeros(0))
+        logger.step(step, metrics, [], [], torch.zeros(0), torch.zeros(0))
     logger.finish(None, {"steps": 4, "selected_step": 4})
     client = mlflow.tracking.MlflowClient()
     run = client.get_run(logger.run_id)
@@ -102,7 +100,7 @@ def test_training_run_has_source_tags_a_description_system_metrics_and_a_model_t
     client = mlflow.tracking.MlflowClient()
     running = client.get_run(logger.run_id).data.tags["mlflow.note.content"]
     assert "preset `smoke`" in running and "(running)" in running
-    logger.step(1, {"reward": 0.25, "kl": 0.01}, [{"prompt": "What is 1 + 1?"}], ["2"], torch.zeros(1))
+    logger.step(1, {"reward": 0.25, "kl": 0.01}, [{"prompt": "What is 1 + 1?"}], ["2"], torch.zeros(1), torch.zeros(1))
     time.sleep(0.6)
     summary = {
         "reward": 0.25,

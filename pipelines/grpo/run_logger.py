@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from pipelines.config import Config
-from pipelines.grpo.advantages import group_advantages
 from pipelines.paths import Paths
 
 log = logging.getLogger(__name__)
@@ -84,14 +83,10 @@ class RunLogger:
         rows: list[dict[str, Any]],
         texts: list[str],
         rewards: torch.Tensor,
-        advantages: torch.Tensor | None = None,
+        advantages: torch.Tensor,
     ) -> None:
-        """The step's metrics, and its first `train.log_samples` completions in the table and in full.
-
-        `advantages` are training's; without them they are worked out again from `rewards` as training does
-        with train.multi_objective_aggregation=sum_then_normalize (blank with normalize_then_sum, which
-        needs each reward function's scores).
-        """
+        """The step's metrics, and its first `train.log_samples` completions (with training's own rewards
+        and advantages) in the table and in full."""
         if not self.enabled:
             return
         import mlflow
@@ -102,7 +97,7 @@ class RunLogger:
             table = {
                 "step": [step] * n,
                 "reward": [_rounded(r) for r in rewards[:n].tolist()],
-                "advantage": [_rounded(a) for a in self._advantages(rewards, advantages)[:n]],
+                "advantage": [_rounded(a) for a in advantages[:n].tolist()],
                 "prompt": [_last_user_turn(rows[i // self.group]["prompt"]) for i in range(n)],
                 "completion": texts[:n],
             }
@@ -110,14 +105,6 @@ class RunLogger:
                 mlflow.log_table(table, artifact_file="completions.json")
             # The table's cells show some 15 characters each; this file shows them whole.
             mlflow.log_text(completions_markdown(table), f"completions/step-{step:06d}.md")
-
-    def _advantages(self, rewards: torch.Tensor, given: torch.Tensor | None) -> list[float]:
-        if given is not None:
-            return given.tolist()
-        t = self.cfg.train
-        if t.multi_objective_aggregation != "sum_then_normalize" or rewards.numel() % self.group:
-            return [math.nan] * rewards.numel()
-        return group_advantages(rewards.float(), self.group, t.scale_rewards)[0].tolist()
 
     def _chartable(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
         """The step's metrics to log now: those of CHARTED_ONCE_NONZERO held back while every point so far is

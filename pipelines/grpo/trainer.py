@@ -393,7 +393,7 @@ def train(
                 ):
                     if warning:
                         log.warning(warning)
-            logger.step(step + 1, metrics, batch.rows, rollout.texts, rewards[batch.local])
+            logger.step(step + 1, metrics, batch.rows, rollout.texts, rewards[batch.local], advantages)
             # The rollout ledger (ledger.py): this step's completions, scores and advantages, every
             # process's slice, written by rank 0.
             slices = []
