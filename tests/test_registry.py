@@ -351,8 +351,10 @@ def test_register_gate_rollback_and_manual_promotion(sqlite_project, monkeypatch
 
     assert main(["models", "--project", str(paths.root)]) == 0
     listing = capsys.readouterr().out.splitlines()
-    assert listing[0].split()[:4] == ["version", "aliases", "created", "accuracy"]
+    assert listing[0].split()[:6] == ["version", "aliases", "created", "preset", "problems", "accuracy"]
     assert listing[1].split()[0] == "5" and "challenger" in listing[1]
+    problems = json.loads(paths.eval_results.read_text())["policy"]["problems"]
+    assert listing[1].split()[4:6] == ["smoke", str(int(problems))]  # which preset, on how many test problems
     assert [line.split()[1] for line in listing if line.split()[0] == "1"] == ["champion"]
 
 

@@ -32,7 +32,7 @@ def test_a_version_carries_the_tags_a_reader_needs_and_its_record_in_one_json(tm
     tags = version.tags
 
     assert not [k for k, v in tags.items() if v in ("None", "")], tags
-    assert len(tags) <= 20 and any(k.startswith(lineage.VERIFIER_PREFIX) for k in tags), sorted(tags)
+    assert len(tags) <= 22 and any(k.startswith(lineage.VERIFIER_PREFIX) for k in tags), sorted(tags)
     for key in ("git_commit", "dataset_digest", "reference_model_uri", "eval_accuracy", "promotion_decision"):
         assert tags[key]
     assert not {"promotion", "promotion_checks", "eval_k", "git_dirty_means", "dvc_train_data_md5"} & set(tags)

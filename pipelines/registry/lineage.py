@@ -97,6 +97,7 @@ VERSION_TAGS = (
     "preset",
     "task",
     "eval_accuracy",
+    "eval_problems",
     "eval_reference_accuracy",
     "eval_format_rate",
     "eval_gain_vs_reference_ci",

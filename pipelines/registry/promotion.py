@@ -330,6 +330,8 @@ def list_versions(client: Any, name: str) -> list[dict[str, Any]]:
                 "version": str(v.version),
                 "aliases": ",".join(sorted(by_version.get(str(v.version), []))) or "-",
                 "created": created,
+                "preset": t.get("preset", "-"),  # a smoke run's figures say nothing about the real model
+                "problems": _count(t.get("eval_problems")),
                 "accuracy": _rate(t.get("eval_accuracy")),
                 "reference": _rate(t.get("eval_reference_accuracy")),
                 "vs champion": _gain(t),
@@ -345,6 +347,13 @@ def list_versions(client: Any, name: str) -> list[dict[str, Any]]:
 def _rate(value: str | None) -> str:
     try:
         return f"{float(value):.3f}" if value is not None else "-"
+    except ValueError:
+        return value or "-"
+
+
+def _count(value: str | None) -> str:
+    try:
+        return str(round(float(value))) if value is not None else "-"
     except ValueError:
         return value or "-"
 
