@@ -143,3 +143,84 @@ def client_tag(url: str, name: str, version: str, key: str) -> str:
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=url, registry_uri=url).get_model_version(name, version).tags.get(key, "")
+
+
+class _SlowCreateProxy:
+    """A loopback HTTP proxy before the server that answers a model-version create only after
+    `delay` seconds: the server has made the version, the client has given up waiting."""
+
+    CREATE = "/api/2.0/mlflow/model-versions/create"
+
+    def __init__(self, upstream: str, delay: float) -> None:
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        host, port = urlsplit(upstream).hostname, urlsplit(upstream).port
+        proxy = self
+        self.creates: list[str] = []  # the model name of each create that reached the server
+
+        class Handler(BaseHTTPRequestHandler):
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                conn = http.client.HTTPConnection(host, port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                answer = conn.getresponse()
+                data = answer.read()
+                if self.path.startswith(proxy.CREATE) and self.command == "POST":
+                    proxy.creates.append(json.loads(body)["name"])
+                    time.sleep(delay)  # made upstream; the answer comes too late
+                try:
+                    self.send_response(answer.status)
+                    for key, value in answer.getheaders():
+                        if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                            self.send_header(key, value)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client stopped waiting
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_slow_registry_gives_one_decided_version_not_a_duplicate(
+    mlflow_server, tmp_path, tiny_reference, monkeypatch
+):
+    """The create's answer is lost behind a slow proxy (a real server): the version is found and finished."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    name = "grpo-policy-slow"
+    cfg, paths = build_project(tmp_path / "project", tiny_reference)
+    cfg.registry.model_name = name  # the module's server already holds the other test's versions
+    proxy = _SlowCreateProxy(mlflow_server.wait_healthy(), delay=4.0)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.url)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")  # the client gives up before the answer comes
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    try:
+        fake_evaluation(cfg, paths, BETTER, None, None)
+        done = registry.run(cfg, paths)
+        client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+        versions = client.search_model_versions(f"name='{name}'")
+        assert [str(v.version) for v in versions] == ["1"] and done.version == "1"
+        # a create that may have succeeded is never sent again: one for the policy, one for its base
+        assert sorted(proxy.creates) == [name, f"{name}-reference"]
+        assert versions[0].tags["promotion_decision"] == "promoted" and done.promoted
+        assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    finally:
+        proxy.close()
+        mlflow.set_tracking_uri(None)

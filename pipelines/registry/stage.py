@@ -88,20 +88,47 @@ def ensure_reference(client: Any, name: str, folder: Path, sha256: str) -> str:
     """The registry version holding this exact reference (logged once per sha256)."""
     import mlflow
 
-    try:
-        client.get_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        client.create_registered_model(name, description="Pinned reference (base) models for the GRPO policies.")
-    for version in client.search_model_versions(f"name='{name}'"):
-        if version.tags.get("sha256") == sha256:
-            return version.version
+    ensure_registered_model(client, name, "Pinned reference (base) models for the GRPO policies.")
+    found = _reference_version(client, name, sha256)
+    if found is not None:
+        return found
     with mlflow.start_run(run_name=f"reference-{sha256[:12]}", nested=mlflow.active_run() is not None) as run:
         mlflow.log_artifacts(str(folder), "reference")
         mlflow.set_tag("reference_sha256", sha256)
-    made = client.create_model_version(
-        name, source=f"{run.info.artifact_uri}/reference", run_id=run.info.run_id, tags={"sha256": sha256}
-    )
+    try:
+        made = client.create_model_version(
+            name, source=f"{run.info.artifact_uri}/reference", run_id=run.info.run_id, tags={"sha256": sha256}
+        )
+    except Exception:
+        # As for the policy's version: a create whose answer was lost (a timeout) may have happened.
+        found = _reference_version(client, name, sha256)
+        if found is None:
+            raise
+        return found
     return made.version
+
+
+def _reference_version(client: Any, name: str, sha256: str) -> str | None:
+    versions = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get("sha256") == sha256]
+    return str(min(int(v.version) for v in versions)) if versions else None
+
+
+def ensure_registered_model(client: Any, name: str, description: str) -> None:
+    """`name` exists in the registry afterwards, also when the answer to its create was lost."""
+    import mlflow
+
+    try:
+        client.get_registered_model(name)
+        return
+    except mlflow.exceptions.MlflowException:
+        pass
+    try:
+        client.create_registered_model(name, description=description)
+    except Exception as exc:
+        try:
+            client.get_registered_model(name)  # made after all: the answer was lost
+        except mlflow.exceptions.MlflowException:
+            raise exc from None
 
 
 def pip_requirements() -> list[str]:
@@ -577,15 +604,9 @@ def _log_and_create(
 def _create_version(client: Any, name: str, model: Any, run_id: str, record: dict[str, str]) -> None:
     """Version `model` (a LoggedModel) as `name`, with the record's VERSION_TAGS; a create whose answer was lost is
     looked for before anyone tries again."""
-    import mlflow
-
-    try:
-        client.get_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        client.create_registered_model(
-            name,
-            description="GRPO-trained LoRA adapters (peft format + MLflow pyfunc); base model in the -reference model.",
-        )
+    ensure_registered_model(
+        client, name, "GRPO-trained LoRA adapters (peft format + MLflow pyfunc); base model in the -reference model."
+    )
     try:
         client.create_model_version(
             name,
