@@ -258,15 +258,18 @@ def _serve_command(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def _run_command(args: argparse.Namespace, paths: Paths) -> int:
-    """`grpo run`: the flow, then reports/run.json, the evaluation table and the registry's decision last
-    (all of it as JSON with --json); and, on stderr, a loud note while params.yaml holds a preset's values."""
+    """`grpo run`: the flow, then reports/run.json, the evaluation table and the registry's decision
+    (all of it as JSON with --json); and, on stderr, a loud note while params.yaml holds a preset's values
+    and, last, what to commit."""
     from flows import run_report
+    from flows.local_server import start_tied_to_this_process
     from flows.pipeline import training_pipeline
     from pipelines import kept_params
 
     left = kept_params.preset_label(paths.params)  # left by an earlier `grpo run --preset`
     if args.preset is None and left is not None:
         print(_preset_note(left, paths, before=True), file=sys.stderr)
+    start_tied_to_this_process()  # no temporary Prefect server outlives this run, even a killed one
     try:
         results = training_pipeline(
             project=str(paths.root), preset=args.preset, overrides=args.overrides, force=args.force
@@ -278,6 +281,8 @@ def _run_command(args: argparse.Namespace, paths: Paths) -> int:
     print(run_report.to_json(results) if args.json else run_report.summary(paths.root, results, saved))
     sys.stdout.flush()
     _say_preset(paths)
+    if hint := run_report.commit_hint(paths.root):
+        print(hint, file=sys.stderr)
     return 0
 
 
@@ -302,6 +307,10 @@ def _preset_note(preset: str, paths: Paths, before: bool) -> str:
     head = "runs with" if before else "now holds"
     return f"grpo run: NOTE: params.yaml {head} the {preset!r} preset's values, not your own: {how}."
 
+
+# The commands that use Prefect: `run` (its temporary server when no PREFECT_API_URL is set), `serve`,
+# and `data add`, which sends an event.
+PREFECT_COMMANDS = ("run", "serve", "data")
 
 # The commands that talk to the MLflow server (train logs its run there); `evaluate` too when it
 # re-scores the champion. Each checks first, so a server that is down costs seconds, not a scoring pass.
@@ -356,13 +365,21 @@ def _quiet_known_warnings() -> None:
     os.environ["PYTHONWARNINGS"] = ",".join([*given, *(w for w in ours if w not in given)])
 
 
+def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The usage errors argparse cannot say by itself: exit 2 with the usage, as its own errors do."""
+    if args.command == "ledger" and args.question == "history" and args.prompt_id is None:
+        parser.error("ledger history needs the prompt's id: grpo ledger history ID (`grpo ledger top` shows ids)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_usage(parser, args)
     if args.command == "ask":
         # Before torch loads OpenMP: threads that spin while they wait for each other made one short
         # answer take 5-15 s instead of about 1 s whenever another process held a core of a 2-core machine.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from pipelines.env import console_logging, quiet_progress_bars, quiet_telemetry
+    from pipelines.env import console_logging, project_prefect_home, quiet_progress_bars, quiet_telemetry
     from pipelines.mlflow_store import StoreError, bound_http_waits, redact
     from pipelines.terminal import printable
 
@@ -379,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.verifiers.runner import VerifierError
 
     paths = Paths.find(args.project)
+    if args.command in PREFECT_COMMANDS:  # before prefect is imported: it reads its settings then
+        project_prefect_home(paths.root)  # the temporary server's runs in the project, not in ~/.prefect
     try:
         if args.command == "data":
             return _data_command(args, paths)

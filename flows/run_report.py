@@ -1,5 +1,5 @@
-"""What `grpo run` leaves and says: every stage's result in reports/run.json, and on the console the
-evaluation table (as in reports/eval.md) and the registry's decision as its last lines."""
+"""What `grpo run` leaves and says: every stage's result in reports/run.json, on the console the
+evaluation table (as in reports/eval.md) and the registry's decision, and on stderr, last, what to commit."""
 
 from __future__ import annotations
 
@@ -81,3 +81,45 @@ def summary(root: Path, results: dict[str, Any], saved: Path) -> str:
         lines += ["", *table]
     lines += ["", decision(root, results.get("register"))]
     return "\n".join(lines)
+
+
+# What a run writes that git keeps: dvc.lock pins each stage's outputs (DVC keeps their bytes), params.yaml
+# the values they ran with, and metrics/, plots/ and reports/ the small files DVC leaves to git, which
+# `dvc metrics diff` and `dvc plots diff` compare with the last commit; DVC adds outs to .gitignore files.
+TO_COMMIT = ("dvc.lock", "params.yaml", "metrics", "plots", "reports", ":(glob)**/.gitignore")
+
+
+def commit_hint(root: Path) -> str | None:
+    """The lines that end `grpo run`: which of its files git sees as new or changed, and the command that
+    commits them; None when there are none or `root` is not in a git work tree."""
+    import subprocess
+
+    from pipelines.kept_params import preset_label
+
+    try:  # paths relative to `root`, also when the project is a folder inside a larger repository
+        listed = subprocess.run(
+            ["git", "ls-files", "--others", "--modified", "--deleted", "--exclude-standard", "--", *TO_COMMIT],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if listed.returncode != 0:
+        return None
+    changed = {p if p.endswith(".gitignore") else p.split("/")[0] for p in listed.stdout.splitlines() if p}
+    if preset_label(root / "params.yaml") is not None:
+        changed.discard("params.yaml")  # a preset's values: `grpo params restore` first (the note above says so)
+    if not changed:
+        return None
+    order = [name for name in TO_COMMIT[:-1] if name in changed] + sorted(p for p in changed if p not in TO_COMMIT)
+    shown = ", ".join(name + ("/" if (root / name).is_dir() else "") for name in order)
+    message, registered = "grpo run", _last_registration(root)
+    if registered:
+        role = "champion" if registered.get("promoted") else "challenger"
+        message += f": {registered.get('name', 'model')} v{registered['version']} {role}"
+    return (
+        f"To keep this run, commit what it wrote ({shown}); `dvc metrics diff` and `dvc plots diff` compare with "
+        f"the last commit:\n  git add {' '.join(order)} && git commit -m {json.dumps(message)}"
+    )

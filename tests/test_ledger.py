@@ -7,6 +7,7 @@ import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from pipelines.grpo import ledger, trainer
 from pipelines.paths import Paths
@@ -82,3 +83,13 @@ def test_record_keeps_every_nth_step_and_drops_parts_a_longer_earlier_run_left(t
     assert sorted(ledger.parts(folder)) == [2]
     assert pq.read_table(ledger.part_path(folder, 2)).num_rows == 1
     assert not list(folder.glob(".*tmp"))
+
+
+def test_ledger_history_without_an_id_is_a_usage_error(capsys):
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["ledger", "history"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: grpo") and "error: ledger history needs the prompt's id" in err
