@@ -259,8 +259,8 @@ def _serve_command(args: argparse.Namespace, paths: Paths) -> int:
 
 def _run_command(args: argparse.Namespace, paths: Paths) -> int:
     """`grpo run`: the flow, then reports/run.json, the evaluation table and the registry's decision
-    (all of it as JSON with --json); and, on stderr, a loud note while params.yaml holds a preset's values
-    and, last, what to commit."""
+    (all of it as JSON with --json); and, on stderr, what to commit and, last, a loud note while
+    params.yaml holds a preset's values."""
     from flows import run_report
     from flows.local_server import start_tied_to_this_process
     from flows.pipeline import training_pipeline
@@ -280,9 +280,9 @@ def _run_command(args: argparse.Namespace, paths: Paths) -> int:
     saved = run_report.write(paths.root, results)
     print(run_report.to_json(results) if args.json else run_report.summary(paths.root, results, saved))
     sys.stdout.flush()
-    _say_preset(paths)
     if hint := run_report.commit_hint(paths.root):
         print(hint, file=sys.stderr)
+    _say_preset(paths)  # last: a preset's values are not the user's to commit
     return 0
 
 

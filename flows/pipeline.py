@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger
 
 from flows.naming import tag_this_run, training_run_name
 from pipelines.stages import STAGES
-from tasks import dvc
+from tasks import dvc, summary
 from tasks.stages import apply_params, stage_task
 from tasks.workspace import one_run_at_a_time
 
@@ -20,13 +20,16 @@ def training_pipeline(
 ) -> dict[str, Any]:
     """validate -> snapshot -> train -> evaluate -> register, versioned in dvc.lock and the DVC remote.
 
-    A stage whose deps, params and outs match dvc.lock is reused, not rerun (unless `force`).
+    A stage whose deps, params and outs match dvc.lock is reused, not rerun (unless `force`). The
+    `grpo-summary` artifact ends the run: the headline figures, the decision, the MLflow links.
     """
     root = Path(project).resolve()
     with one_run_at_a_time(root):
         apply_params(root, overrides or [], preset)
         tag_this_run(root)  # preset, data digest, params hash: as params.yaml now holds them
-        return run_stages(root, force)
+        results = run_stages(root, force)
+        summary.publish(root, results)  # the run at a glance, as this flow run's own artifact
+        return results
 
 
 def run_stages(root: Path, force: bool = False) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """What `grpo run` leaves and says: every stage's result in reports/run.json, on the console the
-evaluation table (as in reports/eval.md) and the registry's decision, and on stderr, last, what to commit."""
+evaluation table (as in reports/eval.md) and the registry's decision, and on stderr what to commit."""
 
 from __future__ import annotations
 
@@ -109,6 +109,7 @@ def commit_hint(root: Path) -> str | None:
     if listed.returncode != 0:
         return None
     changed = {p if p.endswith(".gitignore") else p.split("/")[0] for p in listed.stdout.splitlines() if p}
+    changed -= {p for p in changed if p.split("/")[0] in changed and p.split("/")[0] != p}  # added with its folder
     if preset_label(root / "params.yaml") is not None:
         changed.discard("params.yaml")  # a preset's values: `grpo params restore` first (the note above says so)
     if not changed:

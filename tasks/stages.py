@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from pipelines import config, kept_params, params_file
 from pipelines.paths import Paths
 from pipelines.stages import run_stage
 from tasks.logs import domain_logs_to_prefect
+from tasks.mlflow_links import run_link
 from tasks.retry import SERVER_RETRIES
 
 
@@ -64,7 +64,11 @@ def _validation_artifact(paths: Paths) -> None:
 
     if paths.validation_report.exists():
         report = json.loads(paths.validation_report.read_text(encoding="utf-8"))
-        create_markdown_artifact(markdown_summary(report), key="grpo-validate")
+        create_markdown_artifact(
+            markdown_summary(report),
+            key="grpo-validate",
+            description="dataset validation: each Great Expectations check, passed or refused",
+        )
 
 
 def _artifact(name: str, paths: Paths, result: dict[str, Any]) -> None:
@@ -74,7 +78,11 @@ def _artifact(name: str, paths: Paths, result: dict[str, Any]) -> None:
     elif name == "train":
         _training_artifacts(paths)
     elif name == "evaluate" and paths.eval_report.exists():
-        create_markdown_artifact(_inline_chart(paths.eval_report, paths.eval_chart), key=key)
+        create_markdown_artifact(
+            _inline_chart(paths.eval_report, paths.eval_chart),
+            key=key,
+            description="held-out evaluation: reference, champion and candidate side by side (reports/eval.md)",
+        )
     elif name == "register":
         checks = "".join(
             f"| {rule} | {'holds' if ok else 'fails'} |\n" for rule, ok in (result.get("checks") or {}).items()
@@ -84,6 +92,7 @@ def _artifact(name: str, paths: Paths, result: dict[str, Any]) -> None:
             f"{'promoted to champion' if result['promoted'] else 'kept as challenger'} ({result['reason']}).\n"
             + (f"\n| gate rule | |\n|---|---|\n{checks}" if checks else ""),
             key=key,
+            description="registration: the version, the gate's decision and its rules",
         )
 
 
@@ -109,22 +118,44 @@ def _training_artifacts(paths: Paths) -> None:
     final = json.loads(paths.train_summary.read_text(encoding="utf-8"))
     run_id = final.get("mlflow_run_id")
     rows = "".join(
-        f"| {key} | {value:.4g} |\n"
+        f"| {key} | {rounded(value)} |\n"
         for key, value in final.items()
         if isinstance(value, (int, float)) and not isinstance(value, bool)
     )
     text = f"## Training\n\n**{final.get('steps', '?')} steps**; final step:\n\n| metric | value |\n|---|---|\n{rows}"
     text += _validation_text(final)
     if run_id:
-        text += f"\nMLflow run: {_mlflow_link(paths.root, run_id)}\n"
+        text += f"\nMLflow run: {run_link(paths.root, run_id)}\n"
     if paths.train_curves.exists():
         text += f"\n![training curves]({_png_data_uri(paths.train_curves)})\n"
     create_markdown_artifact(text, key="grpo-train", description="GRPO training: final metrics, curves, MLflow run")
     if paths.train_plot.exists():
         with paths.train_plot.open(encoding="utf-8") as fh:
-            table = [{k: row[k] for k in CURVE_COLUMNS if k in row} for row in csv.DictReader(fh)]
+            table = [{k: _rounded_cell(row[k]) for k in CURVE_COLUMNS if k in row} for row in csv.DictReader(fh)]
         if table:
             create_table_artifact(table, key="grpo-train-curve", description="reward and friends per training step")
+
+
+def rounded(value: object) -> str:
+    """A figure as the artifacts show it: 3 decimals, 3 significant digits below 0.001 (a KL of 1e-5
+    is not 0.000); whole numbers and text as they are.
+
+    >>> rounded(0.3939393939393939), rounded(12), rounded(0.0000123), rounded(0.0), rounded(None)
+    ('0.394', '12', '1.23e-05', '0.000', '–')
+    """
+    if value is None:
+        return "–"
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    return f"{value:.3g}" if 0 < abs(value) < 0.001 else f"{value:.3f}"
+
+
+def _rounded_cell(text: str) -> str:
+    """A CSV cell of train_metrics, rounded as `rounded` does when it is a decimal number."""
+    try:
+        return text if text.lstrip("-").isdigit() else rounded(float(text))
+    except ValueError:
+        return text
 
 
 def _validation_text(final: dict[str, Any]) -> str:
@@ -135,8 +166,8 @@ def _validation_text(final: dict[str, Any]) -> str:
     lines = [
         "",
         f"**Validation** ({v['evaluations']} evaluations, {v['time_share']:.0%} of training time): reference "
-        f"{v['reference_accuracy']}, best step {v['best_step']} at {v['best_accuracy']}, last step "
-        f"{v['last_step']} at {v['last_accuracy']}; the policy is step **{final.get('selected_step')}** "
+        f"{rounded(v['reference_accuracy'])}, best step {v['best_step']} at {rounded(v['best_accuracy'])}, last "
+        f"step {v['last_step']} at {rounded(v['last_accuracy'])}; the policy is step **{final.get('selected_step')}** "
         f"(train.select={final.get('select')}"
         + (
             f"; within {v['select_tolerance']:g} standard error(s) of the best, the later step is preferred)."
@@ -149,34 +180,6 @@ def _validation_text(final: dict[str, Any]) -> str:
     for alarm in v.get("alarms") or []:
         lines.append(f"\n> ⚠ {alarm['message']}")
     return "\n".join(lines) + "\n"
-
-
-# The MLflow UI's address where it is not the tracking URI (a UI behind a proxy, or `mlflow ui` on
-# another port for the SQLite store), e.g. https://mlflow.example.org or http://127.0.0.1:5001.
-MLFLOW_UI_URL = "MLFLOW_UI_URL"
-
-
-def _mlflow_link(root: Path, run_id: str) -> str:
-    """A link to the run in the MLflow UI: at MLFLOW_UI_URL when set, else the tracking server's own
-    address; for a local store (SQLite), `mlflow ui`'s default address and how to start it."""
-    from pipelines.mlflow_store import redact, tracking_uri
-
-    uri = tracking_uri(root)
-    try:
-        from mlflow import MlflowClient
-
-        experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
-    except Exception:  # the link is a courtesy: a store that cannot be read leaves the bare run id
-        return f"`{run_id}`"
-    page = f"#/experiments/{experiment_id}/runs/{run_id}"
-    if ui := os.environ.get(MLFLOW_UI_URL, "").strip():
-        return f"[{run_id}]({ui.rstrip('/')}/{page})"
-    if uri.startswith(("http://", "https://")):
-        return f"[{run_id}]({redact(uri).rstrip('/').replace('***@', '')}/{page})"  # never a password in the UI
-    return (
-        f"[{run_id}](http://127.0.0.1:5000/{page}) (after `mlflow ui --backend-store-uri {uri}`; set "
-        f"{MLFLOW_UI_URL} for another address)"
-    )
 
 
 def _png_data_uri(png: Path) -> str:
