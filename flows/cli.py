@@ -308,10 +308,6 @@ def _preset_note(preset: str, paths: Paths, before: bool) -> str:
     return f"grpo run: NOTE: params.yaml {head} the {preset!r} preset's values, not your own: {how}."
 
 
-# The commands that use Prefect: `run` (its temporary server when no PREFECT_API_URL is set), `serve`,
-# and `data add`, which sends an event.
-PREFECT_COMMANDS = ("run", "serve", "data")
-
 # The commands that talk to the MLflow server (train logs its run there); `evaluate` too when it
 # re-scores the champion. Each checks first, so a server that is down costs seconds, not a scoring pass.
 MLFLOW_COMMANDS = ("train", "register", "run", *REGISTRY_COMMANDS)
@@ -396,8 +392,6 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.verifiers.runner import VerifierError
 
     paths = Paths.find(args.project)
-    if args.command in PREFECT_COMMANDS:  # before prefect is imported: it reads its settings then
-        project_prefect_home(paths.root)  # the temporary server's runs in the project, not in ~/.prefect
     try:
         if args.command == "data":
             return _data_command(args, paths)
@@ -412,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
             return _serve_command(args, paths)
         if args.command == "run":
             cfg = config.load(paths.params, args.overrides, args.preset)  # fail fast, before Prefect starts
+            # Before prefect is imported (it reads its settings then): the temporary server's runs in the
+            # project, not in ~/.prefect. `serve` and `data add` need a server of the user's anyway.
+            project_prefect_home(paths.root)
             _check_servers(args.command, cfg, paths.root)
             return _run_command(args, paths)
         cfg = config.load(paths.params, args.overrides, args.preset)
