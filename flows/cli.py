@@ -375,12 +375,11 @@ def main(argv: list[str] | None = None) -> int:
         # Before torch loads OpenMP: threads that spin while they wait for each other made one short
         # answer take 5-15 s instead of about 1 s whenever another process held a core of a 2-core machine.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from pipelines.env import console_logging, project_prefect_home, quiet_progress_bars, quiet_telemetry
+    from pipelines.env import console_logging, prepare_process, project_prefect_home
     from pipelines.mlflow_store import StoreError, bound_http_waits, redact
     from pipelines.terminal import printable
 
-    quiet_telemetry()
-    quiet_progress_bars()  # none in logs and pipes, before the libraries that draw them are imported
+    prepare_process()  # telemetry off, no progress bars in logs, before the libraries are imported
     console_logging()  # the stages' own lines (pipelines.*) on stderr
     if argv is None:  # the command line, not a test calling main()
         _quiet_known_warnings()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.io import write_text
+from tasks.summary import decision, last_registration
 
 RUN_JSON = Path("reports") / "run.json"
 
@@ -42,32 +43,6 @@ def eval_table(report: Path) -> list[str]:
     problems = next((line.split(";")[0].split()[0] for line in lines if line.split(" ", 1)[0].isdigit()), None)
     title = "Evaluation on the held-out split" + (f", {problems} problems" if problems else "")
     return [f"{title} (reports/eval.md):", *lines[start:end]]
-
-
-def decision(root: Path, register: dict[str, Any] | None) -> str:
-    """The registry's decision in one line: version, champion or challenger, and why."""
-    r = register if register and "version" in register else _last_registration(root)
-    if not r:
-        return "Registry: nothing registered (no metrics/registry.json)"
-    again = " (reused: dvc.lock says nothing changed since)" if register and register.get("reused") else ""
-    name, version = r.get("name", "model"), r["version"]
-    if r.get("promoted"):
-        before = f"v{r['champion_before']}" if r.get("champion_before") else "none"
-        what = f"promoted to champion (champion before: {before})"
-    else:
-        champion = f"champion stays v{r['champion']}" if r.get("champion") else "no champion yet"
-        what = f"kept as challenger ({champion})"
-    return f"Registry: {name} v{version} {what}{again}. Reason: {r.get('reason', '?')}"
-
-
-def _last_registration(root: Path) -> dict[str, Any] | None:
-    """The registration as the register stage wrote it (the full report, else the metrics file)."""
-    for path in (root / "reports" / "registry.json", root / "metrics" / "registry.json"):
-        if path.exists():
-            found = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(found, dict) and "version" in found and "reason" in found:
-                return found
-    return None
 
 
 def summary(root: Path, results: dict[str, Any], saved: Path) -> str:
@@ -116,7 +91,7 @@ def commit_hint(root: Path) -> str | None:
         return None
     order = [name for name in TO_COMMIT[:-1] if name in changed] + sorted(p for p in changed if p not in TO_COMMIT)
     shown = ", ".join(name + ("/" if (root / name).is_dir() else "") for name in order)
-    message, registered = "grpo run", _last_registration(root)
+    message, registered = "grpo run", last_registration(root)
     if registered:
         role = "champion" if registered.get("promoted") else "challenger"
         message += f": {registered.get('name', 'model')} v{registered['version']} {role}"

@@ -70,6 +70,14 @@ PROGRESS_BARS_OFF = {
 }
 
 
+def prepare_process() -> None:
+    """The one place every entry point sets the process environment: `grpo` (and so `dvc repro`), each
+    training rank, and a stage run by a Prefect worker (pipelines/stages.run_stage). Telemetry off and
+    no progress bars in logs; a user's own settings win. Call before the libraries are imported."""
+    quiet_telemetry()
+    quiet_progress_bars()
+
+
 def quiet_progress_bars() -> None:
     """No library progress bars when stderr is not a terminal (before those libraries are imported);
     a user's own setting wins."""

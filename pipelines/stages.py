@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 
 def run_stage(name: str, cfg: Config, paths: Paths) -> dict[str, Any]:
     """Run one stage and return its result as a plain dict. Heavy imports happen here, not at import."""
+    from pipelines.env import prepare_process
+
+    prepare_process()  # a Prefect worker imports the flow, not `grpo`: its stages get the same environment
     runner: Callable[[], Any]
     if name == "validate":
         from pipelines.data import validate

@@ -12,7 +12,6 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact
 
-from flows.run_report import decision
 from pipelines.paths import Paths
 from tasks.mlflow_links import run_link, version_link
 from tasks.stages import rounded
@@ -78,3 +77,29 @@ def _read(path: Path) -> dict[str, Any]:
         return {}
     found = json.loads(path.read_text(encoding="utf-8"))
     return found if isinstance(found, dict) else {}
+
+
+def decision(root: Path, register: dict[str, Any] | None) -> str:
+    """The registry's decision in one line: version, champion or challenger, and why."""
+    r = register if register and "version" in register else last_registration(root)
+    if not r:
+        return "Registry: nothing registered (no metrics/registry.json)"
+    again = " (reused: dvc.lock says nothing changed since)" if register and register.get("reused") else ""
+    name, version = r.get("name", "model"), r["version"]
+    if r.get("promoted"):
+        before = f"v{r['champion_before']}" if r.get("champion_before") else "none"
+        what = f"promoted to champion (champion before: {before})"
+    else:
+        champion = f"champion stays v{r['champion']}" if r.get("champion") else "no champion yet"
+        what = f"kept as challenger ({champion})"
+    return f"Registry: {name} v{version} {what}{again}. Reason: {r.get('reason', '?')}"
+
+
+def last_registration(root: Path) -> dict[str, Any] | None:
+    """The registration as the register stage wrote it (the full report, else the metrics file)."""
+    for path in (root / "reports" / "registry.json", root / "metrics" / "registry.json"):
+        if path.exists():
+            found = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(found, dict) and "version" in found and "reason" in found:
+                return found
+    return None

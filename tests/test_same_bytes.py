@@ -63,3 +63,21 @@ def test_the_same_training_in_two_folders_gives_the_same_policy_bytes(tmp_path, 
     assert "adapter_model.safetensors" in policies[0]
     assert [name for name in policies[0] if policies[0][name] != policies[1].get(name)] == []
     assert json.loads(policies[0]["adapter_config.json"])["base_model_name_or_path"] == "models/reference"
+
+
+def test_a_stage_run_by_a_prefect_worker_gets_the_same_environment_as_grpo(tmp_path, monkeypatch):
+    # A worker imports the flow, not `grpo`: run_stage itself sets what `grpo` sets, before any heavy import.
+    import pytest
+
+    from pipelines import config
+    from pipelines.env import QUIET
+    from pipelines.paths import Paths
+    from pipelines.stages import run_stage
+
+    for key in QUIET:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("DO_NOT_TRACK", "false")  # a user's own setting wins
+    with pytest.raises(ValueError, match="unknown stage"):
+        run_stage("nope", config.resolve({}), Paths(tmp_path))
+    assert {k: v for k, v in QUIET.items() if k != "DO_NOT_TRACK"}.items() <= dict(os.environ).items()
+    assert os.environ["DO_NOT_TRACK"] == "false"

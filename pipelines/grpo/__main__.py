@@ -21,11 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-mlflow", action="store_true")
     args = parser.parse_args(argv)
 
-    from pipelines.env import console_logging, quiet_telemetry
+    from pipelines.env import console_logging, prepare_process
     from pipelines.grpo import trainer
     from pipelines.io import write_json
 
-    quiet_telemetry()
+    prepare_process()
     console_logging()  # rank 0's progress lines on stderr, as in one process
     cfg = Config.model_validate_json(args.config.read_text(encoding="utf-8"))
     result = trainer.run(cfg, Paths(args.project), log_to_mlflow=not args.no_mlflow)
