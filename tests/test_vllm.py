@@ -152,6 +152,7 @@ def test_evaluation_decodes_on_the_server_like_the_lean_loop(tmp_path, reference
     assert metrics["policy"]["problems"] == 8 and "pass_at_k" in metrics["policy"]
 
 
+@pytest.mark.slow  # (the evaluation test above sends seeded samples through the same server start)
 def test_many_seeded_requests_at_once_do_not_crash_the_cpu_engine(tmp_path, reference_32):
     """16 prompts x 4 samples with a seed each, as evaluation sends them: with chunked prefill on, the
     CPU build's engine died ("CPU Generator does not use offset"); the server now starts without it."""
