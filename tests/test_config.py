@@ -442,3 +442,9 @@ def test_more_processes_than_the_machine_has_is_refused():
     train = config.resolve({}, ["train.prompts_per_step=4096"]).train
     with pytest.raises(ConfigError, match="more than this machine's"):
         check(train, (os.cpu_count() or 1) + 1)
+
+
+def test_full_fine_tuning_on_the_vllm_backend_is_refused_before_any_server_starts():
+    with pytest.raises(config.ConfigError, match="trains LoRA adapters only.*train.lora.enabled=true"):
+        config.resolve({}, ["runtime.rollout_backend=vllm", "train.lora.enabled=false"])
+    assert config.resolve({}, ["runtime.rollout_backend=vllm"]).train.lora.enabled

@@ -712,7 +712,11 @@ def test_services_that_mount_the_checkout_cannot_read_infra_env_and_vllm_wants_a
     for name, service in mounting.items():
         hidden = [v for v in service["volumes"] if isinstance(v, dict) and v.get("target") == "/workspace/infra"]
         assert hidden and hidden[0]["type"] == "tmpfs", name
-    assert compose["services"]["vllm-gpu"]["environment"]["VLLM_API_KEY"].startswith("${VLLM_API_KEY:?")
+    for name in ("vllm-gpu", "vllm-cpu"):  # (vllm-cpu's merge key replaced the whole environment, key included)
+        assert compose["services"][name]["environment"]["VLLM_API_KEY"].startswith("${VLLM_API_KEY:?"), name
+        # as the pipeline's own servers: whole prefills, and no sampling defaults from the model's files
+        command = compose["services"][name]["command"]
+        assert {"--no-enable-chunked-prefill", "--generation-config=vllm"} <= set(command), name
     assert "VLLM_API_KEY=CHANGE_ME" in (INFRA / ".env.example").read_text()
 
 

@@ -85,7 +85,7 @@ def sampling_body(request: Any, seed: int | None) -> dict[str, Any]:
     if request.do_sample:
         body |= {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}
     else:
-        body |= {"temperature": 0.0}
+        body |= {"temperature": 0.0, "top_p": 1.0, "top_k": 0}  # stated, so no server default applies
     if seed is not None:
         body["seed"] = seed
     return body

@@ -80,6 +80,9 @@ def command(cfg: VLLMConfig, python: Path, reference_dir: Path, port: int, lora_
         "--dtype", cfg.dtype, "--max-model-len", str(cfg.max_model_len), "--seed", str(seed),
         "--enable-lora", "--max-lora-rank", str(lora_rank_for(cfg, lora_rank)),
         "--logprobs-mode", "processed_logprobs",
+        # vLLM's own sampling defaults, not the model's generation_config.json: every request states its
+        # settings, and a default the model ships (a temperature, a top_p) must not slip into one that does not.
+        "--generation-config", "vllm",
         "--disable-uvicorn-access-log",
     ]  # fmt: skip
     if cfg.enforce_eager:
