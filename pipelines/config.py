@@ -584,6 +584,10 @@ def user_task_path(task: str) -> Path | None:
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "snapshot.source": "tiny",
+        # Heads of 32 dimensions, not the tiny default's 16: vLLM's CPU attention runs no smaller ones, and
+        # `grpo run --preset smoke -S runtime.rollout_backend=vllm` is how one checks that backend.
+        "snapshot.tiny.num_attention_heads": 2,
+        "snapshot.tiny.num_key_value_heads": 1,
         "data.generator.num_rows": 48,
         "data.max_eval_rows": 8,
         "data.eval_fraction": 0.2,  # the demo's 0.75 suits its 360 problems; 48 rows keep the usual shares
