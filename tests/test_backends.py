@@ -148,3 +148,34 @@ def test_a_head_size_vllms_cpu_build_cannot_run_is_refused_before_the_server_sta
         check_cpu_head_size(python, reference)
     (reference / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 2}))
     check_cpu_head_size(python, reference)  # head_dim 32 runs
+
+
+def test_a_url_server_serving_other_weights_is_refused(tiny_reference):
+    # Measured against a real vLLM CPU server: the pinned reference served in bf16 differs by 0.0005 nats a
+    # token, another model by 8. A fake server answers here with the reference's own log-probs, then shifted.
+    import pytest
+    import torch
+
+    from pipelines.config import ConfigError, LoraConfig
+    from pipelines.generation.vllm_backend import PROBE_TOKENS, check_served_base
+    from pipelines.grpo.policy import add_lora
+    from pipelines.snapshot.loading import load_reference
+
+    model, _ = load_reference(tiny_reference)
+    policy = add_lora(model, LoraConfig())
+
+    class Server:
+        shift = 0.0
+
+        def prompt_logprobs(self, base, ids):
+            assert base == "reference" and len(ids) == PROBE_TOKENS
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+            own = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+            return [None, *(own + self.shift).tolist()]  # vLLM has no log-prob for the first token
+
+    server = Server()
+    assert check_served_base(server, "reference", policy, "http://gpu:8000") < 1e-5
+    server.shift = 1.0
+    with pytest.raises(ConfigError, match=r"http://gpu:8000 serves 'reference'.*by 1.00 nats.*other weights"):
+        check_served_base(server, "reference", policy, "http://gpu:8000")

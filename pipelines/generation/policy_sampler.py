@@ -23,7 +23,7 @@ def policy_sampler(cfg: Config, policy: Any, paths: Paths) -> Iterator[Any]:
     if cfg.runtime.rollout_backend != "vllm":
         yield SamplingCopy(policy, torch.bfloat16 if cfg.train.bf16 else torch.float32)
         return
-    from pipelines.generation.vllm_backend import RemotePolicy
+    from pipelines.generation.vllm_backend import RemotePolicy, check_served_base
     from pipelines.generation.vllm_server import vllm_session
 
     if cfg.train.num_processes > 1:
@@ -35,6 +35,8 @@ def policy_sampler(cfg: Config, policy: Any, paths: Paths) -> Iterator[Any]:
         cfg.runtime.vllm, paths.root, paths.reference_dir, cfg.train.lora.r, cfg.train.seed, bf16=cfg.train.bf16
     )
     with session as (client, base):
+        if cfg.runtime.vllm.url:  # a server this did not start from models/reference: check what it serves
+            check_served_base(client, base, policy, cfg.runtime.vllm.url)
         remote = RemotePolicy(policy, client, base, paths.root / ".vllm" / "adapters")
         try:
             yield remote

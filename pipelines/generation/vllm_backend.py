@@ -24,6 +24,32 @@ import torch
 from pipelines.config import ConfigError
 from pipelines.generation.vllm_client import Completion, VLLMClient, VLLMError
 
+# A served base whose log-probs of a fixed token sequence differ from the pinned reference's by more than this
+# (mean over tokens, nats) is another model. bf16 serving against fp32 training differs by about 0.01-0.05.
+SERVED_BASE_TOLERANCE = 0.25
+PROBE_TOKENS = 48
+
+
+def check_served_base(client: VLLMClient, base: str, policy: Any, url: str) -> float:
+    """The mean log-prob difference between the server's `base` and the pinned reference (the policy with its
+    adapter off) on a fixed token sequence; a ConfigError when it is another model. A URL names a server the
+    pipeline did not start, and a name says nothing about the weights behind it."""
+    vocabulary = policy.get_base_model().config.vocab_size
+    ids = [(7919 * i + 13) % vocabulary for i in range(PROBE_TOKENS)]  # fixed, spread over the vocabulary
+    served = client.prompt_logprobs(base, ids)[1:]
+    with torch.no_grad(), policy.disable_adapter():
+        logits = policy(input_ids=torch.tensor([ids])).logits.float()[0, :-1]
+    local = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1).tolist()
+    pairs = [(a, b) for a, b in zip(served, local, strict=True) if a is not None]
+    gap = sum(abs(a - b) for a, b in pairs) / max(len(pairs), 1)
+    if not pairs or gap > SERVED_BASE_TOLERANCE:
+        raise ConfigError(
+            f"the vLLM server at {url} serves {base!r}, but its log-probs differ from the pinned reference's by "
+            f"{gap:.2f} nats a token on average (same model: under {SERVED_BASE_TOLERANCE}): it serves other weights. "
+            "Fix: start it on this project's models/reference, or unset runtime.vllm.url"
+        )
+    return gap
+
 
 @dataclass(frozen=True)
 class RemoteModel:
