@@ -11,6 +11,8 @@ installs what they need and runs them; `make test` leaves them out.
 from __future__ import annotations
 
 import base64
+import importlib
+import inspect
 import json
 import os
 import re
@@ -349,6 +351,96 @@ def test_kubernetes_pool_requests_gpus_and_declares_its_variables():
         assert all(doc for doc in yaml.safe_load_all((INFRA / "k8s" / name).read_text())), name
     values = yaml.safe_load((INFRA / "k8s" / "worker-values.yaml").read_text())
     assert values["worker"]["config"] == {**values["worker"]["config"], "workPool": "grpo-k8s", "type": "kubernetes"}
+
+
+def _k8s_deployments() -> dict[str, dict]:
+    return {d["name"]: d for d in yaml.safe_load((INFRA / "prefect-k8s.yaml").read_text())["deployments"]}
+
+
+def _rendered_pod(job_variables: dict) -> dict:
+    """The Job's pod as the worker makes it: the pool's template filled the way Prefect's workers fill it."""
+    from prefect.utilities.templating import apply_values
+
+    template = json.loads((INFRA / "k8s" / "gpu-job-template.json").read_text())
+    props = template["variables"]["properties"]
+    defaults = {name: var["default"] for name, var in props.items() if var.get("default") is not None}
+    job = apply_values(template["job_configuration"], {**defaults, **job_variables})
+    return job["job_manifest"]["spec"]["template"]["spec"]
+
+
+def test_the_job_template_turns_gpus_into_the_pods_request_and_limit():
+    gpus = json.loads((INFRA / "k8s" / "gpu-job-template.json").read_text())["variables"]["properties"]["gpus"]
+    assert gpus["type"] == "integer" and gpus["default"] == 1, gpus
+    for n in (0, 1, 3):
+        pod = _rendered_pod({"gpus": n})
+        resources = pod["containers"][0]["resources"]
+        # An extended resource's request must equal its limit, or Kubernetes refuses the pod.
+        assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == n, resources
+    # NCCL's shared-memory transport needs more /dev/shm than the container runtime's 64 MiB.
+    in_memory = [v["name"] for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts.get("/dev/shm") in in_memory, (mounts, pod["volumes"])
+
+
+def test_k8s_deployments_fit_their_flows_and_the_pools_variables():
+    from prefect.utilities.schema_tools import is_valid_schema, validate
+
+    schema = json.loads((INFRA / "k8s" / "gpu-job-template.json").read_text())["variables"]
+    is_valid_schema(schema, preprocess=False)
+    for name, deployment in _k8s_deployments().items():
+        # As the server checks job variables when a deployment is created (gpus an integer >= 0, ...).
+        job_variables = deployment["work_pool"]["job_variables"]
+        validate(job_variables, schema, raise_on_error=True, ignore_required=True, allow_none_with_default=True)
+        path, _, attr = deployment["entrypoint"].partition(":")
+        assert (REPO / path).is_file(), f"{name}: {path} does not exist"
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), attr)
+        taken = set(inspect.signature(flow.fn).parameters)
+        given = {
+            *deployment["parameters"],
+            *(k for t in deployment.get("triggers", []) for k in t.get("parameters", {})),
+        }
+        assert given <= taken, f"{name}: {flow.name} takes no {sorted(given - taken)}"
+
+
+def test_gpu_deployments_start_one_training_rank_per_requested_gpu():
+    from pipelines import config
+
+    deployments = _k8s_deployments()
+    gpu = {name: d for name, d in deployments.items() if name.endswith("-gpu")}
+    assert {"nightly-gpu", "on-new-data-gpu"} <= set(gpu), sorted(deployments)
+    worker = yaml.safe_load((INFRA / "k8s" / "worker-values.yaml").read_text())["worker"]["config"]
+    for name, deployment in gpu.items():
+        pool = deployment["work_pool"]
+        assert pool["name"] == worker["workPool"], f"{name}: the GPU job template is {worker['workPool']}'s"
+        n = pool["job_variables"]["gpus"]
+        assert isinstance(n, int) and n >= 1, f"{name}: gpus={n!r}"
+        overrides = deployment["parameters"]["overrides"]
+        settings = dict(config.parse_override(text) for text in overrides)
+        assert settings.get("runtime.device") == "cuda", f"{name}: {overrides}"
+        assert settings.get("train.num_processes") == n, f"{name}: {n} GPUs but {overrides}: one rank per GPU"
+        cfg = config.load(REPO / "params.yaml", overrides)  # every key and value is one the config takes
+        assert cfg.train.prompts_per_step >= n, (
+            f"{name}: {n} ranks but train.prompts_per_step={cfg.train.prompts_per_step}"
+        )
+        assert _rendered_pod(pool["job_variables"])["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == n
+        # The same pipeline as its one-GPU twin, only placed differently.
+        twin = deployments[name.removesuffix("-gpu")]
+        assert (deployment["entrypoint"], deployment.get("schedules")) == (twin["entrypoint"], twin.get("schedules"))
+        strip = [{k: v for k, v in t.items() if k != "name"} for t in deployment.get("triggers", [])]
+        assert strip == [{k: v for k, v in t.items() if k != "name"} for t in twin.get("triggers", [])], name
+        assert "gpus" not in twin["work_pool"]["job_variables"] and "overrides" not in twin["parameters"], twin["name"]
+
+
+def test_the_pipeline_image_builds_with_cpu_or_cuda_torch():
+    dockerfile = (INFRA / "Dockerfile").read_text()
+    assert re.search(r"^ARG VARIANT=cpu$", dockerfile, re.M), "the default build must stay the CPU one"
+    pinned = re.search(r'"torch==([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert re.search(rf"^ARG TORCH_VERSION={re.escape(pinned)}$", dockerfile, re.M), f"torch {pinned} (pyproject)"
+    cuda = re.search(r"^\s*cuda\)(.*)$", dockerfile, re.M)
+    assert cuda and "torch==${TORCH_VERSION}" in cuda.group(1) and "index-url" not in cuda.group(1), "PyPI's CUDA wheel"
+    assert "--build-arg VARIANT=cuda" in (INFRA / "README.md").read_text()
+    template = json.loads((INFRA / "k8s" / "gpu-job-template.json").read_text())
+    assert template["variables"]["properties"]["image"]["default"].endswith(":cuda")
 
 
 def test_pods_run_without_root_privileges_or_a_service_account_token():
