@@ -124,7 +124,7 @@ def _registry_command(args: argparse.Namespace, cfg: Config, paths: Paths) -> in
     name, root = cfg.registry.model_name, paths.root
     try:
         if args.command == "ask":
-            return _ask_command(args, name, root)
+            return _ask_command(args, name, root, cfg.runtime.device)
         if args.command == "promote" and (args.version is None) == (args.checkpoint is None):
             print("grpo promote: error: give VERSION or --checkpoint STEP_OR_MODEL_ID, one of the two", file=sys.stderr)
             return 2
@@ -156,8 +156,9 @@ def _registry_command(args: argparse.Namespace, cfg: Config, paths: Paths) -> in
         return 1
 
 
-def _ask_command(args: argparse.Namespace, name: str, root: Path) -> int:
+def _ask_command(args: argparse.Namespace, name: str, root: Path, device: str = "auto") -> int:
     """`grpo ask`: one model load for every question (arguments, then --file), the timings on stderr."""
+    from pipelines.device import resolve
     from pipelines.registry.ask import ask
     from pipelines.terminal import printable
 
@@ -169,7 +170,13 @@ def _ask_command(args: argparse.Namespace, name: str, root: Path) -> int:
         print('grpo ask: error: no question; give one or more, e.g. grpo ask "What is 17 + 25?"', file=sys.stderr)
         return 2
     got = ask(
-        questions, root=root, name=name, alias=args.alias, version=args.version, max_new_tokens=args.max_new_tokens
+        questions,
+        root=root,
+        name=name,
+        alias=args.alias,
+        version=args.version,
+        max_new_tokens=args.max_new_tokens,
+        device=str(resolve(device)),
     )
     where = f"@{got.alias} = v{got.version}" if got.alias else f"v{got.version}"
     shown = [printable(a) or "(empty answer: only whitespace or special tokens)" for a in got.answers]

@@ -10,12 +10,12 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipelines.precision import resolve_bf16
+from pipelines.precision import gpu_bf16, resolve_bf16
 
 
 class ConfigError(ValueError):
@@ -311,6 +311,10 @@ class TrainConfig(_Section):
     # true | false | auto: bf16 autocast and bf16 frozen weights; auto = only where the CPU has
     # bf16 instructions (pipelines/precision.py: elsewhere bf16 is tens of times slower than fp32).
     bf16: bool = Field("auto", validate_default=True)
+    # Recompute each decoder layer's activations in backward instead of keeping them: less memory
+    # for long completions or large models, about a third more training-pass time. The log-prob
+    # pass then runs prompt and completion together (no shared prompt cache: checkpointing drops it).
+    gradient_checkpointing: bool = False
     seed: int = Field(0, ge=0, le=SEED_MAX)
     log_samples: int = Field(4, ge=0)
     # Exact resume: a checkpoint every N steps in checkpoints/ (0 = only at the end); the next
@@ -485,7 +489,15 @@ class VLLMConfig(_Section):
     extra_args: list[str] = []  # passed to the server as they are, e.g. ["--gpu-memory-utilization", "0.5"]
 
 
+# Where models run (pipelines/device.py): auto = the GPU where torch sees one, else the CPU.
+Device = Literal["auto", "cpu", "cuda"]
+DEVICES: tuple[str, ...] = get_args(Device)
+
+
 class RuntimeConfig(_Section):
+    # auto | cpu | cuda. Training, its validation, evaluate, the export-parity probe and `grpo ask`
+    # run there; under torchrun each process takes the GPU of its LOCAL_RANK.
+    device: Device = "auto"
     # torch threads: 0 keeps torch's default. Tiny models run far faster on 1 thread (torch's per-op
     # overhead with 2 threads dwarfs their arithmetic); large matmuls gain from more.
     num_threads: int = Field(0, ge=0)
@@ -543,6 +555,25 @@ class Config(_Section):
     registry: RegisterConfig = RegisterConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bf16_where_it_runs(cls, data: Any) -> Any:
+        """`bf16: auto` asks the device the stages run on: on a GPU its answer, not the CPU's."""
+        if not isinstance(data, dict):
+            return data
+        runtime = data.get("runtime")
+        device = runtime.get("device", "auto") if isinstance(runtime, dict) else getattr(runtime, "device", "auto")
+        on_gpu = gpu_bf16(device)
+        if on_gpu is None:
+            return data
+        data = dict(data)
+        for section in ("train", "evaluate"):
+            part = data.get(section)
+            part = {} if part is None else part
+            if isinstance(part, dict) and str(part.get("bf16", "auto")).strip().lower() == "auto":
+                data[section] = {**part, "bf16": on_gpu}
+        return data
 
     @model_validator(mode="after")
     def _vllm_trains_adapters(self) -> Config:

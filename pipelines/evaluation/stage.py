@@ -209,20 +209,22 @@ def _score_locally(
     """Reference, policy and champion, each on a decoding copy in this process."""
     from peft import PeftModel
 
+    from pipelines.device import resolve
     from pipelines.snapshot.loading import load_reference
 
     e = cfg.evaluate
     backend = cfg.runtime.rollout_backend
+    device = resolve(cfg.runtime.device)
     decode = e.model_copy(update={"bf16": False})  # the decoding copies below already hold bf16 weights
     outcomes: dict[str, list[dict[str, Any]]] = {}
-    base, tokenizer = load_reference(paths.reference_dir, cfg.snapshot.trust_remote_code)
+    base, tokenizer = load_reference(paths.reference_dir, cfg.snapshot.trust_remote_code, device)
     outcomes["reference"] = answer_problems(_decoder(base, e.bf16), tokenizer, rows, decode, "reference", backend, task)
     policy = PeftModel.from_pretrained(base, paths.policy_dir).eval()  # wraps `base` in place
     outcomes["policy"] = answer_problems(_decoder(policy, e.bf16), tokenizer, rows, decode, "policy", backend, task)
     del policy, base
     if champion is not None:
         champ_base, champ_tokenizer = load_reference(
-            champion.base_dir or paths.reference_dir, cfg.snapshot.trust_remote_code
+            champion.base_dir or paths.reference_dir, cfg.snapshot.trust_remote_code, device
         )
         champ = PeftModel.from_pretrained(champ_base, champion.adapter_dir).eval()
         scored = answer_problems(_decoder(champ, e.bf16), champ_tokenizer, rows, decode, "champion", backend, task)

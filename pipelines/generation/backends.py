@@ -132,12 +132,15 @@ class HFGenerateBackend:
                 "top_p": request.top_p,
                 "top_k": request.top_k,
             }
-        with torch.random.fork_rng(devices=[], enabled=bool(request.seeds and request.do_sample)):
-            if request.seeds and request.do_sample:
-                torch.manual_seed(request.seeds[0])
+        seeded = bool(request.seeds and request.do_sample)
+        # On a GPU, generate draws from the GPU's generator: fork and seed that one too.
+        gpus = [model.device] if model.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=gpus, enabled=seeded, device_type=model.device.type):
+            if seeded:
+                torch.manual_seed(request.seeds[0])  # seeds the GPUs' generators as well
             out = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
+                input_ids=input_ids.to(model.device),
+                attention_mask=attention_mask.to(model.device),
                 max_new_tokens=request.max_new_tokens,
                 min_new_tokens=request.min_new_tokens,
                 num_return_sequences=request.num_generations,

@@ -85,8 +85,11 @@ def sample(
     """
     from transformers import DynamicCache
 
+    from pipelines.device import model_device
     from pipelines.generation.shared_prefix import Prefix, enabled
 
+    device = model_device(model)  # prompts come from the tokenizer on the CPU; completions go back there
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     cache = DynamicCache()
     out, attention_mask, positions = prefill(
         model,
@@ -113,11 +116,11 @@ def sample(
     rows = logits.size(0)
     if generators is not None and len(generators) != rows:
         raise ValueError(f"{len(generators)} generators for {rows} completions: pass one per completion row")
-    result = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long)
+    result = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
     # The sampler's own log-probs let training correct for the sampler not being the trained
     # model bit for bit (bf16 merged weights): TRL's importance-sampling correction, trainer.py.
-    result_logps = torch.zeros((rows, max_new_tokens)) if do_sample else None
-    active = torch.arange(rows)  # rows still generating; finished rows leave the batch and the cache
+    result_logps = torch.zeros((rows, max_new_tokens), device=device) if do_sample else None
+    active = torch.arange(rows, device=device)  # rows still generating; finished rows leave the batch and the cache
     for step in range(max_new_tokens):
         if step < min_new_tokens:
             logits[:, eos_id] = float("-inf")  # as transformers' MinNewTokensLengthLogitsProcessor
@@ -161,7 +164,7 @@ def sample(
     return result[:, :0], None if result_logps is None else result_logps[:, :0]
 
 
-def last_positions(length: int, count: int = 1) -> torch.Tensor:
+def last_positions(length: int, count: int = 1, device: torch.device | None = None) -> torch.Tensor:
     """`logits_to_keep` for the last `count` of `length` positions, as indices rather than a count.
 
     For a count, transformers slices `hidden_states[:, -count:]`: a view whose rows cannot be folded
@@ -172,7 +175,7 @@ def last_positions(length: int, count: int = 1) -> torch.Tensor:
     >>> last_positions(5, 2).tolist()
     [3, 4]
     """
-    return torch.arange(length - count, length)
+    return torch.arange(length - count, length, device=device)
 
 
 def common_opening(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
@@ -212,11 +215,17 @@ def prefill(
     run, mask = input_ids, attention_mask
     if shared >= min_shared:
         tokens = [ids[keep.bool()] for ids, keep in zip(input_ids, attention_mask, strict=True)]
-        model(input_ids=tokens[0][None, :shared], cache=cache, use_cache=True, logits_to_keep=last_positions(shared))
+        model(
+            input_ids=tokens[0][None, :shared],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=last_positions(shared, device=input_ids.device),
+        )
         cache.batch_repeat_interleave(rows)
         width = max(len(t) for t in tokens) - shared
-        run = torch.full((rows, width), pad_id, dtype=input_ids.dtype)
-        mask = torch.cat([torch.ones(rows, shared, dtype=attention_mask.dtype), torch.zeros_like(run)], dim=1)
+        run = torch.full((rows, width), pad_id, dtype=input_ids.dtype, device=input_ids.device)
+        ones = torch.ones(rows, shared, dtype=attention_mask.dtype, device=attention_mask.device)
+        mask = torch.cat([ones, torch.zeros_like(run)], dim=1)
         for row, t in enumerate(tokens):
             own = t[shared:]
             run[row, width - len(own) :] = own
@@ -228,7 +237,7 @@ def prefill(
         position_ids=positions[:, -run.size(1) :],
         cache=cache,
         use_cache=True,
-        logits_to_keep=last_positions(run.size(1)),
+        logits_to_keep=last_positions(run.size(1), device=run.device),
     )
     return out, mask, positions
 
@@ -259,8 +268,9 @@ def _exponential_noise(
     """
     if generators is None:
         return torch.rand_like(probs).log_().neg_()
-    return (
-        torch.stack([torch.rand(probs.size(1), dtype=probs.dtype, generator=generators[i]) for i in active.tolist()])
-        .log_()
-        .neg_()
+    # The generators are CPU ones on every device: the same seed draws the same completion on a GPU
+    # as on the CPU (up to the logits' rounding), at the cost of one copy of the noise a token.
+    noise = torch.stack(
+        [torch.rand(probs.size(1), dtype=probs.dtype, generator=generators[i]) for i in active.tolist()]
     )
+    return noise.to(probs.device, non_blocking=True).log_().neg_()

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from pipelines.device import autocast, model_device
 from pipelines.generation.backends import SamplingRequest, get_backend
 
 
@@ -40,6 +41,21 @@ class Rollout:
     @property
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(-1)
+
+    def to(self, device: torch.device) -> Rollout:
+        """The same rollout with its tensors on `device` (itself when they are there already)."""
+        if self.completion_ids.device == device:
+            return self
+        return Rollout(
+            prompt_ids=self.prompt_ids.to(device),
+            prompt_mask=self.prompt_mask.to(device),
+            completion_ids=self.completion_ids.to(device),
+            completion_mask=self.completion_mask.to(device),
+            truncated=self.truncated.to(device),
+            texts=self.texts,
+            group_size=self.group_size,
+            sampler_logps=None if self.sampler_logps is None else self.sampler_logps.to(device),
+        )
 
     def completion_token_lists(self) -> list[list[int]]:
         return [ids[mask.bool()].tolist() for ids, mask in zip(self.completion_ids, self.completion_mask, strict=True)]
@@ -145,11 +161,14 @@ def generate(
         seeds=seeds,
         min_new_tokens=min_new_tokens,
     )
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    device = model_device(model)
+    with autocast(device, bf16):
         sampled = get_backend(backend).completions(
             model, tokenizer, encoded["input_ids"], encoded["attention_mask"], request
         )
-    completion_ids = sampled.ids
+    # A rollout is data: it lives on the CPU, and the training pass moves it to the model (Rollout.to).
+    completion_ids = sampled.ids.cpu()
+    sampler_logps = None if sampled.logps is None else sampled.logps.cpu()
     mask, truncated = completion_mask(completion_ids, tokenizer.eos_token_id)
     texts = tokenizer.batch_decode(
         completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True
@@ -162,5 +181,5 @@ def generate(
         truncated=truncated,
         texts=texts,
         group_size=num_generations,
-        sampler_logps=None if sampled.logps is None else sampled.logps * mask,
+        sampler_logps=None if sampler_logps is None else sampler_logps * mask,
     )

@@ -78,14 +78,16 @@ class Prefix:
         prefix = cls(
             [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], attention_mask == 0
         )
-        prefix.select(torch.arange(attention_mask.size(0)).repeat_interleave(num_generations))
+        prefix.select(
+            torch.arange(attention_mask.size(0), device=attention_mask.device).repeat_interleave(num_generations)
+        )
         return prefix
 
     def select(self, group: torch.Tensor) -> None:
         """Set the active rows (given by their groups, in row order, group after group)."""
         counts = torch.bincount(group, minlength=self.padding.size(0))
         self.group = group
-        self.slot = torch.arange(group.numel()) - (counts.cumsum(0) - counts)[group]
+        self.slot = torch.arange(group.numel(), device=group.device) - (counts.cumsum(0) - counts)[group]
         self.width = int(counts.max())
         self.row_padding = self.padding[group][:, None, None, :]
 

@@ -38,7 +38,7 @@ def check_served_base(client: VLLMClient, base: str, policy: Any, url: str) -> f
     ids = [(7919 * i + 13) % vocabulary for i in range(PROBE_TOKENS)]  # fixed, spread over the vocabulary
     served = client.prompt_logprobs(base, ids)[1:]
     with torch.no_grad(), policy.disable_adapter():
-        logits = policy(input_ids=torch.tensor([ids])).logits.float()[0, :-1]
+        logits = policy(input_ids=torch.tensor([ids], device=policy.device)).logits.float()[0, :-1].cpu()
     local = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1).tolist()
     pairs = [(a, b) for a, b in zip(served, local, strict=True) if a is not None]
     gap = sum(abs(a - b) for a, b in pairs) / max(len(pairs), 1)

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable weights as CPU tensors: a checkpoint reads the same whichever device wrote it."""
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save(
@@ -48,7 +49,7 @@ def save(
         save_file(trainable_state(model), str(staging / "trainable.safetensors"))
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": _on_cpu(optimizer.state_dict()),
                 "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
             },
@@ -60,6 +61,17 @@ def save(
     for old in sorted(folder.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _on_cpu(value: Any) -> Any:
+    """A state dict with every tensor copied to the CPU (the optimiser's moments live on the GPU there)."""
+    if isinstance(value, torch.Tensor):
+        return value.to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_on_cpu(v) for v in value]
+    return value
 
 
 def _sha256(path: Path) -> str:
@@ -130,7 +142,8 @@ def latest(folder: Path) -> Path | None:
 def load(target: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
     """Restore everything saved in `target` and return its JSON state (step, sampler, history...)."""
     _restore_trainable(target, model)
-    blob = torch.load(target / "optimizer.pt", weights_only=True)
+    # Read onto the CPU whichever device wrote it; load_state_dict moves the state to each weight's device.
+    blob = torch.load(target / "optimizer.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])

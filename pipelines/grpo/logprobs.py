@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from pipelines.device import autocast, model_device
 from pipelines.generation.lean_decode import last_positions
 from pipelines.generation.rollout import Rollout
 
@@ -135,11 +136,17 @@ def token_logps(
     length are batched together so padding after a short answer costs nothing. With an 80-token
     prompt and 8 completions of 10-64 tokens this cuts the tokens through the model by 2-4x.
     """
+    device = model_device(model)
     if rollout.rows == 0:  # a process that kept no group this step (grpo/distributed.py): nothing to score
-        nothing = torch.zeros(rollout.completion_ids.shape)
+        nothing = torch.zeros(rollout.completion_ids.shape, device=device)
         return nothing, nothing.clone() if with_entropy else None
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), _attention_kernel(rollout.completion_ids):
-        if rollout.group_size > 1 and rollout.completion_ids.size(1) > 1:
+    rollout = rollout.to(device)  # a no-op where it already is
+    recomputed = _checkpointing(model)
+    # (Under checkpointing, backward recomputes attention outside this function: the kernel must be PyTorch's
+    # own choice there too, or the recomputed tensors differ from the saved ones.)
+    kernel = nullcontext() if recomputed else _attention_kernel(rollout.completion_ids)
+    with autocast(device, bf16), kernel:
+        if rollout.group_size > 1 and rollout.completion_ids.size(1) > 1 and not recomputed:
             return _grouped_logps(model, rollout, with_entropy, temperature)
         ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
         attention = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
@@ -149,9 +156,23 @@ def token_logps(
             input_ids=ids,
             attention_mask=attention,
             position_ids=positions,
-            logits_to_keep=last_positions(ids.size(1), width + 1),
+            logits_to_keep=last_positions(ids.size(1), width + 1, ids.device),
         ).logits[:, :-1]
     return selected_logps(logits, rollout.completion_ids, temperature, with_entropy)
+
+
+def _checkpointing(model: Any) -> bool:
+    """Whether this pass recomputes layers in backward: gradient checkpointing drops the KV cache
+    the grouped pass shares a prompt through (transformers sets `cache=None` in each layer), so
+    prompt and completion then run as one sequence."""
+    if not (model.training and torch.is_grad_enabled()):
+        return False
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # the new name, then the old
+        try:
+            return bool(getattr(model, name))
+        except AttributeError:
+            continue
+    return False
 
 
 def _attention_kernel(like: torch.Tensor) -> AbstractContextManager[Any]:
@@ -206,11 +227,12 @@ def _grouped_logps(
         position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
         cache=cache,
         use_cache=True,
-        logits_to_keep=last_positions(prompt_ids.size(1)),
+        logits_to_keep=last_positions(prompt_ids.size(1), device=prompt_ids.device),
     ).logits[:, -1]  # (B, V): predicts each completion's first token
     prefix = [(layer.keys, layer.values) for layer in cache.layers]
-    chosen = torch.zeros(completion.shape, dtype=torch.float32)
-    entropy = torch.zeros(completion.shape, dtype=torch.float32) if with_entropy else None
+    device = completion.device
+    chosen = torch.zeros(completion.shape, dtype=torch.float32, device=device)
+    entropy = torch.zeros(completion.shape, dtype=torch.float32, device=device) if with_entropy else None
     c0, e0 = selected_logps(first.repeat_interleave(G, dim=0), completion[:, 0], temperature, with_entropy)
     chosen[:, 0] = c0
     if entropy is not None:
@@ -220,13 +242,13 @@ def _grouped_logps(
         width = max(int(lengths[r]) for r in rows) - 1  # tokens fed; each predicts the next one
         if width <= 0:
             continue
-        idx = torch.tensor(rows)
+        idx = torch.tensor(rows, device=device)
         group = idx // G
         bucket_cache = DynamicCache()
         for layer, (keys, values) in enumerate(prefix):
             bucket_cache.update(keys[group], values[group], layer)
         attention = torch.cat([prompt_mask[group], mask[idx, :width]], dim=1)
-        positions = prompt_mask[group].sum(-1, keepdim=True) + torch.arange(width).unsqueeze(0)
+        positions = prompt_mask[group].sum(-1, keepdim=True) + torch.arange(width, device=device).unsqueeze(0)
         logits = model(
             input_ids=completion[idx, :width],
             attention_mask=attention,

@@ -51,7 +51,7 @@ def high_entropy_mask(
     [[False, True, False, True]]
     """
     real = mask.bool()
-    pool = entropy.detach()[real] if pool is None else pool.detach()
+    pool = entropy.detach()[real] if pool is None else pool.detach().to(entropy.device)
     if pool.numel() == 0:
         return torch.zeros_like(real)
     threshold = torch.quantile(pool.float(), 1.0 - quantile)

@@ -9,29 +9,45 @@ from typing import Any
 import torch
 
 from pipelines.config import Config, LoraConfig
+from pipelines.device import place
 from pipelines.paths import Paths
 from pipelines.snapshot.loading import load_reference
 from pipelines.snapshot.tokenizer_files import save_tokenizer
 
 
-def build(cfg: Config, paths: Paths) -> tuple[Any, Any, Any | None]:
-    """(policy, tokenizer, frozen reference or None).
+def build(cfg: Config, paths: Paths, device: torch.device | None = None) -> tuple[Any, Any, Any | None]:
+    """(policy, tokenizer, frozen reference or None), on `device` (the CPU by default).
 
     With LoRA the reference is the same model with the adapter disabled, so no second copy is
     kept; with full fine-tuning a frozen copy is kept only when the KL term needs it (beta > 0).
+    Trainable weights stay fp32 on every device (bf16 is autocast), so the optimiser state is fp32.
     """
+    device = torch.device("cpu") if device is None else device
     model, tokenizer = load_reference(paths.reference_dir, cfg.snapshot.trust_remote_code)
     if cfg.train.lora.enabled:
         model = add_lora(model, cfg.train.lora)
         if cfg.train.bf16:
             _frozen_linears_to_bf16(model)
-        return model, tokenizer, None
+        _checkpointing(model, cfg.train.gradient_checkpointing)
+        return place(model, device), tokenizer, None
     reference = None
     if cfg.train.beta != 0.0:
-        reference = copy.deepcopy(model).eval()
+        reference = place(copy.deepcopy(model).eval(), device)
         reference.requires_grad_(False)
     model.requires_grad_(True)
-    return model, tokenizer, reference
+    _checkpointing(model, cfg.train.gradient_checkpointing)
+    return place(model, device), tokenizer, reference
+
+
+def _checkpointing(model: Any, enabled: bool) -> None:
+    """transformers' gradient checkpointing, non-reentrant: a frozen embedding (LoRA) needs no
+    `enable_input_require_grads` hook then, and the recomputed forward sees the same autocast."""
+    if enabled:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def add_lora(model: Any, cfg: LoraConfig) -> Any:

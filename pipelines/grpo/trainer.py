@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 from pipelines.config import Config, ConfigError
+from pipelines.device import peak_memory_metrics, reset_peak_memory
+from pipelines.device import resolve as resolve_device
 from pipelines.env import set_threads
 from pipelines.generation.policy_sampler import policy_sampler
 from pipelines.grpo import checkpoint, distributed, launcher, ledger, policy
@@ -99,7 +101,9 @@ def _bytes(path: Any) -> bytes:
 def fingerprint(cfg: Config, reference_sha: str, train_bytes: bytes) -> str:
     """What must be equal for a checkpoint to be resumed: training config, reference and data."""
     # Not the number of processes: a data-parallel run makes the same updates as one process.
-    train = cfg.train.model_dump(exclude={"num_processes", "ledger_every"})
+    # Nor how it computes: bf16 and gradient checkpointing change rounding and memory, not the run, so
+    # a checkpoint made on a GPU (bf16) resumes on the CPU (fp32 there without bf16 units) and back.
+    train = cfg.train.model_dump(exclude={"num_processes", "ledger_every", "bf16", "gradient_checkpointing"})
     payload = json.dumps({"train": train, "ref": reference_sha, "task": cfg.task}, sort_keys=True).encode()
     return hashlib.sha256(payload + hashlib.sha256(train_bytes).digest()).hexdigest()
 
@@ -201,8 +205,9 @@ def train(
     t, G = cfg.train, cfg.train.num_generations
     set_threads(cfg.runtime.num_threads)
     torch.manual_seed(t.seed)
+    device = resolve_device(cfg.runtime.device)  # under torchrun, this rank's GPU
     manifest = verify(paths.reference_dir)  # the reference must be exactly the pinned one
-    model, tokenizer, reference = policy.build(cfg, paths)
+    model, tokenizer, reference = policy.build(cfg, paths, device)
     params = policy.trainable_parameters(model)
     world.broadcast(params)  # every process starts from rank 0's weights
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
@@ -269,6 +274,7 @@ def train(
             if watch.stop_reason:  # a resumed run that had already stopped early
                 break
             started = time.perf_counter()
+            reset_peak_memory(device)
 
             # 1. Sample a group of completions per prompt from the current policy, and score them
             #    (with several processes, each samples its own slice of the prompts).
@@ -286,7 +292,8 @@ def train(
                 signal_rate=signal_rate,
                 task=task,
             )
-            rollout = batch.rollout
+            rollout = batch.rollout  # on the CPU, as data; `on_device` is what the training pass reads
+            on_device = rollout.to(device)
             generated = time.perf_counter()
 
             # 2. Advantages relative to the group, from the whole batch's rewards; keep this process's.
@@ -294,9 +301,9 @@ def train(
                 batch.per_function, weights, G, t.scale_rewards, t.multi_objective_aggregation
             )
             advantages = advantages[batch.local]
-            mask = rollout.completion_mask.float()
+            mask = on_device.completion_mask.float()
             if t.mask_truncated_completions:
-                mask = mask * (~rollout.truncated).float().unsqueeze(-1)
+                mask = mask * (~on_device.truncated).float().unsqueeze(-1)
             # This process's part of the loss's normaliser (1 for one process): summed over the
             # processes, the weighted losses and their gradients are the whole batch's.
             share = distributed.loss_share(t.loss_type, mask, world)
@@ -306,23 +313,23 @@ def train(
             old_logp = None
             if t.num_iterations > 1:
                 with torch.no_grad():
-                    old_logp, _ = token_logps(model, rollout, t.bf16, temperature=t.temperature)
+                    old_logp, _ = token_logps(model, on_device, t.bf16, temperature=t.temperature)
             ref_logp = None
             if t.beta != 0.0:
                 scorer, disabled = policy.reference_view(model, reference)
                 with torch.no_grad(), disabled:
-                    ref_logp, _ = token_logps(scorer, rollout, t.bf16, temperature=t.temperature)
+                    ref_logp, _ = token_logps(scorer, on_device, t.bf16, temperature=t.temperature)
             is_weight, sampler_stats = None, {}
 
             # 3. mu clipped policy-gradient updates on this batch.
             model.train()
             for iteration in range(t.num_iterations):
-                logp, entropy = token_logps(model, rollout, t.bf16, with_entropy=True, temperature=t.temperature)
-                if iteration == 0 and rollout.sampler_logps is not None:
+                logp, entropy = token_logps(model, on_device, t.bf16, with_entropy=True, temperature=t.temperature)
+                if iteration == 0 and on_device.sampler_logps is not None:
                     # The sampler's log-probs against the policy's before this batch's updates.
                     is_weight, sampler_stats = importance_weights(
                         logp if old_logp is None else old_logp,
-                        rollout.sampler_logps,
+                        on_device.sampler_logps,
                         mask,
                         t.sampling_correction,
                         t.sampling_correction_min,
@@ -331,7 +338,7 @@ def train(
                 loss, stats = grpo_loss(
                     logp,
                     logp.detach() if old_logp is None else old_logp,
-                    advantages,
+                    advantages.to(device),
                     mask,
                     ref_logp=ref_logp,
                     beta=t.beta,
@@ -381,6 +388,7 @@ def train(
                 generation_time=generated - started,
                 world=world,
             )
+            metrics.update(peak_memory_metrics(device))  # the GPU's, per step (nothing on the CPU)
             # Cumulative training time, carried across resumes: curves are drawn against it.
             metrics["wall_time"] = (history[-1]["wall_time"] if history else 0.0) + elapsed
             history.append({"step": step + 1, **metrics})

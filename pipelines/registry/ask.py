@@ -66,6 +66,7 @@ def ask(
     version: str | None = None,
     max_new_tokens: int | None = None,
     batch_size: int = BATCH_SIZE,
+    device: str | None = None,
 ) -> Answers:
     """The greedy answers of `name@alias` (or `name` version `version`) to `questions`, one model load."""
     started = time.perf_counter()
@@ -89,6 +90,8 @@ def ask(
     # Load the version found, not the alias again: should the alias move meanwhile, the answer still
     # comes from the version this function reports.
     overrides: dict[str, object] = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
+    if device:  # runtime.device, resolved; without it the pyfunc model takes the GPU where there is one
+        overrides["device"] = device
     local = local_reference(root, (found.tags or {}).get("reference_sha256"))
     if local is not None:
         overrides["base_path"] = str(local)

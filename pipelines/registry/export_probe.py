@@ -6,7 +6,7 @@ user's machine would):
 
     python export_probe.py OUT.safetensors < request.json
 
-request.json: {"model_uri": "runs:/<id>/policy", "texts": ["...", ...]}. OUT gets, per text i,
+request.json: {"model_uri": "runs:/<id>/policy", "texts": ["...", ...], "device": "cpu"}. OUT gets, per text i,
 `pyfunc/<i>` and `peft/<i>` (log-softmax over the vocabulary at every position, float32) and
 `ids/<i>` (the token ids each way tokenized them, which must agree).
 """
@@ -23,8 +23,8 @@ def log_probs(model, tokenizer, texts):
     for i, text in enumerate(texts):
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         with torch.no_grad():  # one text at a time: no padding to differ between the two loads
-            logits = model(input_ids=ids).logits[0].float()
-        out[i] = (ids[0], torch.log_softmax(logits, dim=-1))
+            logits = model(input_ids=ids.to(model.device)).logits[0].float()
+        out[i] = (ids[0], torch.log_softmax(logits, dim=-1).cpu())
     return out
 
 
@@ -41,9 +41,10 @@ def main() -> None:
 
     request = json.loads(sys.stdin.read())
     texts = request["texts"]
+    device = request.get("device", "cpu")
 
     # 1. As `mlflow.pyfunc.load_model(uri).predict(...)` loads it (base fetched from the registry).
-    pyfunc = mlflow.pyfunc.load_model(request["model_uri"]).unwrap_python_model()
+    pyfunc = mlflow.pyfunc.load_model(request["model_uri"], model_config={"device": device}).unwrap_python_model()
     through_pyfunc = log_probs(pyfunc.model, pyfunc.tokenizer, texts)
     del pyfunc
 
@@ -53,7 +54,7 @@ def main() -> None:
     base = Path(mlflow.artifacts.download_artifacts(model_config["reference_model_uri"]))
     tokenizer = AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer_config.json").exists() else base)
     base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True)
-    plain = PeftModel.from_pretrained(base_model, adapter).eval()
+    plain = PeftModel.from_pretrained(base_model.to(device), adapter).eval()
     through_peft = log_probs(plain, tokenizer, texts)
 
     tensors = {}

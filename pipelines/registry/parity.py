@@ -62,29 +62,32 @@ def probe_texts(tokenizer: Any, prompt: dict[str, Any], questions: list[str]) ->
 
 
 def evaluated_log_probs(
-    reference_dir: Path, adapter_dir: Path, texts: list[str], trust_remote_code: bool = False
+    reference_dir: Path, adapter_dir: Path, texts: list[str], trust_remote_code: bool = False, device: str = "cpu"
 ) -> tuple[list[Any], list[Any], list[Any]]:
-    """(token ids, policy log-probs, base log-probs) per text, the policy loaded as `evaluate` loads it."""
+    """(token ids, policy log-probs, base log-probs) per text, the policy loaded as `evaluate` loads it,
+    on `device` (CPU tensors out)."""
     import torch
     from peft import PeftModel
 
     from pipelines.snapshot.loading import load_reference
 
-    base, tokenizer = load_reference(reference_dir, trust_remote_code)
+    base, tokenizer = load_reference(reference_dir, trust_remote_code, torch.device(device))
     policy = PeftModel.from_pretrained(base, adapter_dir).eval()
     ids, with_adapter, without = [], [], []
     for text in texts:
         encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        on_device = encoded.to(device)
         with torch.no_grad():
-            with_adapter.append(torch.log_softmax(policy(input_ids=encoded).logits[0].float(), dim=-1))
+            with_adapter.append(torch.log_softmax(policy(input_ids=on_device).logits[0].float(), dim=-1).cpu())
             with policy.disable_adapter():
-                without.append(torch.log_softmax(policy(input_ids=encoded).logits[0].float(), dim=-1))
+                without.append(torch.log_softmax(policy(input_ids=on_device).logits[0].float(), dim=-1).cpu())
         ids.append(encoded[0])
     return ids, with_adapter, without
 
 
-def run_probe(model_uri: str, texts: list[str], timeout_s: float = 900.0) -> dict[str, Any]:
-    """The probe's tensors for `model_uri`, from a fresh process with this process's MLflow store."""
+def run_probe(model_uri: str, texts: list[str], timeout_s: float = 900.0, device: str = "cpu") -> dict[str, Any]:
+    """The probe's tensors for `model_uri`, from a fresh process with this process's MLflow store, its
+    models on `device` (the one the evaluated log-probs were computed on: the same kernels, the same rounding)."""
     import mlflow
     from safetensors.torch import load_file
 
@@ -99,7 +102,7 @@ def run_probe(model_uri: str, texts: list[str], timeout_s: float = 900.0) -> dic
         try:
             done = subprocess.run(
                 [sys.executable, str(PROBE), str(out)],
-                input=json.dumps({"model_uri": model_uri, "texts": texts}),
+                input=json.dumps({"model_uri": model_uri, "texts": texts, "device": device}),
                 capture_output=True,
                 text=True,
                 env=env,
@@ -174,6 +177,7 @@ class Expected:
     tolerance: float
     effect: float
     seconds: float
+    device: str = "cpu"
 
 
 def expect(
@@ -183,21 +187,22 @@ def expect(
     questions: list[str],
     tolerance: float,
     trust_remote_code: bool = False,
+    device: str = "cpu",
 ) -> Expected:
     """What the logged version must reproduce; ParityError at once when the adapter is a no-op."""
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
     texts = probe_texts(AutoTokenizer.from_pretrained(reference_dir), prompt, questions)
-    log_probs = evaluated_log_probs(reference_dir, adapter_dir, texts, trust_remote_code)
+    log_probs = evaluated_log_probs(reference_dir, adapter_dir, texts, trust_remote_code, device)
     effect = adapter_effect(log_probs, tolerance, adapter_dir)
-    return Expected(texts, log_probs, tolerance, effect, time.perf_counter() - start)
+    return Expected(texts, log_probs, tolerance, effect, time.perf_counter() - start, device)
 
 
 def check(expected: Expected, model_uri: str) -> ParityReport:
     """Load `model_uri` as a user would (fresh process) and compare with `expected`; raises ParityError."""
     start = time.perf_counter()
-    probed = run_probe(model_uri, expected.texts)
+    probed = run_probe(model_uri, expected.texts, device=expected.device)
     pyfunc_diff, peft_diff, effect = compare(expected.log_probs, probed, expected.tolerance, model_uri)
     seconds = expected.seconds + time.perf_counter() - start
     return ParityReport(pyfunc_diff, peft_diff, effect, expected.tolerance, len(expected.texts), seconds)

@@ -102,7 +102,9 @@ def policy_model() -> Any:
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
             base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True)
-            self.model = PeftModel.from_pretrained(base_model, adapter).eval()
+            # The GPU where there is one; `load_model(uri, model_config={"device": "cpu"})` chooses.
+            device = config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+            self.model = PeftModel.from_pretrained(base_model.to(device), adapter).eval()
             self.config = config
 
         # TypeFromExample: MLflow hands predict a list again, like the input example (not a DataFrame).
@@ -123,7 +125,7 @@ def policy_model() -> Any:
             encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.no_grad():
                 out = self.model.generate(
-                    **encoded,
+                    **encoded.to(self.model.device),
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     pad_token_id=self.tokenizer.pad_token_id,

@@ -330,6 +330,8 @@ def expect_export(cfg: Config, paths: Paths, adapter_dir: Path, reference_dir: P
     when registry.export_check is off); ParityError at once for an adapter that does not change its base."""
     if not cfg.registry.export_check:
         return None
+    from pipelines.device import resolve as resolve_device
+
     template = prompt_template(cfg, paths)
     return parity.expect(
         reference_dir,
@@ -338,6 +340,7 @@ def expect_export(cfg: Config, paths: Paths, adapter_dir: Path, reference_dir: P
         test_questions(paths, template.instruction or "{question}", n=3) or [pyfunc_model.EXAMPLE_QUESTION],
         cfg.registry.export_atol,
         cfg.snapshot.trust_remote_code,
+        str(resolve_device(cfg.runtime.device)),
     )
 
 

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 
-def load_reference(folder: Path, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """(model, tokenizer) from a snapshot folder; weights only from safetensors."""
+def load_reference(folder: Path, trust_remote_code: bool = False, device: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from a snapshot folder; weights only from safetensors; on `device` if given
+    (pipelines/device.py), else the CPU."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -18,4 +19,8 @@ def load_reference(folder: Path, trust_remote_code: bool = False) -> tuple[Any, 
         folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
     )
     model.eval()
+    if device is not None:
+        from pipelines.device import place
+
+        model = place(model, device)
     return model, tokenizer
