@@ -4,6 +4,7 @@ machine with CUDA (`pytest -m gpu`, which bench/gpu_check.sh runs) and are skipp
 from __future__ import annotations
 
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -208,3 +209,25 @@ def test_peak_memory_is_reported_on_cuda():
     metrics = device.peak_memory_metrics(cuda)
     assert metrics["gpu/peak_allocated_gib"] >= 4 / 1024 and block.numel()
     assert device.peak_memory_metrics(torch.device("cpu")) == {}
+
+
+def test_generate_decodes_into_a_static_cache_on_a_gpu_only():
+    from pipelines.generation.backends import static_cache
+
+    assert static_cache(SimpleNamespace(device=torch.device("cuda", 0))) == {"cache_implementation": "static"}
+    assert static_cache(SimpleNamespace(device=torch.device("cpu"))) == {}
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_the_hf_backend_on_cuda_compiles_and_decodes_as_the_cpu_does(tiny_reference, tmp_path):
+    from pipelines.generation.backends import SamplingRequest, get_backend
+
+    model = _policy(tiny_reference, tmp_path).merge_and_unload().eval()
+    rollout = _rollout(model.config.vocab_size)
+    prompts, masks = rollout.prompt_ids[::2], rollout.prompt_mask[::2]
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=0)
+    request = SamplingRequest(num_generations=2, max_new_tokens=12, do_sample=False)
+    on_cpu = get_backend("hf").completions(model, tokenizer, prompts, masks, request).ids
+    on_gpu = get_backend("hf").completions(model.to("cuda"), tokenizer, prompts, masks, request).ids
+    assert torch.equal(on_gpu.cpu(), on_cpu)
