@@ -480,17 +480,23 @@ def section_generate(device: Any, sizes: Sizes, seed: int) -> dict[str, Any]:
                 pad_token_id=pad,
             )
 
-    result = {"model": "qwen2.5-0.5b"}
+    result: dict[str, Any] = {"model": "qwen2.5-0.5b", "failures": []}
     decoders = {
         "hf_generate": hf_generate,
         "lean_unseeded": lambda: lean_sample(sampler, prompts, mask, config, sizes, None),
     }
     tokens = sizes.prompts * sizes.group * sizes.completion_tokens
     for name, fn in decoders.items():
-        times = [timed(fn, device)[0] for _ in range(1 + sizes.steps)]
+        try:  # one decoder failing keeps the other's numbers
+            times = [timed(fn, device)[0] for _ in range(1 + sizes.steps)]
+        except Exception as exc:
+            result[name] = error_record(exc)
+            result["failures"].append(f"{name}: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
         seconds = statistics.median(times[1:] or times)
         result[name] = {"seconds": seconds, "times": times, "tokens_per_s": tokens / seconds}
     result["peak_memory_gib"] = peak_memory_gib(device)
+    result["passed"] = not result["failures"]
     return result
 
 
@@ -731,10 +737,7 @@ def run_section(report: dict[str, Any], name: str, fn: Callable[[], dict[str, An
         result = fn()
         entry.update(ok=result.get("passed", True) is not False, result=result)
     except Exception as exc:  # recorded, and the next section still runs
-        entry.update(
-            ok=False,
-            error={"type": type(exc).__name__, "message": str(exc)[:2000], "traceback": traceback.format_exc()[-4000:]},
-        )
+        entry.update(ok=False, error=error_record(exc))
     entry["seconds"] = time.perf_counter() - started
     entry["forbidden_modules_loaded"] = [m for m in FORBIDDEN if m in sys.modules]
     report["sections"][name] = entry
@@ -743,6 +746,10 @@ def run_section(report: dict[str, Any], name: str, fn: Callable[[], dict[str, An
     why = entry["error"]["message"] if "error" in entry else "; ".join(entry["result"].get("failures", []))
     state = "ok" if entry["ok"] else f"FAILED: {why[:300]}"
     print(f"[gpu_check] {name}: {entry['seconds']:.1f} s, {state}", flush=True)
+
+
+def error_record(exc: BaseException) -> dict[str, str]:
+    return {"type": type(exc).__name__, "message": str(exc)[:2000], "traceback": traceback.format_exc()[-4000:]}
 
 
 def targets(sections: dict[str, Any]) -> dict[str, Any]:
