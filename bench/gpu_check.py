@@ -514,6 +514,21 @@ def bf16_peak(device: Any) -> tuple[str, float | None]:
     return name, next((peak for key, peak in BF16_PEAKS if key in name), None)
 
 
+def matmul_peak(device: Any, n: int = 8192, repeats: int = 10) -> float | None:
+    """bf16 FLOP/s of n x n x n matmuls on this GPU (mean after a warm-up): what its tensor cores
+    reach on the easiest work, beside the data sheet's peak (None on the CPU)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    for _ in range(3):
+        a @ b
+    seconds, _ = timed(lambda: [a @ b for _ in range(repeats)], device)
+    return 2 * n**3 * repeats / seconds
+
+
 def section_flops(device: Any, sizes: Sizes, seed: int) -> dict[str, Any]:
     import torch
 
@@ -555,6 +570,7 @@ def flops_pass(device: Any, sizes: Sizes, seed: int) -> dict[str, Any]:
     seconds = statistics.median(times)
     flops = counter.get_total_flops()
     name, peak = bf16_peak(device)
+    measured = matmul_peak(device)
     tokens = int(rollout.completion_mask.numel() + prompts.numel())
     model_flops = six_nd(config, sum(p.numel() for p in model.parameters()), sizes)
     return {
@@ -569,6 +585,8 @@ def flops_pass(device: Any, sizes: Sizes, seed: int) -> dict[str, Any]:
         "device_name": name,
         "bf16_dense_peak_flop_per_s": peak,
         "share_of_peak": flops / seconds / peak if peak else None,
+        "measured_bf16_matmul_flop_per_s": measured,
+        "share_of_measured_matmul": flops / seconds / measured if measured else None,
         "flops_6nd": model_flops,
         "share_of_peak_6nd": model_flops / seconds / peak if peak else None,
         "peak_memory_gib": peak_memory_gib(device),
@@ -611,12 +629,36 @@ def word_tokenizer(config: Any) -> Any:
     )
 
 
+def trl_args(out: str, device: Any, sizes: Sizes, seed: int) -> Any:
+    """TRL's defaults (no vLLM: transformers' generate; bf16 on a GPU; gradient checkpointing on), on our work."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=out,
+        per_device_train_batch_size=sizes.prompts * sizes.group,  # one generation batch = one step
+        num_generations=sizes.group,
+        max_completion_length=sizes.completion_tokens,
+        generation_kwargs={"min_new_tokens": sizes.completion_tokens},  # as bench_vs_trl.py --min-tokens
+        max_steps=1 + sizes.steps,
+        learning_rate=2e-4,
+        bf16=device.type == "cuda",
+        use_cpu=device.type == "cpu",
+        seed=seed,
+        shuffle_dataset=False,
+        dataloader_num_workers=0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+
+
 def section_trl(device: Any, sizes: Sizes, seed: int) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import PrinterCallback, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     fresh_memory(device)
     bf16 = device.type == "cuda"
@@ -649,24 +691,7 @@ def section_trl(device: Any, sizes: Sizes, seed: int) -> dict[str, Any]:
         return [float(sum(map(len, c.split())) % 7) for c in completions]
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-trl-") as out:
-        args = GRPOConfig(
-            output_dir=out,
-            per_device_train_batch_size=sizes.prompts * sizes.group,  # one generation batch = one step
-            num_generations=sizes.group,
-            max_completion_length=sizes.completion_tokens,
-            generation_kwargs={"min_new_tokens": sizes.completion_tokens},  # as bench_vs_trl.py --min-tokens
-            max_steps=steps,
-            learning_rate=2e-4,
-            bf16=bf16,
-            use_cpu=device.type == "cpu",
-            seed=seed,
-            shuffle_dataset=False,
-            dataloader_num_workers=0,
-            logging_steps=1,
-            report_to=[],
-            save_strategy="no",
-            disable_tqdm=True,
-        )
+        args = trl_args(out, device, sizes, seed)
         trainer = GRPOTrainer(
             model=model,
             reward_funcs=[digits],
@@ -690,6 +715,7 @@ def section_trl(device: Any, sizes: Sizes, seed: int) -> dict[str, Any]:
         "loss_type": args.loss_type,
         "beta": args.beta,
         "model_dtype": str(model.dtype),
+        "tokenizer": "word-level PreTrainedTokenizerFast built in code: word t{i} is token id i",
         "trl": _version("trl"),
     }
     return engine_summary("qwen2.5-0.5b", step_rows, device, settings=settings, mean_lengths=lengths)
