@@ -3,7 +3,7 @@ machine with CUDA (`pytest -m gpu`, which bench/gpu_check.sh runs) and are skipp
 
 from __future__ import annotations
 
-import shutil
+import inspect
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +14,6 @@ from pipelines.generation.rollout import Rollout
 from pipelines.grpo import checkpoint, logprobs, policy, trainer
 from pipelines.grpo.logprobs import token_logps
 from pipelines.grpo.loss import grpo_loss
-from pipelines.paths import Paths
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -92,13 +91,18 @@ def _step(model, rollout: Rollout, where: torch.device) -> tuple[torch.Tensor, d
     return loss.detach().cpu(), grads
 
 
-def _policy(tiny_reference, tmp_path, **train):
-    root = tmp_path / "p"
-    shutil.copytree(tiny_reference, Paths(root).reference_dir)
-    overrides = ["train.bf16=false", "train.lora.dropout=0", *[f"train.{k}={v}" for k, v in train.items()]]
-    cfg = config.resolve({}, overrides, preset="smoke")
-    torch.manual_seed(0)  # LoRA A's initialisation draws from it
-    model, _, _ = policy.build(cfg, Paths(root))
+def _policy(checkpointing: bool = False):
+    """A tiny Llama with a LoRA adapter, built from a config (no tokenizer, no download: the GPU
+    machine has neither), the adapter as policy.build makes it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)  # the weights and LoRA A's initialisation draw from it
+    shape = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=128,
+    )  # fmt: skip
+    model = policy.add_lora(LlamaForCausalLM(shape), config.LoraConfig(r=4, alpha=8))
+    policy.checkpointing(model, checkpointing)
     with torch.no_grad():  # a trained-looking adapter: B at zero would make every LoRA A gradient zero
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -106,9 +110,9 @@ def _policy(tiny_reference, tmp_path, **train):
     return model
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_reference, tmp_path):
-    plain = _policy(tiny_reference, tmp_path / "a")
-    recomputed = _policy(tiny_reference, tmp_path / "b", gradient_checkpointing="true")
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    plain = _policy()
+    recomputed = _policy(checkpointing=True)
     plain.train(), recomputed.train()
     assert logprobs._checkpointing(recomputed) and not logprobs._checkpointing(plain)
     rollout = _rollout(plain.config.vocab_size)
@@ -154,9 +158,9 @@ def test_checkpoints_hold_cpu_tensors_and_load_onto_the_cpu(tmp_path, monkeypatc
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "one-sequence"])
-def test_a_training_pass_on_cuda_equals_the_cpu(tiny_reference, tmp_path, grouped):
+def test_a_training_pass_on_cuda_equals_the_cpu(grouped):
     torch.backends.cuda.matmul.allow_tf32 = False
-    model = _policy(tiny_reference, tmp_path)
+    model = _policy()
     rollout = _rollout(model.config.vocab_size, group=2 if grouped else 1)
     loss_cpu, grads_cpu = _step(model, rollout, torch.device("cpu"))
     loss_gpu, grads_gpu = _step(model, rollout, torch.device("cuda"))
@@ -167,10 +171,10 @@ def test_a_training_pass_on_cuda_equals_the_cpu(tiny_reference, tmp_path, groupe
 
 @pytest.mark.gpu
 @needs_cuda
-def test_greedy_decoding_on_cuda_equals_the_cpu(tiny_reference, tmp_path):
+def test_greedy_decoding_on_cuda_equals_the_cpu():
     from pipelines.generation.lean_decode import sample
 
-    model = _policy(tiny_reference, tmp_path).merge_and_unload().eval()
+    model = _policy().merge_and_unload().eval()
     rollout = _rollout(model.config.vocab_size)
     prompts, masks = rollout.prompt_ids[::2], rollout.prompt_mask[::2]
     kwargs = dict(num_generations=2, max_new_tokens=12, eos_id=0, pad_id=0, do_sample=False)
@@ -182,15 +186,15 @@ def test_greedy_decoding_on_cuda_equals_the_cpu(tiny_reference, tmp_path):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_a_checkpoint_written_on_cuda_resumes_on_the_cpu(tiny_reference, tmp_path):
-    model = _policy(tiny_reference, tmp_path / "gpu").to("cuda")
+def test_a_checkpoint_written_on_cuda_resumes_on_the_cpu(tmp_path):
+    model = _policy().to("cuda")
     params = policy.trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     _step(model, _rollout(model.config.vocab_size), torch.device("cuda"))
     optimizer.step()
     target = checkpoint.save(tmp_path / "ckpt", 1, model, optimizer, scheduler, {"fingerprint": "k"}, keep=2)
-    on_cpu = _policy(tiny_reference, tmp_path / "cpu")
+    on_cpu = _policy()
     cpu_optimizer = torch.optim.AdamW(policy.trainable_parameters(on_cpu), lr=1e-3)
     checkpoint.load(target, on_cpu, cpu_optimizer, torch.optim.lr_scheduler.LambdaLR(cpu_optimizer, lambda _: 1.0))
     trained = [p.detach().cpu() for p in params]
@@ -211,6 +215,19 @@ def test_peak_memory_is_reported_on_cuda():
     assert device.peak_memory_metrics(torch.device("cpu")) == {}
 
 
+def test_the_kv_cache_goes_by_the_name_the_model_takes():
+    from transformers import LlamaForCausalLM
+
+    from pipelines.generation.lean_decode import cache_kwargs
+
+    class Older(torch.nn.Module):  # transformers before the rename ignores `cache=` without a word
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None): ...
+
+    assert list(cache_kwargs(Older(), "kv")) == ["past_key_values"]
+    expected = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+    assert list(cache_kwargs(_policy(), "kv")) == [expected]  # a peft model: its base model's name
+
+
 def test_generate_decodes_into_a_static_cache_on_a_gpu_only():
     from pipelines.generation.backends import static_cache
 
@@ -220,10 +237,10 @@ def test_generate_decodes_into_a_static_cache_on_a_gpu_only():
 
 @pytest.mark.gpu
 @needs_cuda
-def test_the_hf_backend_on_cuda_compiles_and_decodes_as_the_cpu_does(tiny_reference, tmp_path):
+def test_the_hf_backend_on_cuda_compiles_and_decodes_as_the_cpu_does():
     from pipelines.generation.backends import SamplingRequest, get_backend
 
-    model = _policy(tiny_reference, tmp_path).merge_and_unload().eval()
+    model = _policy().merge_and_unload().eval()
     rollout = _rollout(model.config.vocab_size)
     prompts, masks = rollout.prompt_ids[::2], rollout.prompt_mask[::2]
     tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=0)

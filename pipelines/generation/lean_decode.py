@@ -16,7 +16,9 @@ set by the other prompts of its batch (data-parallel ranks see other batches).
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 from typing import Any
 
 import torch
@@ -148,7 +150,11 @@ def sample(
             attention_mask, next_position = attention_mask[keep], next_position[keep]
         if prefix is not None:
             out = model(
-                input_ids=token[:, None], position_ids=next_position, cache=cache, use_cache=True, shared_prefix=prefix
+                input_ids=token[:, None],
+                position_ids=next_position,
+                use_cache=True,
+                shared_prefix=prefix,
+                **cache_kwargs(model, cache),
             )
         else:
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
@@ -156,12 +162,25 @@ def sample(
                 input_ids=token[:, None],
                 attention_mask=attention_mask,
                 position_ids=next_position,
-                cache=cache,
+                **cache_kwargs(model, cache),
                 use_cache=True,
             )
         next_position = next_position + 1
         logits = out.logits[:, -1, :].float()
     return result[:, :0], None if result_logps is None else result_logps[:, :0]
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """The KV cache as `model`'s forward takes it: `cache=` since transformers renamed it (the old
+    name warns there), `past_key_values=` before, where `cache=` is silently ignored (the image of
+    the GPU machine has such a transformers: the prompt's cache went missing without an error)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {_cache_name(type(base)): cache}
+
+
+@functools.cache
+def _cache_name(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def last_positions(length: int, count: int = 1, device: torch.device | None = None) -> torch.Tensor:
@@ -217,7 +236,7 @@ def prefill(
         tokens = [ids[keep.bool()] for ids, keep in zip(input_ids, attention_mask, strict=True)]
         model(
             input_ids=tokens[0][None, :shared],
-            cache=cache,
+            **cache_kwargs(model, cache),
             use_cache=True,
             logits_to_keep=last_positions(shared, device=input_ids.device),
         )
@@ -235,7 +254,7 @@ def prefill(
         input_ids=run,
         attention_mask=mask,
         position_ids=positions[:, -run.size(1) :],
-        cache=cache,
+        **cache_kwargs(model, cache),
         use_cache=True,
         logits_to_keep=last_positions(run.size(1), device=run.device),
     )

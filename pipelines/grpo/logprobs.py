@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from pipelines.device import autocast, model_device
-from pipelines.generation.lean_decode import last_positions
+from pipelines.generation.lean_decode import cache_kwargs, last_positions
 from pipelines.generation.rollout import Rollout
+from pipelines.grpo import sharding
 
 # Rows per block: ~2 MB of fp32 logits for SmolLM2's vocabulary, which stays in a core's share of
 # the cache through the block's few element-wise passes.
@@ -145,8 +146,11 @@ def token_logps(
     # (Under checkpointing, backward recomputes attention outside this function: the kernel must be PyTorch's
     # own choice there too, or the recomputed tensors differ from the saved ones.)
     kernel = nullcontext() if recomputed else _attention_kernel(rollout.completion_ids)
+    # Under FSDP (grpo/sharding.py) each call of the model is a collective, so every process must call it
+    # as often as the others: one call, not one per length bucket of this process's own completions.
+    one_call = recomputed or sharding.is_sharded(model)
     with autocast(device, bf16), kernel:
-        if rollout.group_size > 1 and rollout.completion_ids.size(1) > 1 and not recomputed:
+        if rollout.group_size > 1 and rollout.completion_ids.size(1) > 1 and not one_call:
             return _grouped_logps(model, rollout, with_entropy, temperature)
         ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
         attention = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
@@ -225,7 +229,7 @@ def _grouped_logps(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
         position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
-        cache=cache,
+        **cache_kwargs(model, cache),
         use_cache=True,
         logits_to_keep=last_positions(prompt_ids.size(1), device=prompt_ids.device),
     ).logits[:, -1]  # (B, V): predicts each completion's first token
@@ -253,7 +257,7 @@ def _grouped_logps(
             input_ids=completion[idx, :width],
             attention_mask=attention,
             position_ids=positions,
-            cache=bucket_cache,
+            **cache_kwargs(model, bucket_cache),
             use_cache=True,
         ).logits
         c, e = selected_logps(logits, completion[idx, 1 : width + 1], temperature, with_entropy)

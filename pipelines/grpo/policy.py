@@ -28,18 +28,18 @@ def build(cfg: Config, paths: Paths, device: torch.device | None = None) -> tupl
         model = add_lora(model, cfg.train.lora)
         if cfg.train.bf16:
             _frozen_linears_to_bf16(model)
-        _checkpointing(model, cfg.train.gradient_checkpointing)
+        checkpointing(model, cfg.train.gradient_checkpointing)
         return place(model, device), tokenizer, None
     reference = None
     if cfg.train.beta != 0.0:
         reference = place(copy.deepcopy(model).eval(), device)
         reference.requires_grad_(False)
     model.requires_grad_(True)
-    _checkpointing(model, cfg.train.gradient_checkpointing)
+    checkpointing(model, cfg.train.gradient_checkpointing)
     return place(model, device), tokenizer, reference
 
 
-def _checkpointing(model: Any, enabled: bool) -> None:
+def checkpointing(model: Any, enabled: bool) -> None:
     """transformers' gradient checkpointing, non-reentrant: a frozen embedding (LoRA) needs no
     `enable_input_require_grads` hook then, and the recomputed forward sees the same autocast."""
     if enabled:
