@@ -331,6 +331,11 @@ class TrainConfig(_Section):
     # Data parallelism: above 1, `grpo train` runs this many processes under torchrun (gloo on CPU,
     # nccl on GPU), each sampling a slice of every step's prompts; the update equals one process's.
     num_processes: int = Field(1, ge=1, le=1024)
+    # Full fine-tuning sharded over those processes with PyTorch FSDP2 (pipelines/grpo/sharding.py): each
+    # holds 1/N of the weights, gradients and optimiser state, for a model whose training state does not
+    # fit one GPU; the updates equal one process's. With one process there is nothing to shard: the
+    # plain model trains. Needs train.lora.enabled=false and a local rollout backend (lean or hf).
+    fsdp: bool = False
     # Validation during training (pipelines/grpo/validation.py): greedy accuracy on the validation
     # split before the first step, every `eval_every` steps and after the last; 0 = only those two.
     # Needs data.val_fraction > 0; without a validation split nothing is evaluated.
@@ -371,6 +376,16 @@ class TrainConfig(_Section):
         if value is not None and not value:
             raise ValueError("is empty: name at least one reward, or leave it null for the task's own rewards")
         return value
+
+    @model_validator(mode="after")
+    def _fsdp_shards_full_weights(self) -> TrainConfig:
+        if self.fsdp and self.lora.enabled:
+            raise ValueError(
+                "fsdp=true shards full fine-tuning; a LoRA adapter and its optimiser state are small enough for "
+                "every process to hold (plain data parallelism): set train.lora.enabled=false to shard the full "
+                "model, or train.fsdp=false to train the adapter"
+            )
+        return self
 
     @model_validator(mode="after")
     def _step_fits(self) -> TrainConfig:
@@ -574,6 +589,17 @@ class Config(_Section):
             if isinstance(part, dict) and str(part.get("bf16", "auto")).strip().lower() == "auto":
                 data[section] = {**part, "bf16": on_gpu}
         return data
+
+    @model_validator(mode="after")
+    def _fsdp_samples_locally(self) -> Config:
+        # Before _vllm_trains_adapters, whose fix (LoRA) train.fsdp refuses.
+        if self.train.fsdp and self.runtime.rollout_backend == "vllm":
+            raise ValueError(
+                "train.fsdp=true with runtime.rollout_backend=vllm: a vLLM server samples from LoRA adapters pushed "
+                "to it, and FSDP shards full fine-tuning (full weights would have to be streamed into the server, "
+                "which is not built): set runtime.rollout_backend=lean or hf, or train.fsdp=false"
+            )
+        return self
 
     @model_validator(mode="after")
     def _vllm_trains_adapters(self) -> Config:

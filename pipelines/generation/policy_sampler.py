@@ -18,10 +18,17 @@ from pipelines.paths import Paths
 
 
 @contextmanager
-def policy_sampler(cfg: Config, policy: Any, paths: Paths) -> Iterator[Any]:
-    """A SamplingCopy for the local backends; for `vllm`, a server session with the adapter pushed to it."""
+def policy_sampler(cfg: Config, policy: Any, paths: Paths, made: SamplingCopy | None = None) -> Iterator[Any]:
+    """A SamplingCopy for the local backends; for `vllm`, a server session with the adapter pushed to it.
+
+    `made`: a copy made earlier (FSDP makes it before sharding the policy), synced with the policy now.
+    """
+    if made is not None:
+        made.sync()
+        yield made
+        return
     if cfg.runtime.rollout_backend != "vllm":
-        yield SamplingCopy(policy, torch.bfloat16 if cfg.train.bf16 else torch.float32)
+        yield SamplingCopy(policy, sampling_dtype(cfg))
         return
     from pipelines.generation.vllm_backend import RemotePolicy, check_served_base
     from pipelines.generation.vllm_server import vllm_session
@@ -42,3 +49,8 @@ def policy_sampler(cfg: Config, policy: Any, paths: Paths) -> Iterator[Any]:
             yield remote
         finally:
             remote.close()
+
+
+def sampling_dtype(cfg: Config) -> torch.dtype:
+    """The local sampling copy's dtype: bf16 when training computes in bf16 (sampling_copy.py says why)."""
+    return torch.bfloat16 if cfg.train.bf16 else torch.float32

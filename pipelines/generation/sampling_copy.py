@@ -7,6 +7,9 @@ in bf16, samples 2-3x faster here (measured in bench/RESULTS.md). It is refreshe
 after every optimiser step, so sampling stays on-policy up to bf16 rounding; the loss uses the
 trained model's own log-probs and, by default, weights each completion by the importance ratio
 between the trained model and this copy (grpo/sampling_correction.py), as TRL does for vLLM.
+
+Under FSDP (grpo/sharding.py) the copy is made from the whole model before it is sharded, and each
+`sync` gathers every weight whole from the shards: a collective, which every rank calls in turn.
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ from pipelines.generation import shared_prefix
 class SamplingCopy:
     """The policy's sampling copy: `.model` to sample from, `.sync()` after every optimiser step."""
 
-    def __init__(self, policy: Any, dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, policy: Any, dtype: torch.dtype = torch.bfloat16, device: torch.device | None = None) -> None:
+        """`device`: where the copy samples (default: where the policy is; FSDP's policy is still on the CPU)."""
         self.policy = policy
         self.dtype = dtype
         self.is_peft = hasattr(policy, "peft_config")
         base = policy.get_base_model() if self.is_peft else policy
         self.model = _plain_copy(base, dtype)
+        if device is not None:
+            self.model.to(device)
         shared_prefix.enable(self.model)  # a group's completions read one copy of its prompt's cache
         self.model.eval()
         self.model.requires_grad_(False)
@@ -35,7 +41,9 @@ class SamplingCopy:
         self.sync()
 
     def _pair_parameters(self, base: Any) -> list[tuple[torch.Tensor, Any, str]]:
-        """(destination weight, source module, kind) for every weight that training can change."""
+        """(destination weight, source module or weight's name, kind) for every weight that training can change.
+
+        Weights are found by name at each sync: FSDP replaces the policy's parameters with sharded ones."""
         own = dict(self.model.named_modules())
         pairs = []
         if self.is_peft:
@@ -48,12 +56,15 @@ class SamplingCopy:
             params = dict(self.model.named_parameters())
             for name, p in base.named_parameters():
                 if p.requires_grad:
-                    pairs.append((params[name], p, "param"))
+                    pairs.append((params[name], name, "param"))
         return pairs
 
     @torch.no_grad()
     def sync(self) -> None:
         """Copy the policy's current weights (base + scaled B @ A for LoRA layers) into the sampler."""
+        from torch.distributed.tensor import DTensor
+
+        current = dict(self.policy.named_parameters()) if not self.is_peft else {}
         for dest, source, kind in self._targets:
             if kind == "lora":
                 merged = source.get_base_layer().weight
@@ -61,7 +72,8 @@ class SamplingCopy:
                     merged = merged + source.get_delta_weight(adapter)
                 dest.copy_(merged.to(self.dtype))
             else:
-                dest.copy_(source.to(self.dtype))
+                weight = current[source]
+                dest.copy_((weight.full_tensor() if isinstance(weight, DTensor) else weight).to(self.dtype))
 
 
 def _plain_copy(base: Any, dtype: torch.dtype) -> Any:

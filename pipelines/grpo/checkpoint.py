@@ -44,12 +44,27 @@ def save(
     state: dict[str, Any],
     keep: int,
 ) -> Path:
+    """A checkpoint of a plain model and its optimiser (`write`, for state gathered under FSDP)."""
+    return write(folder, step, trainable_state(model), optimizer.state_dict(), scheduler, state, keep)
+
+
+def write(
+    folder: Path,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    scheduler: Any,
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """checkpoints/step-N from the trainable weights and `optimizer.state_dict()`, whole (grpo/sharding.py
+    gathers them under FSDP in this same format, so either kind of run resumes the other's)."""
     target = folder / f"step-{step:06d}"
     with staged_dir(target) as staging:
-        save_file(trainable_state(model), str(staging / "trainable.safetensors"))
+        save_file(weights, str(staging / "trainable.safetensors"))
         torch.save(
             {
-                "optimizer": _on_cpu(optimizer.state_dict()),
+                "optimizer": _on_cpu(optimizer_state),
                 "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
             },
@@ -66,7 +81,7 @@ def save(
 def _on_cpu(value: Any) -> Any:
     """A state dict with every tensor copied to the CPU (the optimiser's moments live on the GPU there)."""
     if isinstance(value, torch.Tensor):
-        return value.to("cpu", copy=True)
+        return value.to("cpu")  # itself when already there: torch.save writes it before training goes on
     if isinstance(value, dict):
         return {k: _on_cpu(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -139,25 +154,32 @@ def latest(folder: Path) -> Path | None:
     return None
 
 
-def load(target: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """Restore everything saved in `target` and return its JSON state (step, sampler, history...)."""
-    _restore_trainable(target, model)
+def read(target: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(trainable weights, optimiser/scheduler/RNG blob, JSON state) of the checkpoint in `target`, on the CPU."""
+    weights = load_file(str(target / "trainable.safetensors"))
     # Read onto the CPU whichever device wrote it; load_state_dict moves the state to each weight's device.
     blob = torch.load(target / "optimizer.pt", weights_only=True, map_location="cpu")
+    return weights, blob, json.loads((target / "state.json").read_text())
+
+
+def load(target: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    """Restore everything saved in `target` and return its JSON state (step, sampler, history...)."""
+    weights, blob, state = read(target)
+    restore(model, weights, str(target))
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
-    return json.loads((target / "state.json").read_text())
+    return state
 
 
 BEST = "best"
 
 
-def save_best(folder: Path, step: int, model: torch.nn.Module, accuracy: float) -> Path:
-    """The trainable weights of the best validated step, in checkpoints/best (replaced whole)."""
+def save_best(folder: Path, step: int, weights: dict[str, torch.Tensor], accuracy: float) -> Path:
+    """The trainable weights of the best validated step (`trainable_state`), in checkpoints/best (replaced whole)."""
     target = folder / BEST
     with staged_dir(target) as staging:
-        save_file(trainable_state(model), str(staging / "trainable.safetensors"))
+        save_file(weights, str(staging / "trainable.safetensors"))
         write_json(staging / "best.json", {"step": step, "accuracy": accuracy})
     return target
 
@@ -175,11 +197,15 @@ def load_weights(target: Path, model: torch.nn.Module) -> None:
 
 
 def _restore_trainable(target: Path, model: torch.nn.Module) -> None:
-    weights = load_file(str(target / "trainable.safetensors"))
+    restore(model, load_file(str(target / "trainable.safetensors")), str(target))
+
+
+def restore(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `weights` (`trainable_state`'s names) into a plain model's trainable parameters."""
     params = dict(model.named_parameters())
     missing = set(weights) ^ {n for n, p in params.items() if p.requires_grad}
     if missing:
-        raise RuntimeError(f"{target} does not match the model being trained (parameters {sorted(missing)[:3]}...)")
+        raise RuntimeError(f"{source} does not match the model being trained (parameters {sorted(missing)[:3]}...)")
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)

@@ -140,6 +140,11 @@ def token_logps(
     device = model_device(model)
     if rollout.rows == 0:  # a process that kept no group this step (grpo/distributed.py): nothing to score
         nothing = torch.zeros(rollout.completion_ids.shape, device=device)
+        if sharding.is_sharded(model):
+            # Yet under FSDP it calls the model as the others do (a collective), on one token weighing 0:
+            # its backward then joins theirs, which reduces the gradients.
+            token = torch.zeros((1, 1), dtype=torch.long, device=device)
+            nothing = nothing + 0.0 * model(input_ids=token).logits.sum()
         return nothing, nothing.clone() if with_entropy else None
     rollout = rollout.to(device)  # a no-op where it already is
     recomputed = _checkpointing(model)

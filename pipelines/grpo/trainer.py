@@ -23,8 +23,8 @@ from pipelines.config import Config, ConfigError
 from pipelines.device import peak_memory_metrics, reset_peak_memory
 from pipelines.device import resolve as resolve_device
 from pipelines.env import set_threads
-from pipelines.generation.policy_sampler import policy_sampler
-from pipelines.grpo import checkpoint, distributed, launcher, ledger, policy
+from pipelines.generation.policy_sampler import policy_sampler, sampling_dtype
+from pipelines.grpo import checkpoint, distributed, launcher, ledger, policy, sharding
 from pipelines.grpo.advantages import advantages_from_rewards
 from pipelines.grpo.batch import sample_batch
 from pipelines.grpo.logprobs import token_logps
@@ -100,10 +100,11 @@ def _bytes(path: Any) -> bytes:
 
 def fingerprint(cfg: Config, reference_sha: str, train_bytes: bytes) -> str:
     """What must be equal for a checkpoint to be resumed: training config, reference and data."""
-    # Not the number of processes: a data-parallel run makes the same updates as one process.
-    # Nor how it computes: bf16 and gradient checkpointing change rounding and memory, not the run, so
-    # a checkpoint made on a GPU (bf16) resumes on the CPU (fp32 there without bf16 units) and back.
-    train = cfg.train.model_dump(exclude={"num_processes", "ledger_every", "bf16", "gradient_checkpointing"})
+    # Not the number of processes, nor FSDP: a data-parallel run, sharded or not, makes the same updates as
+    # one process. Nor how it computes: bf16 and gradient checkpointing change rounding and memory, not the
+    # run, so a checkpoint made on a GPU (bf16) resumes on the CPU (fp32 there without bf16 units) and back.
+    exclude = {"num_processes", "fsdp", "ledger_every", "bf16", "gradient_checkpointing"}
+    train = cfg.train.model_dump(exclude=exclude)
     payload = json.dumps({"train": train, "ref": reference_sha, "task": cfg.task}, sort_keys=True).encode()
     return hashlib.sha256(payload + hashlib.sha256(train_bytes).digest()).hexdigest()
 
@@ -119,7 +120,7 @@ def check_finite(step: int, loss: torch.Tensor | None, grad_norm: float | None, 
         what = f"the loss is {float(loss.detach())}"
     elif grad_norm is not None and not math.isfinite(grad_norm):
         what = f"the gradient norm is {grad_norm}"
-    elif any(not bool(torch.isfinite(p.detach()).all()) for p in params):
+    elif not sharding.all_finite(params):  # each rank its shards under FSDP, and all agree
         what = "the trainable weights hold NaN or inf"
     else:
         return
@@ -163,7 +164,8 @@ def resume_or_start(
     resumable = saved is not None and json.loads((saved / "state.json").read_text()).get("fingerprint") == key
     world.barrier()  # every process has looked before rank 0 may clear the checkpoints
     if saved is not None and resumable:
-        state = checkpoint.load(saved, model, optimizer, scheduler)
+        load = sharding.load_checkpoint if sharding.is_sharded(model) else checkpoint.load
+        state = load(saved, model, optimizer, scheduler)
         sampler.load_state_dict(state["sampler"])
         if world.is_main:
             log.info("resuming from %s (step %s of %d)", saved, state["step"], cfg.train.steps)
@@ -185,8 +187,15 @@ def save_checkpoint(
     history: list[dict[str, float]],
     run_id: str | None,
     watch: Watch,
+    world: distributed.World,
 ) -> None:
-    """Everything exact resume needs, in checkpoints/step-N (rank 0 only)."""
+    """Everything exact resume needs, in checkpoints/step-N, written by rank 0. Every rank calls it: under
+    FSDP each joins the gather of the whole weights and optimiser state first (sharding.py)."""
+    if not (world.is_main or sharding.is_sharded(model)):
+        return
+    weights, moments = sharding.full_trainable_state(model), sharding.full_optimizer_state(model, optimizer)
+    if not world.is_main:
+        return
     state = {
         "fingerprint": key,
         "sampler": sampler.state_dict(),
@@ -194,7 +203,7 @@ def save_checkpoint(
         "run_id": run_id,
         "validation": watch.state_dict(),
     }
-    checkpoint.save(paths.checkpoints_dir, step, model, optimizer, scheduler, state, keep=cfg.train.keep_checkpoints)
+    checkpoint.write(paths.checkpoints_dir, step, weights, moments, scheduler, state, keep=cfg.train.keep_checkpoints)
 
 
 def train(
@@ -207,9 +216,12 @@ def train(
     torch.manual_seed(t.seed)
     device = resolve_device(cfg.runtime.device)  # under torchrun, this rank's GPU
     manifest = verify(paths.reference_dir)  # the reference must be exactly the pinned one
-    model, tokenizer, reference = policy.build(cfg, paths, device)
+    sharded = sharding.enabled(t, world)  # train.fsdp on several processes: each holds a shard (sharding.py)
+    model, tokenizer, reference = policy.build(cfg, paths, torch.device("cpu") if sharded else device)
+    made = sharding.shard(model, reference, device, sampling_dtype(cfg)) if sharded else None  # + sampling copy
     params = policy.trainable_parameters(model)
-    world.broadcast(params)  # every process starts from rank 0's weights
+    if not sharded:  # (every rank loaded the same reference, and FSDP's shards are cut from it)
+        world.broadcast(params)  # every process starts from rank 0's weights
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = lr_schedule(optimizer, t)
     sampler = PromptSampler(
@@ -225,7 +237,7 @@ def train(
     # What rollouts sample from: a merged copy of the policy (bf16 when train.bf16; sampling_copy.py
     # says why), or the adapter on a vLLM server (vllm_backend.py). Closed (server stopped) at the end.
     samplers = ExitStack()
-    copy = samplers.enter_context(policy_sampler(cfg, model, paths))
+    copy = samplers.enter_context(policy_sampler(cfg, model, paths, made))
 
     # Only rank 0 writes: MLflow, checkpoints, metrics, the adapter.
     logger = RunLogger(paths, cfg, enabled=log_to_mlflow and world.is_main, run_id=progress.run_id)
@@ -243,6 +255,10 @@ def train(
         )  # fmt: skip
         score.reward = mean_reward_since(history, previous) if step > 0 else None
         alarms = watch.add(score)
+        if watch.selected is score and (world.is_main or sharded):  # every rank gathers under FSDP
+            weights = sharding.full_trainable_state(model)
+            if world.is_main:
+                checkpoint.save_best(paths.checkpoints_dir, step, weights, score.accuracy)
         if not world.is_main:
             return
         logger.metrics(step, score.metrics())
@@ -253,8 +269,6 @@ def train(
         for message in alarms:
             log.warning(message)
             logger.tags({"decline_alarm": "true", "decline_alarm_message": message[:5000]})
-        if watch.selected is score:
-            checkpoint.save_best(paths.checkpoints_dir, step, model, score.accuracy)
 
     try:
         if world.is_main:
@@ -357,10 +371,12 @@ def train(
                     sapo_temperature_pos=t.sapo_temperature_pos,
                     sapo_temperature_neg=t.sapo_temperature_neg,
                 )
-                if rollout.rows:  # a process that kept no group adds nothing, but joins the sum below
+                # A process that kept no group adds nothing, but joins the sum below (under FSDP, in backward).
+                if rollout.rows or sharded:
                     (loss * share).backward()
-                world.all_reduce_grads(params)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
+                if not sharded:  # FSDP has summed them already, each rank its shard
+                    world.all_reduce_grads(params)
+                grad_norm = sharding.clip_grad_norm(params, t.max_grad_norm)
                 check_finite(step + 1, loss, grad_norm)  # before the step: the weights stay as they were
                 optimizer.step()
                 scheduler.step()
@@ -424,10 +440,11 @@ def train(
                     logger.tags({"stop_reason": watch.stop_reason or ""})
 
             # 6. Checkpoint for exact resume.
-            if world.is_main and t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.steps:
+            if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.steps:
                 save_checkpoint(
-                    paths, cfg, step + 1, key, model, optimizer, scheduler, sampler, history, logger.run_id, watch
-                )
+                    paths, cfg, step + 1, key, model, optimizer, scheduler, sampler, history, logger.run_id, watch,
+                    world,
+                )  # fmt: skip
             if stop:
                 break
         done = int(history[-1]["step"]) if history else start
@@ -440,8 +457,10 @@ def train(
         samplers.close()
 
     final = {k: v for k, v in history[-1].items() if k != "step"} if history else {}
+    save_checkpoint(paths, cfg, done, key, model, optimizer, scheduler, sampler, history, logger.run_id, watch, world)
+    if sharded:  # rank 0 goes on with the policy whole, as one plain model on the CPU (None on the others)
+        model = sharding.gathered_policy(model, cfg, paths, world)
     if world.is_main:
-        save_checkpoint(paths, cfg, done, key, model, optimizer, scheduler, sampler, history, logger.run_id, watch)
         # The policy that leaves `train`: the selected validated step's weights (validation.py), or the last step's.
         selected = done
         if t.select == "best" and watch.selected is not None and watch.selected.step != done:
