@@ -128,6 +128,80 @@ def test_a_plain_checkpoint_resumes_sharded(tmp_path, tiny_reference):
     _assert_same_policy(resumed, single, tiny_reference)
 
 
+def _sharded_state_rank(rank: int, port: int) -> None:
+    """One of two processes: a tiny model sharded, trained a step, its state gathered and put back."""
+    import copy
+    import os
+
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipelines.grpo import checkpoint, sharding
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    shape = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1}
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, num_hidden_layers=2, tie_word_embeddings=True, **shape))
+    plain, fresh = copy.deepcopy(model), copy.deepcopy(model)
+    ids = torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(1))
+
+    def train_step(m, optimizer, rows, share):
+        (m(input_ids=ids[rows]).logits.logsumexp(-1).mean() * share).backward()
+        norm = sharding.clip_grad_norm(list(m.parameters()), 1e-3)  # clips: the norm is about 1
+        optimizer.step()
+        optimizer.zero_grad()
+        return norm
+
+    made = sharding.shard(model, None, torch.device("cpu"), torch.float32)
+    sharding.shard(fresh, None, torch.device("cpu"), torch.float32)
+    assert sharding.is_sharded(model) and not sharding.is_sharded(plain)
+    plain_opt, opt = (torch.optim.AdamW(m.parameters(), lr=0.01) for m in (plain, model))
+    # Each rank's half of the batch, weighted by its share: summed, one process's gradient.
+    norms = train_step(plain, plain_opt, slice(0, 4), 1.0), train_step(model, opt, slice(2 * rank, 2 * rank + 2), 0.5)
+    assert norms[1] == pytest.approx(norms[0], rel=1e-5)
+    assert sharding.all_finite(model.parameters())
+    made.sync()  # a collective: both ranks
+    # A copy, as a checkpoint holds it (state_dict() shares the step counters, which the steps below count up).
+    expected_weights, expected_moments = checkpoint.trainable_state(plain), copy.deepcopy(plain_opt.state_dict())
+    weights, moments = sharding.full_trainable_state(model), sharding.full_optimizer_state(model, opt)
+    if rank == 0:  # one process's names, shapes and numbering; the others get nothing
+        assert weights.keys() == expected_weights.keys() and moments["param_groups"] == expected_moments["param_groups"]
+        for name, value in expected_weights.items():
+            assert torch.allclose(weights[name], value, atol=1e-6), name
+            assert torch.allclose(dict(made.model.named_parameters())[name], value, atol=1e-6), name
+        for number, state in expected_moments["state"].items():
+            for key, value in state.items():
+                assert torch.allclose(moments["state"][number][key], value, rtol=1e-4, atol=1e-8), (number, key)
+    else:
+        assert weights == {} and moments == {}
+
+    # One process's state into a fresh sharded model (rank 0 holds it, as a plain checkpoint gives it):
+    # the next step is one process's next step.
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.01)
+    sharding.load_trainable_state(fresh, expected_weights if rank == 0 else {})
+    sharding.load_optimizer_state(fresh, fresh_opt, expected_moments if rank == 0 else {})
+    train_step(plain, plain_opt, slice(0, 4), 1.0)
+    train_step(fresh, fresh_opt, slice(2 * rank, 2 * rank + 2), 0.5)
+    after = sharding.full_trainable_state(fresh)
+    if rank == 0:
+        for name, value in checkpoint.trainable_state(plain).items():
+            assert torch.allclose(after[name], value, atol=1e-6), name
+    dist.destroy_process_group()
+
+
+def test_sharded_state_is_one_process_state(tmp_path):
+    """Gradients, norm, sampling copy, gathered weights and optimiser state, and state put back, on a tiny model."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sharded_state_rank, args=(port,), nprocs=2, join=True)
+
+
 def _signal_for_addition_only(prompts, completions, id, **_):
     """Varies between completions of `add-*` rows only: about half the groups are flat."""
     return [float(len(c) % 5) if i.startswith("add") else 0.0 for c, i in zip(completions, id, strict=True)]

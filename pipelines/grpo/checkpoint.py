@@ -154,11 +154,18 @@ def latest(folder: Path) -> Path | None:
     return None
 
 
-def read(target: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """(trainable weights, optimiser/scheduler/RNG blob, JSON state) of the checkpoint in `target`, on the CPU."""
-    weights = load_file(str(target / "trainable.safetensors"))
+def read(target: Path, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(trainable weights, optimiser/scheduler/RNG blob, JSON state) of the checkpoint in `target`, on the CPU.
+
+    `tensors=False` leaves out the weights and the optimiser state (`{}` for both): what an FSDP rank
+    that receives them from rank 0 reads, without holding a whole copy of them even for a moment.
+    """
+    weights = load_file(str(target / "trainable.safetensors")) if tensors else {}
     # Read onto the CPU whichever device wrote it; load_state_dict moves the state to each weight's device.
-    blob = torch.load(target / "optimizer.pt", weights_only=True, map_location="cpu")
+    # Memory-mapped where the optimiser state is left out: it is then never read.
+    blob = torch.load(target / "optimizer.pt", weights_only=True, map_location="cpu", mmap=not tensors)
+    if not tensors:
+        blob["optimizer"] = {}
     return weights, blob, json.loads((target / "state.json").read_text())
 
 

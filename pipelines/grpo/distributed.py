@@ -11,12 +11,15 @@ How a step is split so that N processes make exactly the update one process make
 - each rank weights its loss by its share of the loss's normaliser (`loss_share`) and gradients are
   summed (`World.all_reduce_grads`), which gives the single-process gradient for every loss_type;
 - only rank 0 writes checkpoints, MLflow, metrics and the adapter (the rollout ledger gathers every
-  rank's slice first);
+  rank's slice first, and under FSDP every rank joins the gather of a checkpoint's whole tensors);
 - with dynamic sampling every resampling round is sharded the same way, so a round of fewer prompts
   than processes, or a step whose kept groups all came from other ranks, leaves a process with an
   empty slice: it samples nothing (`Rollout.empty`), its loss is 0 with share 0, and it still joins
   every gather and reduction. Kept groups are not moved between processes: the training pass can
   be uneven across them.
+
+With `train.fsdp` (full fine-tuning) each rank holds only a shard of the weights, gradients and
+optimiser state, and FSDP sums the gradients itself (sharding.py); the rest of the above holds.
 
 The ranks are started by launcher.py. Collectives run on gloo for CPU tensors and on nccl for CUDA
 tensors.

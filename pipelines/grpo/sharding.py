@@ -160,18 +160,21 @@ def full_trainable_state(model: Any) -> dict[str, torch.Tensor]:
 
 
 def load_trainable_state(model: Any, weights: dict[str, torch.Tensor]) -> None:
-    """Put whole trainable weights (every rank holds them) into the sharded `model`: each rank keeps its shard."""
+    """Put whole trainable weights into the sharded `model`: rank 0 holds them (`full_trainable_state`'s
+    format), the others pass `{}`; each rank keeps its shard. A collective."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    names = set(_trainable_names(model))
-    if set(weights) != names:
-        missing = sorted(set(weights) ^ names)
-        raise RuntimeError(f"the saved weights do not match the model being trained (parameters {missing[:3]}...)")
-    # A tied weight (the LM head reusing the embedding) goes under each of its names: a name left
-    # out would be loaded with the weight's old value, over the new one.
-    canonical = {id(p): name for name, p in model.named_parameters()}
-    whole = {alias: weights[canonical[id(p)]] for alias, p in model.named_parameters(remove_duplicate=False)}
-    set_model_state_dict(model, whole, options=_options(strict=False))
+    whole = {}
+    if weights:  # rank 0
+        names = set(_trainable_names(model))
+        if set(weights) != names:
+            missing = sorted(set(weights) ^ names)
+            raise RuntimeError(f"the saved weights do not match the model being trained (parameters {missing[:3]}...)")
+        # A tied weight (the LM head reusing the embedding) goes under each of its names: a name left
+        # out would be loaded with the weight's old value, over the new one.
+        canonical = {id(p): name for name, p in model.named_parameters()}
+        whole = {alias: weights[canonical[id(p)]] for alias, p in model.named_parameters(remove_duplicate=False)}
+    set_model_state_dict(model, whole, options=_options(strict=False, broadcast_from_rank0=True))
 
 
 def full_optimizer_state(model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -198,9 +201,13 @@ def full_optimizer_state(model: Any, optimizer: torch.optim.Optimizer) -> dict[s
 
 
 def load_optimizer_state(model: Any, optimizer: torch.optim.Optimizer, plain: dict[str, Any]) -> None:
-    """Put a plain `optimizer.state_dict()` of the whole model (every rank holds it) into the sharded optimiser."""
+    """Put a plain `optimizer.state_dict()` of the whole model into the sharded optimiser: rank 0 holds it,
+    the others pass `{}`. A collective."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
+    if not plain:  # not rank 0: receives its shards
+        set_optimizer_state_dict(model, optimizer, {}, options=_options(broadcast_from_rank0=True))
+        return
     names_of = {id(p): name for name, p in model.named_parameters()}
     order = [names_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
     numbers = [n for group in plain["param_groups"] for n in group["params"]]
@@ -211,12 +218,15 @@ def load_optimizer_state(model: Any, optimizer: torch.optim.Optimizer, plain: di
         "state": {name[n]: value for n, value in plain["state"].items()},
         "param_groups": [{**group, "params": [name[n] for n in group["params"]]} for group in plain["param_groups"]],
     }
-    set_optimizer_state_dict(model, optimizer, by_name, options=_options())
+    set_optimizer_state_dict(model, optimizer, by_name, options=_options(broadcast_from_rank0=True))
 
 
 def load_checkpoint(target: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """`checkpoint.load` into a sharded model and optimiser (every rank reads the files, keeps its shards)."""
-    weights, blob, state = checkpoint.read(target)
+    """`checkpoint.load` into a sharded model and optimiser: rank 0 reads the tensors and sends each rank
+    its shards (no other rank holds a whole copy); every rank reads the scheduler, RNG and JSON state."""
+    import torch.distributed as dist
+
+    weights, blob, state = checkpoint.read(target, tensors=dist.get_rank() == 0)
     load_trainable_state(model, weights)
     load_optimizer_state(model, optimizer, blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
