@@ -117,7 +117,8 @@ class PromptConfig(_Section):
 
     system: str | None = None  # null = the task's (none for the built-in tasks); "" = no system prompt
     instruction: str | None = None  # must contain {question}
-    examples: list[dict[str, str]] | None = None  # [{question, answer}] as earlier chat turns; [] = none
+    # [{question, answer}] as earlier chat turns, a tool call worked through with `call` and `result`; [] = none
+    examples: list[dict[str, str]] | None = None
 
     @field_validator("instruction")
     @classmethod
@@ -663,6 +664,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "evaluate.k": 2,
         "evaluate.bootstrap_samples": 200,
         "runtime.num_threads": 1,
+    },
+    # `tools`: the calculator task (pipelines/verifiers/calculator_task.py) on the embedded model: two- and
+    # three-digit multiplication, which the model cannot do in its head, with a calculator it can call.
+    "tools": {
+        "task": "calculator",
+        "data.generator.operators": ["*"],
+        "data.generator.a_min": 10,
+        "data.generator.a_max": 999,
+        "data.generator.b_min": 10,
+        "data.generator.b_max": 999,
+        "data.generator.num_rows": 1200,
+        "train.prompts_per_step": 4,
+        "train.max_completion_length": 128,  # a call, the tool's reply and the answer
+        "evaluate.max_new_tokens": 128,
     },
 }
 

@@ -16,7 +16,7 @@ from tests.conftest import prepared_project
 OVERRIDES = ["train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=2", "train.eval_every=0"]
 COLUMNS = {
     "step", "prompt_id", "group", "completion", "completion_ids", "text", "sampler_logps", "reward", "advantage",
-    "truncated", "reward_accuracy", "reward_format",
+    "truncated", "reward_accuracy", "reward_format", "turns",
 }  # fmt: skip
 
 

@@ -32,7 +32,12 @@ def test_golden_cases_agree_with_the_judge_and_the_rewards(name):
 def _completions(name: str, row: dict, rng: random.Random) -> list[str]:
     """Right, wrong and malformed completions for one generated row."""
     right = row["solution"] if name == "countdown" else row["answer"]
-    others = {"math": lambda: str(int(row["answer"]) + 1), "countdown": lambda: row["answer"], "choice": lambda: "Z"}
+    others = {
+        "math": lambda: str(int(row["answer"]) + 1),
+        "calculator": lambda: str(int(row["answer"]) + 1),
+        "countdown": lambda: row["answer"],
+        "choice": lambda: "Z",
+    }
     others = others[name]()
     return [
         f"work\n#### {right}",

@@ -35,6 +35,7 @@ def test_version_is_stable_and_distinct_per_verifier(name):
     task = catalog.load(name, ROOT)
     names = [*task.reward_names, *rewards.REWARDS, "judge"]
     first, again = versions.verifier_versions(task, names), versions.verifier_versions(task, names)
+    names += ["tools"] if task.tools else []  # a task's tools are versioned beside its rewards
     assert first == again and len(set(first.values())) == len(names)
     assert all(len(h) == 64 for h in first.values())
 

@@ -48,6 +48,9 @@ def build_messages(question: str | list[Message], cfg: PromptConfig) -> list[Mes
     instruction = cfg.instruction or "{question}"
     for example in cfg.examples or []:
         messages.append({"role": "user", "content": _fill(instruction, example["question"])})
+        if "call" in example:  # a worked tool call: the call, the tool's reply, then the answer
+            messages.append({"role": "assistant", "content": example["call"]})
+            messages.append({"role": "tool", "content": example.get("result", "")})
         messages.append({"role": "assistant", "content": example["answer"]})
     messages.append({"role": "user", "content": _fill(instruction, question)})
     return messages

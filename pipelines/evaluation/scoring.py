@@ -56,10 +56,12 @@ def answer_problems(
     import torch
     from tqdm.auto import tqdm  # disable=None: a bar on a terminal, none in logs and pipes
 
+    from pipelines.generation.multi_turn import Environment
     from pipelines.generation.rollout import generate
 
     if task is None:
         from pipelines.verifiers.math_task import TASK as task
+    environment = Environment.of(task)  # a task with tools: every answer is an episode, pass@k included
     outcomes: list[dict[str, Any]] = []
     for start in tqdm(range(0, len(rows), cfg.batch_size), desc=f"eval {label} greedy", unit="batch", disable=None):
         chunk = rows[start : start + cfg.batch_size]
@@ -72,6 +74,7 @@ def answer_problems(
             do_sample=False,
             bf16=cfg.bf16,
             backend=backend,
+            environment=environment,
         )
         verdicts = judge_all(rollout.texts, chunk, task=task, timeout=cfg.judge_timeout)
         for row, text, length, truncated, verdict in zip(
@@ -112,6 +115,7 @@ def answer_problems(
             backend=backend,
             # A server samples from no shared random stream: seed each problem, the same for every model.
             seeds=[cfg.seed * 1_000_003 + start + i for i in range(len(chunk))] if backend == "vllm" else None,
+            environment=environment,
         )
         lengths, truncated = rollout.lengths.tolist(), rollout.truncated.tolist()
         group_rows = [r for r in chunk for _ in range(cfg.k)]  # generate lays completions out group after group

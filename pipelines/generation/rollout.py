@@ -14,6 +14,7 @@ import torch
 
 from pipelines.device import autocast, model_device
 from pipelines.generation.backends import SamplingRequest, get_backend
+from pipelines.generation.multi_turn import Environment, lay_out, run_episodes, transcript
 
 
 @dataclass
@@ -27,12 +28,26 @@ class Rollout:
     group_size: int = 1  # rows come in groups of this many completions of one prompt
     # (N, C) the sampler's log-prob of each completion token (0 after EOS); None if not reported
     sampler_logps: torch.Tensor | None = None
+    # Multi-turn episodes (multi_turn.py): (N, C) 1 on the model's own tokens, 0 on tool replies and
+    # template tokens between turns (attended, never trained); None = every completion token is the model's.
+    loss_mask: torch.Tensor | None = None
+    episodes: list[list[dict[str, Any]]] | None = None  # each episode's turns: text, call, result, error, time
 
     @classmethod
     def empty(cls, group_size: int) -> Rollout:
         """No rows: the slice of a process that sampled nothing this round (grpo/distributed.py)."""
         ids = torch.zeros(0, 0, dtype=torch.long)
         return cls(ids, ids, ids, ids, torch.zeros(0, dtype=torch.bool), [], group_size, torch.zeros(0, 0))
+
+    @property
+    def transcripts(self) -> list[str]:
+        """Each completion as a reader should see it: an episode's every turn and tool reply, else the text."""
+        return self.texts if self.episodes is None else [transcript(turns) for turns in self.episodes]
+
+    @property
+    def trained_mask(self) -> torch.Tensor:
+        """The tokens the loss, the KL and the entropy read: the model's own."""
+        return self.completion_mask if self.loss_mask is None else self.loss_mask
 
     @property
     def rows(self) -> int:
@@ -55,6 +70,8 @@ class Rollout:
             texts=self.texts,
             group_size=self.group_size,
             sampler_logps=None if self.sampler_logps is None else self.sampler_logps.to(device),
+            loss_mask=None if self.loss_mask is None else self.loss_mask.to(device),
+            episodes=self.episodes,
         )
 
     def completion_token_lists(self) -> list[list[int]]:
@@ -72,6 +89,8 @@ class Rollout:
             texts=[self.texts[i] for i in idx.tolist()],
             group_size=self.group_size if len(idx) % self.group_size == 0 else 1,
             sampler_logps=None if self.sampler_logps is None else self.sampler_logps[idx],
+            loss_mask=None if self.loss_mask is None else self.loss_mask[idx],
+            episodes=None if self.episodes is None else [self.episodes[i] for i in idx.tolist()],
         )
 
 
@@ -101,15 +120,43 @@ def concat(parts: list[Rollout], pad_id: int) -> Rollout:
             if all(p.sampler_logps is not None for p in parts)
             else None
         ),
+        loss_mask=(
+            None
+            if all(p.loss_mask is None for p in parts)
+            else torch.cat([right(p.trained_mask, width_c, 0) for p in parts])
+        ),
+        episodes=(
+            None
+            if all(p.episodes is None for p in parts)
+            else [e for p in parts for e in (p.episodes or [[]] * p.rows)]
+        ),
     )
 
 
-def render_prompts(tokenizer: Any, prompts: list[Any]) -> list[str]:
-    """Chat-templated prompt strings (plain strings pass through unchanged)."""
-    return [
-        tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) if isinstance(p, list) else p
-        for p in prompts
-    ]
+def render_prompts(tokenizer: Any, prompts: list[Any], tools: tuple[Any, ...] = ()) -> list[str]:
+    """Chat-templated prompt strings (plain strings pass through unchanged), with the tools described
+    in the template's own tool format where it has one, else in the system prompt (verifiers/tools.py)."""
+    from pipelines.verifiers.tools import describe, native_format, schema
+
+    kwargs: dict[str, Any] = {"add_generation_prompt": True, "tokenize": False}
+    native = bool(tools) and native_format(tokenizer)
+    if native:
+        kwargs["tools"] = [schema(fn) for fn in tools]
+    out = []
+    for p in prompts:
+        if not isinstance(p, list):
+            out.append(p)
+            continue
+        messages = p if native or not tools else _with_system(p, describe(tools))
+        out.append(tokenizer.apply_chat_template(messages, **kwargs))
+    return out
+
+
+def _with_system(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    """`text` added to the system prompt (a system message first when there is none)."""
+    if messages and messages[0].get("role") == "system":
+        return [{**messages[0], "content": f"{messages[0]['content']}\n\n{text}"}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,15 +189,19 @@ def generate(
     backend: str = "lean",
     seeds: list[int] | None = None,
     min_new_tokens: int = 0,
+    environment: Environment | None = None,
 ) -> Rollout:
     """`num_generations` completions of each prompt, laid out group after group.
 
     `backend` names a rollout backend (pipelines/generation/backends.py: `lean`, `hf`, `vllm`); this
     function does the rest, the same for all: chat template, tokenisation, masks, decoding.
-    `seeds` (one per prompt) make each prompt's completions reproducible on their own.
+    `seeds` (one per prompt) make each prompt's completions reproducible on their own. With an
+    `environment` (a task's tools), each completion is a multi-turn episode (multi_turn.py).
     """
     tokenizer.padding_side = "left"
-    encoded = tokenizer(render_prompts(tokenizer, prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    tools = environment.tools if environment is not None else ()
+    rendered = render_prompts(tokenizer, prompts, tools)
+    encoded = tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
     request = SamplingRequest(
         num_generations=num_generations,
         max_new_tokens=max_new_tokens,
@@ -162,6 +213,17 @@ def generate(
         min_new_tokens=min_new_tokens,
     )
     device = model_device(model)
+    if environment is not None:
+        with autocast(device, bf16):
+            episodes = run_episodes(
+                model, tokenizer, encoded["input_ids"], encoded["attention_mask"], request, backend, environment
+            )
+        return Rollout(
+            prompt_ids=encoded["input_ids"].repeat_interleave(num_generations, dim=0),
+            prompt_mask=encoded["attention_mask"].repeat_interleave(num_generations, dim=0),
+            group_size=num_generations,
+            **lay_out(episodes, tokenizer.pad_token_id),
+        )
     with autocast(device, bf16):
         sampled = get_backend(backend).completions(
             model, tokenizer, encoded["input_ids"], encoded["attention_mask"], request

@@ -14,6 +14,7 @@ import torch
 
 from pipelines.config import Config
 from pipelines.generation.lean_decode import prompt_seed
+from pipelines.generation.multi_turn import Environment
 from pipelines.generation.rollout import Rollout, concat, generate
 from pipelines.grpo import distributed
 from pipelines.grpo.advantages import combine_rewards, group_advantages
@@ -151,6 +152,7 @@ def _sample_and_score(
         backend=cfg.runtime.rollout_backend,
         seeds=seeds,
         min_new_tokens=t.min_completion_length,
+        environment=Environment.of(task),  # a task with tools: multi-turn episodes (multi_turn.py)
     )
     scores, _ = score(
         t.rewards,

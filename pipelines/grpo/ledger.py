@@ -16,6 +16,7 @@ highest advantage (`top_advantages`).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -37,6 +38,9 @@ SCHEMA = [
     pa.field("reward", pa.float64()),  # the weighted sum the advantage is computed from
     pa.field("advantage", pa.float64()),
     pa.field("truncated", pa.bool_()),
+    # A multi-turn episode's turns as JSON (each: text, call, result, error, seconds); null for one turn.
+    # `text` above is the last turn's: the answer the rewards read.
+    pa.field("turns", pa.string()),
 ]
 
 
@@ -90,6 +94,7 @@ def table(
         "reward": rewards.double().tolist(),
         "advantage": advantages.double().tolist(),
         "truncated": rollout.truncated.bool().tolist(),
+        "turns": [None] * n if rollout.episodes is None else [json.dumps(e, sort_keys=True) for e in rollout.episodes],
     }
     fields = list(SCHEMA)
     for j, name in enumerate(reward_names):

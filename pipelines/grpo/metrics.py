@@ -32,6 +32,7 @@ def step_metrics(
     elapsed: float,
     generation_time: float,
     world: distributed.World,
+    tools: bool = False,
 ) -> dict[str, float]:
     """One step's metrics over all processes.
 
@@ -80,6 +81,22 @@ def step_metrics(
         "step_time": elapsed,
         "generation_time": generation_time,
         "tokens_per_second": world.sum(float(lengths.sum())) / elapsed,
+        **(episode_metrics(rollout, world) if tools else {}),
+    }
+
+
+def episode_metrics(rollout: Any, world: distributed.World) -> dict[str, float]:
+    """Turns, tool calls and tool errors per episode, over all processes (a task with tools)."""
+    from pipelines.generation.multi_turn import episode_counts
+
+    counts = [episode_counts(turns) for turns in rollout.episodes or []]
+    n = len(counts)
+    means = [sum(c[k] for c in counts) / n if n else 0.0 for k in range(3)]
+    averaged = world.average({"turns": means[0], "calls": means[1], "errors": means[2]}, weight=float(n))
+    return {
+        "tools/turns_per_episode": averaged["turns"],
+        "tools/calls_per_episode": averaged["calls"],
+        "tools/errors_per_episode": averaged["errors"],
     }
 
 

@@ -315,7 +315,7 @@ def train(
                 batch.per_function, weights, G, t.scale_rewards, t.multi_objective_aggregation
             )
             advantages = advantages[batch.local]
-            mask = on_device.completion_mask.float()
+            mask = on_device.trained_mask.float()  # the model's own tokens (not a tool's replies)
             if t.mask_truncated_completions:
                 mask = mask * (~on_device.truncated).float().unsqueeze(-1)
             # This process's part of the loss's normaliser (1 for one process): summed over the
@@ -403,6 +403,7 @@ def train(
                 elapsed=elapsed,
                 generation_time=generated - started,
                 world=world,
+                tools=bool(task.tools),
             )
             metrics.update(peak_memory_metrics(device))  # the GPU's, per step (nothing on the CPU)
             # Cumulative training time, carried across resumes: curves are drawn against it.
@@ -417,7 +418,7 @@ def train(
                 ):
                     if warning:
                         log.warning(warning)
-            logger.step(step + 1, metrics, batch.rows, rollout.texts, rewards[batch.local], advantages)
+            logger.step(step + 1, metrics, batch.rows, rollout.transcripts, rewards[batch.local], advantages)
             # The rollout ledger (ledger.py): this step's completions, scores and advantages, every
             # process's slice, written by rank 0.
             slices = []

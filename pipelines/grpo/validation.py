@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipelines.generation.multi_turn import Environment
 from pipelines.generation.rollout import generate
 from pipelines.verifiers.judge import judge_all
 from pipelines.verifiers.task import Task
@@ -73,7 +74,7 @@ def score_split(
         chunk = rows[start : start + batch_size]
         rollout = generate(
             model, tokenizer, [r["prompt"] for r in chunk], num_generations=1, max_new_tokens=max_new_tokens,
-            do_sample=False, backend=backend,
+            do_sample=False, backend=backend, environment=Environment.of(task),  # the task's tools, if any
         )  # fmt: skip
         # In the verifier worker, under evaluation's limit: model output is hostile text.
         verdicts = judge_all(rollout.texts, chunk, task=task, timeout=judge_timeout)

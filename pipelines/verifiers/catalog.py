@@ -24,6 +24,7 @@ BUILTIN = {
     "math": "pipelines.verifiers.math_task",
     "countdown": "pipelines.verifiers.countdown_task",
     "choice": "pipelines.verifiers.choice_task",
+    "calculator": "pipelines.verifiers.calculator_task",
 }
 
 
@@ -46,8 +47,7 @@ def split_spec(spec: str) -> tuple[str, str | None]:
 def load(spec: str, root: Path) -> Task:
     """The task `spec` names (this module's docstring), checked to be a Task."""
     if is_builtin(spec):
-        task = importlib.import_module(BUILTIN[spec]).TASK
-        return task
+        return check_tools(importlib.import_module(BUILTIN[spec]).TASK)
     where, attr = split_spec(spec)
     if where.endswith(".py"):
         module = _load_file(spec, where, root)
@@ -61,7 +61,21 @@ def load(spec: str, root: Path) -> Task:
             ) from None
         except Exception as exc:
             raise TaskError(f"task {spec!r}: importing {where!r} failed: {type(exc).__name__}: {exc}") from None
-    return _task_in(module, spec, attr)
+    return check_tools(_task_in(module, spec, attr))
+
+
+def check_tools(task: Task) -> Task:
+    """`task`, once each of its tools can be described to the model and called with checked arguments
+    (verifiers/tools.py); a TaskError naming the tool and the fix otherwise."""
+    from pipelines.verifiers.tools import check_tool
+
+    problems = [p for p in (check_tool(fn) for fn in task.tools) if p]
+    if problems:
+        raise TaskError(
+            f"task {task.name!r}: " + "; ".join(problems) + " (a tool is a function with type hints and a "
+            "Google-style docstring with an Args: line per parameter)"
+        )
+    return task
 
 
 def _load_file(spec: str, where: str, root: Path) -> Any:

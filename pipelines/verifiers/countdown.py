@@ -132,16 +132,26 @@ def check_expression(text: str, numbers: Iterable[int]) -> Checked:
     ...
     pipelines.verifiers.countdown.ExpressionError: uses 3 more often than given (given: 3, 4)
     """
+    checked = parse(text)
+    given = list(numbers)
+    extra = Counter(checked.numbers) - Counter(given)
+    if extra:
+        shown = ", ".join(str(n) for n in given)
+        raise ExpressionError(f"uses {min(extra)} more often than given (given: {shown})")
+    return checked
+
+
+def parse(text: str) -> Checked:
+    """Parse `text` and compute it exactly (no rule about which numbers it uses).
+
+    >>> parse("12 * (3 + 4)").value
+    Fraction(84, 1)
+    """
     tokens = tokenize(text)
     parser = _Parser(tokens)
     value = parser.expr(0)
     if parser.pos != len(tokens):
         raise ExpressionError(f"unexpected {tokens[parser.pos]!r} after a complete expression")
-    given = list(numbers)
-    extra = Counter(parser.used) - Counter(given)
-    if extra:
-        shown = ", ".join(str(n) for n in given)
-        raise ExpressionError(f"uses {min(extra)} more often than given (given: {shown})")
     return Checked(value=value, numbers=tuple(parser.used))
 
 

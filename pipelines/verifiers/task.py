@@ -122,6 +122,11 @@ class Task:
     generate: Callable[[Any], Iterator[dict[str, Any]]] | None = None
     description: str = ""
     lenient_name: str = "lenient"  # what the lenient reading is, for reports ("last number right")
+    # Tools the model may call between turns (tools.py: typed functions, run in the verifier worker),
+    # and how many model turns an episode may take: the last one must answer. No tools: one turn.
+    tools: Sequence[Callable[..., Any]] = ()
+    max_turns: int = 1
+    tool_timeout: float = 5.0  # seconds one tool call may take before the model is told it was stopped
 
     def __post_init__(self) -> None:
         names = [r.name for r in self.rewards]
@@ -136,6 +141,7 @@ class Task:
             problems.append(f"`correctness` is {self.correctness!r}, which is not one of its rewards {names}")
         if "{question}" not in self.instruction:
             problems.append("`instruction` must contain {question}, where the row's question goes")
+        problems += _tool_problems(self)
         if problems:
             raise TaskError(f"task {self.name!r}: " + "; ".join(problems))
 
@@ -161,6 +167,22 @@ class Task:
     def golden_check(self) -> Callable[[], list[str]]:
         """`golden_problems` of this task (the same identity rule as `judge_batch`)."""
         return functools.partial(golden_problems, self)
+
+
+def _tool_problems(task: Task) -> list[str]:
+    # (Each tool's own signature and docstring are checked where a task is loaded, catalog.check_tools:
+    # importing tools.py here would make every task's judge version depend on it.)
+    problems = [] if all(callable(fn) for fn in task.tools) else ["every tool must be a function"]
+    names = [getattr(fn, "__name__", "") for fn in task.tools]
+    if len(set(names)) != len(names):
+        problems.append(f"tool names repeat: {names}")
+    if not isinstance(task.max_turns, int) or not 1 <= task.max_turns <= 16:
+        problems.append(f"`max_turns` is {task.max_turns!r}; give 1 to 16")
+    elif task.tools and task.max_turns < 2:
+        problems.append("a task with tools needs `max_turns` of at least 2 (a call, then an answer)")
+    if not task.tool_timeout > 0:
+        problems.append("`tool_timeout` must be a positive number of seconds")
+    return problems
 
 
 class TaskError(ConfigError):

@@ -105,6 +105,9 @@ def verifier_versions(task: Task, names: Iterable[str]) -> dict[str, str]:
             out[name] = verifier_version(reward_function(task, name), {"task": task.name, "cases": own_golden})
         else:
             out[name] = verifier_version(reward_function(task, name), generic.get(name, []))
+    if task.tools:  # what a tool returns is part of every score of an episode that called it
+        parts = sorted(f"{fn.__name__}={verifier_version(fn, {'task': task.name})}" for fn in task.tools)
+        out["tools"] = hashlib.sha256("\n".join(parts).encode()).hexdigest()
     return out
 
 
