@@ -33,8 +33,9 @@ class Scripted:
     """A rollout backend that plays the calculator task: every episode's first turn calls the tool on its
     question; the turn after the tool's reply answers, right or wrong by its seed (so groups differ)."""
 
-    def __init__(self) -> None:
+    def __init__(self, logps: bool = False) -> None:
         self.requests: list[backends.SamplingRequest] = []
+        self.logps = logps
 
     def completions(self, model, tokenizer, input_ids, attention_mask, request):
         self.requests.append(request)
@@ -55,7 +56,8 @@ class Scripted:
         ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
         for i, e in enumerate(encoded):
             ids[i, : len(e)] = torch.tensor(e)
-        return backends.Sampled(ids, torch.full(ids.shape, -0.5) if request.do_sample else None)
+        # Log-probs only when asked: a made-up sampler's would make training's importance correction mask all.
+        return backends.Sampled(ids, torch.full(ids.shape, -0.5) if self.logps and request.do_sample else None)
 
 
 @pytest.fixture
@@ -176,6 +178,7 @@ def scripted(monkeypatch):
 
 
 def test_an_episode_calls_the_tool_reads_its_reply_and_answers(tokenizer, scripted):
+    scripted.logps = True
     rollout = generate(
         None, tokenizer, _prompts((12, 34), (56, 78)), num_generations=2, max_new_tokens=96, do_sample=True,
         seeds=[4, 5], environment=Environment.of(TASK),
@@ -193,7 +196,15 @@ def test_an_episode_calls_the_tool_reads_its_reply_and_answers(tokenizer, script
         untrained = attended[~rollout.loss_mask[row][: len(attended)].bool()]
         reply = "408" if row < 2 else "4368"
         assert tokenizer.decode(untrained) == f"\n<|im_start|>tool\n{reply}<|im_end|>\n<|im_start|>assistant\n"
-        assert bool((rollout.sampler_logps[row][~rollout.loss_mask[row].bool()] == 0).all())
+        trained = rollout.loss_mask[row].bool()
+        assert bool((rollout.sampler_logps[row][trained] == -0.5).all())
+        assert bool((rollout.sampler_logps[row][~trained] == 0).all())
+    scripted.logps = False  # a backend that reports none: no zeros that would read as certainty
+    again = generate(
+        None, tokenizer, _prompts((12, 34)), num_generations=2, max_new_tokens=96, do_sample=True, seeds=[4],
+        environment=Environment.of(TASK),
+    )  # fmt: skip
+    assert again.sampler_logps is None
 
 
 def test_the_loss_gradient_is_zero_on_tool_reply_tokens(tokenizer, scripted, tiny_reference):
@@ -295,3 +306,39 @@ def test_training_on_episodes_logs_turns_and_resumes_exactly(tmp_path, tiny_refe
     assert trainer.run(cfg, Paths(cut), log_to_mlflow=False).resumed_from == 2
     a, b = (load_file(str(Paths(r).policy_dir / "adapter_model.safetensors")) for r in (whole, cut))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _episode_rank(rank: int, root: str, port: int) -> None:
+    """One of two processes, as torchrun would start it, sampling through the scripted backend."""
+    import os
+    from pathlib import Path
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    backends.BACKENDS["lean"] = Scripted()
+    cfg = config.load(Path(root) / "params.yaml", [*TOOLS, "train.steps=2", "train.num_processes=2"], preset="smoke")
+    trainer.run(cfg, Paths(Path(root)), log_to_mlflow=False)
+
+
+def test_two_processes_train_on_episodes_what_one_process_trains(tmp_path, tiny_reference, scripted):
+    import socket
+
+    import pandas as pd
+    import torch.multiprocessing as mp
+    from test_distributed import _assert_same_adapter
+
+    single = tmp_path / "single"
+    trainer.run(_project(single, tiny_reference, ["train.steps=2"]), Paths(single), log_to_mlflow=False)
+    ddp = tmp_path / "ddp"
+    _project(ddp, tiny_reference, ["train.steps=2"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_episode_rank, args=(str(ddp), port), nprocs=2, join=True)
+
+    columns = ["step", "prompt_id", "group", "completion", "completion_ids", "text", "reward", "turns"]
+    one, two = (ledger.read(ledger.ledger_dir(root))[columns] for root in (single, ddp))
+    assert len(one) == 2 * 2 * 4 and one["turns"].notna().all()
+    for frame in (one, two):  # (how long each tool call took is the one thing that differs)
+        frame["turns"] = frame["turns"].str.replace(r'"seconds": [0-9.e-]+', "", regex=True)
+    pd.testing.assert_frame_equal(two, one)
+    _assert_same_adapter(ddp, single)

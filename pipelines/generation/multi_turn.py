@@ -52,11 +52,13 @@ class Episode:
     turns: list[dict[str, Any]] = field(default_factory=list)
     answer: str = ""  # the last turn's text
     truncated: bool = False
+    reported: bool = True  # every model turn came with the sampler's log-probs
 
     def add(self, tokens: list[int], trained: int, logps: list[float] | None = None) -> None:
         self.tokens += tokens
         self.trained += [trained] * len(tokens)
         self.logps += logps if logps is not None else [0.0] * len(tokens)
+        self.reported &= logps is not None or not trained
 
 
 class ToolTurn:
@@ -222,7 +224,8 @@ def lay_out(episodes: list[Episode], pad_id: int) -> dict[str, Any]:
         "completion_ids": ids,
         "completion_mask": attended,
         "loss_mask": trained,
-        "sampler_logps": logps,
+        # (none when a backend did not report them: a zero would read as probability 1)
+        "sampler_logps": logps if all(e.reported for e in episodes) else None,
         "truncated": torch.tensor([e.truncated for e in episodes], dtype=torch.bool),
         "texts": [e.answer for e in episodes],
         "episodes": [e.turns for e in episodes],

@@ -101,7 +101,8 @@ def describe(tools: Sequence[Callable[..., Any]]) -> str:
         'You can call these tools. To call one, write <tool_call>{"name": NAME, "arguments": {...}}</tool_call>',
         "and stop; the result comes back as a message from `tool`. Tools:",
     ]
-    lines += [json.dumps(schema(fn)["function"], sort_keys=True) for fn in tools]
+    # (without the return type: the embedded model copied it into its calls as if it were an argument)
+    lines += [json.dumps({k: v for k, v in schema(fn)["function"].items() if k != "return"}) for fn in tools]
     return "\n".join(lines)
 
 
