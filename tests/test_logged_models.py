@@ -186,8 +186,8 @@ def test_promote_checkpoint_registers_a_loadable_champion_and_refuses_a_pruned_o
 
     honest = parity.run_probe
 
-    def damaged(model_uri, texts, timeout_s=900.0):
-        got = honest(model_uri, texts, timeout_s)
+    def damaged(model_uri, texts, timeout_s=900.0, device="cpu"):
+        got = honest(model_uri, texts, timeout_s, device)
         return {k: (v + 0.5 if k.startswith("pyfunc/") else v) for k, v in got.items()}
 
     monkeypatch.setattr(parity, "run_probe", damaged)

@@ -342,3 +342,23 @@ def test_two_processes_train_on_episodes_what_one_process_trains(tmp_path, tiny_
         frame["turns"] = frame["turns"].str.replace(r'"seconds": [0-9.e-]+', "", regex=True)
     pd.testing.assert_frame_equal(two, one)
     _assert_same_adapter(ddp, single)
+
+
+def test_dynamic_sampling_keeps_each_episode_with_its_masks_and_turns(tokenizer, scripted):
+    from pipelines.generation.rollout import concat
+
+    def episodes(*pairs):
+        return generate(
+            None, tokenizer, _prompts(*pairs), num_generations=2, max_new_tokens=96, do_sample=True,
+            seeds=list(range(len(pairs))), environment=Environment.of(TASK),
+        )  # fmt: skip
+
+    first, second = episodes((12, 34)), episodes((56, 78), (90, 12))
+    kept = concat(
+        [first.select(torch.tensor([True, True])), second.select(torch.tensor([False, False, True, True]))], 0
+    )
+    assert kept.rows == 4 and [e[0]["result"] for e in kept.episodes] == ["408", "408", "1080", "1080"]
+    for row, source in ((0, first), (2, second)):
+        part = source.loss_mask[0 if source is first else 2]
+        assert torch.equal(kept.loss_mask[row][: part.numel()], part)
+        assert not kept.loss_mask[row][part.numel() :].any()
