@@ -76,7 +76,8 @@ def _back_to_step_two(root: Path) -> None:
     shutil.rmtree(paths.policy_dir)
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.04], ids=["no-kl", "kl"])
+# (the KL case, with its sharded reference, takes 14 s more: it runs with `make test-slow`)
+@pytest.mark.parametrize("beta", [0.0, pytest.param(0.04, marks=pytest.mark.slow)], ids=["no-kl", "kl"])
 def test_two_sharded_processes_train_what_one_plain_process_trains(tmp_path, tiny_reference, beta, capfd):
     overrides = [*OVERRIDES, f"train.beta={beta}"]
     single = tmp_path / "single"

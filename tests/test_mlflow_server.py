@@ -100,6 +100,7 @@ def mlflow_server(tmp_path_factory):
             proc.wait()
 
 
+@pytest.mark.slow  # (53 s; the same calls run against SQLite in test_registry.py, and `make test-infra` runs a server)
 def test_register_promote_rollback_against_a_server(mlflow_server, tmp_path, tiny_reference, monkeypatch):
     import mlflow
 

@@ -100,6 +100,7 @@ def test_training_samples_from_the_adapter_of_the_step_before(tmp_path, referenc
     assert not list((tmp_path / "p" / ".vllm" / "adapters").glob("*")), "adapter folders left behind"
 
 
+@pytest.mark.slow  # (64 s: a server started twice; run with `make test-slow`)
 def test_a_server_that_dies_mid_run_gives_a_clear_error_and_training_resumes(tmp_path, reference_32, monkeypatch):
     from pipelines.generation import vllm_server
     from pipelines.generation.vllm_client import VLLMError
