@@ -119,3 +119,12 @@ def download_version(name: str, alias: str, dest: Path) -> tuple[Path, Path]:
     adapter = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{alias}", dst_path=str(dest / "adapter")))
     base = Path(mlflow.artifacts.download_artifacts(version.tags["reference_model_uri"], dst_path=str(dest / "base")))
     return base, adapter
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now: the rendezvous of processes a test starts itself."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -17,7 +17,7 @@ from pipelines.config import ConfigError
 from pipelines.grpo import distributed, trainer
 from pipelines.grpo.loss import grpo_loss
 from pipelines.paths import Paths
-from tests.conftest import cli_env, prepared_project
+from tests.conftest import cli_env, free_port, prepared_project
 
 OVERRIDES = [
     "train.steps=4",
@@ -188,7 +188,6 @@ def _rank(rank: int, root: str, port: int) -> None:
 def test_two_processes_with_dynamic_sampling_train_what_one_process_trains(tmp_path, tiny_reference, monkeypatch):
     """Resampled rounds draw fewer prompts than there are processes, and a process can keep no group
     of a step: it samples nothing, adds nothing to the gradient, and still joins every collective."""
-    import socket
 
     import pandas as pd
     import torch.multiprocessing as mp
@@ -203,9 +202,7 @@ def test_two_processes_with_dynamic_sampling_train_what_one_process_trains(tmp_p
 
     ddp = tmp_path / "ddp"
     prepared_project(ddp, tiny_reference, DYNAMIC)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_rank, args=(str(ddp), port), nprocs=2, join=True)
 
     _assert_same_adapter(ddp, single)

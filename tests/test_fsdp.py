@@ -16,7 +16,8 @@ from pipelines import config
 from pipelines.config import ConfigError
 from pipelines.grpo import trainer
 from pipelines.paths import Paths
-from tests.conftest import prepared_project
+from tests.conftest import free_port, prepared_project
+from tests.test_distributed import _signal_for_addition_only
 
 OVERRIDES = [
     "train.lora.enabled=false",
@@ -193,19 +194,11 @@ def _sharded_state_rank(rank: int, port: int) -> None:
 
 def test_sharded_state_is_one_process_state(tmp_path):
     """Gradients, norm, sampling copy, gathered weights and optimiser state, and state put back, on a tiny model."""
-    import socket
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_sharded_state_rank, args=(port,), nprocs=2, join=True)
-
-
-def _signal_for_addition_only(prompts, completions, id, **_):
-    """Varies between completions of `add-*` rows only: about half the groups are flat."""
-    return [float(len(c) % 5) if i.startswith("add") else 0.0 for c, i in zip(completions, id, strict=True)]
 
 
 DYNAMIC = [
@@ -245,7 +238,6 @@ def _rank(rank: int, root: str, port: int) -> None:
 def test_a_process_with_nothing_to_train_still_joins_fsdp(tmp_path, tiny_reference, monkeypatch):
     """With dynamic sampling a process can keep no group of a step: under FSDP it still runs the model
     (a collective) and its backward, adding nothing; the run is still one process's."""
-    import socket
 
     import torch.multiprocessing as mp
 
@@ -257,9 +249,7 @@ def test_a_process_with_nothing_to_train_still_joins_fsdp(tmp_path, tiny_referen
 
     sharded = tmp_path / "sharded"
     prepared_project(sharded, tiny_reference, DYNAMIC)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_rank, args=(str(sharded), port), nprocs=2, join=True)
 
     assert list(sharded.glob("empty-step-*")), "every process kept a group on every step: the test is trivial"

@@ -24,6 +24,7 @@ from pipelines.paths import Paths
 from pipelines.verifiers import calculator_task, tools
 from pipelines.verifiers.calculator_task import calculator
 from pipelines.verifiers.task import Task, TaskError
+from tests.conftest import free_port, make_project
 
 TASK = calculator_task.TASK
 QUESTION = re.compile(r"What is (\d+) \* (\d+)\?")
@@ -267,8 +268,6 @@ TOOLS = [
 
 
 def _project(root, tiny_reference, overrides):
-    from conftest import make_project
-
     make_project(root)
     cfg = config.load(root / "params.yaml", [*TOOLS, *overrides], preset="smoke")
     validate.run(cfg, Paths(root))
@@ -320,7 +319,6 @@ def _episode_rank(rank: int, root: str, port: int) -> None:
 
 
 def test_two_processes_train_on_episodes_what_one_process_trains(tmp_path, tiny_reference, scripted):
-    import socket
 
     import pandas as pd
     import torch.multiprocessing as mp
@@ -330,9 +328,7 @@ def test_two_processes_train_on_episodes_what_one_process_trains(tmp_path, tiny_
     trainer.run(_project(single, tiny_reference, ["train.steps=2"]), Paths(single), log_to_mlflow=False)
     ddp = tmp_path / "ddp"
     _project(ddp, tiny_reference, ["train.steps=2"])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_episode_rank, args=(str(ddp), port), nprocs=2, join=True)
 
     columns = ["step", "prompt_id", "group", "completion", "completion_ids", "text", "reward", "turns"]
