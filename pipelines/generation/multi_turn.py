@@ -127,10 +127,10 @@ def run_episodes(
         out, logps = sampled.ids.cpu(), None if sampled.logps is None else sampled.logps.cpu()
         calling = []
         for row, i in enumerate(active):
-            texts = _take_turn(episodes[i], out[row], None if logps is None else logps[row], eos, request, tokenizer)
-            if texts is not None and turn + 1 < env.max_turns:
+            text = _take_turn(episodes[i], out[row], None if logps is None else logps[row], eos, request, tokenizer)
+            if text is not None and turn + 1 < env.max_turns:
                 calling.append(i)
-            elif texts is not None:
+            elif text is not None:
                 episodes[i].turns.append({"text": episodes[i].answer})
         active = [i for i in calling if _call_tool(episodes[i], env, between, request.max_new_tokens)]
         if not active:
