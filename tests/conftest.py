@@ -110,7 +110,7 @@ def cli_env() -> dict[str, str]:
 
 
 def download_version(name: str, alias: str, dest: Path) -> tuple[Path, Path]:
-    """(base model folder, adapter folder) of `name@alias`, fetched from the registry: the README's recipe."""
+    """(base model folder, adapter folder) of `name@alias`, from the registry as docs/registry.md shows."""
     import mlflow
     from mlflow import MlflowClient
 

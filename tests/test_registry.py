@@ -383,7 +383,7 @@ def test_ask_answers_as_plain_transformers_and_peft_do(sqlite_project, tmp_path,
         evaluate.run(cfg, paths)
         promotion.promote(client, NAME, registry.run(cfg, paths).version, "to ask it", user="test")
 
-    # Plain transformers + peft from the downloaded artifacts: the README's recipe.
+    # Plain transformers + peft from the downloaded artifacts: the recipe in docs/registry.md.
     base_dir, adapter_dir = download_version(NAME, "champion", tmp_path / "dl")
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()

@@ -213,9 +213,9 @@ def test_user_reward_and_judge_mistakes_name_the_function_and_the_row(tmp_path):
         judge_all(["#### yes"], rows, task=bad, timeout=30)
 
 
-def test_readme_shows_the_example_task_file_as_it_is():
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("### Your own task", 1)[1].split("```python\n", 1)[1].split("\n```", 1)[0]
+def test_the_docs_show_the_example_task_file_as_it_is():
+    page = (ROOT / "docs" / "data-and-tasks.md").read_text()
+    block = page.split("### Your own task", 1)[1].split("```python\n", 1)[1].split("\n```", 1)[0]
     assert block == EXAMPLE.read_text().rstrip("\n")
     assert 30 <= len(block.splitlines()) <= 70
 
