@@ -83,13 +83,9 @@ class LeanBackend:
         attention_mask: torch.Tensor,
         request: SamplingRequest,
     ) -> Sampled:
-        from pipelines.generation.lean_decode import row_generators, sample
+        from pipelines.generation.lean_decode import sample
 
-        generators = None
-        if request.seeds is not None and request.do_sample:
-            if len(request.seeds) != input_ids.size(0):
-                raise ValueError(f"{len(request.seeds)} seeds for {input_ids.size(0)} prompts: pass one per prompt")
-            generators = row_generators(request.seeds, request.num_generations)
+        generators = row_generators(request, input_ids.size(0))
         ids, logps = sample(
             model,
             input_ids,
@@ -106,6 +102,17 @@ class LeanBackend:
             min_new_tokens=request.min_new_tokens,
         )
         return Sampled(ids, logps)
+
+
+def row_generators(request: SamplingRequest, prompts: int) -> list[torch.Generator] | None:
+    """The lean loop's generators for a request: one per completion row, from the prompts' seeds."""
+    from pipelines.generation import lean_decode
+
+    if request.seeds is None or not request.do_sample:
+        return None
+    if len(request.seeds) != prompts:
+        raise ValueError(f"{len(request.seeds)} seeds for {prompts} prompts: pass one per prompt")
+    return lean_decode.row_generators(request.seeds, request.num_generations)
 
 
 class HFGenerateBackend:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,6 +58,64 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits
 
 
+@dataclass
+class Decoding:
+    """What the decoding loop advances: the KV cache (with the prompts' keys and values once per
+    group when `prefix` is set, else in the cache row by row), the attention mask and next position
+    of each row, and the logits its next token is drawn from."""
+
+    cache: Any
+    prefix: Any  # shared_prefix.Prefix or None
+    attention_mask: torch.Tensor
+    next_position: torch.Tensor  # (rows, 1)
+    logits: torch.Tensor  # (rows, vocabulary) fp32
+
+
+@dataclass
+class RowCache:
+    """One row's keys and values after a turn (the prompt and every token fed so far: all the turn's
+    tokens but the last, which was sampled and not yet fed), kept for its next turn (turn_cache.py)."""
+
+    keys: list[torch.Tensor]  # per layer: (kv heads, length, head dim)
+    values: list[torch.Tensor]
+    mask: torch.Tensor  # (length,) 1 where attended (0 on left padding)
+
+
+@torch.no_grad()
+def start(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    num_generations: int,
+    pad_id: int,
+    share_opening: bool,
+) -> Decoding:
+    """Prefill the prompts and fan each out to its group's `num_generations` rows."""
+    from transformers import DynamicCache
+
+    from pipelines.generation.shared_prefix import Prefix, enabled
+
+    cache = DynamicCache()
+    out, attention_mask, positions = prefill(
+        model, input_ids, attention_mask, cache, pad_id=pad_id, share_opening=share_opening
+    )
+    # With shared-prefix attention (shared_prefix.py) the prompt's keys and values stay once per
+    # group and the completions' own go to a fresh cache; otherwise the cache is repeated G times.
+    prefix = (
+        Prefix.from_cache(cache, attention_mask, num_generations) if num_generations > 1 and enabled(model) else None
+    )
+    if prefix is not None:
+        cache = DynamicCache()
+    if num_generations > 1:
+        if prefix is None:
+            cache.batch_repeat_interleave(num_generations)
+        attention_mask = attention_mask.repeat_interleave(num_generations, dim=0)
+        positions = positions.repeat_interleave(num_generations, dim=0)
+    logits = out.logits[:, -1, :].float().repeat_interleave(num_generations, dim=0)
+    return Decoding(cache, prefix, attention_mask, positions[:, -1:] + 1, logits)
+
+
 @torch.no_grad()
 def sample(
     model: Any,
@@ -74,6 +133,7 @@ def sample(
     generators: list[torch.Generator] | None = None,
     min_new_tokens: int = 0,
     share_opening: bool | None = None,
+    kept: list[RowCache | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B * G, T) completion ids for left-padded prompts, padded with `pad_id` after EOS, and when
     sampling, each token's log-probability under the distribution it was drawn from (after
@@ -83,38 +143,45 @@ def sample(
     own: a row takes one vocabulary-sized block of noise per token it generates, so what it samples
     does not depend on the rest of the batch. Without them, noise comes from torch's global generator.
     `share_opening` prefills the prompts' common opening once (`prefill`); by default only without
-    `generators`, whose promise it would bend at the rounding level.
+    `generators`, whose promise it would bend at the rounding level. `kept`, a list with a slot per
+    row, receives each row's keys and values as it finishes (multi-turn episodes go on from them).
     """
-    from transformers import DynamicCache
-
     from pipelines.device import model_device
-    from pipelines.generation.shared_prefix import Prefix, enabled
 
     device = model_device(model)  # prompts come from the tokenizer on the CPU; completions go back there
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    cache = DynamicCache()
-    out, attention_mask, positions = prefill(
+    state = start(
         model,
-        input_ids,
-        attention_mask,
-        cache,
+        input_ids.to(device),
+        attention_mask.to(device),
+        num_generations=num_generations,
         pad_id=pad_id,
         share_opening=generators is None if share_opening is None else share_opening,
     )
-    # With shared-prefix attention (shared_prefix.py) the prompt's keys and values stay once per
-    # group and the completions' own go to a fresh cache; otherwise the cache is repeated G times.
-    prefix = (
-        Prefix.from_cache(cache, attention_mask, num_generations) if num_generations > 1 and enabled(model) else None
-    )
-    if prefix is not None:
-        cache = DynamicCache()
-    if num_generations > 1:
-        if prefix is None:
-            cache.batch_repeat_interleave(num_generations)
-        attention_mask = attention_mask.repeat_interleave(num_generations, dim=0)
-        positions = positions.repeat_interleave(num_generations, dim=0)
-    logits = out.logits[:, -1, :].float().repeat_interleave(num_generations, dim=0)
-    next_position = positions[:, -1:] + 1
+    return decode(
+        model, state, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, do_sample=do_sample,
+        temperature=temperature, top_k=top_k, top_p=top_p, generators=generators, min_new_tokens=min_new_tokens,
+        kept=kept,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def decode(
+    model: Any,
+    state: Decoding,
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    do_sample: bool,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generators: list[torch.Generator] | None = None,
+    min_new_tokens: int = 0,
+    kept: list[RowCache | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sample up to `max_new_tokens` for every row of `state` (`sample`'s result)."""
+    logits, device = state.logits, state.logits.device
     rows = logits.size(0)
     if generators is not None and len(generators) != rows:
         raise ValueError(f"{len(generators)} generators for {rows} completions: pass one per completion row")
@@ -137,37 +204,76 @@ def sample(
         result[active, step] = token
         alive = token != eos_id
         if not bool(alive.any()) or step + 1 == max_new_tokens:
+            _keep(state, active, torch.arange(active.numel(), device=device), kept)
             return result[:, : step + 1], None if result_logps is None else result_logps[:, : step + 1]
         if not bool(alive.all()):
             # Decoding is memory-bound here, but a smaller batch still saves ~15 ms a token on 2
             # cores, and a group's longest completion often runs alone for most of its tokens.
+            _keep(state, active, (~alive).nonzero().squeeze(-1), kept)
             keep = alive.nonzero().squeeze(-1)
-            if cache.get_seq_length():  # the shared-prefix suffix cache is empty before the first token
-                cache.batch_select_indices(keep)
-            if prefix is not None:
-                prefix.select(prefix.group[keep])
+            _select(state, keep)
             active, token = active[keep], token[keep]
-            attention_mask, next_position = attention_mask[keep], next_position[keep]
-        if prefix is not None:
-            out = model(
-                input_ids=token[:, None],
-                position_ids=next_position,
-                use_cache=True,
-                shared_prefix=prefix,
-                **cache_kwargs(model, cache),
-            )
-        else:
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-            out = model(
-                input_ids=token[:, None],
-                attention_mask=attention_mask,
-                position_ids=next_position,
-                **cache_kwargs(model, cache),
-                use_cache=True,
-            )
-        next_position = next_position + 1
-        logits = out.logits[:, -1, :].float()
+        logits = _advance(model, state, token)
     return result[:, :0], None if result_logps is None else result_logps[:, :0]
+
+
+def _select(state: Decoding, keep: torch.Tensor) -> None:
+    """Keep only the rows `keep` (indices into the active rows) in the cache, the prefix and the masks."""
+    if state.cache.get_seq_length():  # the shared-prefix suffix cache is empty before the first token
+        state.cache.batch_select_indices(keep)
+    if state.prefix is not None:
+        state.prefix.select(state.prefix.group[keep])
+    state.attention_mask, state.next_position = state.attention_mask[keep], state.next_position[keep]
+
+
+def _advance(model: Any, state: Decoding, token: torch.Tensor) -> torch.Tensor:
+    """Feed one token per active row; the next logits."""
+    if state.prefix is not None:
+        out = model(
+            input_ids=token[:, None],
+            position_ids=state.next_position,
+            use_cache=True,
+            shared_prefix=state.prefix,
+            **cache_kwargs(model, state.cache),
+        )
+    else:
+        state.attention_mask = torch.cat([state.attention_mask, torch.ones_like(state.attention_mask[:, :1])], dim=1)
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=state.attention_mask,
+            position_ids=state.next_position,
+            **cache_kwargs(model, state.cache),
+            use_cache=True,
+        )
+    state.next_position = state.next_position + 1
+    return out.logits[:, -1, :].float()
+
+
+def _keep(state: Decoding, active: torch.Tensor, finished: torch.Tensor, kept: list[RowCache | None] | None) -> None:
+    """Copy the keys and values of the `finished` rows (indices into the active rows) into `kept`,
+    at their original row numbers (`active`): the prompt's (from the prefix or the cache) and the
+    turn's tokens fed so far."""
+    if kept is None or finished.numel() == 0:
+        return
+    suffix = [(layer.keys, layer.values) for layer in state.cache.layers] if state.cache.get_seq_length() else []
+    for i in finished.tolist():
+        if state.prefix is None:
+            # clones: a view would keep the whole batch's (since replaced) cache tensor alive
+            keys = [k[i].clone() for k, _ in suffix]
+            values = [v[i].clone() for _, v in suffix]
+            mask = state.attention_mask[i].clone()
+        else:
+            group = int(state.prefix.group[i])
+            keys = [_joined(state.prefix.keys[n][group], suffix, n, i, 0) for n in range(len(state.prefix.keys))]
+            values = [_joined(state.prefix.values[n][group], suffix, n, i, 1) for n in range(len(state.prefix.values))]
+            fed = suffix[0][0].size(2) if suffix else 0
+            mask = torch.cat([(~state.prefix.padding[group]).long(), state.attention_mask.new_ones(fed)])
+        kept[int(active[i])] = RowCache(keys, values, mask)
+
+
+def _joined(prompt: torch.Tensor, suffix: list, layer: int, row: int, which: int) -> torch.Tensor:
+    """A row's keys (which=0) or values (1) of one layer: its group's prompt, then its own tokens."""
+    return torch.cat([prompt, suffix[layer][which][row]], dim=1) if suffix else prompt.clone()
 
 
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pipelines.generation.backends import SamplingRequest, get_backend
+from pipelines.generation.backends import LeanBackend, Sampled, SamplingRequest, get_backend, row_generators
 
 _MARK, _SLOT = "\x00MODEL\x00", "\x00RESULT\x00"
 
@@ -114,16 +114,18 @@ def run_episodes(
     prompts = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask, strict=True)]
     episodes = [Episode() for _ in range(len(prompts) * G)]
     between = ToolTurn(tokenizer)
+    # The lean loop keeps each episode's KV cache between turns; other backends get the whole context again.
+    kept = isinstance(get_backend(backend), LeanBackend)
+    turns = KeptTurns(model, tokenizer, prompts, G) if kept else Reprefilled(model, tokenizer, prompts, G, backend)
     active = list(range(len(episodes)))
     for turn in range(env.max_turns):
         if turn == 0:
-            ids, mask, asked = input_ids, attention_mask, request
+            sampled = turns.first(input_ids, attention_mask, request)
         else:
-            ids, mask = _left_padded([prompts[i // G] + episodes[i].tokens for i in active], tokenizer.pad_token_id)
             room = max(request.max_new_tokens - len(episodes[i].tokens) for i in active)
             seeds = None if request.seeds is None else [turn_seed(request.seeds[i // G], i % G, turn) for i in active]
             asked = replace(request, num_generations=1, max_new_tokens=room, seeds=seeds, min_new_tokens=0)
-        sampled = get_backend(backend).completions(model, tokenizer, ids, mask, asked)
+            sampled = turns.later(active, episodes, asked)
         out, logps = sampled.ids.cpu(), None if sampled.logps is None else sampled.logps.cpu()
         calling = []
         for row, i in enumerate(active):
@@ -136,6 +138,72 @@ def run_episodes(
         if not active:
             break
     return episodes
+
+
+class Reprefilled:
+    """Later turns through any backend: each episode's whole context (prompt, turns, replies) is
+    sent again as a prompt. What the hf and vllm backends do (a server keeps its own prefix cache)."""
+
+    def __init__(self, model: Any, tokenizer: Any, prompts: list[list[int]], group: int, backend: str) -> None:
+        self.model, self.tokenizer, self.prompts, self.group = model, tokenizer, prompts, group
+        self.backend = get_backend(backend)
+
+    def first(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: SamplingRequest) -> Sampled:
+        return self.backend.completions(self.model, self.tokenizer, input_ids, attention_mask, request)
+
+    def later(self, active: list[int], episodes: list[Episode], request: SamplingRequest) -> Sampled:
+        contexts = [self.prompts[i // self.group] + episodes[i].tokens for i in active]
+        ids, mask = _left_padded(contexts, self.tokenizer.pad_token_id)
+        return self.backend.completions(self.model, self.tokenizer, ids, mask, request)
+
+
+class KeptTurns:
+    """Later turns on the lean loop, from each episode's KV cache kept since its last turn
+    (turn_cache.py): only the tokens new since then run through the model."""
+
+    def __init__(self, model: Any, tokenizer: Any, prompts: list[list[int]], group: int) -> None:
+        self.model, self.tokenizer, self.prompts, self.group = model, tokenizer, prompts, group
+        self.kept: list[Any] = [None] * (len(prompts) * group)
+
+    def first(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: SamplingRequest) -> Sampled:
+        from pipelines.generation.lean_decode import sample
+
+        ids, logps = sample(
+            self.model, input_ids, attention_mask, num_generations=request.num_generations,
+            generators=row_generators(request, input_ids.size(0)), kept=self.kept, **self._sampling(request),
+        )  # fmt: skip
+        return Sampled(ids, logps)
+
+    def later(self, active: list[int], episodes: list[Episode], request: SamplingRequest) -> Sampled:
+        from pipelines.generation.lean_decode import decode
+        from pipelines.generation.turn_cache import resume
+
+        rows = [self.kept[i] for i in active]
+        # What the cache lacks: the tokens after the ones it was fed (the prompt's, then the episode's).
+        new = [
+            episodes[i].tokens[int(row.mask.sum()) - len(self.prompts[i // self.group]) :]
+            for i, row in zip(active, rows, strict=True)
+        ]
+        state = resume(self.model, rows, new, self.tokenizer.pad_token_id)
+        kept: list[Any] = [None] * len(active)
+        ids, logps = decode(
+            self.model, state, generators=row_generators(request, len(active)), kept=kept, **self._sampling(request)
+        )
+        for i, row in zip(active, kept, strict=True):
+            self.kept[i] = row
+        return Sampled(ids, logps)
+
+    def _sampling(self, request: SamplingRequest) -> dict[str, Any]:
+        return {
+            "max_new_tokens": request.max_new_tokens,
+            "eos_id": self.tokenizer.eos_token_id,
+            "pad_id": self.tokenizer.pad_token_id,
+            "do_sample": request.do_sample,
+            "temperature": request.temperature,
+            "top_k": request.top_k,
+            "top_p": request.top_p,
+            "min_new_tokens": request.min_new_tokens,
+        }
 
 
 def _take_turn(
