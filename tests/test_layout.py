@@ -1,5 +1,6 @@
-"""The code's layout as rules: imports run one way, packages form no circle, and dvc.yaml's deps
-cover every module a stage runs (else a change to that code would not make the stage stale)."""
+"""The code's layout as rules: imports run one way, packages form no circle, pipelines/ imports Prefect
+only where ARCHITECTURE.md says, and dvc.yaml's deps cover every module a stage runs (else a change to that
+code would not make the stage stale)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ RANK = {
     "pipelines.registry": 6,
 }
 
+# The one module of pipelines/ that uses Prefect: it sends the new-data event (`grpo data add` runs outside
+# any flow) and reads the server's address, importing Prefect inside those functions only.
+PREFECT_IN_PIPELINES = {"pipelines/data/events.py"}
+
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
@@ -61,6 +66,28 @@ def imports_of(path: Path, known: dict[str, Path]) -> set[str]:
                 name = name.rpartition(".")[0]
             if name:
                 found.add(name)
+    return found
+
+
+def prefect_imports(path: Path) -> list[tuple[int, bool]]:
+    """(line, inside a function) of each import of Prefect in `path`."""
+    tree = ast.parse(path.read_text(), str(path))
+    in_functions = {
+        id(node)
+        for function in ast.walk(tree)
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for node in ast.walk(function)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module or ""]
+        else:
+            continue
+        if any(name == "prefect" or name.startswith("prefect.") for name in names):
+            found.append((node.lineno, id(node) in in_functions))
     return found
 
 
@@ -145,6 +172,28 @@ def test_imports_run_downward_and_stages_import_only_earlier_stages():
             if a in RANK and b not in RANK and b.startswith("pipelines.") and b == "pipelines.stages":
                 wrong.append(f"{src} imports the stage table")
     assert not wrong, "\n".join(wrong)
+
+
+def test_pipelines_imports_prefect_only_inside_the_event_sender():
+    """ARCHITECTURE.md's rule: pipelines/ imports and tests without Prefect; the one exception imports it
+    inside functions."""
+    wrong = []
+    for path in sorted((ROOT / "pipelines").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        for line, in_function in prefect_imports(path):
+            if not in_function:
+                wrong.append(f"{rel}:{line} imports Prefect at import time")
+            elif rel not in PREFECT_IN_PIPELINES:
+                wrong.append(f"{rel}:{line} imports Prefect (only {sorted(PREFECT_IN_PIPELINES)} may)")
+    assert not wrong, "\n".join(wrong)
+    for rel in PREFECT_IN_PIPELINES:  # an exception that is no longer needed is taken out of the rule
+        assert prefect_imports(ROOT / rel), f"{rel} no longer imports Prefect: drop it from PREFECT_IN_PIPELINES"
+
+
+def test_the_prefect_check_sees_an_import_at_module_level(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("import prefect.events\n\n\ndef f():\n    from prefect import task\n")
+    assert prefect_imports(module) == [(1, False), (5, True)]
 
 
 def test_dvc_deps_cover_every_module_a_stage_runs():

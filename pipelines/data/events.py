@@ -1,8 +1,10 @@
 """New data is an event: `grpo.dataset.updated`, sent to the Prefect server after DVC has versioned it.
 
 `grpo serve` deploys the retrain flow with a trigger on this event; the payload carries what the
-flow needs (the dataset's path in the project and its sha256). Prefect is imported inside the
-function that sends, so the domain code still imports and tests without it.
+flow needs (the dataset's path in the project and its sha256). This is the one module of pipelines/
+that uses Prefect (`grpo data add` sends the event outside any flow): Prefect is imported inside the
+functions that send and that read the server's address, so the domain code still imports and tests
+without it (tests/test_layout.py holds it to that).
 """
 
 from __future__ import annotations

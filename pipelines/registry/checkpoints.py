@@ -11,8 +11,9 @@ whose weights were kept hold a peft adapter. Registering one:
 3. runs the export-parity check (pipelines/registry/parity.py: an adapter that changes nothing is
    refused before anything is added; the logged files, loaded from `models:/<model_id>` in a fresh
    process, must reproduce the adapter's log-probs) before any version exists;
-4. creates the version from `models:/<model_id>` (the registry links them both ways), with the
-   checkpoint's step, model id, validation figures and reference as tags, sets `challenger`, then
+4. creates the version from `models:/<model_id>` (versions.py, as `grpo register` does; the registry
+   links them both ways), with the checkpoint's step, model id, validation figures and reference as
+   tags, sets `challenger`, then
    moves `champion` to it through the manual path (promotion.promote: under the lock, who and why).
 
 The gate is not asked: the version was never scored on the test split, and a person chose it.
@@ -30,16 +31,17 @@ from pipelines.config import Config
 from pipelines.grpo import logged_models
 from pipelines.mlflow_store import CHALLENGER, setup
 from pipelines.paths import Paths
-from pipelines.registry import parity, promotion
+from pipelines.registry import parity, promotion, versions
 from pipelines.registry.promotion import PromotionError
 from pipelines.registry.stage import (
-    ensure_reference,
     example_question,
     expect_export,
     model_folder,
+    name_model,
     prompt_template,
-    reference_name,
+    pyfunc_config,
 )
+from pipelines.registry.versions import ensure_reference, reference_name
 
 MODEL_ID = re.compile(r"m-[0-9a-f]+")
 STEP = re.compile(r"(?:step-)?(\d+)")
@@ -200,42 +202,22 @@ def _pyfunc_folder(
 ) -> tuple[Path, set[str]]:
     """(the checkpoint as a local pyfunc + peft folder, the names its logged model already holds)."""
     import mlflow
-    from mlflow.models import Model
 
     adapter = Path(mlflow.artifacts.download_artifacts(f"models:/{model.model_id}", dst_path=str(tmp / "logged")))
     shipped = {p.name for p in adapter.iterdir()}
     if "MLmodel" in shipped:  # registered before: already a pyfunc model, and a version's files never change
         return adapter, shipped
-    template = prompt_template(cfg, paths)
-    config = {
-        "reference_model_uri": reference_uri,
-        "reference_sha256": reference_sha,
-        "base_path": "",  # set at load time to use a local copy of the reference instead
-        "max_new_tokens": cfg.evaluate.max_new_tokens,
-        "prompt": template.model_dump(),
-    }
-    folder = model_folder(
-        adapter, tmp / "pyfunc", config, example_question(paths, template.instruction or "{question}")
-    )
-    # As mlflow's own log_model writes it: the MLmodel names the logged model and run it belongs to.
-    mlmodel = Model.load(str(folder))
-    mlmodel.model_id, mlmodel.run_id = model.model_id, model.source_run_id
-    mlmodel.artifact_path = model.artifact_location
-    mlmodel.save(str(folder / "MLmodel"))
+    config = pyfunc_config(cfg, paths, reference_uri, reference_sha)
+    example = example_question(paths, prompt_template(cfg, paths).instruction or "{question}")
+    folder = model_folder(adapter, tmp / "pyfunc", config, example)
+    name_model(folder, model)
     return folder, shipped
 
 
 def _create_version(client: Any, name: str, model: Any, reference_uri: str, reference_sha: str) -> str:
+    """Version checkpoint `model` as `name`, with its step, validation figures and lineage as tags; the version."""
     import mlflow
-    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
-    try:
-        client.get_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        client.create_registered_model(
-            name,
-            description="GRPO-trained LoRA adapters (peft format + MLflow pyfunc); base model in the -reference model.",
-        )
     step = model.tags.get(logged_models.STEP, "?")
     try:
         run_tags = client.get_run(model.source_run_id).data.tags
@@ -253,20 +235,11 @@ def _create_version(client: Any, name: str, model: Any, reference_uri: str, refe
         "git_commit": run_tags.get("mlflow.source.git.commit", "?"),
         **{f"validation_{k.replace('/', '_')}": f"{v:.6g}" for k, v in validation_figures(model).items()},
     }
-    version = client.create_model_version(
-        name,
-        source=f"models:/{model.model_id}",
-        run_id=model.source_run_id,
-        tags=tags,
-        description=(
-            f"Checkpoint step {step} of training run {model.source_run_id} (logged model {model.model_id}), "
-            f"registered by `grpo promote --checkpoint`: LoRA adapter (peft format) for the base model at "
-            f"{reference_uri}, and an MLflow pyfunc model. Scored on the validation split only (validation_* tags)."
-        ),
-        model_id=model.model_id,
+    description = (
+        f"Checkpoint step {step} of training run {model.source_run_id} (logged model {model.model_id}), "
+        f"registered by `grpo promote --checkpoint`: LoRA adapter (peft format) for the base model at "
+        f"{reference_uri}, and an MLflow pyfunc model. Scored on the validation split only (validation_* tags)."
     )
-    # The logged model lists its versions, as mlflow.register_model records them (the UI links both ways).
-    listed = json.loads(client.get_logged_model(model.model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
-    listed.append({"name": name, "version": str(version.version)})
-    client.set_logged_model_tags(model.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(listed)})
+    version = versions.create_version(client, name, model, model.source_run_id, tags, description)
+    versions.list_version(client, name, version)
     return str(version.version)

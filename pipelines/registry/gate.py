@@ -75,6 +75,41 @@ def decide(evidence: Evidence, rules: RegisterConfig, stats: EvaluateConfig) -> 
     notes: list[str] = []
     figures: dict[str, Any] = {"accuracy": vs_reference["candidate"], "gain_vs_reference": vs_reference["diff"]}
 
+    _standing_checks(evidence, rules, settings, vs_reference, checks, notes, figures)
+
+    if evidence.champion is None:
+        # No champion to beat: the reference is the bar, by the rules a champion would set.
+        _gain_checks(vs_reference, "reference", n, rules, stats, checks, notes)
+        figures.update(_gain_figures(vs_reference))
+        verdict = all(checks.values())
+        head = "no champion yet, so the candidate must beat the reference"
+        return Decision(verdict, _reason(verdict, head, checks, notes), checks, figures)
+
+    vs_champion = paired_comparison(evidence.candidate, evidence.champion, **settings)
+    head = f"vs champion v{evidence.champion_version}"
+    if evidence.verifiers and {k: (evidence.champion_verifiers or {}).get(k) for k in evidence.verifiers} != dict(
+        evidence.verifiers
+    ):
+        today = ", ".join(f"{k}={v[:8]}" for k, v in sorted(evidence.verifiers.items()))
+        head += f" (champion re-scored with today's verifiers ({today}))"
+    figures.update({"champion_accuracy": vs_champion["other"], "gain_vs_champion": vs_champion["diff"]})
+    figures.update(_gain_figures(vs_champion))
+    _gain_checks(vs_champion, f"champion v{evidence.champion_version}", n, rules, stats, checks, notes)
+    verdict = all(checks.values())
+    return Decision(verdict, _reason(verdict, head, checks, notes), checks, figures)
+
+
+def _standing_checks(
+    evidence: Evidence,
+    rules: RegisterConfig,
+    settings: dict[str, Any],
+    vs_reference: dict[str, Any],
+    checks: dict[str, bool],
+    notes: list[str],
+    figures: dict[str, Any],
+) -> None:
+    """The rules that do not depend on the bar (champion or reference): format rate, no regression below the
+    reference, no skill lost, judge agreement, the accuracy floor; each adds its check, note and figures."""
     checks["min_format_rate"] = evidence.candidate_format_rate >= rules.min_format_rate
     notes.append(
         f"format rate {evidence.candidate_format_rate:.3f} {'>=' if checks['min_format_rate'] else '<'} "
@@ -114,27 +149,6 @@ def decide(evidence: Evidence, rules: RegisterConfig, stats: EvaluateConfig) -> 
             f"accuracy {vs_reference['candidate']:.3f} {'>=' if checks['min_accuracy'] else '<'} "
             f"floor {rules.min_accuracy}"
         )
-
-    if evidence.champion is None:
-        # No champion to beat: the reference is the bar, by the rules a champion would set.
-        _gain_checks(vs_reference, "reference", n, rules, stats, checks, notes)
-        figures.update(_gain_figures(vs_reference))
-        verdict = all(checks.values())
-        head = "no champion yet, so the candidate must beat the reference"
-        return Decision(verdict, _reason(verdict, head, checks, notes), checks, figures)
-
-    vs_champion = paired_comparison(evidence.candidate, evidence.champion, **settings)
-    head = f"vs champion v{evidence.champion_version}"
-    if evidence.verifiers and {k: (evidence.champion_verifiers or {}).get(k) for k in evidence.verifiers} != dict(
-        evidence.verifiers
-    ):
-        today = ", ".join(f"{k}={v[:8]}" for k, v in sorted(evidence.verifiers.items()))
-        head += f" (champion re-scored with today's verifiers ({today}))"
-    figures.update({"champion_accuracy": vs_champion["other"], "gain_vs_champion": vs_champion["diff"]})
-    figures.update(_gain_figures(vs_champion))
-    _gain_checks(vs_champion, f"champion v{evidence.champion_version}", n, rules, stats, checks, notes)
-    verdict = all(checks.values())
-    return Decision(verdict, _reason(verdict, head, checks, notes), checks, figures)
 
 
 def _skill_verdict(lenient: dict[str, Any]) -> str:

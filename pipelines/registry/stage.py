@@ -21,6 +21,9 @@ The run gets the held-out accuracies as one-point `test/<model>/accuracy` metric
 other test figure in a `test-figures.json` table, and a paragraph of its description. The version gets
 the tags a reader looks it up by (lineage.VERSION_TAGS: `eval_*` headline figures, lineage, decision);
 its whole record is the JSON its `lineage` tag names.
+
+`run` is five steps, each a function below: load, judge (the gate), register, set_aliases, report.
+Registered models and versions are made in pipelines/registry/versions.py, shared with checkpoint promotion.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from pipelines.hashing import file_hash, folder_sha256
 from pipelines.io import read_jsonl, write_json
 from pipelines.mlflow_store import CHALLENGER, alias_version, flatten, is_absent, setup
 from pipelines.paths import Paths
-from pipelines.registry import gate, lineage, parity, promotion, pyfunc_model
+from pipelines.registry import gate, lineage, parity, promotion, pyfunc_model, versions
+from pipelines.registry.versions import ensure_reference, list_version, reference_name
 from pipelines.source import mlflow_source_tags
 from pipelines.verifiers import catalog
 
@@ -80,57 +84,6 @@ class RegisterResult:
     checks: dict[str, bool] = field(default_factory=dict)
 
 
-def reference_name(model_name: str) -> str:
-    return f"{model_name}-reference"
-
-
-def ensure_reference(client: Any, name: str, folder: Path, sha256: str) -> str:
-    """The registry version holding this exact reference (logged once per sha256)."""
-    import mlflow
-
-    ensure_registered_model(client, name, "Pinned reference (base) models for the GRPO policies.")
-    found = _reference_version(client, name, sha256)
-    if found is not None:
-        return found
-    with mlflow.start_run(run_name=f"reference-{sha256[:12]}", nested=mlflow.active_run() is not None) as run:
-        mlflow.log_artifacts(str(folder), "reference")
-        mlflow.set_tag("reference_sha256", sha256)
-    try:
-        made = client.create_model_version(
-            name, source=f"{run.info.artifact_uri}/reference", run_id=run.info.run_id, tags={"sha256": sha256}
-        )
-    except Exception:
-        # As for the policy's version: a create whose answer was lost (a timeout) may have happened.
-        found = _reference_version(client, name, sha256)
-        if found is None:
-            raise
-        return found
-    return made.version
-
-
-def _reference_version(client: Any, name: str, sha256: str) -> str | None:
-    versions = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get("sha256") == sha256]
-    return str(min(int(v.version) for v in versions)) if versions else None
-
-
-def ensure_registered_model(client: Any, name: str, description: str) -> None:
-    """`name` exists in the registry afterwards, also when the answer to its create was lost."""
-    import mlflow
-
-    try:
-        client.get_registered_model(name)
-        return
-    except mlflow.exceptions.MlflowException:
-        pass
-    try:
-        client.create_registered_model(name, description=description)
-    except Exception as exc:
-        try:
-            client.get_registered_model(name)  # made after all: the answer was lost
-        except mlflow.exceptions.MlflowException:
-            raise exc from None
-
-
 def pip_requirements() -> list[str]:
     """`package==version` for what loading needs, as installed here (local build tags dropped)."""
     return [f"{name}=={metadata.version(name).split('+')[0]}" for name in RUNTIME_PACKAGES]
@@ -155,6 +108,27 @@ def model_folder(policy_dir: Path, dest: Path, model_config: dict[str, Any], exa
         if item.is_file():
             shutil.copy2(item, dest / item.name)
     return dest
+
+
+def pyfunc_config(cfg: Config, paths: Paths, reference_uri: str, reference_sha256: str) -> dict[str, Any]:
+    """The pyfunc model's `model_config`: its base (the registered reference), answer length and prompt."""
+    return {
+        "reference_model_uri": reference_uri,
+        "reference_sha256": reference_sha256,
+        "base_path": "",  # set at load time to use a local copy of the reference instead
+        "max_new_tokens": cfg.evaluate.max_new_tokens,
+        "prompt": prompt_template(cfg, paths).model_dump(),
+    }
+
+
+def name_model(folder: Path, model: Any) -> None:
+    """The MLmodel names the logged model and run it belongs to, as mlflow's own log_model writes it."""
+    from mlflow.models import Model
+
+    mlmodel = Model.load(str(folder))
+    mlmodel.model_id, mlmodel.run_id = model.model_id, model.source_run_id
+    mlmodel.artifact_path = model.artifact_location
+    mlmodel.save(str(folder / "MLmodel"))
 
 
 def prompt_template(cfg: Config, paths: Paths) -> PromptConfig:
@@ -363,10 +337,43 @@ def verify_export(expected: parity.Expected | None, model_id: str, run_id: str) 
     return report
 
 
+@dataclass
+class Registration:
+    """What `load` gathers for the steps after it: the evaluated files' records, the export check's
+    expectation, the registry and its champion, and the version an earlier try of this registration made."""
+
+    name: str
+    client: Any
+    train: dict[str, Any]
+    evaluation: dict[str, Any]
+    manifest: dict[str, Any]
+    expected: parity.Expected | None
+    champion: Any | None  # the champion version the gate judges against, None if there is none yet
+    key: str  # registration_key
+    existing: Any | None  # the version made by an earlier try (a retried task, a rerun), None if none
+
+    @property
+    def champion_before(self) -> str | None:
+        return str(self.champion.version) if self.champion is not None else None
+
+
 def run(cfg: Config, paths: Paths) -> RegisterResult:
+    """Register models/policy as `grpo evaluate` scored it, and let the gate move the aliases."""
+    reg = load(cfg, paths)
+    if reg.existing is not None and _complete(reg.existing, reg.champion_before):
+        # Registered and decided before (the task is retried, or run again): report it, change nothing.
+        return _finished(reg.client, paths, reg.name, reg.existing, reg.champion_before, reg.evaluation)
+    decision = judge(cfg, paths, reg)
+    version, run_id = register(cfg, paths, reg, decision)
+    decision = set_aliases(reg, version, decision)
+    return report(paths, reg, version, run_id, decision)
+
+
+def load(cfg: Config, paths: Paths) -> Registration:
+    """Step 1: the training and evaluation reports, checked to be about the very files being registered
+    (RegistryError names the stage to rerun); then the registry, its champion and this registration's key."""
     from mlflow import MlflowClient
 
-    name = cfg.registry.model_name
     train = _read(paths.train_summary, "train")
     evaluation = _read(paths.eval_results, "evaluate")
     manifest = json.loads((paths.reference_dir / "manifest.json").read_text())
@@ -385,89 +392,98 @@ def run(cfg: Config, paths: Paths) -> RegisterResult:
         raise RegistryError(f"export-parity check failed, nothing registered: {exc}") from exc
     setup(paths.root, cfg.registry.experiment)
     client = MlflowClient()
-
+    name = cfg.registry.model_name
     champion = promotion.current_champion(client, name)
-    champion_before = str(champion.version) if champion is not None else None
     key = registration_key(paths, evaluation, train.get("mlflow_run_id"))
     existing = find_registration(client, name, key)
-    if existing is not None and _complete(existing, champion_before):
-        # Registered and decided before (the task is retried, or run again): report it, change nothing.
-        return _finished(client, paths, name, existing, champion_before, evaluation)
-    evidence = load_evidence(paths, evaluation, champion_before)
-    if isinstance(evidence, gate.Evidence) and champion is not None:  # were its scores by other verifier code?
-        recorded = {k[len("verifier_") : -len("_sha256")]: v for k, v in (champion.tags or {}).items()
-                    if k.startswith("verifier_") and k.endswith("_sha256")}  # fmt: skip
-        evidence = replace(evidence, verifiers=evaluation.get("verifiers"), champion_verifiers=recorded or None)
-    decision = (
-        gate.decide(evidence, cfg.registry, cfg.evaluate)
-        if isinstance(evidence, gate.Evidence)
-        else gate.Decision(False, evidence)
-    )
-    tags = lineage.collect(cfg, paths)
-    promoted = decision.promote
-    reason = decision.reason
+    return Registration(name, client, train, evaluation, manifest, expected, champion, key, existing)
 
-    def decision_tags() -> dict[str, str]:
-        return {
-            "promotion_decision": "promoted" if promoted else "kept",
-            "promotion_reason": reason[:4000],
-        }
 
-    if existing is not None:  # a registration that was cut short (a kill, a timeout): finish it, make no other
-        v, run_id = str(existing.version), existing.run_id
-        log.warning("v%s already registers this evaluation (registration_key %s): finishing it", v, key[:12])
-        list_version(client, name, existing)
-    else:
-        decided = {**decision_tags(), CHECKS: json.dumps(decision.checks, sort_keys=True)}
-        v, run_id = _log_and_create(cfg, paths, client, name, evaluation, train, tags, expected, manifest, key, decided)
-    client.set_registered_model_alias(name, CHALLENGER, v)  # only ever on a version that carries its decision
-    if promoted:
+def judge(cfg: Config, paths: Paths, reg: Registration) -> gate.Decision:
+    """Step 2, the gate: its decision on the paired per-problem outcomes, against the champion as it is now."""
+    evidence = load_evidence(paths, reg.evaluation, reg.champion_before)
+    if not isinstance(evidence, gate.Evidence):
+        return gate.Decision(False, evidence)
+    if reg.champion is not None:  # were its scores by other verifier code?
+        champion_verifiers = {k[len("verifier_") : -len("_sha256")]: v for k, v in (reg.champion.tags or {}).items()
+                              if k.startswith("verifier_") and k.endswith("_sha256")}  # fmt: skip
+        evidence = replace(
+            evidence, verifiers=reg.evaluation.get("verifiers"), champion_verifiers=champion_verifiers or None
+        )
+    return gate.decide(evidence, cfg.registry, cfg.evaluate)
+
+
+def register(cfg: Config, paths: Paths, reg: Registration, decision: gate.Decision) -> tuple[str, str]:
+    """Step 3: (version, run id) of this registration. A new version is created with its decision in the same
+    call (never a version without one); one that an earlier try made (cut short by a kill or a timeout) is
+    finished instead, and no other is made."""
+    if reg.existing is not None:
+        v = str(reg.existing.version)
+        log.warning("v%s already registers this evaluation (registration_key %s): finishing it", v, reg.key[:12])
+        list_version(reg.client, reg.name, reg.existing)
+        return v, reg.existing.run_id
+    decided = {**_decision_tags(decision), CHECKS: json.dumps(decision.checks, sort_keys=True)}
+    return _log_and_create(cfg, paths, reg, lineage.collect(cfg, paths), decided)
+
+
+def set_aliases(reg: Registration, version: str, decision: gate.Decision) -> gate.Decision:
+    """Step 4: `challenger` on the version; `champion` too when the gate promotes it and the champion it
+    judged against still holds the alias. The decision as it stands afterwards, also in the version's tags."""
+    client, name = reg.client, reg.name
+    client.set_registered_model_alias(name, CHALLENGER, version)  # only ever on a version that carries its decision
+    if decision.promote:
         # Under the registry-wide lock (another workspace, or a person, may be moving it too): the
         # gate judged against `champion_before`; if the alias moved meanwhile, that judgement no
         # longer applies.
         with promotion.champion_lock(client, name):
             now = promotion.current_champion(client, name)
-            if (str(now.version) if now is not None else None) != champion_before:
-                promoted, reason = (
-                    False,
-                    f"champion moved to v{now.version if now else '-'} during registration; evaluate again",
-                )
+            if (str(now.version) if now is not None else None) != reg.champion_before:
+                moved = f"champion moved to v{now.version if now else '-'} during registration; evaluate again"
+                decision = replace(decision, promote=False, reason=moved)
             else:
-                promotion.move_champion(
-                    client,
-                    name,
-                    v,
-                    champion_before,
-                    {**decision_tags(), "promoted_by": "gate", "promoted_at": promotion.now()},
-                )
-    if not promoted:
-        for tag, value in decision_tags().items():
-            client.set_model_version_tag(name, v, tag, value)
+                by_gate = {**_decision_tags(decision), "promoted_by": "gate", "promoted_at": promotion.now()}
+                promotion.move_champion(client, name, version, reg.champion_before, by_gate)
+    if not decision.promote:
+        for tag, value in _decision_tags(decision).items():
+            client.set_model_version_tag(name, version, tag, value)
+    return decision
+
+
+def report(paths: Paths, reg: Registration, version: str, run_id: str, decision: gate.Decision) -> RegisterResult:
+    """Step 5: reports/registry.json, metrics/registry.json and the registration's paragraph of the run's
+    description (replacing an earlier registration's)."""
     result = RegisterResult(
-        name=name,
-        version=v,
-        promoted=promoted,
-        reason=reason,
+        name=reg.name,
+        version=version,
+        promoted=decision.promote,
+        reason=decision.reason,
         run_id=run_id,
-        champion_before=champion_before,
-        champion=v if promoted else champion_before,
+        champion_before=reg.champion_before,
+        champion=version if decision.promote else reg.champion_before,
         checks=decision.checks,
     )
-    write_json(
-        paths.registry_report,
-        {
-            **result.__dict__,
-            "eval_accuracy": float(evaluation["policy"]["accuracy"]),
-            "figures": decision.figures,
-            "challenger": v,
-        },
-    )
-    write_json(paths.registry_metrics, {"version": v, "decision": "promoted" if promoted else "kept"})
-    note = client.get_run(run_id).data.tags.get(NOTE, "")
+    _write_reports(paths, result, reg.evaluation, decision.figures)
+    note = reg.client.get_run(run_id).data.tags.get(NOTE, "")
     trained = note.split(REGISTRATION_MARK)[0].rstrip()
-    described = describe_registration(evaluation, name, v, promoted, reason)
-    client.set_tag(run_id, NOTE, (((trained + "\n\n") if trained else "") + described)[:8000])  # MLflow's cap
+    described = describe_registration(reg.evaluation, reg.name, version, decision.promote, decision.reason)
+    reg.client.set_tag(run_id, NOTE, (((trained + "\n\n") if trained else "") + described)[:8000])  # MLflow's cap
     return result
+
+
+def _decision_tags(decision: gate.Decision) -> dict[str, str]:
+    return {
+        "promotion_decision": "promoted" if decision.promote else "kept",
+        "promotion_reason": decision.reason[:4000],
+    }
+
+
+def _write_reports(paths: Paths, result: RegisterResult, evaluation: dict[str, Any], figures: dict[str, Any]) -> None:
+    """reports/registry.json (the result, the test accuracy, the gate's figures) and metrics/registry.json."""
+    accuracy = float(evaluation["policy"]["accuracy"])
+    record = {**result.__dict__, "eval_accuracy": accuracy, "figures": figures, "challenger": result.version}
+    write_json(paths.registry_report, record)
+    decision = "promoted" if result.promoted else "kept"
+    write_json(paths.registry_metrics, {"version": result.version, "decision": decision})
 
 
 REGISTRATION_KEY = "registration_key"
@@ -509,9 +525,7 @@ def _finished(
         checks=checks,
     )  # fmt: skip
     log.info("v%s already registers this evaluation (%s): nothing to do", v, version.tags.get("promotion_decision"))
-    write_json(paths.registry_report, {**result.__dict__, "eval_accuracy": float(evaluation["policy"]["accuracy"]),
-                                       "figures": {}, "challenger": v})  # fmt: skip
-    write_json(paths.registry_metrics, {"version": v, "decision": "promoted" if promoted else "kept"})
+    _write_reports(paths, result, evaluation, {})
     return result
 
 
@@ -541,23 +555,14 @@ def find_registration(client: Any, name: str, key: str) -> Any | None:
 
 
 def _log_and_create(
-    cfg: Config,
-    paths: Paths,
-    client: Any,
-    name: str,
-    evaluation: dict[str, Any],
-    train: dict[str, Any],
-    tags: dict[str, str],
-    expected: Any,
-    manifest: dict[str, Any],
-    key: str,
-    decision: dict[str, str],
+    cfg: Config, paths: Paths, reg: Registration, tags: dict[str, str], decision: dict[str, str]
 ) -> tuple[str, str]:
     """Log the run's reports and the model, then create the version with its decision in the same
     call (never a version without one); (version, run id)."""
     import mlflow
 
-    run_id = train.get("mlflow_run_id")
+    client, name, key = reg.client, reg.name, reg.key
+    run_id = reg.train.get("mlflow_run_id")
     try:
         if run_id:
             client.get_run(run_id)
@@ -570,23 +575,18 @@ def _log_and_create(
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else "grpo-register", tags=own or None) as run:
         if not run_id:
             mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.model_dump()).items()})
-        _log_reports(paths, evaluation, tags, records)
-        reference_version = ensure_reference(client, reference_name(name), paths.reference_dir, manifest["sha256"])
+        _log_reports(paths, reg.evaluation, tags, records)
+        reference_sha256 = reg.manifest["sha256"]
+        reference_version = ensure_reference(client, reference_name(name), paths.reference_dir, reference_sha256)
         reference_uri = f"models:/{reference_name(name)}/{reference_version}"
-        model_config = {
-            "reference_model_uri": reference_uri,
-            "reference_sha256": manifest["sha256"],
-            "base_path": "",  # set at load time to use a local copy of the reference instead
-            "max_new_tokens": cfg.evaluate.max_new_tokens,
-            "prompt": prompt_template(cfg, paths).model_dump(),
-        }
+        model_config = pyfunc_config(cfg, paths, reference_uri, reference_sha256)
         model = logged_policy(client, cfg, paths, run.info, model_config)
-        parity_report = _verified(client, model, expected, run.info.run_id)
+        parity_report = _verified(client, model, reg.expected, run.info.run_id)
         record = lineage.present({
             **tags,
-            **eval_tags(evaluation),
-            **verifier_tags(train, evaluation),
-            "task": str((evaluation.get("task") or {}).get("name", cfg.task)),
+            **eval_tags(reg.evaluation),
+            **verifier_tags(reg.train, reg.evaluation),
+            "task": str((reg.evaluation.get("task") or {}).get("name", cfg.task)),
             "reference_model_uri": reference_uri,
             "export_parity": parity_report.summary() if parity_report else None,
             "logged_model_id": model.model_id,
@@ -607,29 +607,23 @@ def _log_and_create(
 def _create_version(client: Any, name: str, model: Any, run_id: str, record: dict[str, str]) -> None:
     """Version `model` (a LoggedModel) as `name`, with the record's VERSION_TAGS; a create whose answer was lost is
     looked for before anyone tries again."""
-    ensure_registered_model(
-        client, name, "GRPO-trained LoRA adapters (peft format + MLflow pyfunc); base model in the -reference model."
-    )
-    try:
-        client.create_model_version(
-            name,
-            source=f"models:/{model.model_id}",
-            run_id=run_id,
-            tags=lineage.version_tags(record),
-            description=(
-                f"LoRA adapter (peft format) for the base model at {record['reference_model_uri']}, and an MLflow "
-                f"pyfunc model: logged model {model.name} ({model.model_id}). Load with mlflow.pyfunc.load_model(uri)"
-                ".predict([question]), or with transformers + peft: PeftModel.from_pretrained(AutoModelForCausalLM."
-                "from_pretrained(base_dir), adapter_dir). Every test figure and lineage record: the JSON that the "
-                "`lineage` tag names."
-            ),
-            model_id=model.model_id,
-        )
-    except Exception:
+    versions.create_version(
+        client,
+        name,
+        model,
+        run_id,
+        lineage.version_tags(record),
+        description=(
+            f"LoRA adapter (peft format) for the base model at {record['reference_model_uri']}, and an MLflow "
+            f"pyfunc model: logged model {model.name} ({model.model_id}). Load with mlflow.pyfunc.load_model(uri)"
+            ".predict([question]), or with transformers + peft: PeftModel.from_pretrained(AutoModelForCausalLM."
+            "from_pretrained(base_dir), adapter_dir). Every test figure and lineage record: the JSON that the "
+            "`lineage` tag names."
+        ),
         # The create may have reached the server before the answer was lost (a timeout): look before
         # anyone tries again, so that a retry finishes that version instead of making another.
-        if find_registration(client, name, record[REGISTRATION_KEY]) is None:
-            raise
+        made=lambda: find_registration(client, name, record[REGISTRATION_KEY]),
+    )
 
 
 def _log_reports(paths: Paths, evaluation: dict[str, Any], tags: dict[str, str], records: str) -> None:
@@ -699,21 +693,11 @@ def logged_policy(client: Any, cfg: Config, paths: Paths, run: Any, model_config
     with tempfile.TemporaryDirectory(prefix="grpo-register-") as tmp:
         example = example_question(paths, template.instruction or "{question}")
         folder = model_folder(paths.policy_dir, Path(tmp) / "policy", model_config, example)
-        _name_model(folder, model)
+        name_model(folder, model)
         for item in skip:
             (folder / item).unlink()
         client.log_model_artifacts(model.model_id, str(folder))
     return model
-
-
-def _name_model(folder: Path, model: Any) -> None:
-    """The MLmodel names the logged model and run it belongs to, as mlflow's own log_model writes it."""
-    from mlflow.models import Model
-
-    mlmodel = Model.load(str(folder))
-    mlmodel.model_id, mlmodel.run_id = model.model_id, model.source_run_id
-    mlmodel.artifact_path = model.artifact_location
-    mlmodel.save(str(folder / "MLmodel"))
 
 
 def _verified(client: Any, model: Any, expected: Any, run_id: str) -> parity.ParityReport | None:
@@ -730,21 +714,6 @@ def _verified(client: Any, model: Any, expected: Any, run_id: str) -> parity.Par
     if made:
         client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     return report
-
-
-def list_version(client: Any, name: str, version: Any) -> None:
-    """Add the version to its logged model's `mlflow.modelVersions`, as mlflow.register_model does (the UI
-    links both ways); a no-op when listed already (a registration finished by a rerun)."""
-    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
-
-    source = str(version.source or "")
-    if not source.startswith("models:/m-"):
-        return  # registered from a run's artifact, before versions were made from logged models
-    model_id = source.removeprefix("models:/")
-    listed = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
-    entry = {"name": name, "version": str(version.version)}
-    if entry not in listed:
-        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*listed, entry])})
 
 
 def _read(path: Path, stage: str) -> dict[str, Any]:
