@@ -120,7 +120,7 @@ def log_checkpoints(
     """
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
     steps = [s for s in scores if s.step > 0]  # step 0 is the reference itself, not a checkpoint
     if not steps:  # no validation split: nothing was scored, so nothing to rank
@@ -172,14 +172,7 @@ def log_checkpoints(
                 client.log_outputs(run_id, [LoggedModelOutput(found.model_id, step=score.step)])
             else:  # left unfinished by an interrupted run: complete it
                 client.set_logged_model_tags(found.model_id, tags)
-            now = int(time.time() * 1000)
-            points = [
-                Metric(key, value, stamps.get((key, score.step), now), score.step, model_id=found.model_id,
-                       dataset_name=dataset.name, dataset_digest=dataset.digest, run_id=run_id)
-                for key, value in score.metrics().items()
-                if not math.isnan(value)
-            ]  # fmt: skip
-            client.log_batch(run_id, metrics=points)
+            client.log_batch(run_id, metrics=_points(score, found.model_id, stamps, dataset, run_id))
             if folder is not None:
                 _log_adapter(client, found.model_id, folder, model, tokenizer)
             # Metrics only: FAILED, MLflow's one final status besides READY (which says the files are there).
@@ -195,6 +188,19 @@ def log_checkpoints(
         len(logged), with_weights, time.perf_counter() - started,
     )  # fmt: skip
     return logged
+
+
+def _points(score: Score, model_id: str, stamps: dict[tuple[str, int], int], dataset: Any, run_id: str) -> list[Any]:
+    """A validated step's metrics as points of model `model_id`, at the run's own timestamps where it has them."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [
+        Metric(key, value, stamps.get((key, score.step), now), score.step, model_id=model_id,
+               dataset_name=dataset.name, dataset_digest=dataset.digest, run_id=run_id)
+        for key, value in score.metrics().items()
+        if not math.isnan(value)
+    ]  # fmt: skip
 
 
 def describe(cfg: Config, step: int, folder: Path | None, root: Path, with_weights: list[int]) -> str:

@@ -8,7 +8,7 @@ advantages, and each knob here means exactly what the TRL option of the same nam
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -58,6 +58,24 @@ def high_entropy_mask(
     return ((entropy.detach() * mask) >= threshold) & real
 
 
+def loss_settings(t: Any) -> dict[str, Any]:
+    """`grpo_loss`'s knobs from the training config (`train`), built once per run: each means what
+    the TRL option of the same name means (epsilon_high null = epsilon, as in TRL)."""
+    return {
+        "beta": t.beta,
+        "epsilon_low": t.epsilon,
+        "epsilon_high": t.epsilon if t.epsilon_high is None else t.epsilon_high,
+        "loss_type": t.loss_type,
+        "importance_sampling_level": t.importance_sampling_level,
+        "max_completion_length": t.max_completion_length,
+        "delta": t.delta,
+        "top_entropy_quantile": t.top_entropy_quantile,
+        "entropy_coef": t.entropy_coef,
+        "sapo_temperature_pos": t.sapo_temperature_pos,
+        "sapo_temperature_neg": t.sapo_temperature_neg,
+    }
+
+
 def grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -85,56 +103,25 @@ def grpo_loss(
 
     Shapes: `logp`, `old_logp`, `ref_logp`, `mask`, `entropy` are (sequences, tokens); `advantages`
     is (sequences,). The importance ratio `r = exp(logp - old_logp)` is per token, or per sequence
-    (GSPO: exp of the mean log-ratio). The KL term is the k3 estimator `exp(d) - d - 1` with
-    `d = ref_logp - logp`.
+    (GSPO: exp of the mean log-ratio). Each token's policy term is `loss_type`'s (_policy_term), then
+    weighted, then the k3 KL term added, then aggregated as `loss_type` says (_aggregate):
 
-    Per-token policy term (`loss_type`):
-    - `grpo`, `bnpo`, `dr_grpo`, `dapo`: PPO's clipped objective `-min(r A, clip(r, 1 - epsilon_low,
-      1 + epsilon_high) A)`; with `delta`, `r` in the first term is also capped at `delta`, which
-      bounds the loss of a token with negative advantage whose ratio ran away (two-sided clipping,
-      INTELLECT-2). `delta` is ignored by the other two types, as in TRL.
-    - `cispo` (MiniMax-M1): `-sg(min(r, epsilon_high)) A logp`: the weight is capped (at eps_max =
-      `epsilon_high`, recommended 5.0, not 1 + epsilon_high) and detached, so every token keeps a
-      gradient, which the clipped objective takes from tokens outside the range.
-    - `sapo` (Soft Adaptive Policy Optimization): `-(4 / tau) sigmoid(tau (r - 1)) A`, a smooth gate
-      instead of a hard clip, `tau = sapo_temperature_pos` where A > 0, else `sapo_temperature_neg`.
-
-    Aggregation: `grpo` and `sapo` mean over sequences of per-sequence token means; `bnpo` token mean
-    over the micro-batch; `dr_grpo` token sum / (sequences x max length); `dapo` and `cispo` token sum
-    / tokens of the whole batch (`num_items_in_batch`, default: this micro-batch).
-
-    `is_weight` ((sequences, tokens) or (sequences, 1), no gradient) multiplies each token's
-    policy-gradient term before the KL term is added: the sampler correction of
-    sampling_correction.py, applied where TRL applies its `importance_sampling_ratio`.
-
-    `top_entropy_quantile` < 1 keeps the policy term only on the tokens whose `entropy` is in that
-    top quantile of `entropy_pool` (high_entropy_mask); the KL term stays on every token, as in TRL.
-    `entropy_coef` subtracts coef x the mean entropy of the tokens the policy term acts on (TRL's
-    static bonus, the same for every loss type); it needs `entropy` with a gradient to do anything,
-    so a differentiable `logp` with a detached `entropy` is refused rather than silently inert.
+    - `top_entropy_quantile` < 1 keeps the policy term only on the tokens whose `entropy` is in that
+      top quantile of `entropy_pool` (high_entropy_mask); the KL term stays on every token, as in TRL.
+    - `is_weight` ((sequences, tokens) or (sequences, 1), no gradient) multiplies each token's policy
+      term: the sampler correction of sampling_correction.py, where TRL applies its
+      `importance_sampling_ratio`.
+    - `beta` adds `beta` x the k3 estimator `exp(d) - d - 1` with `d = ref_logp - logp`.
+    - `entropy_coef` subtracts a bonus for the entropy of the tokens the policy term acts on
+      (_with_entropy_bonus).
     """
     mask = mask.to(logp.dtype)
     adv = advantages.unsqueeze(-1)
-    log_ratio = logp - old_logp
-    if importance_sampling_level == "sequence":
-        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-    elif importance_sampling_level != "token":
-        raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}; choose token or sequence")
-    ratio = torch.exp(log_ratio)
-
-    if loss_type in CLIPPED:
-        clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-        if delta is not None:
-            ratio = torch.clamp(ratio, max=delta)
-        per_token = -torch.min(ratio * adv, clipped * adv)
-    elif loss_type == "cispo":
-        per_token = -torch.clamp(ratio, max=epsilon_high).detach() * adv * logp
-    elif loss_type == "sapo":
-        tau = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg)
-        per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
-    else:
-        raise ValueError(f"unknown loss_type {loss_type!r}; choose grpo, bnpo, dr_grpo, dapo, cispo or sapo")
-
+    ratio = torch.exp(_log_ratio(logp, old_logp, mask, importance_sampling_level))
+    # (the ratio comes back capped at `delta` where the objective caps it: the clip shares count that one, as TRL's)
+    per_token, ratio = _policy_term(
+        ratio, adv, logp, loss_type, epsilon_low, epsilon_high, delta, sapo_temperature_pos, sapo_temperature_neg
+    )
     entropy_mask = None
     if top_entropy_quantile < 1.0:
         if entropy is None:
@@ -150,51 +137,137 @@ def grpo_loss(
         d = ref_logp - logp
         kl = torch.exp(d) - d - 1
         per_token = per_token + beta * kl
-
-    # An empty slice (a process that kept no group this step) has loss 0, not 0/0: see distributed.py.
-    sequences = max(logp.size(0), 1)
-    if loss_type in ("grpo", "sapo"):
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / sequences
-    elif loss_type == "bnpo":
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
-    elif loss_type == "dr_grpo":
-        length = max_completion_length or logp.size(-1)
-        loss = (per_token * mask).sum() / (sequences * length)
-    else:  # dapo, cispo
-        denominator = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1.0)
-        loss = (per_token * mask).sum() / denominator
-
+    loss = _aggregate(per_token, mask, loss_type, max_completion_length, num_items_in_batch)
     policy_loss = bonus = None
     if entropy_coef != 0.0:
-        if entropy is None:
-            raise ValueError("entropy_coef != 0 needs the token entropies")
-        if logp.requires_grad and not entropy.requires_grad:
-            raise ValueError(
-                "entropy_coef != 0 needs token entropies with a gradient, and these are detached (the log-prob "
-                "pass returns them as a metric), so the bonus would not move the policy; set train.entropy_coef=0"
-            )
-        acting = mask if entropy_mask is None else mask * entropy_mask
-        mean_entropy = (entropy * acting).sum() / acting.sum().clamp(min=1.0)
-        policy_loss, bonus = float(loss.detach()), float(mean_entropy.detach())
-        loss = loss - entropy_coef * mean_entropy
+        loss, policy_loss, bonus = _with_entropy_bonus(loss, logp, entropy, mask, entropy_mask, entropy_coef)
+    stats = _stats(ratio, adv, kl, mask, loss_type, epsilon_low, epsilon_high)
+    stats.policy_loss, stats.entropy_bonus = policy_loss, bonus
+    return loss, stats
 
+
+def _log_ratio(
+    logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, level: Literal["token", "sequence"]
+) -> torch.Tensor:
+    """The log importance ratio per token, or per sequence (GSPO: the mean over its tokens, shape (sequences, 1))."""
+    log_r = logp - old_logp
+    if level == "sequence":
+        return ((log_r * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    if level != "token":
+        raise ValueError(f"unknown importance_sampling_level {level!r}; choose token or sequence")
+    return log_r
+
+
+def _policy_term(
+    ratio: torch.Tensor,
+    adv: torch.Tensor,
+    logp: torch.Tensor,
+    loss_type: LossType,
+    epsilon_low: float,
+    epsilon_high: float,
+    delta: float | None,
+    sapo_temperature_pos: float,
+    sapo_temperature_neg: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's policy-gradient term, and the ratio it used (capped at `delta` where it is):
+
+    - `grpo`, `bnpo`, `dr_grpo`, `dapo`: PPO's clipped objective `-min(r A, clip(r, 1 - epsilon_low,
+      1 + epsilon_high) A)`; with `delta`, `r` in the first term is also capped at `delta`, which
+      bounds the loss of a token with negative advantage whose ratio ran away (two-sided clipping,
+      INTELLECT-2). `delta` is ignored by the other two types, as in TRL.
+    - `cispo` (MiniMax-M1): `-sg(min(r, epsilon_high)) A logp`: the weight is capped (at eps_max =
+      `epsilon_high`, recommended 5.0, not 1 + epsilon_high) and detached, so every token keeps a
+      gradient, which the clipped objective takes from tokens outside the range.
+    - `sapo` (Soft Adaptive Policy Optimization): `-(4 / tau) sigmoid(tau (r - 1)) A`, a smooth gate
+      instead of a hard clip, `tau = sapo_temperature_pos` where A > 0, else `sapo_temperature_neg`.
+    """
+    if loss_type in CLIPPED:
+        clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+        if delta is not None:
+            ratio = torch.clamp(ratio, max=delta)
+        return -torch.min(ratio * adv, clipped * adv), ratio
+    if loss_type == "cispo":
+        return -torch.clamp(ratio, max=epsilon_high).detach() * adv * logp, ratio
+    if loss_type == "sapo":
+        tau = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg)
+        return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv, ratio
+    raise ValueError(f"unknown loss_type {loss_type!r}; choose grpo, bnpo, dr_grpo, dapo, cispo or sapo")
+
+
+def _aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: LossType,
+    max_completion_length: int | None,
+    num_items_in_batch: float | None,
+) -> torch.Tensor:
+    """The micro-batch's loss from its per-token terms: `grpo` and `sapo` mean over sequences of
+    per-sequence token means; `bnpo` token mean over the micro-batch; `dr_grpo` token sum /
+    (sequences x max length); `dapo` and `cispo` token sum / tokens of the whole batch
+    (`num_items_in_batch`, default: this micro-batch)."""
+    # An empty slice (a process that kept no group this step) has loss 0, not 0/0: see distributed.py.
+    sequences = max(mask.size(0), 1)
+    if loss_type in ("grpo", "sapo"):
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / sequences
+    if loss_type == "bnpo":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        length = max_completion_length or mask.size(-1)
+        return (per_token * mask).sum() / (sequences * length)
+    # dapo, cispo
+    denominator = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1.0)
+    return (per_token * mask).sum() / denominator
+
+
+def _with_entropy_bonus(
+    loss: torch.Tensor,
+    logp: torch.Tensor,
+    entropy: torch.Tensor | None,
+    mask: torch.Tensor,
+    entropy_mask: torch.Tensor | None,
+    entropy_coef: float,
+) -> tuple[torch.Tensor, float, float]:
+    """`loss` - coef x the mean entropy of the tokens the policy term acts on (TRL's static bonus, the
+    same for every loss type); also the loss before the bonus and that mean entropy.
+
+    The bonus needs `entropy` with a gradient to do anything, so a differentiable `logp` with a
+    detached `entropy` is refused rather than silently inert."""
+    if entropy is None:
+        raise ValueError("entropy_coef != 0 needs the token entropies")
+    if logp.requires_grad and not entropy.requires_grad:
+        raise ValueError(
+            "entropy_coef != 0 needs token entropies with a gradient, and these are detached (the log-prob "
+            "pass returns them as a metric), so the bonus would not move the policy; set train.entropy_coef=0"
+        )
+    acting = mask if entropy_mask is None else mask * entropy_mask
+    mean_entropy = (entropy * acting).sum() / acting.sum().clamp(min=1.0)
+    return loss - entropy_coef * mean_entropy, float(loss.detach()), float(mean_entropy.detach())
+
+
+def _stats(
+    ratio: torch.Tensor,
+    adv: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: LossType,
+    epsilon_low: float,
+    epsilon_high: float,
+) -> LossStats:
+    """The mean KL and the clip shares (per token, or per sequence when the ratio is one per
+    sequence, as TRL counts them)."""
     with torch.no_grad():
-        # Shares are per token, or per sequence when the ratio is one per sequence (as TRL counts).
         weight = mask if ratio.size(-1) == mask.size(-1) else torch.ones_like(ratio)
         zero = torch.zeros_like(ratio)
-        low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(logp.dtype) if loss_type in CLIPPED else zero
-        high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(logp.dtype) if loss_type in CLIPPED else zero
-        stats = LossStats(
+        low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(mask.dtype) if loss_type in CLIPPED else zero
+        high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(mask.dtype) if loss_type in CLIPPED else zero
+        return LossStats(
             kl=_masked_mean(kl, mask),
             clip_low=_masked_mean(low, weight),
             clip_high=_masked_mean(high, weight),
             clip_region=_masked_mean(torch.clamp(low + high, max=1.0), weight),
             cispo_clip=(
-                _masked_mean(((ratio > epsilon_high) & (adv > 0)).to(logp.dtype), weight)
+                _masked_mean(((ratio > epsilon_high) & (adv > 0)).to(mask.dtype), weight)
                 if loss_type == "cispo"
                 else None
             ),
-            policy_loss=policy_loss,
-            entropy_bonus=bonus,
         )
-    return loss, stats

@@ -12,12 +12,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pipelines.config import Config
 from pipelines.paths import Paths
+
+if TYPE_CHECKING:
+    from pipelines.grpo.validation import Score
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +140,12 @@ class RunLogger:
 
             mlflow.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)}, step=step)
 
+    def validation(self, step: int, score: Score, alarms: list[str]) -> None:
+        """A validation at `step`: its metrics, and each decline alarm as the run's alarm tags."""
+        self.metrics(step, score.metrics())
+        for message in alarms:
+            self.tags({"decline_alarm": "true", "decline_alarm_message": message[:5000]})
+
     def tags(self, tags: dict[str, str]) -> None:
         if self.enabled:
             import mlflow
@@ -165,6 +174,19 @@ class RunLogger:
             import mlflow
 
             mlflow.end_run(status="KILLED" if interrupted else "FAILED")
+
+    def finished(
+        self, summary: dict[str, Any], scores: list[Score], model: Any, tokenizer: Any, curves: Path | None
+    ) -> None:
+        """The end of training, from reports/train.json's `summary`: the selected step, the task and its
+        verifiers as tags, each validated step as a LoggedModel, the curves and the description; then
+        the run closes."""
+        if validation := summary["validation"]:
+            share = f"{validation['time_share']:.3f}"
+            self.tags({"selected_step": str(summary["selected_step"]), "validation_time_share": share})
+        self.tags({"task": summary["task"], **{f"verifier/{k}": v for k, v in summary["verifiers"].items()}})
+        self.checkpoint_models(scores, summary["selected_step"], model, tokenizer)
+        self.finish(curves, summary)
 
     def finish(self, curves: Path | None, summary: dict[str, Any] | None = None) -> None:
         """Log the curves, describe what ran (from reports/train.json's `summary`) and close the run."""
