@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -209,8 +210,43 @@ def pick(snaps: list[dict], score_at: list[float] | None) -> list[dict]:
     return [s for s in snaps if id(s) in keep or s.get("selected")]
 
 
+def independent_check(prompt: Any, text: str) -> bool | None:
+    """A second verdict, computed without the pipeline's judge or the row's answer: for a prompt whose
+    last question is `What is A * B?`, whether the completion ends in `#### ` and the product computed
+    here (None for other prompts).
+
+    >>> independent_check([{"role": "user", "content": "What is 12 * 34? Answer after ####."}], "= 408\\n#### 408")
+    True
+    >>> independent_check("What is 12 * 34?", "#### 407"), independent_check("Hi?", "1")
+    (False, None)
+    """
+    import re
+
+    if isinstance(prompt, list):  # chat messages: the question is the last user turn
+        prompt = next((m["content"] for m in reversed(prompt) if m.get("role") == "user"), "")
+    asked = re.search(r"What is (\d+) \* (\d+)\?", str(prompt))
+    if asked is None:
+        return None
+    said = re.search(r"####\s*(-?[\d,]+)\s*$", text)
+    return said is not None and int(said.group(1).replace(",", "")) == int(asked.group(1)) * int(asked.group(2))
+
+
+def scoring_setup(root: Path, overrides: list[str]) -> tuple[Any, int]:
+    """The run's task (its judge, its tools) and its completion budget, as training had them."""
+    from pipelines import config
+    from pipelines.verifiers import catalog
+
+    cfg = config.load(root / "params.yaml", [*TASK, *ENGINE, *overrides])
+    return catalog.load(cfg.task, root), cfg.train.max_completion_length
+
+
 def score_snapshots(
-    root: Path, snaps: list[dict], bf16: bool = False, reference_cache: Path | None = None
+    root: Path,
+    snaps: list[dict],
+    bf16: bool = False,
+    reference_cache: Path | None = None,
+    task: Any = None,
+    max_new_tokens: int = 48,
 ) -> list[dict]:
     """Greedy accuracy (strict and lenient) of the reference (wall time 0) and of every snapshot on the
     eval split, decoded as `evaluate` decodes (merged copy, bf16 when `bf16`).
@@ -218,7 +254,11 @@ def score_snapshots(
     The reference's score depends only on the eval split, the dtype and the CPU (bf16 rounds differently
     on AMX and on AVX-512 BF16: 0.207 against 0.219 strict on the demo's 256 problems), so a seeds run
     scores it once and keeps it in `reference_cache`, keyed by all three. A selected snapshot whose
-    weights equal a scored step's takes that step's score."""
+    weights equal a scored step's takes that step's score.
+
+    Answers are judged by the run's `task` (the math task by default); a task with tools answers in
+    episodes, as `evaluate` runs them. `check_accuracy` is the share `independent_check` finds right
+    (multiplication questions only), a verdict computed without the judge."""
     import hashlib
 
     import torch
@@ -226,31 +266,39 @@ def score_snapshots(
     from safetensors.torch import load_file
 
     from pipelines.config import LoraConfig
+    from pipelines.generation.multi_turn import Environment
     from pipelines.generation.rollout import generate
     from pipelines.generation.sampling_copy import SamplingCopy
     from pipelines.grpo.policy import add_lora
     from pipelines.io import read_jsonl
     from pipelines.snapshot.loading import load_reference
-    from pipelines.verifiers.judge import judge
+
+    if task is None:
+        from pipelines.verifiers.math_task import TASK as task
 
     eval_file = root / "data/validated/eval.jsonl"
     rows = read_jsonl(eval_file)
     dtype = torch.bfloat16 if bf16 else torch.float32
     key = f"{hashlib.sha256(eval_file.read_bytes()).hexdigest()}-{dtype}-{slug()}"
+    if task.name != "math" or max_new_tokens != 48:  # (the keys of the runs before tasks had no such part)
+        key += f"-{task.name}-{max_new_tokens}"
 
     def accuracy(model, tokenizer) -> dict[str, float]:
         model = SamplingCopy(model, dtype).model
-        right = lenient = 0
+        right = lenient = checked = 0
         for i in range(0, len(rows), 64):
             chunk = rows[i : i + 64]
             out = generate(
-                model, tokenizer, [r["prompt"] for r in chunk], num_generations=1, max_new_tokens=48, do_sample=False
-            )
+                model, tokenizer, [r["prompt"] for r in chunk], num_generations=1, max_new_tokens=max_new_tokens,
+                do_sample=False, environment=Environment.of(task),
+            )  # fmt: skip
             for text, row in zip(out.texts, chunk, strict=True):
-                verdict = judge(text, row["answer"])
-                right += verdict["correct"]
-                lenient += verdict["last_number_correct"]
-        return {"accuracy": right / len(rows), "lenient_accuracy": lenient / len(rows), "problems": len(rows)}
+                verdict = task.judge(text, row)
+                right += verdict.correct
+                lenient += verdict.lenient
+                checked += bool(independent_check(row["prompt"], text))
+        scores = {"accuracy": right / len(rows), "lenient_accuracy": lenient / len(rows), "problems": len(rows)}
+        return scores | {"check_accuracy": checked / len(rows)}
 
     cache = json.loads(reference_cache.read_text()) if reference_cache and reference_cache.exists() else {}
     base, tokenizer = load_reference(root / "models/reference")
@@ -271,7 +319,7 @@ def score_snapshots(
         state = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
         twin = weights.get(snap["step"])
         if snap.get("selected") and twin and all(torch.equal(v, twin["state"][k]) for k, v in state.items()):
-            scores = {k: twin["point"][k] for k in ("accuracy", "lenient_accuracy", "problems")}
+            scores = {k: twin["point"][k] for k in ("accuracy", "lenient_accuracy", "problems", "check_accuracy")}
         else:
             scores = accuracy(model, tokenizer)
         point = {"step": snap["step"], "wall_time": snap["wall_time"], **scores}
@@ -297,7 +345,8 @@ def child(args: argparse.Namespace) -> None:
         from pipelines.precision import native_bf16
 
         bf16 = native_bf16()
-    print(json.dumps(score_snapshots(args.root, pick(snaps, score_at), bf16, args.reference_cache)))
+    task, budget = scoring_setup(args.root, args.set)
+    print(json.dumps(score_snapshots(args.root, pick(snaps, score_at), bf16, args.reference_cache, task, budget)))
 
 
 def plot(

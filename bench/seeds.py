@@ -64,6 +64,27 @@ TASKS = {
         "train.steps=30",
         "train.dynamic_sampling=true",  # on in the demo (learning_run.py's engine settings have it off)
     ],
+    # Issue 43's tool task: `grpo run --preset tools` (two- and three-digit multiplication with a
+    # calculator), with 256 held-out problems; and the same problems and budget without the tool
+    # (the math task: one worked example, one turn), the side-by-side baseline.
+    "calculator": [
+        "task=calculator",
+        *(
+            CALCULATOR_PROBLEMS := [
+                "data.generator.operators=['*']",
+                "data.generator.a_min=10",
+                "data.generator.a_max=999",
+                "data.generator.b_min=10",
+                "data.generator.b_max=999",
+                "data.generator.num_rows=1200",
+                "data.eval_fraction=0.3",
+                "data.max_eval_rows=256",
+                "train.prompts_per_step=4",
+                "train.max_completion_length=128",
+            ]
+        ),
+    ],
+    "calculator-no-tool": ["task=math", *CALCULATOR_PROBLEMS],
     "mul": [
         "data.generator.operators=['*']",
         "data.generator.a_min=1",
@@ -223,6 +244,28 @@ def targets(runs: dict[str, dict[int, list[dict]]], minutes: list[float], horizo
     return out
 
 
+def tool_targets(shown: dict[str, dict[int, list[dict]]], horizon: float) -> list[str]:
+    """Issue 43's target when the calculator runs are shown with their no-tool baseline: at least 0.8
+    strict accuracy within the horizon with the tool, from a reference below 0.4 without it; and the
+    independent check's agreement with the judge."""
+    tool = next((by for name, by in shown.items() if name.startswith("ours") and "calculator-no-tool" not in name
+                 and any("check_accuracy" in p for ps in by.values() for p in ps)), None)  # fmt: skip
+    bare = next((by for name, by in shown.items() if "calculator-no-tool" in name), None)
+    if tool is None or bare is None:
+        return []
+    reached = [max(p["accuracy"] for p in points if p["wall_time"] <= horizon) for points in tool.values()]
+    reference = statistics.mean(points[0]["accuracy"] for points in bare.values())
+    ok = min(reached) >= 0.8 and reference < 0.4
+    gaps = [abs(p["accuracy"] - p["check_accuracy"]) for ps in [*tool.values(), *bare.values()] for p in ps]
+    return [
+        f"with the tool >= 0.8 strict within {horizon / 60:g} min, from a reference below 0.4 without it: "
+        f"{'met' if ok else 'NOT met'} (best snapshot per seed {', '.join(f'{r:.3f}' for r in reached)}; "
+        f"reference without the tool {reference:.3f})",
+        f"the independent check (the product computed from the question, the last `#### N`) against the judge: "
+        f"largest difference {max(gaps):.4f} over {len(gaps)} scored snapshots",
+    ]
+
+
 def paired(shown: dict[str, dict[int, list[dict]]], minutes: list[float], horizon: float) -> list[str]:
     """Each row's difference from the first row on the seeds both ran (seed-paired: same data, same
     held-out problems, same training seed), at each time point and on the area."""
@@ -295,6 +338,7 @@ def main() -> None:
     args = ap.parse_args()
     out = args.out or results_dir() / f"seeds-{args.task}.json"
     points = [m for m in args.points if m <= args.minutes]
+    out.parent.mkdir(parents=True, exist_ok=True)  # the reference's cache goes beside it from the first run
     if args.table_only:
         saved = json.loads(out.read_text())
         runs = {e: {int(s): p for s, p in by.items()} for e, by in saved["runs"].items()}
@@ -335,8 +379,9 @@ def main() -> None:
         for path in [*args.baseline, out]:
             saved = json.loads(path.read_text())
             extra = ", ".join(saved["overrides"][len(TASKS[saved["task"]]) :]) or "defaults"
+            label = extra if saved["task"] == args.task else f"{saved['task']}, {extra}"
             for engine, by_seed in saved["runs"].items():
-                shown[f"{engine} ({extra})"] = {int(s): p for s, p in by_seed.items()}
+                shown[f"{engine} ({label})"] = {int(s): p for s, p in by_seed.items()}
     text = "\n\n".join(
         [
             table(shown, points, args.minutes * 60),
@@ -346,6 +391,7 @@ def main() -> None:
                 for line in [
                     *paired(shown, points, args.minutes * 60),
                     *targets(runs, points, args.minutes * 60),
+                    *tool_targets(shown, args.minutes * 60),
                     *selection_rules(runs.get("ours", {})),
                 ]
             ),
