@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.stages import STAGES
+from pipelines.stages import TABLE
 
 if TYPE_CHECKING:
     from pipelines.config import Config
@@ -40,15 +40,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="grpo", description="GRPO post-training pipeline: validate, snapshot, train, evaluate, register."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    helps = {
-        "validate": "check the dataset with the Great Expectations suite and write the train/eval splits",
-        "snapshot": "pin the reference model (safetensors + sha256 manifest) in models/reference",
-        "train": "GRPO-train a LoRA adapter on the reference; writes models/policy",
-        "evaluate": "score reference and policy on the held-out split; writes metrics/eval.json",
-        "register": "log to MLflow, register the policy, move challenger/champion aliases",
-    }
-    for name in STAGES:
-        sub.add_parser(name, parents=[common], help=helps[name], description=helps[name])
+    for stage in TABLE:
+        sub.add_parser(stage.name, parents=[common], help=stage.does, description=stage.does)
     run = sub.add_parser("run", parents=[common], help="run all five stages as a Prefect flow, versioned with DVC")
     run.add_argument("--force", action="store_true", help="rerun stages even when dvc.lock says they are up to date")
     run.add_argument(

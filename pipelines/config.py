@@ -240,6 +240,11 @@ class RewardSpec(_Section):
         return value
 
 
+# The policy objectives (grpo/loss.py implements each; grpo/distributed.py normalises by their kind).
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
+
+
 class TrainConfig(_Section):
     steps: int = Field(30, ge=1, le=10_000_000)
     # Stop early once training has used this many seconds (resumes count what came before); null = no limit.
@@ -264,7 +269,7 @@ class TrainConfig(_Section):
     beta: float = Field(0.0, ge=0)
     epsilon: float = Field(0.2, gt=0, le=1)  # the ratio's lower clip is 1 - epsilon
     epsilon_high: float | None = Field(None, gt=0)
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = "dapo"
+    loss_type: LossType = "dapo"
     importance_sampling_level: Literal["token", "sequence"] = "token"
     # Two-sided clipping (INTELLECT-2, TRL's delta): cap the importance ratio of tokens with negative
     # advantage at delta (> 1 + epsilon_high); null = off. The clipped loss types only, as in TRL.
@@ -479,6 +484,11 @@ class RegisterConfig(_Section):
     export_atol: float = Field(1e-4, gt=0, le=1)
 
 
+# The rollout backends by name (pipelines/generation/backends.py implements each, under the same name).
+RolloutBackendName = Literal["lean", "hf", "vllm"]
+ROLLOUT_BACKENDS: tuple[str, ...] = get_args(RolloutBackendName)
+
+
 class VLLMConfig(_Section):
     """The vLLM server behind `runtime.rollout_backend: vllm` (pipelines/generation/vllm_server.py)."""
 
@@ -520,7 +530,7 @@ class RuntimeConfig(_Section):
     dvc_remote: str = "local"
     # How completions are sampled (pipelines/generation/backends.py): `lean` (own KV-cached loop, fastest
     # on CPU), `hf` (model.generate) or `vllm` (a vLLM server over its OpenAI-compatible API: `vllm`).
-    rollout_backend: Literal["lean", "hf", "vllm"] = "lean"
+    rollout_backend: RolloutBackendName = "lean"
     vllm: VLLMConfig = VLLMConfig()
 
 

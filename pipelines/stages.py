@@ -2,18 +2,49 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
-from collections.abc import Callable
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
 
 from pipelines import diskspace
 from pipelines.config import Config
 from pipelines.paths import Paths
 
-STAGES = ("validate", "snapshot", "train", "evaluate", "register")
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: its name (the CLI's subcommand, dvc.yaml's stage, the Prefect task), what it does (the
+    CLI's help), the module whose `run` it calls, and the config section `run` takes (None: all of it)."""
+
+    name: str
+    does: str
+    module: str
+    section: str | None = None
+
+
+# The stages in lifecycle order: the one table the CLI, the Prefect flow and dvc.yaml's test read.
+TABLE = (
+    Stage("validate", "check the dataset with the Great Expectations suite and write the train/eval splits",
+          "pipelines.data.validate"),
+    Stage("snapshot", "pin the reference model (safetensors + sha256 manifest) in models/reference",
+          "pipelines.snapshot.stage", "snapshot"),
+    Stage("train", "GRPO-train a LoRA adapter on the reference; writes models/policy", "pipelines.grpo.trainer"),
+    Stage("evaluate", "score reference and policy on the held-out split; writes metrics/eval.json",
+          "pipelines.evaluation.stage"),
+    Stage("register", "log to MLflow, register the policy, move challenger/champion aliases",
+          "pipelines.registry.stage"),
+)  # fmt: skip
+STAGES = tuple(stage.name for stage in TABLE)
 
 log = logging.getLogger(__name__)
+
+
+def stage(name: str) -> Stage:
+    for entry in TABLE:
+        if entry.name == name:
+            return entry
+    raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
 
 
 def run_stage(name: str, cfg: Config, paths: Paths) -> dict[str, Any]:
@@ -21,31 +52,10 @@ def run_stage(name: str, cfg: Config, paths: Paths) -> dict[str, Any]:
     from pipelines.env import prepare_process
 
     prepare_process()  # a Prefect worker imports the flow, not `grpo`: its stages get the same environment
-    runner: Callable[[], Any]
-    if name == "validate":
-        from pipelines.data import validate
-
-        runner = lambda: validate.run(cfg, paths)  # noqa: E731
-    elif name == "snapshot":
-        from pipelines.snapshot import stage as snapshot
-
-        runner = lambda: snapshot.run(cfg.snapshot, paths)  # noqa: E731
-    elif name == "train":
-        from pipelines.grpo import trainer
-
-        runner = lambda: trainer.run(cfg, paths)  # noqa: E731
-    elif name == "evaluate":
-        from pipelines.evaluation import stage as evaluate
-
-        runner = lambda: evaluate.run(cfg, paths)  # noqa: E731
-    elif name == "register":
-        from pipelines.registry import stage as registry
-
-        runner = lambda: registry.run(cfg, paths)  # noqa: E731
-    else:
-        raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+    entry = stage(name)
+    module = importlib.import_module(entry.module)  # a stage's heavy imports only when it runs
     diskspace.check(name, cfg, paths)  # before any work: a stage out of space halfway wastes it
-    result = runner()
+    result = module.run(getattr(cfg, entry.section) if entry.section else cfg, paths)
     done = asdict(result) if is_dataclass(result) else dict(result)
     try:
         line = summary(name, done)

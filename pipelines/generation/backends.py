@@ -10,7 +10,7 @@ padding, completion masks, decoding — and hands a backend only the part that d
 - `vllm`: a vLLM server (vllm_backend.py, vllm_server.py): what people scale to on GPUs; LoRA only.
 
 To add a backend, write a class with a `completions` method of the `RolloutBackend` protocol,
-add it to `BACKENDS`, and add its name to `RuntimeConfig.rollout_backend` in pipelines/config.py.
+give it a `name`, add it to `BACKENDS`, and add the name to `RolloutBackendName` in pipelines/config.py.
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ class RolloutBackend(Protocol):
 class LeanBackend:
     """One prefill per prompt and a shared KV cache (pipelines/generation/lean_decode.py); seeds per prompt."""
 
+    name = "lean"
+
     def completions(
         self,
         model: Any,
@@ -127,6 +129,8 @@ class HFGenerateBackend:
     which is what bounds a small model's decoding there. On the CPU the dynamic cache stays (no
     graphs to gain, and a compile per shape).
     """
+
+    name = "hf"
 
     def completions(
         self,
@@ -181,6 +185,8 @@ class VLLMBackend:
     """A vLLM server over its OpenAI-compatible API (vllm_backend.py); `model` is a RemoteModel that
     names the adapter to sample from. Seeds per prompt; the sampler's log-probs."""
 
+    name = "vllm"
+
     def completions(
         self,
         model: Any,
@@ -200,7 +206,10 @@ class VLLMBackend:
         return Sampled(ids, logps if request.do_sample else None)
 
 
-BACKENDS: dict[str, RolloutBackend] = {"lean": LeanBackend(), "hf": HFGenerateBackend(), "vllm": VLLMBackend()}
+# By the names config.ROLLOUT_BACKENDS lists (tests/test_one_home.py checks the two agree).
+BACKENDS: dict[str, RolloutBackend] = {
+    backend.name: backend for backend in (LeanBackend(), HFGenerateBackend(), VLLMBackend())
+}
 
 
 def get_backend(name: str) -> RolloutBackend:

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from pipelines.config import ConfigError, TrainConfig
+from pipelines.grpo.loss import TOKEN_NORMALISED
 
 
 class DistributedError(RuntimeError):
@@ -196,6 +197,6 @@ def loss_share(loss_type: str, mask: torch.Tensor, world: World) -> float:
     """
     if world.size == 1:
         return 1.0
-    local = float(mask.sum()) if loss_type in ("bnpo", "dapo", "cispo") else float(mask.size(0))
+    local = float(mask.sum()) if loss_type in TOKEN_NORMALISED else float(mask.size(0))
     total = world.sum(local)
     return local / total if total else 0.0

@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 import torch
 
-LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
+from pipelines.config import LOSS_TYPES, LossType
+
 # The hard-clipped (PPO-style) objectives; cispo clips the weight instead, sapo gates it softly.
 CLIPPED: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
 # Normalised by completion tokens (of the whole batch); the others by sequences (loss_share agrees).
@@ -191,7 +192,7 @@ def _policy_term(
     if loss_type == "sapo":
         tau = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg)
         return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv, ratio
-    raise ValueError(f"unknown loss_type {loss_type!r}; choose grpo, bnpo, dr_grpo, dapo, cispo or sapo")
+    raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
 
 
 def _aggregate(
