@@ -10,17 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.stages import TABLE
+
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("flows", "tasks", "pipelines")  # top to bottom: a layer imports only itself and those below
 
-# The module that runs each stage (pipelines/stages.py calls it).
-STAGE_ENTRY = {
-    "validate": "pipelines.data.validate",
-    "snapshot": "pipelines.snapshot.stage",
-    "train": "pipelines.grpo.trainer",
-    "evaluate": "pipelines.evaluation.stage",
-    "register": "pipelines.registry.stage",
-}
+# The module that runs each stage: the stage table's own (pipelines/stages.py), which dvc.yaml must match.
+STAGE_ENTRY = {stage.name: stage.module for stage in TABLE}
 # The lifecycle order of the stage packages: a package may import only packages of its rank or below.
 # verifiers are pure functions every stage scores with; generation turns prompts into completions
 # for training and evaluation alike.
