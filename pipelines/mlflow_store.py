@@ -189,7 +189,7 @@ def alias_version(client: Any, name: str, alias: str) -> Any | None:
 
 # MLflow 3's experiment-kind tag, as its UI's kind selector writes it ("Machine learning", not "GenAI apps
 # & agents"): training runs with metrics and models, not traces. Set when missing; a kind chosen in the UI
-# stays. MLflow 3.17's UI itself picks its view from the sidebar's switch (README, "What you get").
+# stays. MLflow 3.17's UI itself picks its view from the sidebar's switch (docs/outputs.md).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 

@@ -9,7 +9,7 @@ and leniently. The lenient pass@k is the ceiling of a skill gain (not only the f
 
     .venv/bin/python bench/archive/ceiling.py --k 16 --temperatures 1.0 0.7   # -> bench/results/<machine>/ceiling.json
 
-A one-off probe (bench/RESULTS.md, ideas tried), kept so its numbers can be re-measured.
+A one-off probe (bench/RESULTS.md, "Ideas dropped"), kept so its numbers can be re-measured.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ lm_head alone is 113 MB a token). Two ways to read a quarter of those bytes, mea
 
     .venv/bin/python bench/archive/int8_sampler.py   # -> bench/results/<machine>/int8-sampler.json
 
-A one-off probe, measured and dropped (bench/RESULTS.md, ideas tried), kept so it can be re-measured.
+A one-off probe, measured and dropped (bench/RESULTS.md, "Ideas dropped"), kept so it can be re-measured.
 """
 
 from __future__ import annotations

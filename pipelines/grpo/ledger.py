@@ -9,7 +9,7 @@ are removed when their step is reached, so the ledger never holds a step twice. 
 keeps every Nth step (0 = none). With several processes every one builds the table of the groups it
 sampled and rank 0 writes them together (`merge`): the ledger is the whole batch's, as with one.
 
-The questions it answers (`grpo ledger`, or pandas as in the README): which prompts stayed flat
+The questions it answers (`grpo ledger`, or pandas as in docs/data-and-tasks.md): which prompts stayed flat
 (`flat_prompts`), how a prompt's completions changed (`prompt_history`), which completions got the
 highest advantage (`top_advantages`).
 """

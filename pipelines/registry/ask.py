@@ -102,7 +102,7 @@ def ask(
         if "MLmodel" in str(exc):
             raise PromotionError(
                 f"{name} v{version} has no pyfunc flavour (registered before it existed); load it with transformers + "
-                "peft as the README shows, or register it again"
+                "peft as docs/registry.md shows, or register it again"
             ) from exc
         raise
     loaded = time.perf_counter()

@@ -8,7 +8,7 @@ the reward that must agree with the judge's strict verdict on every golden case.
 
 Built-in tasks are modules of this package (math_task.py, countdown_task.py, choice_task.py; the
 list is catalog.py's); a user's task is a `Task` in a file of their own repository, named in
-params.yaml as `task: path/to/file.py:NAME` (README, "Your own task").
+params.yaml as `task: path/to/file.py:NAME` (docs/data-and-tasks.md, "Your own task").
 
 Reward functions keep TRL's contract, `f(prompts, completions, **columns) -> list[float | None]`,
 and the judge reads one completion: `judge(completion, row) -> Verdict`, where `row` holds the
