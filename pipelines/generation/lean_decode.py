@@ -20,7 +20,7 @@ import functools
 import hashlib
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -69,16 +69,6 @@ class Decoding:
     attention_mask: torch.Tensor
     next_position: torch.Tensor  # (rows, 1)
     logits: torch.Tensor  # (rows, vocabulary) fp32
-
-
-@dataclass
-class RowCache:
-    """One row's keys and values after a turn (the prompt and every token fed so far: all the turn's
-    tokens but the last, which was sampled and not yet fed), kept for its next turn (turn_cache.py)."""
-
-    keys: list[torch.Tensor]  # per layer: (kv heads, length, head dim)
-    values: list[torch.Tensor]
-    mask: torch.Tensor  # (length,) 1 where attended (0 on left padding)
 
 
 @torch.no_grad()
@@ -133,7 +123,7 @@ def sample(
     generators: list[torch.Generator] | None = None,
     min_new_tokens: int = 0,
     share_opening: bool | None = None,
-    kept: list[RowCache | None] | None = None,
+    turn_ends: TurnEnds | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B * G, T) completion ids for left-padded prompts, padded with `pad_id` after EOS, and when
     sampling, each token's log-probability under the distribution it was drawn from (after
@@ -143,8 +133,8 @@ def sample(
     own: a row takes one vocabulary-sized block of noise per token it generates, so what it samples
     does not depend on the rest of the batch. Without them, noise comes from torch's global generator.
     `share_opening` prefills the prompts' common opening once (`prefill`); by default only without
-    `generators`, whose promise it would bend at the rounding level. `kept`, a list with a slot per
-    row, receives each row's keys and values as it finishes (multi-turn episodes go on from them).
+    `generators`, whose promise it would bend at the rounding level. `turn_ends` lets a row go on
+    after its EOS (a multi-turn episode's tool call, `decode`).
     """
     from pipelines.device import model_device
 
@@ -160,8 +150,16 @@ def sample(
     return decode(
         model, state, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, do_sample=do_sample,
         temperature=temperature, top_k=top_k, top_p=top_p, generators=generators, min_new_tokens=min_new_tokens,
-        kept=kept,
+        turn_ends=turn_ends,
     )  # fmt: skip
+
+
+class TurnEnds(Protocol):
+    """Called when a row samples EOS: the tokens to feed it next (they are not sampled: a tool's reply
+    and the template around it, which the row then reads), or None when the row is done. `turn` is
+    what the row sampled since it last went on, EOS included; `room` how many tokens it has left."""
+
+    def __call__(self, row: int, turn: list[int], room: int) -> list[int] | None: ...
 
 
 @torch.no_grad()
@@ -178,9 +176,14 @@ def decode(
     top_p: float = 1.0,
     generators: list[torch.Generator] | None = None,
     min_new_tokens: int = 0,
-    kept: list[RowCache | None] | None = None,
+    turn_ends: TurnEnds | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sample up to `max_new_tokens` for every row of `state` (`sample`'s result)."""
+    """Sample up to `max_new_tokens` for every row of `state` (`sample`'s result).
+
+    With `turn_ends`, a row whose turn calls a tool stays in the batch: the reply's tokens are fed to
+    it one a step, beside the other rows' sampled ones (log-prob 0), and it samples again after them.
+    Episodes so never wait for each other's turns, and their KV caches are never rebuilt.
+    """
     logits, device = state.logits, state.logits.device
     rows = logits.size(0)
     if generators is not None and len(generators) != rows:
@@ -190,6 +193,8 @@ def decode(
     # model bit for bit (bf16 merged weights): TRL's importance-sampling correction, trainer.py.
     result_logps = torch.zeros((rows, max_new_tokens), device=device) if do_sample else None
     active = torch.arange(rows, device=device)  # rows still generating; finished rows leave the batch and the cache
+    feeding: dict[int, list[int]] = {}  # row -> the tokens still to feed it (a tool's reply)
+    turn_start = [0] * rows
     for step in range(max_new_tokens):
         if step < min_new_tokens:
             logits[:, eos_id] = float("-inf")  # as transformers' MinNewTokensLengthLogitsProcessor
@@ -201,20 +206,58 @@ def decode(
             result_logps[active, step] = probs.gather(-1, token[:, None]).squeeze(-1).log()
         else:
             token = logits.argmax(-1)
+        fed = _feed(token, active, feeding, result_logps, step) if feeding else None
         result[active, step] = token
-        alive = token != eos_id
+        alive = token != eos_id if fed is None else (token != eos_id) | fed
+        if turn_ends is not None and not bool(alive.all()):
+            _go_on(result, active, alive, step, max_new_tokens, turn_ends, turn_start, feeding)
         if not bool(alive.any()) or step + 1 == max_new_tokens:
-            _keep(state, active, torch.arange(active.numel(), device=device), kept)
             return result[:, : step + 1], None if result_logps is None else result_logps[:, : step + 1]
         if not bool(alive.all()):
             # Decoding is memory-bound here, but a smaller batch still saves ~15 ms a token on 2
             # cores, and a group's longest completion often runs alone for most of its tokens.
-            _keep(state, active, (~alive).nonzero().squeeze(-1), kept)
             keep = alive.nonzero().squeeze(-1)
             _select(state, keep)
             active, token = active[keep], token[keep]
         logits = _advance(model, state, token)
     return result[:, :0], None if result_logps is None else result_logps[:, :0]
+
+
+def _feed(
+    token: torch.Tensor, active: torch.Tensor, feeding: dict[int, list[int]], logps: torch.Tensor | None, step: int
+) -> torch.Tensor:
+    """Replace the sampled token of each row being fed by its next fed token (log-prob 0); which were fed."""
+    fed = torch.zeros_like(token, dtype=torch.bool)
+    for i, row in enumerate(active.tolist()):
+        pending = feeding.get(row)
+        if pending:
+            token[i] = pending.pop(0)
+            fed[i] = True
+            if logps is not None:
+                logps[row, step] = 0.0
+            if not pending:
+                del feeding[row]
+    return fed
+
+
+def _go_on(
+    result: torch.Tensor,
+    active: torch.Tensor,
+    alive: torch.Tensor,
+    step: int,
+    budget: int,
+    turn_ends: TurnEnds,
+    turn_start: list[int],
+    feeding: dict[int, list[int]],
+) -> None:
+    """Ask `turn_ends` about each row that just ended a turn; a row given tokens to read stays alive."""
+    for i in (~alive).nonzero().squeeze(-1).tolist():
+        row = int(active[i])
+        reply = turn_ends(row, result[row, turn_start[row] : step + 1].tolist(), budget - step - 1)
+        if reply:
+            feeding[row] = list(reply)
+            turn_start[row] = step + 1 + len(reply)
+            alive[i] = True
 
 
 def _select(state: Decoding, keep: torch.Tensor) -> None:
@@ -247,33 +290,6 @@ def _advance(model: Any, state: Decoding, token: torch.Tensor) -> torch.Tensor:
         )
     state.next_position = state.next_position + 1
     return out.logits[:, -1, :].float()
-
-
-def _keep(state: Decoding, active: torch.Tensor, finished: torch.Tensor, kept: list[RowCache | None] | None) -> None:
-    """Copy the keys and values of the `finished` rows (indices into the active rows) into `kept`,
-    at their original row numbers (`active`): the prompt's (from the prefix or the cache) and the
-    turn's tokens fed so far."""
-    if kept is None or finished.numel() == 0:
-        return
-    suffix = [(layer.keys, layer.values) for layer in state.cache.layers] if state.cache.get_seq_length() else []
-    for i in finished.tolist():
-        if state.prefix is None:
-            # clones: a view would keep the whole batch's (since replaced) cache tensor alive
-            keys = [k[i].clone() for k, _ in suffix]
-            values = [v[i].clone() for _, v in suffix]
-            mask = state.attention_mask[i].clone()
-        else:
-            group = int(state.prefix.group[i])
-            keys = [_joined(state.prefix.keys[n][group], suffix, n, i, 0) for n in range(len(state.prefix.keys))]
-            values = [_joined(state.prefix.values[n][group], suffix, n, i, 1) for n in range(len(state.prefix.values))]
-            fed = suffix[0][0].size(2) if suffix else 0
-            mask = torch.cat([(~state.prefix.padding[group]).long(), state.attention_mask.new_ones(fed)])
-        kept[int(active[i])] = RowCache(keys, values, mask)
-
-
-def _joined(prompt: torch.Tensor, suffix: list, layer: int, row: int, which: int) -> torch.Tensor:
-    """A row's keys (which=0) or values (1) of one layer: its group's prompt, then its own tokens."""
-    return torch.cat([prompt, suffix[layer][which][row]], dim=1) if suffix else prompt.clone()
 
 
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:

@@ -1,11 +1,18 @@
 """Multi-turn rollouts: the model calls a task's tools between turns (verifiers/tools.py).
 
 An episode: sample a turn; if it calls a tool (and turns are left), run the tool, append its reply
-as a `tool` message and the assistant's next header, and sample again from the whole context, until
-a turn calls no tool (the answer), `max_turns`, or the token budget. A group's G episodes start as
-one single-turn group does (the same seeds, the same shared-prefix decoding); later turns are
-sampled per episode, each from a seed of its own (prompt seed, completion, turn), so an episode does
-not depend on the batch it is in and data-parallel ranks sample what one process samples.
+as a `tool` message and the assistant's next header, and sample again, until a turn calls no tool
+(the answer), `max_turns`, or the token budget. Two ways to run a batch of them:
+
+- `in_loop` (the lean backend): one decoding pass. A row whose turn ends in a call is fed the reply
+  inside the loop, one token a step beside the rows still sampling, and samples on from its own
+  generator; its KV cache is never rebuilt and no episode waits for the batch's slowest turn. A
+  group's G episodes share the prompt's cache (shared-prefix decoding) as a single-turn group does.
+- `turn_by_turn` (hf, vllm): a batch a turn; each later turn sends each going episode's whole context
+  again as a prompt, seeded per (prompt seed, completion, turn).
+
+Either way an episode does not depend on the batch it is in, so data-parallel ranks sample what one
+process samples.
 
 What training sees is one sequence per episode, prompt then every turn's tokens: the model's
 tokens (`loss_mask` 1, with the sampler's log-probs) and the tool replies and template tokens
@@ -23,7 +30,7 @@ from typing import Any
 
 import torch
 
-from pipelines.generation.backends import LeanBackend, Sampled, SamplingRequest, get_backend, row_generators
+from pipelines.generation.backends import LeanBackend, SamplingRequest, get_backend, row_generators
 
 _MARK, _SLOT = "\x00MODEL\x00", "\x00RESULT\x00"
 
@@ -110,22 +117,118 @@ def run_episodes(
     env: Environment,
 ) -> list[Episode]:
     """`request.num_generations` episodes per prompt, group after group (this module's docstring)."""
+    if isinstance(get_backend(backend), LeanBackend):
+        return in_loop(model, tokenizer, input_ids, attention_mask, request, env)
+    return turn_by_turn(model, tokenizer, input_ids, attention_mask, request, backend, env)
+
+
+def in_loop(
+    model: Any,
+    tokenizer: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    request: SamplingRequest,
+    env: Environment,
+) -> list[Episode]:
+    """Episodes on the lean loop in one decoding pass: a row that calls a tool is fed the reply and
+    goes on sampling from its own generator while the others decode (lean_decode.decode's
+    `turn_ends`), so no episode waits for the batch's slowest turn and no context is prefilled twice."""
+    from pipelines.generation.lean_decode import sample
+
+    calls = ToolCalls(env, ToolTurn(tokenizer), tokenizer)
+    ids, logps = sample(
+        model, input_ids, attention_mask, num_generations=request.num_generations,
+        max_new_tokens=request.max_new_tokens, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+        do_sample=request.do_sample, temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
+        generators=row_generators(request, input_ids.size(0)), min_new_tokens=request.min_new_tokens,
+        turn_ends=calls,
+    )  # fmt: skip
+    ids, logps = ids.cpu(), None if logps is None else logps.cpu()
+    return [
+        calls.episode(row, ids[row], None if logps is None else logps[row], tokenizer.eos_token_id, request)
+        for row in range(ids.size(0))
+    ]
+
+
+class ToolCalls:
+    """lean_decode's `turn_ends` for episodes: at each turn's EOS, run the turn's tool call and hand back
+    the reply's tokens (or None: an answer, the last turn, or no room to read the reply and answer),
+    remembering each turn; then `episode` lays a row's tokens out as its turns."""
+
+    def __init__(self, env: Environment, between: ToolTurn, tokenizer: Any) -> None:
+        self.env, self.between, self.tokenizer = env, between, tokenizer
+        self.turns: dict[int, list[dict[str, Any]]] = {}  # row -> its turns that called a tool
+        self.lengths: dict[int, list[tuple[int, int]]] = {}  # row -> (turn tokens, reply tokens) per call
+        self.cut: set[int] = set()  # rows whose reply did not fit
+
+    def __call__(self, row: int, turn: list[int], room: int) -> list[int] | None:
+        from pipelines.verifiers.tools import call_tool
+
+        done = self.turns.setdefault(row, [])
+        if len(done) + 1 >= self.env.max_turns:
+            return None  # the last turn: what it says is the answer
+        text = self.tokenizer.decode(turn, skip_special_tokens=True)
+        result = call_tool(self.env.tools, text, self.env.tool_timeout)
+        if result is None:
+            return None  # no call: this turn was the answer
+        done.append({"text": text, **result.as_dict()})
+        reply = self.between.tokens(result.text)
+        if len(reply) >= room:
+            self.cut.add(row)  # no room left for the model to read the reply and answer
+            return None
+        self.lengths.setdefault(row, []).append((len(turn), len(reply)))
+        return reply
+
+    def episode(
+        self, row: int, ids: torch.Tensor, logps: torch.Tensor | None, eos: int, request: SamplingRequest
+    ) -> Episode:
+        """Row `row`'s tokens as an Episode: each called turn and its reply, then the last turn."""
+        episode, at = Episode(), 0
+        for turn_length, reply_length in self.lengths.get(row, []):
+            span = slice(at, at + turn_length)
+            episode.add(ids[span].tolist(), 1, None if logps is None else logps[span].tolist())
+            at += turn_length
+            episode.add(ids[at : at + reply_length].tolist(), 0)
+            at += reply_length
+        episode.turns = list(self.turns.get(row, []))
+        # The last turn: an answer, the last of max_turns, one that ran out of room, or one whose call's
+        # reply did not fit (already in `turns`, with its call and reply).
+        last = slice(at, None)
+        answered = _take_turn(episode, ids[last], None if logps is None else logps[last], eos, request, self.tokenizer)
+        if row in self.cut:
+            episode.truncated = True
+        elif answered is not None:
+            episode.turns.append({"text": episode.answer})
+        return episode
+
+
+def turn_by_turn(
+    model: Any,
+    tokenizer: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    request: SamplingRequest,
+    backend: str,
+    env: Environment,
+) -> list[Episode]:
+    """Episodes through any backend, one batch a turn: each later turn sends every going episode's whole
+    context (prompt, turns, replies) again as a prompt (the hf and vllm backends; a vLLM server keeps
+    its own prefix cache)."""
     G, eos = request.num_generations, tokenizer.eos_token_id
     prompts = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask, strict=True)]
     episodes = [Episode() for _ in range(len(prompts) * G)]
     between = ToolTurn(tokenizer)
-    # The lean loop keeps each episode's KV cache between turns; other backends get the whole context again.
-    kept = isinstance(get_backend(backend), LeanBackend)
-    turns = KeptTurns(model, tokenizer, prompts, G) if kept else Reprefilled(model, tokenizer, prompts, G, backend)
+    chosen = get_backend(backend)
     active = list(range(len(episodes)))
     for turn in range(env.max_turns):
         if turn == 0:
-            sampled = turns.first(input_ids, attention_mask, request)
+            sampled = chosen.completions(model, tokenizer, input_ids, attention_mask, request)
         else:
             room = max(request.max_new_tokens - len(episodes[i].tokens) for i in active)
             seeds = None if request.seeds is None else [turn_seed(request.seeds[i // G], i % G, turn) for i in active]
             asked = replace(request, num_generations=1, max_new_tokens=room, seeds=seeds, min_new_tokens=0)
-            sampled = turns.later(active, episodes, asked)
+            ids, mask = _left_padded([prompts[i // G] + episodes[i].tokens for i in active], tokenizer.pad_token_id)
+            sampled = chosen.completions(model, tokenizer, ids, mask, asked)
         out, logps = sampled.ids.cpu(), None if sampled.logps is None else sampled.logps.cpu()
         calling = []
         for row, i in enumerate(active):
@@ -138,72 +241,6 @@ def run_episodes(
         if not active:
             break
     return episodes
-
-
-class Reprefilled:
-    """Later turns through any backend: each episode's whole context (prompt, turns, replies) is
-    sent again as a prompt. What the hf and vllm backends do (a server keeps its own prefix cache)."""
-
-    def __init__(self, model: Any, tokenizer: Any, prompts: list[list[int]], group: int, backend: str) -> None:
-        self.model, self.tokenizer, self.prompts, self.group = model, tokenizer, prompts, group
-        self.backend = get_backend(backend)
-
-    def first(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: SamplingRequest) -> Sampled:
-        return self.backend.completions(self.model, self.tokenizer, input_ids, attention_mask, request)
-
-    def later(self, active: list[int], episodes: list[Episode], request: SamplingRequest) -> Sampled:
-        contexts = [self.prompts[i // self.group] + episodes[i].tokens for i in active]
-        ids, mask = _left_padded(contexts, self.tokenizer.pad_token_id)
-        return self.backend.completions(self.model, self.tokenizer, ids, mask, request)
-
-
-class KeptTurns:
-    """Later turns on the lean loop, from each episode's KV cache kept since its last turn
-    (turn_cache.py): only the tokens new since then run through the model."""
-
-    def __init__(self, model: Any, tokenizer: Any, prompts: list[list[int]], group: int) -> None:
-        self.model, self.tokenizer, self.prompts, self.group = model, tokenizer, prompts, group
-        self.kept: list[Any] = [None] * (len(prompts) * group)
-
-    def first(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: SamplingRequest) -> Sampled:
-        from pipelines.generation.lean_decode import sample
-
-        ids, logps = sample(
-            self.model, input_ids, attention_mask, num_generations=request.num_generations,
-            generators=row_generators(request, input_ids.size(0)), kept=self.kept, **self._sampling(request),
-        )  # fmt: skip
-        return Sampled(ids, logps)
-
-    def later(self, active: list[int], episodes: list[Episode], request: SamplingRequest) -> Sampled:
-        from pipelines.generation.lean_decode import decode
-        from pipelines.generation.turn_cache import resume
-
-        rows = [self.kept[i] for i in active]
-        # What the cache lacks: the tokens after the ones it was fed (the prompt's, then the episode's).
-        new = [
-            episodes[i].tokens[int(row.mask.sum()) - len(self.prompts[i // self.group]) :]
-            for i, row in zip(active, rows, strict=True)
-        ]
-        state = resume(self.model, rows, new, self.tokenizer.pad_token_id)
-        kept: list[Any] = [None] * len(active)
-        ids, logps = decode(
-            self.model, state, generators=row_generators(request, len(active)), kept=kept, **self._sampling(request)
-        )
-        for i, row in zip(active, kept, strict=True):
-            self.kept[i] = row
-        return Sampled(ids, logps)
-
-    def _sampling(self, request: SamplingRequest) -> dict[str, Any]:
-        return {
-            "max_new_tokens": request.max_new_tokens,
-            "eos_id": self.tokenizer.eos_token_id,
-            "pad_id": self.tokenizer.pad_token_id,
-            "do_sample": request.do_sample,
-            "temperature": request.temperature,
-            "top_k": request.top_k,
-            "top_p": request.top_p,
-            "min_new_tokens": request.min_new_tokens,
-        }
 
 
 def _take_turn(
