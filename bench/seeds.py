@@ -81,6 +81,9 @@ TASKS = {
                 "data.max_eval_rows=256",
                 "train.prompts_per_step=4",
                 "train.max_completion_length=128",
+                # Validation during training decodes as `evaluate` does: without this it stopped every
+                # episode at evaluate's default 48 tokens and scored 0 (the 2026-12-07 seeds ran so).
+                "evaluate.max_new_tokens=128",
             ]
         ),
     ],
