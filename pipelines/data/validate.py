@@ -20,7 +20,7 @@ import pandas as pd
 from pipelines.config import Config, DataConfig
 from pipelines.data.checks import prompt_key, row_frame, task_rows, token_counts
 from pipelines.data.errors import DataError
-from pipelines.data.expectations import GxRun, leakage_suite, rows_suite, split_suite
+from pipelines.data.expectations import GxRun, Outcome, leakage_suite, rows_suite, split_suite
 from pipelines.data.prompts import build_messages, question_of, task_prompt
 from pipelines.data.report import failure_message, outcome_entry, rejected_rows, row_reasons, unreadable_message
 from pipelines.data.sources import read_source, source_label
@@ -91,16 +91,7 @@ def tokenizer_dir(cfg: DataConfig, paths: Paths) -> Path | None:
 def run(cfg: Config, paths: Paths) -> ValidationResult:
     data = cfg.data
     source = source_label(data, paths.root, cfg.task)
-    tolerant = data.max_rejected_fraction > 0
-    try:
-        task = load_task(cfg, paths)
-        table = read_source(data, paths.root, keep_raw=tolerant, task=task)
-        if table.unreadable and not tolerant:
-            raise DataError(unreadable_message(table, source))
-    except DataError as exc:
-        # The report must not keep saying `success` for data that was just refused.
-        write_json(paths.validation_report, {"source": source, "success": False, "error": str(exc), "expectations": []})
-        raise
+    task, table = _read(cfg, paths, source)
 
     tokens_from = tokenizer_dir(data, paths)
     tokens = token_counts(table, data, tokens_from, task) if tokens_from else None
@@ -108,13 +99,51 @@ def run(cfg: Config, paths: Paths) -> ValidationResult:
     task_issues(table, frame, task, data.check_timeout)
     gx = GxRun(paths.gx_root)
     outcomes = gx.validate("rows", frame, rows_suite(data, task, "chars" if tokens is None else "tokens"))
-    issues = _task_issues(frame)
-    reasons = row_reasons(outcomes, issues)
+    reasons = row_reasons(outcomes, _task_issues(frame))
 
+    splits = _split(table, frame, data, reasons)
+    outcomes += _check_splits(gx, table, data, splits, reasons)
+    gx.publish(paths.data_docs)
+
+    total = len(table) + len(table.unreadable)
+    rejected = len(reasons) + len(table.unreadable)
+    report = _report(source, data, task, table, outcomes, tokens_from, tokens is not None, rejected, total)
+    if not report["success"]:
+        # Written before raising: the report must not keep saying `success` for data just refused.
+        write_json(paths.validation_report, report)
+        failures = [o for o in outcomes if not o.success]
+        raise DataError(failure_message(source, failures, table, rejected, total, data.max_rejected_fraction))
+
+    digest = _write_outputs(table, frame, data, task, paths, splits, rejected_rows(table, reasons))
+    counts = {f"{name}_rows": len(rows) for name, rows in splits.items()}
+    report |= counts | {"digest": digest}
+    write_json(paths.validation_report, report)
+    return ValidationResult(source=source, digest=digest, rejected_rows=rejected, **counts)
+
+
+def _read(cfg: Config, paths: Paths, source: str) -> tuple[Task, Table]:
+    """The task and the dataset's rows. A refusal (DataError) is written to the validation report
+    before it is raised."""
+    tolerant = cfg.data.max_rejected_fraction > 0
+    try:
+        task = load_task(cfg, paths)
+        table = read_source(cfg.data, paths.root, keep_raw=tolerant, task=task)
+        if table.unreadable and not tolerant:
+            raise DataError(unreadable_message(table, source))
+    except DataError as exc:
+        # The report must not keep saying `success` for data that was just refused.
+        write_json(paths.validation_report, {"source": source, "success": False, "error": str(exc), "expectations": []})
+        raise
+    return task, table
+
+
+def _split(table: Table, frame: pd.DataFrame, data: DataConfig, reasons: dict[int, list[str]]) -> dict[str, list[int]]:
+    """Table indices of the train, val and eval splits (SPLIT_FILES order), drawn from the rows
+    that passed the row expectations."""
     # Split only the rows that passed: a rejected row must not decide where its neighbours go.
     kept = [i for i in range(len(table)) if i not in reasons]
     ids = frame["id"].tolist()
-    train_pos, val_pos, eval_pos = three_way(
+    positions = three_way(
         [ids[i] for i in kept],
         data.eval_fraction,
         data.max_eval_rows,
@@ -122,23 +151,43 @@ def run(cfg: Config, paths: Paths) -> ValidationResult:
         data.max_val_rows,
         data.split_seed,
     )
-    train, val, held_out = ([kept[p] for p in part] for part in (train_pos, val_pos, eval_pos))
-    leak_outcomes = gx.validate("leakage", _leakage_frame(table, train, val, held_out), leakage_suite())
-    outcomes += leak_outcomes
-    leaked = row_reasons(leak_outcomes)
-    reasons.update(leaked)
-    val = [i for i in val if i not in leaked]
-    held_out = [i for i in held_out if i not in leaked]
-    outcomes += gx.validate("train", pd.DataFrame({"_row": train}), split_suite("train", data.min_train_rows))
-    if data.val_fraction > 0:
-        outcomes += gx.validate("val", pd.DataFrame({"_row": val}), split_suite("val", data.min_val_rows))
-    outcomes += gx.validate("eval", pd.DataFrame({"_row": held_out}), split_suite("eval", data.min_eval_rows))
-    gx.publish(paths.data_docs)
+    return {name: [kept[p] for p in part] for name, part in zip(SPLIT_FILES, positions, strict=True)}
 
-    total = len(table) + len(table.unreadable)
-    rejected = len(reasons) + len(table.unreadable)
-    failures = [o for o in outcomes if not o.success]
-    whole_table = [o for o in failures if not o.row_level]
+
+def _check_splits(
+    gx: GxRun, table: Table, data: DataConfig, splits: dict[str, list[int]], reasons: dict[int, list[str]]
+) -> list[Outcome]:
+    """The leakage expectations, then each split's row count. A val or eval row whose prompt is in
+    an earlier split is set aside in place: added to `reasons` and dropped from `splits`, so the
+    row counts are checked on what will be written."""
+    outcomes = gx.validate(
+        "leakage", _leakage_frame(table, splits["train"], splits["val"], splits["eval"]), leakage_suite()
+    )
+    leaked = row_reasons(outcomes)
+    reasons.update(leaked)
+    for name in ("val", "eval"):
+        splits[name] = [i for i in splits[name] if i not in leaked]
+    outcomes += gx.validate("train", pd.DataFrame({"_row": splits["train"]}), split_suite("train", data.min_train_rows))
+    if data.val_fraction > 0:
+        outcomes += gx.validate("val", pd.DataFrame({"_row": splits["val"]}), split_suite("val", data.min_val_rows))
+    outcomes += gx.validate("eval", pd.DataFrame({"_row": splits["eval"]}), split_suite("eval", data.min_eval_rows))
+    return outcomes
+
+
+def _report(
+    source: str,
+    data: DataConfig,
+    task: Task,
+    table: Table,
+    outcomes: list[Outcome],
+    tokens_from: Path | None,
+    in_tokens: bool,
+    rejected: int,
+    total: int,
+) -> dict[str, Any]:
+    """The validation report before any split is written. `success` is false when a whole-table
+    expectation failed or more rows were rejected than data.max_rejected_fraction allows."""
+    whole_table = [o for o in outcomes if not o.success and not o.row_level]
     over = rejected > data.max_rejected_fraction * total
     report: dict[str, Any] = {
         "source": source,
@@ -148,30 +197,14 @@ def run(cfg: Config, paths: Paths) -> ValidationResult:
         "rejected_fraction": round(rejected / total, 6) if total else 0.0,
         "max_rejected_fraction": data.max_rejected_fraction,
         "task": task.name,
-        "length_unit": "characters" if tokens is None else "tokens",
+        "length_unit": "tokens" if in_tokens else "characters",
         "tokenizer": str(tokens_from) if tokens_from else None,
         "unreadable": len(table.unreadable),
         "expectations": [outcome_entry(o, table) for o in outcomes],
     }
     if data.tokenizer and not tokens_from:
         report["note"] = f"tokenizer {data.tokenizer} not found: prompt length checked in characters"
-    if whole_table or over:
-        write_json(paths.validation_report, report)
-        raise DataError(failure_message(source, failures, table, rejected, total, data.max_rejected_fraction))
-
-    digest = _write_outputs(
-        table, frame, data, task, paths, {"train": train, "val": val, "eval": held_out}, rejected_rows(table, reasons)
-    )
-    report |= {"train_rows": len(train), "val_rows": len(val), "eval_rows": len(held_out), "digest": digest}
-    write_json(paths.validation_report, report)
-    return ValidationResult(
-        source=source,
-        train_rows=len(train),
-        eval_rows=len(held_out),
-        digest=digest,
-        rejected_rows=rejected,
-        val_rows=len(val),
-    )
+    return report
 
 
 def _task_issues(frame: pd.DataFrame) -> dict[int, str]:

@@ -53,15 +53,32 @@ def answer_problems(
 ) -> list[dict[str, Any]]:
     """One outcome per row: the greedy answer's verdict by the task's judge, and k sampled answers
     with pass/mean/maj@k."""
-    import torch
-    from tqdm.auto import tqdm  # disable=None: a bar on a terminal, none in logs and pipes
-
     from pipelines.generation.multi_turn import Environment
-    from pipelines.generation.rollout import generate
 
     if task is None:
         from pipelines.verifiers.math_task import TASK as task
     environment = Environment.of(task)  # a task with tools: every answer is an episode, pass@k included
+    outcomes = _greedy_outcomes(model, tokenizer, rows, cfg, label, backend, task, environment)
+    # Second: the sampled pass adds its k answers to the greedy pass's outcomes, one per row.
+    _add_sampled_outcomes(outcomes, model, tokenizer, rows, cfg, label, backend, task, environment)
+    return outcomes
+
+
+def _greedy_outcomes(
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    cfg: EvaluateConfig,
+    label: str,
+    backend: str,
+    task: Task,
+    environment: Any,
+) -> list[dict[str, Any]]:
+    """One outcome per row from a greedy answer, judged by the task's judge."""
+    from tqdm.auto import tqdm  # disable=None: a bar on a terminal, none in logs and pipes
+
+    from pipelines.generation.rollout import generate
+
     outcomes: list[dict[str, Any]] = []
     for start in tqdm(range(0, len(rows), cfg.batch_size), desc=f"eval {label} greedy", unit="batch", disable=None):
         chunk = rows[start : start + cfg.batch_size]
@@ -94,6 +111,25 @@ def answer_problems(
                     "truncated": bool(truncated),
                 }
             )
+    return outcomes
+
+
+def _add_sampled_outcomes(
+    outcomes: list[dict[str, Any]],
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    cfg: EvaluateConfig,
+    label: str,
+    backend: str,
+    task: Task,
+    environment: Any,
+) -> None:
+    """Add k sampled answers and pass/mean/maj@k to each row's outcome, in place."""
+    import torch
+    from tqdm.auto import tqdm  # disable=None: a bar on a terminal, none in logs and pipes
+
+    from pipelines.generation.rollout import generate
 
     # The same seed for every model: each starts sampling from the same random state.
     torch.manual_seed(cfg.seed)
@@ -117,37 +153,42 @@ def answer_problems(
             seeds=[cfg.seed * 1_000_003 + start + i for i in range(len(chunk))] if backend == "vllm" else None,
             environment=environment,
         )
-        lengths, truncated = rollout.lengths.tolist(), rollout.truncated.tolist()
         group_rows = [r for r in chunk for _ in range(cfg.k)]  # generate lays completions out group after group
         verdicts = judge_all(rollout.texts, group_rows, task=task, timeout=cfg.judge_timeout)
+        samples = _samples(rollout.texts, rollout.lengths.tolist(), rollout.truncated.tolist(), verdicts)
         for i in range(len(chunk)):
-            group = range(i * cfg.k, (i + 1) * cfg.k)  # generate lays completions out group after group
-            samples = []
-            for j in group:
-                verdict = verdicts[j]
-                samples.append(
-                    {
-                        "completion": rollout.texts[j],
-                        "extracted": verdict["extracted"],
-                        "correct": verdict["correct"],
-                        "format": verdict["format"],
-                        "length": int(lengths[j]),
-                        "truncated": bool(truncated[j]),
-                    }
-                )
-            majority = majority_answer([s["extracted"] for s in samples])
-            outcome = outcomes[start + i]
-            outcome["samples"] = samples
-            outcome["pass_at_k"] = any(s["correct"] for s in samples)
-            outcome["mean_at_k"] = sum(s["correct"] for s in samples) / len(samples)
-            outcome["majority_answer"] = majority
-            # The judge's verdict on a sample that gave the majority answer: right by the task's rules.
-            outcome["maj_at_k"] = majority is not None and any(
-                s["correct"]
-                for s in samples
-                if s["extracted"] is not None and _vote_key(s["extracted"]) == _vote_key(majority)
-            )
-    return outcomes
+            # generate lays completions out group after group
+            _score_samples(outcomes[start + i], samples[i * cfg.k : (i + 1) * cfg.k])
+
+
+def _samples(
+    texts: list[str], lengths: list[int], truncated: list[bool], verdicts: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """One record per sampled completion, in generate's order."""
+    return [
+        {
+            "completion": text,
+            "extracted": verdict["extracted"],
+            "correct": verdict["correct"],
+            "format": verdict["format"],
+            "length": int(length),
+            "truncated": bool(cut),
+        }
+        for text, length, cut, verdict in zip(texts, lengths, truncated, verdicts, strict=True)
+    ]
+
+
+def _score_samples(outcome: dict[str, Any], samples: list[dict[str, Any]]) -> None:
+    """Set one problem's samples and its pass@k, mean@k and maj@k on its outcome."""
+    majority = majority_answer([s["extracted"] for s in samples])
+    outcome["samples"] = samples
+    outcome["pass_at_k"] = any(s["correct"] for s in samples)
+    outcome["mean_at_k"] = sum(s["correct"] for s in samples) / len(samples)
+    outcome["majority_answer"] = majority
+    # The judge's verdict on a sample that gave the majority answer: right by the task's rules.
+    outcome["maj_at_k"] = majority is not None and any(
+        s["correct"] for s in samples if s["extracted"] is not None and _vote_key(s["extracted"]) == _vote_key(majority)
+    )
 
 
 def summarize(outcomes: list[dict[str, Any]]) -> dict[str, float]:
