@@ -38,6 +38,17 @@ def _own_tracking_uri():
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+@pytest.fixture
+def fresh_tracking_uri():
+    """No tracking URI set in-process, before and after the test: each test finds its store from its
+    project. A module that logs to MLflow opts in with `pytestmark = pytest.mark.usefixtures(...)`."""
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+    yield
+    mlflow.set_tracking_uri(None)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     # Tiny models run ~100x faster on one thread than on torch's default of two here.
@@ -128,3 +139,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class FakeRanks:
+    """Stands in for the process group in `distributed.loss_share`: `sum` returns the total over all ranks."""
+
+    size = 2
+
+    def __init__(self, total: float) -> None:
+        self.total = total
+
+    def sum(self, value: float) -> float:
+        return self.total

@@ -17,7 +17,7 @@ from pipelines.config import ConfigError
 from pipelines.grpo import distributed, trainer
 from pipelines.grpo.loss import grpo_loss
 from pipelines.paths import Paths
-from tests.conftest import cli_env, free_port, prepared_project
+from tests.conftest import FakeRanks, cli_env, free_port, prepared_project
 
 OVERRIDES = [
     "train.steps=4",
@@ -27,18 +27,6 @@ OVERRIDES = [
     # A reward that varies between completions of a random model, so the weights really move.
     "train.rewards=[{name: length, weight: 1.0, params: {target_chars: 30}}]",
 ]
-
-
-class _Ranks:
-    """Stands in for the process group in `loss_share`: `sum` returns the total over all ranks."""
-
-    size = 2
-
-    def __init__(self, total: float) -> None:
-        self.total = total
-
-    def sum(self, value: float) -> float:
-        return self.total
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
@@ -60,7 +48,7 @@ def test_weighted_rank_losses_sum_to_the_whole_batch_loss(loss_type):
     counts = [float(mask[p].sum()) if loss_type in ("bnpo", "dapo") else float(mask[p].size(0)) for p in parts]
     summed = sum(
         grpo_loss(logp[p], old[p], advantages[p], mask[p], ref_logp=ref[p], **kwargs)[0]
-        * distributed.loss_share(loss_type, mask[p], _Ranks(sum(counts)))
+        * distributed.loss_share(loss_type, mask[p], FakeRanks(sum(counts)))
         for p in parts
     )
     (got,) = torch.autograd.grad(summed, logp)

@@ -17,13 +17,7 @@ from tests.conftest import REPO, cli_env, make_project
 MAX_WIDTH = 200
 
 
-@pytest.fixture(autouse=True)
-def _fresh_tracking_uri():
-    import mlflow
-
-    mlflow.set_tracking_uri(None)
-    yield
-    mlflow.set_tracking_uri(None)
+pytestmark = pytest.mark.usefixtures("fresh_tracking_uri")
 
 
 @pytest.fixture(scope="module")

@@ -21,18 +21,7 @@ from pipelines.grpo.loss import TOKEN_NORMALISED, grpo_loss
 from pipelines.grpo.metrics import on_policy_knobs_warning
 from pipelines.paths import Paths
 from pipelines.verifiers import rewards
-
-
-class _Ranks:
-    """Stands in for the process group in `loss_share`: `sum` returns the total over all ranks."""
-
-    size = 2
-
-    def __init__(self, total: float) -> None:
-        self.total = total
-
-    def sum(self, value: float) -> float:
-        return self.total
+from tests.conftest import FakeRanks
 
 
 @pytest.mark.parametrize(
@@ -71,7 +60,7 @@ def test_rank_losses_sum_to_the_whole_batch_loss(loss_type, knobs):
         grpo_loss(
             logp[p], old[p], advantages[p], mask[p], ref_logp=ref[p], entropy=entropy[p], entropy_pool=pool, **kwargs
         )[0]
-        * distributed.loss_share(loss_type, mask[p], _Ranks(sum(counts)))
+        * distributed.loss_share(loss_type, mask[p], FakeRanks(sum(counts)))
         for p in parts
     )
     (got,) = torch.autograd.grad(summed, logp)

@@ -35,14 +35,8 @@ def _chosen_score(model, tokenizer, rows, *, step, **_):
     return Score(step, accuracy, lenient, fmt, seconds=0.01)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_tracking_uri():
-    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; each test finds its store from its project."""
-    import mlflow
-
-    mlflow.set_tracking_uri(None)
-    yield
-    mlflow.set_tracking_uri(None)
+# mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; each test finds its store from its project.
+pytestmark = pytest.mark.usefixtures("fresh_tracking_uri")
 
 
 @pytest.fixture(scope="module")

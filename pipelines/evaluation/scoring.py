@@ -8,6 +8,8 @@ paired problem by problem.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from pipelines.config import EvaluateConfig
@@ -42,6 +44,48 @@ def _vote_key(answer: str | None) -> str | None:
     return repr(value) if value is not None else " ".join(answer.lower().split())
 
 
+@dataclass(frozen=True)
+class _Scoring:
+    """What both passes share: the model to score, its rows, and how to sample and judge them."""
+
+    model: Any
+    tokenizer: Any
+    rows: list[dict[str, Any]]
+    cfg: EvaluateConfig
+    label: str
+    backend: str
+    task: Task
+    environment: Any
+
+    def batches(self, size: int, desc: str) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+        """The rows in chunks of `size`, each with its start index, under a progress bar."""
+        from tqdm.auto import tqdm  # disable=None: a bar on a terminal, none in logs and pipes
+
+        for start in tqdm(range(0, len(self.rows), size), desc=f"eval {self.label} {desc}", unit="batch", disable=None):
+            yield start, self.rows[start : start + size]
+
+    def answer(
+        self, chunk: list[dict[str, Any]], num_generations: int, **sampling: Any
+    ) -> tuple[Any, list[dict[str, Any]]]:
+        """`num_generations` answers to each row of `chunk`, and the task judge's verdict on each."""
+        from pipelines.generation.rollout import generate
+
+        rollout = generate(
+            self.model,
+            self.tokenizer,
+            [r["prompt"] for r in chunk],
+            num_generations=num_generations,
+            max_new_tokens=self.cfg.max_new_tokens,
+            bf16=self.cfg.bf16,
+            backend=self.backend,
+            environment=self.environment,
+            **sampling,
+        )
+        # generate lays completions out group after group: each row once per completion
+        group_rows = [r for r in chunk for _ in range(num_generations)]
+        return rollout, judge_all(rollout.texts, group_rows, task=self.task, timeout=self.cfg.judge_timeout)
+
+
 def answer_problems(
     model: Any,
     tokenizer: Any,
@@ -58,48 +102,24 @@ def answer_problems(
     if task is None:
         from pipelines.verifiers.math_task import TASK as task
     environment = Environment.of(task)  # a task with tools: every answer is an episode, pass@k included
-    outcomes = _greedy_outcomes(model, tokenizer, rows, cfg, label, backend, task, environment)
+    scoring = _Scoring(model, tokenizer, rows, cfg, label, backend, task, environment)
+    outcomes = _greedy_outcomes(scoring)
     # Second: the sampled pass adds its k answers to the greedy pass's outcomes, one per row.
-    _add_sampled_outcomes(outcomes, model, tokenizer, rows, cfg, label, backend, task, environment)
+    _add_sampled_outcomes(outcomes, scoring)
     return outcomes
 
 
-def _greedy_outcomes(
-    model: Any,
-    tokenizer: Any,
-    rows: list[dict[str, Any]],
-    cfg: EvaluateConfig,
-    label: str,
-    backend: str,
-    task: Task,
-    environment: Any,
-) -> list[dict[str, Any]]:
+def _greedy_outcomes(scoring: _Scoring) -> list[dict[str, Any]]:
     """One outcome per row from a greedy answer, judged by the task's judge."""
-    from tqdm.auto import tqdm  # disable=None: a bar on a terminal, none in logs and pipes
-
-    from pipelines.generation.rollout import generate
-
     outcomes: list[dict[str, Any]] = []
-    for start in tqdm(range(0, len(rows), cfg.batch_size), desc=f"eval {label} greedy", unit="batch", disable=None):
-        chunk = rows[start : start + cfg.batch_size]
-        rollout = generate(
-            model,
-            tokenizer,
-            [r["prompt"] for r in chunk],
-            num_generations=1,
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=False,
-            bf16=cfg.bf16,
-            backend=backend,
-            environment=environment,
-        )
-        verdicts = judge_all(rollout.texts, chunk, task=task, timeout=cfg.judge_timeout)
+    for _, chunk in scoring.batches(scoring.cfg.batch_size, "greedy"):
+        rollout, verdicts = scoring.answer(chunk, 1, do_sample=False)
         for row, text, length, truncated, verdict in zip(
             chunk, rollout.texts, rollout.lengths.tolist(), rollout.truncated.tolist(), verdicts, strict=True
         ):
             outcomes.append(
                 {
-                    "model": label,
+                    "model": scoring.label,
                     "id": row["id"],
                     "answer": row["answer"],
                     "completion": text,
@@ -114,47 +134,24 @@ def _greedy_outcomes(
     return outcomes
 
 
-def _add_sampled_outcomes(
-    outcomes: list[dict[str, Any]],
-    model: Any,
-    tokenizer: Any,
-    rows: list[dict[str, Any]],
-    cfg: EvaluateConfig,
-    label: str,
-    backend: str,
-    task: Task,
-    environment: Any,
-) -> None:
+def _add_sampled_outcomes(outcomes: list[dict[str, Any]], scoring: _Scoring) -> None:
     """Add k sampled answers and pass/mean/maj@k to each row's outcome, in place."""
     import torch
-    from tqdm.auto import tqdm  # disable=None: a bar on a terminal, none in logs and pipes
 
-    from pipelines.generation.rollout import generate
-
+    cfg = scoring.cfg
     # The same seed for every model: each starts sampling from the same random state.
     torch.manual_seed(cfg.seed)
     per_call = max(1, cfg.batch_size // cfg.k)  # about batch_size sequences per generate call
-    for start in tqdm(
-        range(0, len(rows), per_call), desc=f"eval {label} sampled k={cfg.k}", unit="batch", disable=None
-    ):
-        chunk = rows[start : start + per_call]
-        rollout = generate(
-            model,
-            tokenizer,
-            [r["prompt"] for r in chunk],
-            num_generations=cfg.k,
-            max_new_tokens=cfg.max_new_tokens,
+    for start, chunk in scoring.batches(per_call, f"sampled k={cfg.k}"):
+        rollout, verdicts = scoring.answer(
+            chunk,
+            cfg.k,
             do_sample=True,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
-            bf16=cfg.bf16,
-            backend=backend,
             # A server samples from no shared random stream: seed each problem, the same for every model.
-            seeds=[cfg.seed * 1_000_003 + start + i for i in range(len(chunk))] if backend == "vllm" else None,
-            environment=environment,
+            seeds=[cfg.seed * 1_000_003 + start + i for i in range(len(chunk))] if scoring.backend == "vllm" else None,
         )
-        group_rows = [r for r in chunk for _ in range(cfg.k)]  # generate lays completions out group after group
-        verdicts = judge_all(rollout.texts, group_rows, task=task, timeout=cfg.judge_timeout)
         samples = _samples(rollout.texts, rollout.lengths.tolist(), rollout.truncated.tolist(), verdicts)
         for i in range(len(chunk)):
             # generate lays completions out group after group

@@ -16,11 +16,14 @@ give it a `name`, add it to `BACKENDS`, and add the name to `RolloutBackendName`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from pipelines.config import ConfigError
+
+if TYPE_CHECKING:
+    from pipelines.generation.lean_decode import TurnEnds
 
 
 class BackendUnavailable(ConfigError):
@@ -73,7 +76,10 @@ class RolloutBackend(Protocol):
 
 
 class LeanBackend:
-    """One prefill per prompt and a shared KV cache (pipelines/generation/lean_decode.py); seeds per prompt."""
+    """One prefill per prompt and a shared KV cache (pipelines/generation/lean_decode.py); seeds per prompt.
+
+    `turn_ends` (beyond the protocol) runs multi-turn episodes inside the loop (multi_turn.in_loop):
+    one call passes the request's knobs to the loop, so episodes and single turns cannot drift apart."""
 
     name = "lean"
 
@@ -84,6 +90,7 @@ class LeanBackend:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         request: SamplingRequest,
+        turn_ends: TurnEnds | None = None,
     ) -> Sampled:
         from pipelines.generation.lean_decode import sample
 
@@ -102,6 +109,7 @@ class LeanBackend:
             top_p=request.top_p,
             generators=generators,
             min_new_tokens=request.min_new_tokens,
+            turn_ends=turn_ends,
         )
         return Sampled(ids, logps)
 

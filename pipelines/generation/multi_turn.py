@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from pipelines.generation.backends import LeanBackend, SamplingRequest, get_backend, row_generators
+from pipelines.generation.backends import LeanBackend, SamplingRequest, get_backend
 
 _MARK, _SLOT = "\x00MODEL\x00", "\x00RESULT\x00"
 
@@ -133,17 +133,9 @@ def in_loop(
     """Episodes on the lean loop in one decoding pass: a row that calls a tool is fed the reply and
     goes on sampling from its own generator while the others decode (lean_decode.decode's
     `turn_ends`), so no episode waits for the batch's slowest turn and no context is prefilled twice."""
-    from pipelines.generation.lean_decode import sample
-
     calls = ToolCalls(env, ToolTurn(tokenizer), tokenizer)
-    ids, logps = sample(
-        model, input_ids, attention_mask, num_generations=request.num_generations,
-        max_new_tokens=request.max_new_tokens, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-        do_sample=request.do_sample, temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
-        generators=row_generators(request, input_ids.size(0)), min_new_tokens=request.min_new_tokens,
-        turn_ends=calls,
-    )  # fmt: skip
-    ids, logps = ids.cpu(), None if logps is None else logps.cpu()
+    sampled = LeanBackend().completions(model, tokenizer, input_ids, attention_mask, request, turn_ends=calls)
+    ids, logps = sampled.ids.cpu(), None if sampled.logps is None else sampled.logps.cpu()
     return [
         calls.episode(row, ids[row], None if logps is None else logps[row], tokenizer.eos_token_id, request)
         for row in range(ids.size(0))
