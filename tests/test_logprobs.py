@@ -106,3 +106,54 @@ def test_runs_under_bf16_autocast_in_fp32():
     assert chosen.dtype == torch.float32
     torch.testing.assert_close(chosen.double(), want_chosen, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(entropy.double(), want_entropy, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_the_training_pass_runs_the_lm_head_on_the_models_own_tokens_only(kind):
+    """Padding and a tool's reply skip the LM head: values and gradients on the model's own tokens equal
+    the full pass's (one sequence, every position through the head), and are 0 elsewhere."""
+    from dataclasses import replace
+
+    from pipelines.generation.rollout import Rollout
+    from pipelines.grpo.logprobs import token_logps
+    from tests.test_shared_prefix import _prompts, _tiny
+
+    model = _tiny(kind)
+    ids, mask = _prompts()
+    G, width = 2, 7
+    completions = torch.randint(3, 64, (3 * G, width), generator=torch.Generator().manual_seed(3))
+    lengths = torch.tensor([7, 3, 5, 1, 6, 7])
+    keep = (torch.arange(width) < lengths[:, None]).long()
+    trained = keep.clone()
+    trained[0, 2:5] = 0  # a reply the model read, not wrote
+    trained[4, 1:3] = 0
+    rollout = Rollout(
+        ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0), completions, keep,
+        torch.zeros(3 * G, dtype=torch.bool), [""] * (3 * G), G, loss_mask=trained,
+    )  # fmt: skip
+    rows_seen: list[int] = []
+    model.lm_head.register_forward_pre_hook(lambda _m, args: rows_seen.append(args[0].shape[:-1].numel()))
+    got, entropy = token_logps(model, rollout, with_entropy=True)
+    through_head = sum(rows_seen[1:])  # (the first call is the prompts' last positions)
+    rows_seen.clear()
+    full, full_entropy = token_logps(model, replace(rollout, group_size=1), with_entropy=True)
+    on = trained.bool()
+    assert through_head == int(trained[:, 1:].sum()) < sum(rows_seen)
+    torch.testing.assert_close(got[on], full[on], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy[on], full_entropy[on], atol=1e-5, rtol=1e-5)
+    assert (got[~on] == 0).all() and (entropy[~on] == 0).all()
+    params = [p for p in model.parameters() if p.requires_grad]
+    weights = torch.randn(got.shape, generator=torch.Generator().manual_seed(5)) * on
+    grads = torch.autograd.grad((got * weights).sum(), params)
+    for a, b in zip(grads, torch.autograd.grad((full * weights).sum(), params), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_a_model_with_a_step_after_its_lm_head_keeps_the_full_pass():
+    """Soft-capped or scaled logits (Gemma 2, Cohere, Granite) are not the head's output: no split."""
+    from tests.test_shared_prefix import _tiny
+
+    assert logprobs._head_apart(_tiny("llama")) is not None
+    model = _tiny("llama")
+    model.config.model_type = "granite"
+    assert logprobs._head_apart(model) is None
