@@ -52,7 +52,10 @@ ENGINE = [
 ]
 
 
-def prepare(workdir: Path, overrides: list[str]) -> Path:
+def prepare(workdir: Path, overrides: list[str], chat_template: str | None = None) -> Path:
+    """A project with validated data and the pinned reference; with `chat_template`, the reference's
+    tokenizer carries that one of TRL's bundled templates instead of its own (both engines then read
+    the same prompts, tools and tool replies)."""
     from pipelines import config
     from pipelines.data import validate
     from pipelines.paths import Paths
@@ -61,10 +64,28 @@ def prepare(workdir: Path, overrides: list[str]) -> Path:
     root = workdir / "project"
     root.mkdir(parents=True)
     (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    cfg = config.load(root / "params.yaml", [*TASK, *ENGINE, *overrides])
+    source = [f"snapshot.source={with_template(workdir / 'source', chat_template)}"] if chat_template else []
+    cfg = config.load(root / "params.yaml", [*TASK, *ENGINE, *overrides, *source])
     validate.run(cfg, Paths(root))
     snapshot_stage.run(cfg.snapshot, Paths(root))
     return root
+
+
+def with_template(folder: Path, name: str) -> Path:
+    """The embedded model saved to `folder` with TRL's bundled chat template `name` (e.g. qwen2_5).
+
+    TRL's tool calling refuses a template without a tool format, SmolLM2's own among them; Qwen2.5's is
+    ChatML like SmolLM2's (the same <|im_start|>/<|im_end|> tokens) and has one."""
+    import trl
+
+    from pipelines.config import SnapshotConfig
+    from pipelines.snapshot.stage import load_source
+
+    model, tokenizer = load_source(SnapshotConfig())
+    tokenizer.chat_template = (Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja").read_text()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def train_ours(root: Path, seconds: float, every: int, overrides: list[str], name: str = "ours") -> list[dict]:
@@ -125,11 +146,15 @@ def train_trl(root: Path, seconds: float, every: int, overrides: list[str], prom
     from pipelines import config
     from pipelines.grpo.prompt_sampler import PromptSampler
     from pipelines.io import read_jsonl
+    from pipelines.verifiers import catalog
     from pipelines.verifiers.math_task import TASK as MATH
     from pipelines.verifiers.rewards import accuracy_reward, format_reward
 
     cfg = config.load(root / "params.yaml", [*TASK, *ENGINE, *overrides])
     t = cfg.train
+    # A task with tools (the calculator): TRL's own tool loop, as many turns as ours allows.
+    task = catalog.load(cfg.task, root)
+    tools = list(getattr(task, "tools", ()))
     if cfg.runtime.num_threads:
         torch.set_num_threads(cfg.runtime.num_threads)
     rows = PromptSampler(read_jsonl(root / "data/validated/train.jsonl"), t.seed).take(2000)
@@ -155,6 +180,7 @@ def train_trl(root: Path, seconds: float, every: int, overrides: list[str], prom
         shuffle_dataset=False,
         # The math task's own weights when train.rewards is null (pipelines/verifiers/math_task.py).
         reward_weights=[r.weight for r in MATH.rewards] if t.rewards is None else [s.weight for s in t.rewards],
+        max_tool_calling_iterations=task.max_turns - 1 if tools else None,
     )
     snaps: list[dict] = []
     clock = {"train": 0.0}
@@ -172,11 +198,15 @@ def train_trl(root: Path, seconds: float, every: int, overrides: list[str], prom
             if clock["train"] >= seconds:
                 control.should_training_stop = True
 
+    def last_turn(completions: list[Any]) -> list[Any]:
+        # With tools a completion is the episode's messages; ours judges the last turn (the answer).
+        return [c[-1:] if isinstance(c, list) else c for c in completions]
+
     def accuracy(prompts, completions, answer, **kw):
-        return accuracy_reward(prompts, completions, answer=answer)
+        return accuracy_reward(prompts, last_turn(completions), answer=answer)
 
     def fmt(prompts, completions, **kw):
-        return format_reward(prompts, completions)
+        return format_reward(prompts, last_turn(completions))
 
     trainer = GRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32),
@@ -186,6 +216,7 @@ def train_trl(root: Path, seconds: float, every: int, overrides: list[str], prom
         processing_class=AutoTokenizer.from_pretrained(ref),
         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
         callbacks=[Budget()],
+        tools=tools or None,
     )
     trainer.train()
     return snaps
@@ -272,6 +303,7 @@ def score_snapshots(
     from pipelines.grpo.policy import add_lora
     from pipelines.io import read_jsonl
     from pipelines.snapshot.loading import load_reference
+    from pipelines.verifiers.tools import native_format
 
     if task is None:
         from pipelines.verifiers.math_task import TASK as task
@@ -302,6 +334,8 @@ def score_snapshots(
 
     cache = json.loads(reference_cache.read_text()) if reference_cache and reference_cache.exists() else {}
     base, tokenizer = load_reference(root / "models/reference")
+    if native_format(tokenizer):  # a template of TRL's (`--chat-template`), not the model's own
+        key += f"-template-{hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()[:12]}"
     if key not in cache:
         cache[key] = {"step": 0, "wall_time": 0.0, **accuracy(base, tokenizer), "dtype": str(dtype)}
         if reference_cache:
@@ -455,6 +489,11 @@ def main() -> None:
         help="decoding dtype when scoring; auto = as `evaluate` decodes (bf16 where the CPU has bf16 units)",
     )
     ap.add_argument("--reference-cache", type=Path, help="a JSON file that keeps the reference's score across runs")
+    ap.add_argument(
+        "--chat-template",
+        help="one of TRL's bundled chat templates (e.g. qwen2_5) on the reference's tokenizer, for both engines: "
+        "TRL's tool calling refuses SmolLM2's own",
+    )
     args = ap.parse_args()
     os.environ.update(QUIET)
     if args.child:
@@ -471,7 +510,7 @@ def main() -> None:
         return
     # every snapshot of a run (1-4 GB at one a step) is scratch once it is scored
     with tempfile.TemporaryDirectory(prefix="grpo-learn-", ignore_cleanup_errors=True) as workdir:
-        results = run_engines(args, prepare(Path(workdir), args.set))
+        results = run_engines(args, prepare(Path(workdir), args.set, args.chat_template))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
@@ -481,6 +520,7 @@ def main() -> None:
                 "overrides": args.set,
                 "ours_only": args.ours,
                 "trl_prompts_per_step": args.trl_prompts,
+                "chat_template": args.chat_template,
                 "results": results,
             },
             indent=2,

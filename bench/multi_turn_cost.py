@@ -2,8 +2,9 @@
 
 The calculator task's prompts on the pinned reference: one batch of episodes (the tool called, its
 reply appended, the next turn), then the same prompts sampled in one turn with every completion forced
-to the episodes' mean number of model tokens (`min_new_tokens`), and once more with each completion
-ending at its own EOS (compared per model token). Each is timed for sampling and for
+to the episodes' mean number of model tokens (`min_new_tokens`), once with each completion forced to
+its episode's own number of model tokens (the same tokens, row for row, so the same unevenness), and
+once more with each completion ending at its own EOS (compared per model token). Each is timed for sampling and for
 the training pass (log-probs, loss, backward) on the merged sampling copy and the LoRA policy, as the
 trainer runs them; rounds alternate the two, and the median counts.
 
@@ -19,6 +20,7 @@ import json
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +56,34 @@ def _prompts(n: int, seed: int) -> list:
     return [build_messages(f"What is {rng.randint(10, 999)} * {rng.randint(10, 999)}?", template) for _ in range(n)]
 
 
+@contextmanager
+def _forced_lengths(lengths: list[int], eos_id: int):
+    """Single-turn rows of exactly `lengths` tokens (EOS last), row for row, by steering the sampler's
+    noise: EOS cannot win before a row's length and only EOS can win at it. A bench-only patch of
+    lean_decode's exponential race (`token = argmax(p / noise)`), so the decoding loop itself, its
+    batch shrinking as rows end included, runs as in training."""
+    import torch
+
+    from pipelines.generation import lean_decode
+
+    original, want, step = lean_decode._exponential_noise, torch.tensor(lengths), [0]
+
+    def steered(probs, active, generators):
+        noise = original(probs, active, generators)
+        last = want[active.cpu()] - 1 <= step[0]
+        noise[~last, eos_id] = float("inf")  # p / inf = 0: EOS loses
+        noise[last] = float("inf")
+        noise[last, eos_id] = 1e-30  # EOS wins
+        step[0] += 1
+        return noise
+
+    lean_decode._exponential_noise = steered
+    try:
+        yield
+    finally:
+        lean_decode._exponential_noise = original
+
+
 def _timed(policy, sampler, tokenizer, prompts, train_bf16: bool, **sampling) -> dict:
     import torch
 
@@ -77,6 +107,7 @@ def _timed(policy, sampler, tokenizer, prompts, train_bf16: bool, **sampling) ->
         "model_tokens": int(rollout.trained_mask.sum()),
         "all_tokens": int(rollout.completion_mask.sum()),
         "rows": rollout.rows,
+        "row_model_tokens": rollout.trained_mask.sum(-1).tolist(),
     }
 
 
@@ -101,7 +132,9 @@ def main() -> None:
     # "single-turn" is forced to the episodes' mean length in every row (the strictest baseline: no row
     # waits for a longer one); "single-turn, own lengths" lets each completion end at its EOS, as a
     # real single-turn step does, and is compared per model token.
-    runs: dict[str, list[dict]] = {"multi-turn": [], "single-turn": [], "single-turn, own lengths": []}
+    runs: dict[str, list[dict]] = {
+        "multi-turn": [], "single-turn": [], "single-turn, episodes' lengths": [], "single-turn, own lengths": []
+    }  # fmt: skip
     for _ in range(args.rounds):
         episodes = _timed(
             policy, sampler, tokenizer, prompts, bf16, max_new_tokens=args.max_tokens,
@@ -112,16 +145,22 @@ def main() -> None:
         runs["single-turn"].append(
             _timed(policy, sampler, tokenizer, prompts, bf16, max_new_tokens=per_row, min_new_tokens=per_row, **common)
         )
+        with _forced_lengths(episodes["row_model_tokens"], tokenizer.eos_token_id):
+            runs["single-turn, episodes' lengths"].append(
+                _timed(policy, sampler, tokenizer, prompts, bf16, max_new_tokens=args.max_tokens, **common)
+            )
         runs["single-turn, own lengths"].append(
             _timed(policy, sampler, tokenizer, prompts, bf16, max_new_tokens=args.max_tokens, **common)
         )
     summary = {
-        kind: {key: statistics.median(r[key] for r in rounds) for key in rounds[0]} for kind, rounds in runs.items()
+        kind: {key: statistics.median(r[key] for r in rounds) for key in rounds[0] if key != "row_model_tokens"}
+        for kind, rounds in runs.items()
     }
     for part in summary.values():
         part["step_s"] = part["sample_s"] + part["train_s"]
         part["ms_per_model_token"] = 1000 * part["step_s"] / part["model_tokens"]
     ratio = summary["multi-turn"]["step_s"] / summary["single-turn"]["step_s"]
+    row_for_row = summary["multi-turn"]["step_s"] / summary["single-turn, episodes' lengths"]["step_s"]
     per_token = summary["multi-turn"]["ms_per_model_token"] / summary["single-turn, own lengths"]["ms_per_model_token"]
     print(f"machine: {describe()}")
     print("| | sampling s | training pass s | step s | model tokens | all tokens | ms per model token |")
@@ -132,11 +171,12 @@ def main() -> None:
             f"{part['model_tokens']:.0f} | {part['all_tokens']:.0f} | {part['ms_per_model_token']:.1f} |"
         )
     print(f"multi-turn / single-turn step time, as many model tokens: {ratio:.2f} (target <= 1.3)")
+    print(f"multi-turn / single-turn of the episodes' lengths, row for row: {row_for_row:.2f} (target <= 1.3)")
     print(f"multi-turn / single-turn with its own lengths, per model token: {per_token:.2f}")
     out = results_dir() / "multi-turn-cost.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": describe(), "args": vars(args) | {"reference": str(args.reference)},
-                               "runs": runs, "summary": summary, "ratio": ratio,
+                               "runs": runs, "summary": summary, "ratio": ratio, "ratio_row_for_row": row_for_row,
                                "ratio_per_token_own_lengths": per_token}, indent=1))  # fmt: skip
 
 

@@ -331,6 +331,11 @@ def main() -> None:
     ap.add_argument("--score-all", action="store_true", help="score every snapshot, not only those the table reads")
     ap.add_argument("--score-dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     ap.add_argument("--out", type=Path)
+    ap.add_argument(
+        "--chat-template",
+        help="one of TRL's bundled templates on the reference's tokenizer, for every engine (learning_run.py); "
+        "qwen2_5 lets TRL call tools",
+    )
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--resume", action="store_true", help="keep the (engine, seed) runs already in the results file")
     ap.add_argument(
@@ -363,6 +368,8 @@ def main() -> None:
                 ]  # fmt: skip
                 if not args.score_all:
                     cmd += ["--score-at", *map(str, [*points, args.minutes])]
+                if args.chat_template:
+                    cmd += ["--chat-template", args.chat_template]
                 for override in [*TASKS[args.task], f"train.seed={seed}", *args.set]:
                     cmd += ["-S", override]
                 subprocess.run(cmd, check=True)
@@ -372,6 +379,7 @@ def main() -> None:
                     "task": args.task,
                     "overrides": TASKS[args.task] + args.set,
                     "score_dtype": args.score_dtype,
+                    "chat_template": args.chat_template,
                     "scored": "all snapshots" if args.score_all else "the snapshots the table reads",
                 }
                 out.parent.mkdir(parents=True, exist_ok=True)
