@@ -247,7 +247,6 @@ def _grouped_logps(
     if entropy is not None:
         entropy[:, 0] = e0
     lengths = mask.sum(-1).clamp(min=1).tolist()
-    split, trained = _head_apart(model), rollout.trained_mask
     for rows in length_buckets([int(n) for n in lengths]):
         width = max(int(lengths[r]) for r in rows) - 1  # tokens fed; each predicts the next one
         if width <= 0:
@@ -259,36 +258,15 @@ def _grouped_logps(
             bucket_cache.update(keys[group], values[group], layer)
         attention = torch.cat([prompt_mask[group], mask[idx, :width]], dim=1)
         positions = prompt_mask[group].sum(-1, keepdim=True) + torch.arange(width, device=device).unsqueeze(0)
-        inputs = {"input_ids": completion[idx, :width], "attention_mask": attention, "position_ids": positions}
-        targets = completion[idx, 1 : width + 1]
-        if split is None:
-            logits = model(**inputs, **cache_kwargs(model, bucket_cache), use_cache=True).logits
-            c, e = selected_logps(logits, targets, temperature, with_entropy)
-        else:
-            # Only the positions whose next token is the model's own go through the LM head and the
-            # softmax: not the padding after a short completion, nor a tool's reply (log-prob 0 there).
-            body, head = split
-            hidden = body(**inputs, **cache_kwargs(body, bucket_cache), use_cache=True).last_hidden_state
-            keep = trained[idx, 1 : width + 1].bool()
-            picked, picked_entropy = selected_logps(head(hidden[keep]), targets[keep], temperature, with_entropy)
-            c = torch.zeros(targets.shape, dtype=picked.dtype, device=device).index_put((keep,), picked)
-            e = None if picked_entropy is None else torch.zeros_like(c).index_put((keep,), picked_entropy)
+        logits = model(
+            input_ids=completion[idx, :width],
+            attention_mask=attention,
+            position_ids=positions,
+            **cache_kwargs(model, bucket_cache),
+            use_cache=True,
+        ).logits
+        c, e = selected_logps(logits, completion[idx, 1 : width + 1], temperature, with_entropy)
         chosen[idx, 1 : width + 1] = c
         if entropy is not None:
             entropy[idx, 1 : width + 1] = e
     return chosen, entropy
-
-
-# Model types whose causal-LM logits are exactly `lm_head(decoder(...))`: no soft-capping (Gemma 2),
-# logit scale (Cohere, Granite) or other step after the head, so the pass may run the two apart.
-PLAIN_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "smollm3")
-
-
-def _head_apart(model: Any) -> tuple[Any, Any] | None:
-    """(the decoder, the LM head) of a model whose logits are the head applied to the decoder's last
-    hidden states, so that the head can run on chosen positions only; None for any other model."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
-        return None
-    body, head = base.get_decoder(), base.get_output_embeddings()
-    return (body, head) if isinstance(head, torch.nn.Linear) else None
