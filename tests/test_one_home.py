@@ -83,3 +83,22 @@ def test_every_backend_the_config_names_is_implemented_under_that_name():
 
     assert sorted(BACKENDS) == sorted(ROLLOUT_BACKENDS)
     assert all(backend.name == name for name, backend in BACKENDS.items())
+
+
+def test_the_files_outside_python_name_the_stages_in_the_tables_order():
+    """dvc.yaml (DVC reads only its own file) and the command reference cannot import the table, so they
+    are checked against it: the same stages, in lifecycle order, each run as `grpo <stage>`; the config
+    section a stage takes is among the params dvc.yaml declares for it."""
+    import re
+
+    import yaml
+
+    from pipelines.stages import STAGES, TABLE
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == list(STAGES), "dvc.yaml's stages must follow pipelines/stages.py's TABLE"
+    for entry in TABLE:
+        assert stages[entry.name]["cmd"] == f"grpo {entry.name}"
+        assert entry.section is None or entry.section in stages[entry.name].get("params", []), entry.name
+    listed = re.findall(r"^grpo (\w+) ", (REPO / "docs" / "commands.md").read_text(), re.M)
+    assert [name for name in listed if name in STAGES] == list(STAGES), "docs/commands.md lists the stages"
