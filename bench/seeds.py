@@ -309,6 +309,7 @@ def plot(runs: dict[str, dict[int, list[dict]]], out: Path, horizon: float, titl
     ax.set_xlabel("training wall time (min, 2 CPU cores)")
     ax.set_ylabel("held-out strict accuracy (greedy), mean ± sd")
     ax.set_title(title)
+    ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], 0.1))  # one problem of 256 is not drawn as a leap
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
@@ -410,7 +411,9 @@ def main() -> None:
     )
     saved = json.loads(out.read_text()) if out.exists() else {}
     out.write_text(json.dumps({**saved, "table": text}, indent=2))
-    plot(shown, out.with_suffix(".png"), args.minutes * 60, f"{args.task}: held-out accuracy over seeds")
+    template = saved.get("chat_template") or args.chat_template
+    title = f"{args.task}{f', {template} template' if template else ''}: held-out accuracy over seeds"
+    plot(shown, out.with_suffix(".png"), args.minutes * 60, title)
     print(text)
 
 
